@@ -1,0 +1,40 @@
+"""`sra-jax <command> [args...]`: each command lives beside the code it drives and exposes `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("sra_jax.train.demo", "main", "train tiny dense and SRA models on the synthetic task and compare them (CPU)"),
+    "train": ("sra_jax.train.cli", "main", "train from a YAML config with key=value overrides"),
+    "eval": ("sra_jax.train.evaluate", "main", "evaluate a checkpoint on GSM8K / MATH / the synthetic task"),
+    "generate": ("sra_jax.generate", "cli_main", "sample from a checkpoint"),
+    "convert": ("sra_jax.convert.cli", "main", "convert Hugging Face safetensors <-> orbax checkpoints"),
+    "bench": ("benchmarks.attention_bench", "main", "time attention kernels (GPU)"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: sra-jax <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sra-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[command]
+    return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""sra_jax.convert"""

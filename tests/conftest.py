@@ -1,0 +1,35 @@
+"""Shared test settings: hypothesis profiles sized for a 2-core CPU machine, and the real-data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# JAX compiles per shape, so each example costs a compile: few examples, no deadline.
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`$SRA_JAX_DATA`, else `../shared/data` beside the checkout (where CI puts it)."""
+    return Path(os.environ.get("SRA_JAX_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "gsm8k" / "test.jsonl").exists():
+        raise FileNotFoundError(f"real data not found at {path}; set SRA_JAX_DATA to the shared/data folder")
+    return path
