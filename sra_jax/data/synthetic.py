@@ -18,13 +18,11 @@ import itertools
 import random
 import re
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 from jaxtyping import Bool, Int
 
-Split = Literal["train", "test"]
-Form = Literal["direct", "cot"]
+SPLITS = ("train", "test")
 
 _VARIABLES = "abcdefghijklmnopqrstuvwxyz"
 _OPERATORS = "+-*"
@@ -87,7 +85,7 @@ class Problem:
     def hops(self) -> int:
         return len(self.template)
 
-    def target(self, form: Form) -> str:
+    def target(self, form: str) -> str:
         if form not in ("direct", "cot"):
             raise ValueError(f"form must be 'direct' or 'cot', got {form!r}")
         return self.direct if form == "direct" else self.cot
@@ -116,13 +114,13 @@ def _heldout_templates(operators: str, hops: int, test_fraction: float, split_se
     return frozenset(templates[:count])
 
 
-def template_split(config: SyntheticConfig, template: str) -> Split:
+def template_split(config: SyntheticConfig, template: str) -> str:
     """Which split a chain template belongs to."""
     held_out = _heldout_templates(config.operators, len(template), config.test_fraction, config.split_seed)
     return "test" if template in held_out else "train"
 
 
-def split_templates(config: SyntheticConfig, split: Split) -> list[str]:
+def split_templates(config: SyntheticConfig, split: str) -> list[str]:
     """All templates of `split` over the configured hop counts (sorted)."""
     return sorted(
         "".join(ops)
@@ -167,15 +165,15 @@ def _operand(rng: random.Random, config: SyntheticConfig, op: str, left: int, wa
     return rng.choice(good or candidates)
 
 
-def _rng_for(seed: int, split: Split, index: int) -> random.Random:
+def _rng_for(seed: int, split: str, index: int) -> random.Random:
     # A string seed is hashed with SHA-512 by `random`: stable across processes and Python versions.
     return random.Random(f"sra-synthetic:{seed}:{split}:{index}")
 
 
-def make_problem(config: SyntheticConfig, split: Split, seed: int, index: int) -> Problem:
+def make_problem(config: SyntheticConfig, split: str, seed: int, index: int) -> Problem:
     """Problem number `index` of `split` for `seed`; a pure function of its arguments."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = _rng_for(seed, split, index)
     hop_choices = list(range(config.min_hops, config.max_hops + 1))
     if split == "test":
@@ -240,7 +238,7 @@ def make_problem(config: SyntheticConfig, split: Split, seed: int, index: int) -
                    critical_spans=tuple(spans), chain=tuple(chain))
 
 
-def generate(config: SyntheticConfig, num: int, *, split: Split = "train", seed: int = 0, start: int = 0) -> list[Problem]:
+def generate(config: SyntheticConfig, num: int, *, split: str = "train", seed: int = 0, start: int = 0) -> list[Problem]:
     """Problems `start .. start+num-1` of `split` for `seed`."""
     return [make_problem(config, split, seed, index) for index in range(start, start + num)]
 
@@ -276,7 +274,7 @@ class SyntheticTokenizer:
             ids.append(code - self._first_char + self._offset)
         return ids
 
-    def decode(self, ids: Sequence[int] | np.ndarray, *, stop_at_eos: bool = True) -> str:
+    def decode(self, ids: Sequence[int] | Int[np.ndarray, " n"], *, stop_at_eos: bool = True) -> str:
         """Text of `ids`, skipping pad/bos/sep; stops at the first eos unless `stop_at_eos=False`."""
         chars = []
         for token in (int(i) for i in ids):
@@ -307,7 +305,7 @@ class SyntheticBatch:
 
 
 def make_batch(problems: Sequence[Problem], tokenizer: SyntheticTokenizer, seq_len: int, *,
-               form: Form = "direct") -> SyntheticBatch:
+               form: str = "direct") -> SyntheticBatch:
     """Right-padded batch of `bos question sep target eos`; raises if a problem does not fit in `seq_len`."""
     if not problems:
         raise ValueError("make_batch needs at least one problem")
@@ -331,7 +329,7 @@ def make_batch(problems: Sequence[Problem], tokenizer: SyntheticTokenizer, seq_l
     return SyntheticBatch(tokens, positions, loss_mask, critical, prompt_lengths, answers)
 
 
-def max_length(config: SyntheticConfig, form: Form = "cot") -> int:
+def max_length(config: SyntheticConfig, form: str = "cot") -> int:
     """An upper bound on `bos question sep target eos` in tokens for problems of `config`."""
     value_digits = len(str(config.value_range - 1))
     operand_digits = len(str(config.operand_max))

@@ -13,7 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import tiktoken
+from jaxtyping import Int
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -112,7 +114,7 @@ class Llama3Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int] | Int[np.ndarray, " n"]) -> str:
         """Text of `ids` (special tokens are written out by name); bytes that are not UTF-8 become U+FFFD."""
         for token in ids:
             if not 0 <= int(token) < self.vocab_size:
