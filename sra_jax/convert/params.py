@@ -1,0 +1,144 @@
+"""Building a `Llama` from tensors without ever materialising its random initialisation, and placing each tensor
+on devices (whole, or shard by shard with `jax.make_array_from_callback` when a mesh or shardings are given)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.convert.mapping import ParamPath, path_str
+
+# Logical axis -> mesh axis, used when only a mesh is given (`train` may pass its own shardings instead).
+DEFAULT_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+    "router_hidden": None,
+}
+
+Shardings = (
+    Callable[[ParamPath, tuple[int, ...]], jax.sharding.Sharding | None]
+    | Mapping[str, jax.sharding.Sharding]
+    | Any  # an nnx.State / nested dict of Sharding mirroring the parameters (e.g. from nnx.get_named_sharding)
+)
+
+
+def is_router(path: ParamPath) -> bool:
+    return "router" in path
+
+
+def abstract_model(
+    config: LlamaConfig,
+    sra: SRAConfig | None,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    attention_impl: str = "reference",
+) -> tuple[nnx.GraphDef, list[tuple[ParamPath, nnx.Variable]]]:
+    """The model's graph and its variables as shape/dtype placeholders (no memory, no random numbers)."""
+    from sra_jax.nn import Llama
+
+    model = nnx.eval_shape(
+        lambda: Llama(
+            config, sra, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
+    )
+    graphdef, state = nnx.split(model)
+    return graphdef, list(nnx.to_flat_state(state))
+
+
+def fresh_router_values(
+    config: LlamaConfig, sra: SRAConfig, *, seed: int, param_dtype: Any
+) -> dict[ParamPath, jax.Array]:
+    """Newly initialised router parameters (for starting SRA from a dense checkpoint).
+
+    The whole model is traced but only the routers are returned, so XLA drops every other initialiser.
+    """
+    from sra_jax.nn import Llama
+
+    def routers():
+        model = Llama(config, sra, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+        return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if is_router(p)}
+
+    return jax.jit(routers)()
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    meta = variable.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        if isinstance(meta.get(key), tuple | list):
+            return tuple(meta[key])
+    return None
+
+
+def _lookup(tree: Any, path: ParamPath) -> Any:
+    for key in path:
+        try:
+            tree = tree[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return tree.get_value() if isinstance(tree, nnx.Variable) else tree
+
+
+def sharding_for(
+    path: ParamPath,
+    variable: nnx.Variable,
+    shape: tuple[int, ...],
+    *,
+    mesh: jax.sharding.Mesh | None,
+    shardings: Shardings | None,
+) -> jax.sharding.Sharding | None:
+    """The sharding a parameter is placed with; None means the default device."""
+    if shardings is not None:
+        if callable(shardings):
+            return shardings(path, shape)
+        if isinstance(shardings, Mapping) and path_str(path) in shardings:
+            return shardings[path_str(path)]
+        found = _lookup(shardings, path)
+        if found is None:
+            raise ValueError(f"shardings has no entry for parameter {path_str(path)!r}")
+        return found
+    if mesh is None:
+        return None
+    axes = logical_axes(variable) or (None,) * len(shape)
+    spec = []
+    for name, size in zip(axes, shape):
+        mesh_axis = DEFAULT_RULES.get(name) if name else None
+        usable = mesh_axis in mesh.shape and size % mesh.shape[mesh_axis] == 0 and mesh_axis not in spec
+        spec.append(mesh_axis if usable else None)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def place(source: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Copy a host array (a memory map, possibly a transposed view) to devices in `dtype`.
+
+    With a sharding, each process reads only the slices its devices hold.
+    """
+    dtype = np.dtype(dtype)
+    if sharding is None:
+        return jnp.asarray(np.ascontiguousarray(source).astype(dtype, copy=False))
+    return jax.make_array_from_callback(
+        source.shape, sharding, lambda index: np.ascontiguousarray(source[index]).astype(dtype, copy=False)
+    )
+
+
+def merge(
+    graphdef: nnx.GraphDef,
+    flat: list[tuple[ParamPath, nnx.Variable]],
+    values: Mapping[ParamPath, jax.Array],
+) -> nnx.Module:
+    """The model whose every variable takes its value from `values` (keys are parameter paths)."""
+    missing = [path_str(p) for p, _ in flat if p not in values]
+    if missing:
+        raise ValueError(f"no value for model variables {missing}")
+    filled = [(p, v.replace(values[p])) for p, v in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
