@@ -1,0 +1,213 @@
+"""`SparseReasoningAttention`: GQA self-attention with RoPE, an optional SRA router, and KV-cache decoding."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.nn.cache import KVCache
+from sra_jax.nn.layers import linear
+from sra_jax.nn.router import Router, Selection, decode_threshold, forced_selection, select
+from sra_jax.ops import attention as attention_ops
+from sra_jax.ops import masks, rope
+
+
+class LayerStats(NamedTuple):
+    """Per-layer aux (rows of `ModelAux`)."""
+
+    router_logits: Float[Array, "b s"]
+    critical: Bool[Array, "b s"]
+    selection_log_prob: Float[Array, " b"]
+    selected_fraction: Float[Array, " b"]
+    visible_pairs: Float[Array, " b"]
+    causal_pairs: Float[Array, " b"]
+
+
+class SharedSelection(NamedTuple):
+    """What the first SRA layer hands to later ones when `SRAConfig.mask == "static"`."""
+
+    router_logits: Float[Array, "b s"]
+    selection: Selection
+    threshold: Float[Array, " b"] | None
+
+
+class SparseReasoningAttention(nnx.Module):
+    """Llama self-attention (GQA, RoPE); with `sra` applying to `layer` the keys a query sees follow the SRA rule.
+
+    With SRA off this is exactly causal attention (by position, padding and segments respected). `selects=False`
+    makes an SRA layer reuse the critical set of an earlier layer (static masks) and gives it no router.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        sra: SRAConfig | None = None,
+        *,
+        layer: int = 0,
+        selects: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention_impl: str = "reference",
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.sra = sra if sra is not None and sra.applies_to(layer) else None
+        self.layer = layer
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        hidden, hd = config.hidden_size, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(hidden, config.num_attention_heads * hd, ("embed", "q_heads"), **kw)
+        self.k_proj = linear(hidden, config.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
+        self.v_proj = linear(hidden, config.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
+        self.o_proj = linear(config.num_attention_heads * hd, hidden, ("q_heads", "embed"), **kw)
+        if self.sra is not None and selects:
+            self.router = Router(hidden, self.sra.router_hidden, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.router = None
+
+    def __call__(
+        self,
+        x: Float[Array, "b s d"],
+        positions: Int[Array, "b s"],
+        *,
+        segment_ids: Int[Array, "b s"] | None = None,
+        key: jax.Array | None = None,
+        critical: Bool[Array, "b s"] | None = None,
+        shared: SharedSelection | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "b s d"], LayerStats, SharedSelection | None, KVCache | None]:
+        """x is the RMS-normed layer input. With a cache, `cache.positions` must already hold this call's positions
+        (the model writes them once for all layers); this layer writes its keys, values and critical flags."""
+        cfg = self.config
+        b, s, _ = x.shape
+        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = self.q_proj(x).reshape(b, s, hq, hd)
+        k = self.k_proj(x).reshape(b, s, hkv, hd)
+        v = self.v_proj(x).reshape(b, s, hkv, hd)
+        inv_freq = rope.rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+        q = rope.apply_rope(q, positions, inv_freq)
+        k = rope.apply_rope(k, positions, inv_freq)
+        valid = positions >= 0
+
+        if self.sra is None:
+            router_logits = jnp.zeros((b, s), jnp.float32)
+            chosen = Selection(jnp.zeros((b, s), bool), jnp.zeros((b, s), jnp.float32), jnp.zeros((b,), jnp.float32))
+            threshold, shared_out = None, None
+        elif self.router is None:
+            if shared is None:
+                raise ValueError(f"layer {self.layer} reuses an earlier layer's critical set (static mask): pass shared=")
+            router_logits, threshold = shared.router_logits, shared.threshold
+            chosen = shared.selection._replace(log_prob=jnp.zeros((b,), jnp.float32))
+            shared_out = shared
+        else:
+            router_logits = self.router(x)
+            chosen, threshold = self._select(router_logits, valid, key=key, critical=critical, cache=cache)
+            shared_out = SharedSelection(router_logits, chosen, threshold)
+        if self.sra is not None:
+            # Identity in the forward pass; carries d loss / d gate to the router (see sra_jax.nn.router).
+            gate = chosen.gate - jax.lax.stop_gradient(chosen.gate)
+            v = v * (1 + gate)[:, :, None, None].astype(v.dtype)
+
+        if self.sra is None:
+            # Causal attention by position: the "window" covers every position a query can see. Slot-based
+            # implementations scan `window` key slots, and the cached keys are at most all the slots.
+            num_slots = s if cache is None else cache.max_len
+            window = num_slots if self.attention_impl in ("gather", "pallas") else _UNBOUNDED_WINDOW
+            rule = dict(window=window, num_global=0)
+        else:
+            rule = dict(window=self.sra.window, num_global=self.sra.num_global, queries=self.sra.queries)
+        if cache is None:
+            # At most k critical keys per row unless the caller forced the set.
+            forced = critical is not None
+            max_critical = None if self.sra is None or forced else self.sra.num_critical(s)
+            spec = masks.SRAMaskSpec.create(
+                positions, chosen.critical, segment_ids=segment_ids, max_critical=max_critical, **rule
+            )
+        else:
+            cache = self._write_cache(cache, k, v, chosen.critical, threshold)
+            k = cache.k[self.layer].astype(q.dtype)
+            v = cache.v[self.layer].astype(q.dtype)
+            spec = masks.SRAMaskSpec.create(
+                positions,
+                chosen.critical,
+                k_positions=cache.positions,
+                k_critical=cache.critical[self.layer],
+                **rule,
+            )
+        out = attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
+        out = self.o_proj(out.reshape(b, s, hq * hd))
+
+        causal = spec.dense_mask().sum((1, 2), dtype=jnp.float32)
+        visible = causal if self.sra is None else spec.to_mask().sum((1, 2), dtype=jnp.float32)
+        num_valid = jnp.maximum(valid.sum(-1), 1).astype(jnp.float32)
+        stats = LayerStats(
+            router_logits=router_logits,
+            critical=chosen.critical,
+            selection_log_prob=chosen.log_prob,
+            selected_fraction=chosen.critical.sum(-1).astype(jnp.float32) / num_valid,
+            visible_pairs=visible,
+            causal_pairs=causal,
+        )
+        return out, stats, shared_out, cache
+
+    def _select(
+        self,
+        router_logits: Float[Array, "b s"],
+        valid: Bool[Array, "b s"],
+        *,
+        key: jax.Array | None,
+        critical: Bool[Array, "b s"] | None,
+        cache: KVCache | None,
+    ) -> tuple[Selection, Float[Array, " b"] | None]:
+        """The critical set of this call's tokens and, with a cache, the decode threshold.
+
+        On an empty cache (prefill) the set is the router's top-k selection and the threshold becomes its k-th largest
+        score; on later calls a token is critical iff its score >= the stored threshold. `critical` overrides both.
+        """
+        k = self.sra.num_critical(router_logits.shape[-1])
+        if critical is not None:
+            chosen = forced_selection(router_logits, critical, k, valid=valid)
+        else:
+            chosen = select(router_logits, k, self.sra, valid=valid, key=key)
+        if cache is None:
+            return chosen, None
+        prefill = cache.index == 0
+        threshold = jnp.where(
+            prefill, decode_threshold(router_logits, k, valid=valid), cache.threshold[self.layer]
+        )
+        if critical is None:
+            decoded = (router_logits >= threshold[:, None]) & valid
+            chosen = Selection(
+                critical=jnp.where(prefill, chosen.critical, decoded),
+                gate=jnp.where(prefill, chosen.gate, decoded.astype(jnp.float32)),
+                log_prob=jnp.where(prefill, chosen.log_prob, 0.0),
+            )
+        return chosen, threshold
+
+    def _write_cache(
+        self,
+        cache: KVCache,
+        k: Float[Array, "b s kv d"],
+        v: Float[Array, "b s kv d"],
+        critical: Bool[Array, "b s"],
+        threshold: Float[Array, " b"] | None,
+    ) -> KVCache:
+        start = (jnp.int32(self.layer), jnp.int32(0), cache.index.astype(jnp.int32))
+        update = dict(
+            k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), (*start, 0, 0)),
+            v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (*start, 0, 0)),
+            critical=jax.lax.dynamic_update_slice(cache.critical, critical[None], start),
+        )
+        if threshold is not None:
+            update["threshold"] = cache.threshold.at[self.layer].set(threshold)
+        return cache.replace(**update)
+
+
+# Larger than any position difference; a dense layer's SRA spec then reduces to causal-by-position.
+_UNBOUNDED_WINDOW = 2**30

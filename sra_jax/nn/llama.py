@@ -1,0 +1,260 @@
+"""`Llama`: a Llama 3 decoder in Flax NNX whose attention layers may use Sparse Reasoning Attention.
+
+The parameter tree (names, shapes, logical axes) is a contract with sra_jax.convert and sra_jax.train; see
+notes/CONTRACTS.md. `model(tokens, positions, cache)` returns float32 logits and a `ModelAux` with one row per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jaxtyping import Array, Bool, Float, Int
+
+from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
+from sra_jax.nn.cache import KVCache
+from sra_jax.nn.layers import MLP, RMSNorm, partitioned
+from sra_jax.ops.attention import attention_flops as ops_attention_flops
+
+ATTENTION_IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
+
+
+@struct.dataclass
+class ModelAux:
+    """Per-layer results stacked on a leading axis of length num_hidden_layers (`sra_layers` names the SRA ones;
+    a dense layer has zero logits / log-prob / fraction, no critical token and density 1).
+
+    router_logits      [L, b, s] float32
+    critical           [L, b, s] bool, the critical set the mask used
+    selection_log_prob [L, b] Plackett-Luce log-prob of the ordered selection (0 where nothing was drawn: dense
+                       layers, static-mask layers after the first, decode steps)
+    selected_fraction  [L, b] critical / valid tokens of this call
+    mask_density       [L, b] visible (query, key) pairs / causal pairs
+    visible_pairs, causal_pairs [L, b] float32, the counts behind mask_density (attention FLOPs)
+    cache              the updated KVCache, or None
+    """
+
+    router_logits: Any
+    critical: Any
+    selection_log_prob: Any
+    selected_fraction: Any
+    mask_density: Any
+    visible_pairs: Any
+    causal_pairs: Any
+    cache: Any = None
+    sra_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(input_norm(x)), then + mlp(post_attention_norm(x))."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        sra: SRAConfig | None,
+        *,
+        layer: int,
+        selects: bool,
+        dtype,
+        param_dtype,
+        attention_impl: str,
+        rngs: nnx.Rngs,
+    ):
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = RMSNorm(config.hidden_size, **norm)
+        self.attn = SparseReasoningAttention(
+            config,
+            sra,
+            layer=layer,
+            selects=selects,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            rngs=rngs,
+        )
+        self.post_attention_norm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "b s d"], positions: Int[Array, "b s"], **kwargs):
+        h, stats, shared, cache = self.attn(self.input_norm(x), positions, **kwargs)
+        x = x + h
+        x = x + self.mlp(self.post_attention_norm(x))
+        return x, stats, shared, cache
+
+
+class Llama(nnx.Module):
+    """Llama 3 decoder with optional SRA layers. `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        sra: SRAConfig | None = None,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention_impl: str = "reference",
+    ):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r} must be one of {ATTENTION_IMPLS}")
+        self.config = config
+        self.sra = sra
+        self.dtype = dtype
+        self.sra_layers = tuple(i for i in range(config.num_hidden_layers) if sra is not None and sra.applies_to(i))
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=partitioned(nnx.initializers.normal(stddev=0.02), ("vocab", "embed")),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(
+                    config,
+                    sra,
+                    layer=i,
+                    selects=sra is not None and (sra.mask == "dynamic" or i == self.sra_layers[0]),
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    attention_impl=attention_impl,
+                    rngs=rngs,
+                )
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=partitioned(nnx.initializers.lecun_normal(), ("embed", "vocab")),
+                rngs=rngs,
+            )
+
+    def __call__(
+        self,
+        tokens: Int[Array, "..."],
+        positions: Int[Array, "..."] | None = None,
+        cache: KVCache | None = None,
+        *,
+        segment_ids: Int[Array, "..."] | None = None,
+        key: jax.Array | None = None,
+        critical: Bool[Array, "..."] | None = None,
+    ) -> tuple[Float[Array, "b s v"], ModelAux]:
+        """Logits (float32) and aux for `tokens` [b, s]. positions default to arange (after the cache's tokens);
+        a negative position marks padding. `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
+        forces them. With a cache the call writes its tokens at `cache.index` and returns the cache in `aux.cache`."""
+        self._check_inputs(tokens, positions, cache, segment_ids, critical)
+        b, s = tokens.shape
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+        return self._forward(tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical)
+
+    def _forward(
+        self,
+        tokens: Int[Array, "b s"],
+        positions: Int[Array, "b s"],
+        cache: KVCache | None,
+        segment_ids: Int[Array, "b s"] | None,
+        key: jax.Array | None,
+        critical: Bool[Array, "layers b s"] | None,
+    ) -> tuple[Float[Array, "b s v"], ModelAux]:
+        num_layers = self.config.num_hidden_layers
+        if cache is not None:
+            cache = cache.replace(
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index.astype(jnp.int32)))
+            )
+        layer_keys = None if key is None else jax.random.split(key, num_layers)
+        x = self.embed(tokens).astype(self.dtype)
+        shared: SharedSelection | None = None
+        rows = []
+        for i, layer in enumerate(self.layers):
+            x, stats, layer_shared, cache = layer(
+                x,
+                positions,
+                segment_ids=segment_ids,
+                key=None if layer_keys is None else layer_keys[i],
+                critical=None if critical is None else critical[i],
+                shared=shared if self.sra is not None and self.sra.mask == "static" else None,
+                cache=cache,
+            )
+            shared = shared or layer_shared
+            rows.append(stats)
+        h = self.norm(x)
+        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        if cache is not None:
+            cache = cache.replace(index=cache.index + tokens.shape[1])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+        aux = ModelAux(
+            router_logits=stacked.router_logits,
+            critical=stacked.critical,
+            selection_log_prob=stacked.selection_log_prob,
+            selected_fraction=stacked.selected_fraction,
+            mask_density=stacked.visible_pairs / jnp.maximum(stacked.causal_pairs, 1.0),
+            visible_pairs=stacked.visible_pairs,
+            causal_pairs=stacked.causal_pairs,
+            cache=cache,
+            sra_layers=self.sra_layers,
+        )
+        return logits.astype(jnp.float32), aux
+
+    def _check_inputs(self, tokens, positions, cache, segment_ids, critical) -> None:
+        """User mistakes become ValueErrors naming the argument, before any tracing."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq] (rank 2), got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+            if value is not None and value.shape != tokens.shape:
+                raise ValueError(f"{name} shape {value.shape} must equal tokens shape {tokens.shape}")
+            if value is not None and not jnp.issubdtype(value.dtype, jnp.integer):
+                raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
+        expected = (self.config.num_hidden_layers, *tokens.shape)
+        if critical is not None and critical.shape != expected:
+            raise ValueError(f"critical shape {critical.shape} must be [layers, batch, seq] = {expected}")
+        if cache is None:
+            return
+        if segment_ids is not None:
+            raise ValueError("segment_ids cannot be combined with a KV cache (decode one sequence per row)")
+        if cache.batch != tokens.shape[0]:
+            raise ValueError(f"cache batch ({cache.batch}) does not match tokens batch ({tokens.shape[0]})")
+        if cache.num_layers != self.config.num_hidden_layers:
+            raise ValueError(
+                f"cache has {cache.num_layers} layers, the model has {self.config.num_hidden_layers}"
+            )
+        if tokens.shape[1] > cache.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} is longer than the cache (max_len={cache.max_len})")
+        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + tokens.shape[1] > cache.max_len:
+            raise ValueError(
+                f"cache holds {int(cache.index)} tokens; {tokens.shape[1]} more exceed max_len={cache.max_len}"
+            )
+
+    def router_flops_per_token(self) -> int:
+        """FLOPs all routers spend on one token."""
+        return sum(layer.attn.router.flops_per_token() for layer in self.layers if layer.attn.router is not None)
+
+
+def attention_flops(config: LlamaConfig, aux: ModelAux) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
+    """(dense, SRA) attention FLOPs per sequence of the call that produced `aux`, summed over layers.
+
+    Each visible (query, key) pair costs a q.k dot product and a weighted add of v: 4 * head_dim FLOPs per query head.
+    Dense counts every causal pair; SRA counts the pairs its masks actually kept (dense layers count as dense).
+    """
+    heads = dict(num_heads=config.num_attention_heads, head_dim=config.head_dim)
+    return ops_attention_flops(aux.causal_pairs.sum(0), **heads), ops_attention_flops(aux.visible_pairs.sum(0), **heads)
+
+
+def router_flops(model: Llama, num_tokens: int) -> int:
+    """FLOPs the routers of `model` spend on `num_tokens` tokens."""
+    return model.router_flops_per_token() * num_tokens

@@ -1,0 +1,130 @@
+"""`Router`: scores every token; `select` turns the scores into the critical set of an SRA layer.
+
+How the router gets a gradient: the attention mask is boolean, so the selection cannot reach the loss through it.
+Instead each SRA layer multiplies the values of its current tokens by `1 + gate - stop_gradient(gate)`, where `gate`
+is the (straight-through) selection value of that token. The factor is exactly 1 in the forward pass (outputs are
+bit-identical to the ungated model), and d loss / d gate_j = sum_i,h attn[h, i, j] * <d loss / d out[h, i], v[h, j]>:
+how much the layer output would change if key j contributed more. Through the straight-through estimator of
+`gumbel_topk` (or sparsemax's Jacobian) this reaches the router logits. Plain top-k has no such path (its gate is a
+constant 0/1); train it with the policy gradient on `ModelAux.selection_log_prob` instead.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from sra_jax.config import SRAConfig
+from sra_jax.nn.layers import linear
+from sra_jax.ops import selection as sel
+
+
+class Router(nnx.Module):
+    """Token scorer: Linear(hidden, router_hidden) -> silu -> Linear(router_hidden, 1), or one Linear if router_hidden=0.
+
+    It reads the layer's RMS-normed input and always computes in float32, so that top-k ties and the decode threshold
+    do not depend on the model's compute dtype. Parameters: `hidden.kernel` [hidden, router_hidden]
+    ("embed", "router_hidden"), `hidden.bias` [router_hidden] ("router_hidden",), `score.kernel` [router_hidden, 1]
+    ("router_hidden", None); with router_hidden=0 only `score.kernel` [hidden, 1] ("embed", None).
+    """
+
+    def __init__(self, hidden_size: int, router_hidden: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.hidden_size = hidden_size
+        self.router_hidden = router_hidden
+        kw = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        if router_hidden:
+            self.hidden = linear(hidden_size, router_hidden, ("embed", "router_hidden"), use_bias=True, **kw)
+            self.score = linear(router_hidden, 1, ("router_hidden", None), **kw)
+        else:
+            self.hidden = None
+            self.score = linear(hidden_size, 1, ("embed", None), **kw)
+
+    def __call__(self, x: Float[Array, "b s d"]) -> Float[Array, "b s"]:
+        h = x.astype(jnp.float32)
+        if self.hidden is not None:
+            h = jax.nn.silu(self.hidden(h))
+        return self.score(h)[..., 0]
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds counted as 2 FLOPs, plus the bias add and activation of the hidden layer."""
+        if self.router_hidden:
+            return 2 * self.hidden_size * self.router_hidden + 2 * self.router_hidden + 2 * self.router_hidden
+        return 2 * self.hidden_size
+
+
+class Selection(NamedTuple):
+    """A layer's critical set: `critical` (what the mask uses), `gate` (forward value == critical, carries the
+    router gradient), `log_prob` (Plackett-Luce log-probability of the ordered draw that produced it)."""
+
+    critical: Bool[Array, "b s"]
+    gate: Float[Array, "b s"]
+    log_prob: Float[Array, " b"]
+
+
+def _indices_to_mask(indices: Int[Array, "b k"], n: int) -> Bool[Array, "b n"]:
+    return jnp.any(indices[..., :, None] == jnp.arange(n), axis=-2)
+
+
+def _top_indices(logits: Float[Array, "b n"], k: int, valid: Bool[Array, "b n"]) -> Int[Array, "b k"]:
+    return jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k)[1]
+
+
+def select(
+    logits: Float[Array, "b s"],
+    k: int,
+    sra: SRAConfig,
+    *,
+    valid: Bool[Array, "b s"],
+    key: jax.Array | None = None,
+) -> Selection:
+    """Critical set of k tokens per row from router `logits` (only `valid` tokens can be chosen).
+
+    gumbel_topk with a key: a Plackett-Luce sample (Gumbel top-k), gate = ops.selection.gumbel_topk (straight-through
+    when sra.hard). sparsemax: the top-k of sparsemax(logits / tau) restricted to its support, gate = the hard set plus
+    sparsemax's gradient. Otherwise (topk, or gumbel_topk without a key): deterministic top-k, constant gate.
+    """
+    n = logits.shape[-1]
+    if sra.selection == "gumbel_topk" and key is not None:
+        indices = sel.gumbel_topk_indices(logits, k, key=key, valid=valid)
+        critical = _indices_to_mask(indices, n) & valid
+        relaxed = sel.gumbel_topk(logits, k, key=key, tau=sra.tau, hard=sra.hard, valid=valid)
+        gate = relaxed.astype(jnp.float32)
+    else:
+        indices = _top_indices(logits, k, valid)
+        critical = _indices_to_mask(indices, n) & valid
+        gate = critical.astype(jnp.float32)
+        if sra.selection == "sparsemax":
+            # Invalid tokens get a large finite negative score (not -inf) so sparsemax stays finite.
+            probs = sel.sparsemax(jnp.where(valid, logits / sra.tau, -1e9), axis=-1)
+            critical = critical & (probs > 0)
+            gate = critical.astype(jnp.float32) + probs - jax.lax.stop_gradient(probs)
+    log_prob = sel.topk_log_prob(logits, indices, valid=valid)
+    return Selection(critical, gate, log_prob)
+
+
+def forced_selection(
+    logits: Float[Array, "b s"], critical: Bool[Array, "b s"], k: int, *, valid: Bool[Array, "b s"]
+) -> Selection:
+    """A caller-given critical set (static masks, RL replay, tests); its log-prob orders the set by the current logits
+    (exact for the draw when each row has k critical tokens drawn in descending-logit order)."""
+    critical = critical & valid
+    k = min(k, logits.shape[-1])
+    indices = jax.lax.top_k(jnp.where(critical, logits, -jnp.inf), k)[1]
+    log_prob = sel.topk_log_prob(logits, indices, valid=valid)
+    return Selection(critical, critical.astype(jnp.float32), log_prob)
+
+
+def decode_threshold(
+    logits: Float[Array, "b s"], k: int, *, valid: Bool[Array, "b s"]
+) -> Float[Array, " b"]:
+    """Score cut-off fixed at prefill: the k-th largest valid router score of each row (the min(k, valid)-th when a
+    row has fewer than k valid tokens; +inf for an all-padding row), so a later token is critical iff score >= it."""
+    top = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k)[0]
+    num_valid = valid.sum(-1)
+    kth = jnp.clip(jnp.minimum(k, num_valid) - 1, 0, k - 1)
+    threshold = jnp.take_along_axis(top, kth[:, None], axis=-1)[:, 0]
+    return jnp.where(num_valid > 0, threshold, jnp.inf)
