@@ -337,3 +337,45 @@ def max_length(config: SyntheticConfig, form: str = "cot") -> int:
     question = (config.max_hops + 1 + config.max_distractors) * statement + 2
     target = (config.max_hops * (2 + value_digits + 1) if form == "cot" else 0) + 1 + value_digits
     return 1 + question + 1 + target + 1
+
+
+class SyntheticBatches:
+    """Endless fixed-shape batches of fresh problems: the n-th batch holds problems [n*b, (n+1)*b) of `split` and
+    `seed`. The state (next problem index, seed) goes into checkpoints; `set_state` resumes the same stream."""
+
+    def __init__(
+        self,
+        config: SyntheticConfig,
+        tokenizer: SyntheticTokenizer,
+        *,
+        batch_size: int,
+        seq_len: int,
+        form: str = "direct",
+        split: str = "train",
+        seed: int = 0,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+        if seq_len < max_length(config, form):
+            raise ValueError(f"seq_len ({seq_len}) is below max_length(config, {form!r}) = {max_length(config, form)}")
+        self.config, self.tokenizer = config, tokenizer
+        self.batch_size, self.seq_len, self.form, self.split = batch_size, seq_len, form, split
+        self.seed, self.index = seed, 0
+
+    def get_state(self) -> dict[str, int]:
+        return {"index": self.index, "seed": self.seed}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state seed ({state['seed']}) differs from this stream's seed ({self.seed})")
+        if int(state["index"]) < 0:
+            raise ValueError(f"state index ({state['index']}) must be >= 0")
+        self.index = int(state["index"])
+
+    def __iter__(self) -> SyntheticBatches:
+        return self
+
+    def __next__(self) -> SyntheticBatch:
+        problems = generate(self.config, self.batch_size, split=self.split, seed=self.seed, start=self.index)
+        self.index += self.batch_size
+        return make_batch(problems, self.tokenizer, self.seq_len, form=self.form)

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sra_jax.data.synthetic import (
+    SyntheticBatches,
     SyntheticConfig,
     SyntheticTokenizer,
     extract_synthetic_answer,
@@ -108,8 +109,8 @@ def test_held_out_split_shares_no_chain_template_with_training():
     config = SyntheticConfig(min_hops=1, max_hops=5)
     train, test = set(split_templates(config, "train")), set(split_templates(config, "test"))
     assert train and test and not train & test
-    seen_train = {p.template for p in generate(config, 400, split="train")}
-    seen_test = {p.template for p in generate(config, 400, split="test")}
+    seen_train = {p.template for p in generate(config, 200, split="train")}
+    seen_test = {p.template for p in generate(config, 200, split="test")}
     assert seen_train <= train and seen_test <= test and not seen_train & seen_test
     assert all(len(t) >= 2 for t in seen_test)  # single operators stay in training: every split sees them
     # Training covers every operator at every chain position, so the held-out split tests composition only.
@@ -175,7 +176,7 @@ def test_max_length_bounds_every_problem():
     tokenizer = SyntheticTokenizer()
     for form in ("direct", "cot"):
         bound = max_length(config, form)
-        problems = generate(config, 200)
+        problems = generate(config, 100)
         assert max(len(tokenizer.prompt_ids(p)) + len(p.target(form)) + 1 for p in problems) <= bound
 
 
@@ -206,3 +207,25 @@ def test_bad_config_raises_naming_the_field(kwargs):
 def test_test_split_needs_two_hops():
     with pytest.raises(ValueError, match="max_hops"):
         make_problem(SyntheticConfig(min_hops=1, max_hops=1), "test", 0, 0)
+
+
+def test_batch_stream_is_fresh_and_resumes_from_its_state():
+    config = SyntheticConfig()
+    tokenizer = SyntheticTokenizer()
+
+    def stream():
+        return SyntheticBatches(config, tokenizer, batch_size=4, seq_len=max_length(config, "cot"), form="cot", seed=5)
+
+    uninterrupted = [next(s) for s in [stream()] for _ in range(6)]
+    assert not (uninterrupted[0].tokens == uninterrupted[1].tokens).all()
+    first = stream()
+    for _ in range(3):
+        next(first)
+    resumed = stream()
+    resumed.set_state(first.get_state())
+    for expected in uninterrupted[3:]:
+        assert (next(resumed).tokens == expected.tokens).all()
+    with pytest.raises(ValueError, match="seed"):
+        stream().set_state({"index": 0, "seed": 6})
+    with pytest.raises(ValueError, match="seq_len"):
+        SyntheticBatches(config, tokenizer, batch_size=4, seq_len=20)
