@@ -1,0 +1,227 @@
+"""Masked multi-head attention with grouped kv heads, behind one entry point: `attention(q, k, v, ..., impl=...)`.
+
+q `[b, sq, hq, d]`, k / v `[b, sk, hkv, d]` with hkv dividing hq (GQA); output `[b, sq, hq, d]` in q's dtype.
+Softmax runs in float32. A query row with no visible key (padding) returns exactly 0 with zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+from sra_jax.ops.masks import SRAMaskSpec
+
+IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
+
+# Finite fill for masked logits (as in flash-attention kernels): exp underflows to 0, never inf - inf = NaN.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _validate(q: Array, k: Array, v: Array, mask: Array | None, spec: SRAMaskSpec | None, impl: str) -> None:
+    """Every user mistake gets its own message before anything is traced."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k shape {k.shape} must equal v shape {v.shape}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (b, sq, hq, d), (bk, sk, hkv, dk) = q.shape, k.shape
+    if b != bk:
+        raise ValueError(f"q batch ({b}) must equal k/v batch ({bk})")
+    if d != dk:
+        raise ValueError(f"q head_dim ({d}) must equal k/v head_dim ({dk})")
+    if hq % hkv:
+        raise ValueError(f"kv heads ({hkv}) must divide query heads ({hq})")
+    if mask is not None and spec is not None:
+        raise ValueError("give at most one of mask and spec")
+    if mask is not None:
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be boolean, got dtype {mask.dtype}")
+        allowed = [(b, sq, sk), (b, 1, sq, sk), (b, hq, sq, sk)]
+        if mask.shape not in allowed:
+            raise ValueError(f"mask shape {mask.shape} must be one of {allowed} (b, [heads,] sq, sk)")
+    if spec is not None and spec.shape != (b, sq, sk):
+        raise ValueError(f"spec describes (batch, queries, keys) = {spec.shape}, but q/k give {(b, sq, sk)}")
+    if impl == "gather" and spec is None:
+        raise ValueError("impl='gather' needs spec= (an SRAMaskSpec); it never builds the [q, k] mask")
+
+
+def _causal_by_index(b: int, sq: int, sk: int) -> Bool[Array, "b sq sk"]:
+    """Query i sits at key index i + sk - sq (the last query sees every key, as when decoding with a cache)."""
+    return jnp.broadcast_to(jnp.asarray(np.tril(np.ones((sq, sk), bool), sk - sq)), (b, sq, sk))
+
+
+def _masked_softmax(logits: Float[Array, "*x n"], visible: Bool[Array, "*x n"]) -> Float[Array, "*x n"]:
+    """Softmax over visible entries; a row with nothing visible gives all zeros (and zero gradient)."""
+    logits = jnp.where(visible, logits, _MASKED)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.where(visible, jnp.exp(shifted), 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+
+def _group(q: Array, hkv: int) -> Array:
+    b, sq, hq, d = q.shape
+    return q.reshape(b, sq, hkv, hq // hkv, d)
+
+
+def _reference(
+    q: Float[Array, "b sq hq d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
+    mask: Bool[Array, "b sq sk"] | Bool[Array, "b _h sq sk"],
+    sm_scale: float,
+) -> Float[Array, "b sq hq d"]:
+    """Dense masked attention; the grouped query layout [b, sq, hkv, g, d] avoids repeating k/v per group."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", _group(q, hkv), k, preferred_element_type=jnp.float32) * sm_scale
+    if mask.ndim == 3:
+        mask = mask[:, None, None]
+    else:
+        mask = jnp.broadcast_to(mask, (b, hq, *mask.shape[2:])).reshape(b, hkv, hq // hkv, *mask.shape[2:])
+    weights = _masked_softmax(logits, mask)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32))
+    return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def _gather_key_slots(spec: SRAMaskSpec, num_keys: int) -> tuple[Int[Array, "b sq c"], Bool[Array, "b sq c"]]:
+    """For each query, the key slots that can be visible to it under the SRA rule, each at most once.
+
+    Candidates: the `window` slots ending at the query's own key, the `num_global` slots holding positions
+    0..num_global-1 of its sequence, and every critical key slot (at most `spec.max_critical`). This relies on
+    each sequence occupying consecutive key slots with consecutive positions (self-attention, padding, packing,
+    a KV cache filled in order). The SRA rule is then re-evaluated on every candidate, restricted to the set
+    that found it (window, else global, else critical), so no pair is counted twice or admitted wrongly.
+    """
+    q_pos, k_pos = spec.q_positions, spec.k_positions
+    b = q_pos.shape[0]
+    if spec.keys_are_queries:
+        own_slot = jnp.broadcast_to(jnp.arange(q_pos.shape[1]), q_pos.shape)
+    else:
+        # One sequence per row: slot of position p is p + (first valid slot - its position).
+        first = jnp.argmax(k_pos >= 0, axis=1)
+        offset = first - jnp.take_along_axis(k_pos, first[:, None], axis=1)[:, 0]
+        own_slot = q_pos + offset[:, None]
+    window_slots = own_slot[..., None] - jnp.arange(spec.window)
+    global_slots = (own_slot - q_pos)[..., None] + jnp.arange(spec.num_global)
+    max_critical = num_keys if spec.max_critical is None else min(spec.max_critical, num_keys)
+    critical_slots = jax.vmap(lambda c: jnp.nonzero(c, size=max_critical, fill_value=num_keys)[0])(spec.k_critical)
+    critical_slots = jnp.broadcast_to(critical_slots[:, None, :], (b, q_pos.shape[1], max_critical))
+    slots = jnp.concatenate([window_slots, global_slots, critical_slots], axis=-1)
+    in_range = (slots >= 0) & (slots < num_keys)
+    slots = jnp.clip(slots, 0, num_keys - 1)
+
+    def at_slots(per_key: Array) -> Array:
+        return jax.vmap(lambda row, idx: row[idx])(per_key, slots)
+
+    kj, qi = at_slots(k_pos), q_pos[..., None]
+    visible = in_range & (kj >= 0) & (kj <= qi)
+    if spec.q_segment_ids is not None:
+        visible &= at_slots(spec.k_segment_ids) == spec.q_segment_ids[..., None]
+    in_window = qi - kj < spec.window
+    is_global = (kj < spec.num_global) & ~in_window
+    is_critical = at_slots(spec.k_critical) & (spec.q_critical[..., None] | (spec.queries == "all"))
+    is_critical &= ~in_window & (kj >= spec.num_global)
+    which = np.repeat(np.arange(3), [spec.window, spec.num_global, max_critical])
+    allowed = jnp.where(which == 0, in_window, jnp.where(which == 1, is_global, is_critical))
+    return slots, visible & allowed
+
+
+def _gather(
+    q: Float[Array, "b sq hq d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
+    spec: SRAMaskSpec,
+    sm_scale: float,
+) -> Float[Array, "b sq hq d"]:
+    """Sparse reference: gathers O(window + num_global + max_critical) keys per query, never a [q, k] array."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    slots, visible = _gather_key_slots(spec, k.shape[1])
+    take = jax.vmap(lambda x, idx: x[idx])  # [sk, h, d], [sq, c] -> [sq, c, h, d]
+    k_near, v_near = take(k, slots), take(v, slots)
+    logits = jnp.einsum("bqhgd,bqchd->bhgqc", _group(q, hkv), k_near, preferred_element_type=jnp.float32) * sm_scale
+    weights = _masked_softmax(logits, visible[:, None, None])
+    out = jnp.einsum("bhgqc,bqchd->bqhgd", weights, v_near.astype(jnp.float32))
+    return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def _dot_product_attention(
+    q: Float[Array, "b sq hq d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
+    mask: Bool[Array, "b sq sk"] | Bool[Array, "b _h sq sk"],
+    sm_scale: float,
+    implementation: str,
+) -> Float[Array, "b sq hq d"]:
+    """jax.nn.dot_product_attention, with empty rows zeroed (it would average over masked keys there)."""
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"impl='cudnn' needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}")
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, implementation=implementation)
+    has_key = jnp.any(mask, axis=-1).transpose(0, 2, 1)[..., None]  # [b, sq, h or 1, 1]
+    return jnp.where(has_key, out, 0).astype(q.dtype)
+
+
+def attention(
+    q: Float[Array, "..."],
+    k: Float[Array, "..."],
+    v: Float[Array, "..."],
+    *,
+    mask: Shaped[Array, "..."] | None = None,
+    spec: SRAMaskSpec | None = None,
+    sm_scale: float | None = None,
+    impl: str = "reference",
+) -> Float[Array, "..."]:
+    """Attention of q `[b, sq, hq, d]` over k, v `[b, sk, hkv, d]` under `mask` (`[b, sq, sk]` or
+    `[b, hq, sq, sk]`) or `spec` (an SRAMaskSpec), or causal by index when neither is given.
+
+    impl: "reference" dense masked; "gather" sparse (needs spec); "xla" / "cudnn" jax.nn.dot_product_attention;
+    "pallas" the block-sparse kernels in `sra_jax.ops.attention_pallas`. All agree where they apply.
+    (Annotations are loose on purpose: shapes are checked here, with messages that name the problem.)
+    """
+    _validate(q, k, v, mask, spec, impl)
+    b, sq, _, d = q.shape
+    sk = k.shape[1]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if impl == "pallas":
+        try:
+            from sra_jax.ops.attention_pallas import pallas_attention
+        except ImportError as error:
+            raise ImportError(
+                "impl='pallas' needs sra_jax/ops/attention_pallas.py (the block-sparse kernels), which could not be "
+                f"imported: {error}"
+            ) from error
+        given = {"spec": spec} if spec is not None else {"mask": mask} if mask is not None else {}
+        return pallas_attention(q, k, v, sm_scale=sm_scale, **given)
+    if impl == "gather":
+        return _gather(q, k, v, spec, sm_scale)
+    if mask is None:
+        mask = spec.to_mask() if spec is not None else _causal_by_index(b, sq, sk)
+    if impl == "reference":
+        return _reference(q, k, v, mask, sm_scale)
+    return _dot_product_attention(q, k, v, mask, sm_scale, impl)
+
+
+def attention_flops(
+    visible: Bool[Array, "*b q k"] | Float[Array, "*b"] | int | float, *, num_heads: int, head_dim: int
+) -> Float[Array, "*b"]:
+    """Forward attention FLOPs: 4 * head_dim per visible (query, key) pair and head (2 for q.k, 2 for p.v).
+
+    `visible` is a mask (pairs are counted over its last two axes) or a number of visible pairs. Relative to
+    dense, this is just the mask density; the absolute number lets a report add the router's FLOPs.
+    """
+    if isinstance(visible, jax.Array) and visible.dtype == jnp.bool_:
+        visible = jnp.sum(visible, axis=(-2, -1), dtype=jnp.float32)
+    return jnp.asarray(visible, jnp.float32) * (4.0 * head_dim * num_heads)

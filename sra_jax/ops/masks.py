@@ -1,0 +1,260 @@
+"""Token masks and block layouts for Sparse Reasoning Attention.
+
+Every mask is boolean `[b, q, k]`: True where query i may attend key j. Masks are built from positions, not
+array indices, so padding (position < 0), packed sequences (segment ids) and KV caches (keys at their own
+positions) all follow one rule. The SRA rule (DESIGN.md): j is visible to i iff same segment,
+0 <= k_pos[j] <= q_pos[i], and (q_pos[i] - k_pos[j] < window, or k_pos[j] < num_global, or
+(k_critical[j] and (q_critical[i] or queries == "all"))).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+QUERIES = ("critical", "all")
+
+
+def _keys(q_positions: Array, k_positions: Array | None) -> tuple[Array, Array]:
+    """Query and key positions as `[b, q, 1]` and `[b, 1, k]` for pairwise comparison."""
+    k_positions = q_positions if k_positions is None else k_positions
+    if k_positions.shape[0] != q_positions.shape[0]:
+        raise ValueError(f"key positions batch ({k_positions.shape[0]}) must equal query batch ({q_positions.shape[0]})")
+    return q_positions[:, :, None], k_positions[:, None, :]
+
+
+def causal_mask(
+    q_positions: Int[Array, "b q"], k_positions: Int[Array, "b k"] | None = None
+) -> Bool[Array, "b q k"]:
+    """0 <= k_pos[j] <= q_pos[i]: causal by position; padding keys (and so padding query rows) see nothing."""
+    qi, kj = _keys(q_positions, k_positions)
+    return (kj >= 0) & (kj <= qi)
+
+
+def window_mask(
+    q_positions: Int[Array, "b q"], window: int, k_positions: Int[Array, "b k"] | None = None
+) -> Bool[Array, "b q k"]:
+    """Causal keys at distance < window (the token itself included)."""
+    _check_window(window)
+    qi, kj = _keys(q_positions, k_positions)
+    return causal_mask(q_positions, k_positions) & (qi - kj < window)
+
+
+def global_mask(
+    q_positions: Int[Array, "b q"], num_global: int, k_positions: Int[Array, "b k"] | None = None
+) -> Bool[Array, "b q k"]:
+    """Causal keys among the first `num_global` positions (attention sinks)."""
+    _check_num_global(num_global)
+    _, kj = _keys(q_positions, k_positions)
+    return causal_mask(q_positions, k_positions) & (kj < num_global)
+
+
+def strided_mask(
+    q_positions: Int[Array, "b q"], stride: int, k_positions: Int[Array, "b k"] | None = None
+) -> Bool[Array, "b q k"]:
+    """Causal keys whose distance is a multiple of `stride` (Sparse Transformer's strided pattern)."""
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride ({stride!r}) must be an integer >= 1")
+    qi, kj = _keys(q_positions, k_positions)
+    return causal_mask(q_positions, k_positions) & ((qi - kj) % stride == 0)
+
+
+def random_mask(
+    key: PRNGKeyArray,
+    q_positions: Int[Array, "b q"],
+    num_random: int,
+    k_positions: Int[Array, "b k"] | None = None,
+) -> Bool[Array, "b q k"]:
+    """Each query sees `num_random` causal keys drawn uniformly without replacement (BigBird's random part)."""
+    if not isinstance(num_random, int) or num_random < 0:
+        raise ValueError(f"num_random ({num_random!r}) must be an integer >= 0")
+    causal = causal_mask(q_positions, k_positions)
+    if num_random == 0:
+        return jnp.zeros_like(causal)
+    num_keys = causal.shape[-1]
+    scores = jnp.where(causal, jax.random.uniform(key, causal.shape), -1.0)
+    _, picked = jax.lax.top_k(scores, min(num_random, num_keys))
+    chosen = jnp.any(picked[..., None] == jnp.arange(num_keys), axis=-2)
+    return chosen & causal
+
+
+def segment_mask(
+    q_segment_ids: Int[Array, "b q"], k_segment_ids: Int[Array, "b k"] | None = None
+) -> Bool[Array, "b q k"]:
+    """Query and key belong to the same packed sequence."""
+    qi, kj = _keys(q_segment_ids, k_segment_ids)
+    return qi == kj
+
+
+def _check_window(window: int) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window ({window!r}) must be an integer >= 1 (it includes the token itself)")
+
+
+def _check_num_global(num_global: int) -> None:
+    if not isinstance(num_global, int) or isinstance(num_global, bool) or num_global < 0:
+        raise ValueError(f"num_global ({num_global!r}) must be an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SRAMaskSpec:
+    """Everything an attention implementation needs to evaluate the SRA rule without an `[q, k]` mask.
+
+    Arrays are pytree leaves; `window`, `num_global`, `queries`, `max_critical` and `keys_are_queries` are
+    static. `max_critical` bounds the number of critical keys per row (the `gather` implementation gathers that
+    many; None means "as many as there are keys"). `keys_are_queries` says key slot i holds query i
+    (self-attention without a cache), which lets `gather` find each query's own key without a search.
+    Build it with `SRAMaskSpec.create`.
+    """
+
+    q_positions: Int[Array, "b q"]
+    k_positions: Int[Array, "b k"]
+    q_critical: Bool[Array, "b q"]
+    k_critical: Bool[Array, "b k"]
+    q_segment_ids: Int[Array, "b q"] | None
+    k_segment_ids: Int[Array, "b k"] | None
+    window: int
+    num_global: int
+    queries: str = "critical"
+    max_critical: int | None = None
+    keys_are_queries: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        positions: Int[Array, "b q"],
+        critical: Bool[Array, "b q"],
+        *,
+        window: int,
+        num_global: int,
+        queries: str = "critical",
+        segment_ids: Int[Array, "b q"] | None = None,
+        k_positions: Int[Array, "b k"] | None = None,
+        k_critical: Bool[Array, "b k"] | None = None,
+        k_segment_ids: Int[Array, "b k"] | None = None,
+        max_critical: int | None = None,
+    ) -> SRAMaskSpec:
+        """Validate the arguments of `sra_mask` and bundle them; keys default to the queries."""
+        _check_window(window)
+        _check_num_global(num_global)
+        if queries not in QUERIES:
+            raise ValueError(f"queries ({queries!r}) must be one of {QUERIES}")
+        if max_critical is not None and (not isinstance(max_critical, int) or max_critical < 0):
+            raise ValueError(f"max_critical ({max_critical!r}) must be None or an integer >= 0")
+        keys_are_queries = k_positions is None
+        if keys_are_queries:
+            if k_critical is not None or k_segment_ids is not None:
+                raise ValueError("k_critical / k_segment_ids need k_positions (keys default to the queries)")
+            k_positions, k_critical, k_segment_ids = positions, critical, segment_ids
+        elif k_critical is None:
+            raise ValueError("k_positions given without k_critical: say which keys are critical")
+        if (segment_ids is None) != (k_segment_ids is None):
+            raise ValueError("segment ids must be given for both queries and keys, or for neither")
+        if critical.shape != positions.shape:
+            raise ValueError(f"critical shape {critical.shape} must equal positions shape {positions.shape}")
+        if k_critical.shape != k_positions.shape:
+            raise ValueError(f"k_critical shape {k_critical.shape} must equal k_positions shape {k_positions.shape}")
+        if k_positions.shape[0] != positions.shape[0]:
+            raise ValueError(f"key batch ({k_positions.shape[0]}) must equal query batch ({positions.shape[0]})")
+        return cls(
+            q_positions=positions,
+            k_positions=k_positions,
+            q_critical=critical,
+            k_critical=k_critical,
+            q_segment_ids=segment_ids,
+            k_segment_ids=k_segment_ids,
+            window=window,
+            num_global=num_global,
+            queries=queries,
+            max_critical=max_critical,
+            keys_are_queries=keys_are_queries,
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(batch, queries, keys) of the mask this spec describes."""
+        return (*self.q_positions.shape, self.k_positions.shape[1])
+
+    def dense_mask(self) -> Bool[Array, "b q k"]:
+        """What full causal attention would see: same segment and 0 <= k_pos <= q_pos."""
+        mask = causal_mask(self.q_positions, self.k_positions)
+        if self.q_segment_ids is not None:
+            mask &= segment_mask(self.q_segment_ids, self.k_segment_ids)
+        return mask
+
+    def to_mask(self) -> Bool[Array, "b q k"]:
+        """The SRA token mask."""
+        qi, kj = _keys(self.q_positions, self.k_positions)
+        critical_queries = self.q_critical[:, :, None] | (self.queries == "all")
+        allowed = (qi - kj < self.window) | (kj < self.num_global) | (self.k_critical[:, None, :] & critical_queries)
+        return self.dense_mask() & allowed
+
+    def density(self) -> Float[Array, " b"]:
+        """Visible pairs / causal pairs, per batch row."""
+        return mask_density(self.to_mask(), self.dense_mask())
+
+
+jax.tree_util.register_dataclass(
+    SRAMaskSpec,
+    data_fields=["q_positions", "k_positions", "q_critical", "k_critical", "q_segment_ids", "k_segment_ids"],
+    meta_fields=["window", "num_global", "queries", "max_critical", "keys_are_queries"],
+)
+
+
+def sra_mask(
+    positions: Int[Array, "b q"],
+    critical: Bool[Array, "b q"],
+    *,
+    window: int,
+    num_global: int,
+    queries: str = "critical",
+    segment_ids: Int[Array, "b q"] | None = None,
+    k_positions: Int[Array, "b k"] | None = None,
+    k_critical: Bool[Array, "b k"] | None = None,
+    k_segment_ids: Int[Array, "b k"] | None = None,
+) -> Bool[Array, "b q k"]:
+    """The SRA token mask (module docstring). Keys default to the queries; a valid query always sees itself."""
+    return SRAMaskSpec.create(
+        positions,
+        critical,
+        window=window,
+        num_global=num_global,
+        queries=queries,
+        segment_ids=segment_ids,
+        k_positions=k_positions,
+        k_critical=k_critical,
+        k_segment_ids=k_segment_ids,
+    ).to_mask()
+
+
+def to_block_layout(mask: Bool[Array, "*lead q k"], block_q: int, block_k: int) -> Bool[Array, "*lead nq nk"]:
+    """Block (I, J) is True iff any token pair in it is visible; ragged tail blocks are padded with False.
+
+    Works with `[b, q, k]` or `[b, h, q, k]` masks (any leading axes).
+    """
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"{name} ({block!r}) must be an integer >= 1")
+    *lead, num_q, num_k = mask.shape
+    nq, nk = -(-num_q // block_q), -(-num_k // block_k)
+    pad = [(0, 0)] * len(lead) + [(0, nq * block_q - num_q), (0, nk * block_k - num_k)]
+    blocks = jnp.pad(mask, pad).reshape(*lead, nq, block_q, nk, block_k)
+    return jnp.any(blocks, axis=(-3, -1))
+
+
+def mask_density(
+    mask: Bool[Array, "b *h q k"], causal: Bool[Array, "b *h q k"] | None = None
+) -> Float[Array, " b"]:
+    """Visible pairs / causal pairs per batch row. `causal` defaults to causal by index (the last query sees
+    every key, as with a KV cache); rows without causal pairs report density 0."""
+    if causal is None:
+        num_q, num_k = mask.shape[-2:]
+        causal = jnp.broadcast_to(jnp.asarray(np.tril(np.ones((num_q, num_k), bool), num_k - num_q)), mask.shape)
+    axes = tuple(range(1, mask.ndim))
+    visible = jnp.sum(mask & causal, axis=axes, dtype=jnp.float32)
+    total = jnp.sum(causal, axis=axes, dtype=jnp.float32)
+    return visible / jnp.maximum(total, 1.0)

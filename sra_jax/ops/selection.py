@@ -1,0 +1,173 @@
+"""Turning router scores into a critical set: Gumbel top-k (relaxed and straight-through), plain top-k,
+the Plackett-Luce log-probability of an ordered selection (for the router's policy gradient), and sparsemax.
+
+All math runs in float32 (or wider); results come back in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+# A finite stand-in for -inf: softmax / logsumexp over an all-masked row stay finite (no NaN in values or grads).
+_MASKED = -1e30
+
+
+def _check_k(k: int, n: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise ValueError(f"k must be a Python int (a static size), got {k!r}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k ({k}) must be in [1, n] where n ({n}) is the size of the last axis")
+
+
+def _valid_or_all(logits: Array, valid: Array | None) -> Array:
+    if valid is None:
+        return jnp.ones(logits.shape, bool)
+    if valid.shape != logits.shape:
+        raise ValueError(f"valid shape {valid.shape} must equal logits shape {logits.shape}")
+    return valid
+
+
+def _indices_to_mask(indices: Int[Array, "*b k"], n: int) -> Bool[Array, "*b n"]:
+    """k-hot boolean mask of `indices` (scatter per row; O(n) memory per row, not O(n*k))."""
+    flat = indices.reshape(-1, indices.shape[-1])
+    rows = jax.vmap(lambda idx: jnp.zeros((n,), bool).at[idx].set(True, mode="drop"))(flat)
+    return rows.reshape(*indices.shape[:-1], n)
+
+
+def _masked_topk_indices(scores: Array, valid: Array, k: int) -> Array:
+    """Indices of the k largest valid scores, in descending order (invalid ones only when fewer than k are valid)."""
+    _, indices = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), k)
+    return indices
+
+
+def topk_mask(
+    logits: Float[Array, "*b n"], k: int, *, valid: Bool[Array, "*b n"] | None = None
+) -> Bool[Array, "*b n"]:
+    """Deterministic top-k: True at the k largest valid logits (fewer when a row has fewer than k valid)."""
+    _check_k(k, logits.shape[-1])
+    valid = _valid_or_all(logits, valid)
+    return _indices_to_mask(_masked_topk_indices(logits, valid, k), logits.shape[-1]) & valid
+
+
+def _gumbel_perturb(logits: Array, key: PRNGKeyArray) -> Array:
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+
+
+def gumbel_topk_indices(
+    logits: Float[Array, "*b n"], k: int, *, key: PRNGKeyArray, valid: Bool[Array, "*b n"] | None = None
+) -> Int[Array, "*b k"]:
+    """An ordered Plackett-Luce draw of k items without replacement (Gumbel-top-k, Kool et al. 2019).
+
+    Items come in descending perturbed score. If a row has fewer than k valid items, the tail holds invalid
+    indices, which `topk_log_prob` ignores.
+    """
+    _check_k(k, logits.shape[-1])
+    valid = _valid_or_all(logits, valid)
+    return _masked_topk_indices(_gumbel_perturb(logits, key), valid, k)
+
+
+def _relaxed_topk(scores: Array, valid: Array, k: int, tau: float) -> Array:
+    """Relaxed k-hot sigmoid((s - t) / tau), with the threshold t set so the entries sum to k.
+
+    Unlike successive softmaxes (Xie & Ermon 2019), whose entries can exceed 1, this stays in [0, 1] with sum
+    exactly k, and tends to the hard top-k as tau -> 0. t is found by bisection without gradient, then one
+    Newton step on sum(sigmoid) = k is taken with gradient: at the root that step carries the implicit-function
+    gradient dt/ds_i = sigmoid'_i / sum_j sigmoid'_j, so the relaxation's Jacobian respects the sum constraint.
+    """
+    count = jnp.sum(valid, axis=-1, keepdims=True)
+    target = jnp.minimum(k, count).astype(scores.dtype)
+    lowest = jnp.min(jnp.where(valid, scores, jnp.inf), axis=-1, keepdims=True)
+    highest = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=-1, keepdims=True)
+    # sigmoid(+-40) is 1 / 0 in float32, so the root lies within 40 tau beyond the extreme scores.
+    bounds = (lowest - 40.0 * tau, highest + 40.0 * tau)
+    bounds = tuple(jnp.where(count > 0, bound, 0.0) for bound in jax.lax.stop_gradient(bounds))
+
+    def soft_count(threshold):
+        z = jnp.where(valid, (scores - threshold) / tau, -jnp.inf)
+        return jax.nn.sigmoid(z), jnp.sum(jax.nn.sigmoid(z), axis=-1, keepdims=True)
+
+    def bisect(_, interval):
+        low, high = interval
+        middle = 0.5 * (low + high)
+        too_many = soft_count(middle)[1] > target
+        return jnp.where(too_many, middle, low), jnp.where(too_many, high, middle)
+
+    low, high = jax.lax.fori_loop(0, 60, bisect, jax.lax.stop_gradient(bounds))
+    threshold = jax.lax.stop_gradient(0.5 * (low + high))
+    probs, total = soft_count(threshold)
+    slope = jnp.sum(probs * (1.0 - probs), axis=-1, keepdims=True) / tau
+    # A flat slope means every valid entry is saturated (k >= count, handled below); dividing by 1 there keeps
+    # the unused branch's gradient finite, since where() would turn its inf * 0 into NaN.
+    threshold = threshold + (total - target) / jnp.where(slope > 1e-20, slope, 1.0)
+    relaxed = soft_count(threshold)[0]
+    return jnp.where(target >= count, valid.astype(scores.dtype), relaxed)
+
+
+def gumbel_topk(
+    logits: Float[Array, "*b n"],
+    k: int,
+    *,
+    key: PRNGKeyArray,
+    tau: float = 1.0,
+    hard: bool = True,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> Float[Array, "*b n"]:
+    """Stochastic top-k selection of `logits + Gumbel noise`.
+
+    soft (`hard=False`): a relaxed k-hot in [0, 1] summing to k (to the valid count if that is smaller).
+    hard: forward is exactly the top-k of the perturbed logits among valid positions (k ones); the gradient
+    is that of the soft relaxation (straight-through). Invalid positions are never selected.
+    """
+    _check_k(k, logits.shape[-1])
+    if not tau > 0:
+        raise ValueError(f"tau ({tau}) must be > 0")
+    valid = _valid_or_all(logits, valid)
+    scores = _gumbel_perturb(logits, key)
+    soft = _relaxed_topk(scores, valid, k, tau)
+    if hard:
+        exact = topk_mask(jax.lax.stop_gradient(scores), k, valid=valid).astype(soft.dtype)
+        # Parenthesised so the forward value is exactly the 0/1 mask (soft - soft == 0, no rounding).
+        soft = exact + (soft - jax.lax.stop_gradient(soft))
+    return soft.astype(logits.dtype)
+
+
+def topk_log_prob(
+    logits: Float[Array, "*b n"], indices: Int[Array, "*b k"], *, valid: Bool[Array, "*b n"] | None = None
+) -> Float[Array, "*b"]:
+    """Plackett-Luce log-probability of drawing `indices` in that order without replacement from softmax(logits)
+    restricted to valid items: sum_t [logit(i_t) - logsumexp(logits of valid items not drawn before t)].
+
+    Draws of invalid indices (the tail of a row with fewer than k valid items) contribute nothing.
+    O(n + k): the normaliser at step t is logaddexp(items never drawn, draws t..k-1), a reverse cumulative
+    logsumexp, so no subtraction of probabilities (which would cancel catastrophically) is needed.
+    """
+    n = logits.shape[-1]
+    _check_k(indices.shape[-1], n)
+    valid = _valid_or_all(logits, valid)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    drawn_valid = jnp.take_along_axis(valid, indices, axis=-1)
+    drawn = jnp.where(drawn_valid, jnp.take_along_axis(logits, indices, axis=-1), _MASKED)
+    never_drawn = valid & ~_indices_to_mask(jnp.where(drawn_valid, indices, n), n)
+    rest = jax.nn.logsumexp(jnp.where(never_drawn, logits, _MASKED), axis=-1, keepdims=True)
+    remaining = jnp.logaddexp(rest, jax.lax.cumlogsumexp(drawn, axis=drawn.ndim - 1, reverse=True))
+    return jnp.sum(jnp.where(drawn_valid, drawn - remaining, 0.0), axis=-1)
+
+
+def sparsemax(x: Float[Array, "*shape"], axis: int = -1) -> Float[Array, "*shape"]:
+    """Sparsemax (Martins & Astudillo 2016): the Euclidean projection of x onto the simplex along `axis`.
+
+    Sort-based closed form; autodiff through it gives the exact Jacobian diag(s) - s s^T / |S| (the support
+    is chosen by comparisons, which carry no gradient, and the sort is a permutation).
+    """
+    dtype = x.dtype
+    z = jnp.moveaxis(x.astype(jnp.promote_types(dtype, jnp.float32)), axis, -1)
+    z_sorted = -jnp.sort(-z, axis=-1)
+    ranks = jnp.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+    cumulative = jnp.cumsum(z_sorted, axis=-1)
+    in_support = 1.0 + ranks * z_sorted > cumulative
+    support_size = jnp.sum(in_support, axis=-1, keepdims=True)
+    threshold = (jnp.take_along_axis(cumulative, support_size - 1, axis=-1) - 1.0) / support_size.astype(z.dtype)
+    return jnp.moveaxis(jnp.maximum(z - threshold, 0.0), -1, axis).astype(dtype)

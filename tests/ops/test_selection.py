@@ -1,0 +1,180 @@
+"""Specs for sra_jax.ops.selection: Gumbel top-k, plain top-k, Plackett-Luce log-prob, sparsemax."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from sra_jax.ops.selection import gumbel_topk, gumbel_topk_indices, sparsemax, topk_log_prob, topk_mask
+
+
+def _logits(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape) * 2.0
+
+
+@st.composite
+def rows_with_padding(draw):
+    """(logits [b, n], valid [b, n], k) with at least k valid positions in every row."""
+    # Few distinct shapes: each new shape costs a compile.
+    b, n = draw(st.sampled_from([1, 3])), draw(st.sampled_from([2, 5, 12]))
+    k = draw(st.integers(1, n))
+    seed = draw(st.integers(0, 2**16))
+    valid = np.random.default_rng(seed).random((b, n)) < 0.7
+    for row in valid:  # force k valid positions per row
+        if row.sum() < k:
+            row[np.flatnonzero(~row)[: k - row.sum()]] = True
+    return _logits(seed, (b, n)), jnp.asarray(valid), k, seed
+
+
+@given(rows_with_padding())
+def test_hard_gumbel_topk_has_exactly_k_ones_and_never_picks_invalid(case):
+    logits, valid, k, seed = case
+    hard = gumbel_topk(logits, k, key=jax.random.key(seed), valid=valid)
+    assert set(np.unique(np.asarray(hard))) <= {0.0, 1.0}
+    np.testing.assert_array_equal(np.asarray(hard).sum(-1), k)
+    assert not np.any(np.asarray(hard)[~np.asarray(valid)])
+
+
+@given(rows_with_padding())
+def test_soft_gumbel_topk_is_in_unit_interval_and_sums_to_k(case):
+    logits, valid, k, seed = case
+    soft = np.asarray(gumbel_topk(logits, k, key=jax.random.key(seed), valid=valid, hard=False, tau=0.5))
+    assert np.all((soft >= 0) & (soft <= 1))
+    # float32 sum of <= 12 entries after a Newton-refined threshold: 1e-4 is ~100 ulps of k.
+    np.testing.assert_allclose(soft.sum(-1), k, atol=1e-4)
+    assert not np.any(soft[~np.asarray(valid)])
+
+
+def test_hard_gumbel_topk_equals_topk_of_perturbed_logits_for_the_same_key():
+    logits, key = _logits(0, (4, 16)), jax.random.key(7)
+    order = gumbel_topk_indices(logits, 5, key=key)
+    hard = gumbel_topk(logits, 5, key=key)
+    expected = np.zeros((4, 16))
+    np.put_along_axis(expected, np.asarray(order), 1.0, axis=-1)
+    np.testing.assert_array_equal(hard, expected)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_gumbel_topk_gradients_reach_the_logits_and_are_finite(hard):
+    logits, valid = _logits(1, (3, 10)), jnp.arange(10) < 8
+    weights = jnp.arange(10.0)
+
+    def loss(x):
+        return jnp.sum(gumbel_topk(x, 3, key=jax.random.key(2), valid=jnp.broadcast_to(valid, x.shape), hard=hard) * weights)
+
+    grad = np.asarray(jax.grad(loss)(logits))
+    assert np.all(np.isfinite(grad))
+    assert np.all(np.abs(grad[:, :8]).sum(-1) > 0)
+    np.testing.assert_array_equal(grad[:, 8:], 0.0)  # padding gets no gradient
+
+
+def test_gumbel_topk_gradients_are_finite_when_k_saturates_the_valid_count():
+    valid = jnp.broadcast_to(jnp.arange(6) < 2, (2, 6))
+    grad = jax.grad(lambda x: jnp.sum(gumbel_topk(x, 3, key=jax.random.key(0), valid=valid) ** 2))(_logits(3, (2, 6)))
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_soft_gumbel_topk_approaches_hard_as_tau_goes_to_zero():
+    logits, key = _logits(4, (8, 20)), jax.random.key(5)
+    hard = np.asarray(gumbel_topk(logits, 6, key=key))
+    errors = [np.abs(np.asarray(gumbel_topk(logits, 6, key=key, tau=tau, hard=False)) - hard).max() for tau in (1.0, 0.1, 1e-4)]
+    assert errors[0] > errors[1] > errors[2]
+    # With tau = 1e-4 an entry differs from 0/1 only if its score is within ~1e-3 of the threshold.
+    assert errors[2] < 1e-2
+
+
+def test_topk_mask_picks_the_largest_valid_logits():
+    logits = jnp.array([[0.1, 3.0, 2.0, 5.0, -1.0]])
+    valid = jnp.array([[True, True, True, False, True]])
+    np.testing.assert_array_equal(topk_mask(logits, 2, valid=valid), [[False, True, True, False, False]])
+
+
+@pytest.mark.parametrize("k", [0, 6])
+def test_k_outside_one_to_n_is_rejected(k):
+    with pytest.raises(ValueError, match=r"k \(\d\) must be in \[1, n\]"):
+        gumbel_topk(jnp.zeros((2, 5)), k, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="must be in"):
+        topk_mask(jnp.zeros((2, 5)), k)
+
+
+def _brute_force_log_prob(logits: np.ndarray, order: tuple[int, ...], valid: np.ndarray) -> float:
+    """prod_t p(order_t | not drawn yet), written as a plain product of probabilities."""
+    weights, prob = np.exp(logits.astype(np.float64)) * valid, 1.0
+    for item in order:
+        prob *= weights[item] / weights.sum()
+        weights[item] = 0.0
+    return math.log(prob)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 2), (4, 4), (5, 2), (6, 3)])
+def test_plackett_luce_probabilities_of_all_ordered_draws_sum_to_one(n, k):
+    logits = _logits(n * 10 + k, (n,))
+    draws = jnp.asarray(list(itertools.permutations(range(n), k)))
+    log_probs = topk_log_prob(jnp.broadcast_to(logits, (len(draws), n)), draws)
+    # float32 logsumexp per term; summing <= 120 probabilities keeps the error ~1e-6.
+    np.testing.assert_allclose(np.exp(np.asarray(log_probs, np.float64)).sum(), 1.0, rtol=1e-5)
+    expected = [_brute_force_log_prob(np.asarray(logits), tuple(d), np.ones(n)) for d in np.asarray(draws)]
+    np.testing.assert_allclose(log_probs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plackett_luce_over_valid_items_only_sums_to_one_and_ignores_invalid_draws():
+    n, k = 6, 2
+    logits, valid = _logits(9, (n,)), np.array([True, False, True, True, False, True])
+    draws = jnp.asarray(list(itertools.permutations(np.flatnonzero(valid), k)))
+    log_probs = topk_log_prob(jnp.broadcast_to(logits, (len(draws), n)), draws, valid=jnp.broadcast_to(valid, (len(draws), n)))
+    np.testing.assert_allclose(np.exp(np.asarray(log_probs, np.float64)).sum(), 1.0, rtol=1e-5)
+    # A tail draw of an invalid index (fewer valid items than k) contributes nothing.
+    only = jnp.array([[True, False, False]])
+    np.testing.assert_allclose(topk_log_prob(jnp.array([[0.3, 1.0, 2.0]]), jnp.array([[0, 1]]), valid=only), [0.0], atol=1e-6)
+
+
+def test_plackett_luce_log_prob_is_stable_for_extreme_logits():
+    logits = jnp.array([[200.0, 0.0, -200.0, 100.0]])
+    log_prob = topk_log_prob(logits, jnp.array([[0, 3, 1]]))
+    # The exact value is -log(1 + e^-100 + ...) - log(1 + e^-100 + ...) - log(1 + e^-200) ~ -e^-100: 0 in float32.
+    np.testing.assert_allclose(log_prob, [0.0], atol=1e-6)
+    grad = jax.grad(lambda x: topk_log_prob(x, jnp.array([[2, 1, 0]])).sum())(logits)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_gumbel_topk_indices_are_distinct_valid_and_ordered_by_perturbed_score():
+    logits, valid = _logits(11, (5, 9)), jax.random.uniform(jax.random.key(3), (5, 9)) < 0.8
+    valid = valid.at[:, :3].set(True)
+    indices = np.asarray(gumbel_topk_indices(logits, 3, key=jax.random.key(4), valid=valid))
+    for row, row_valid in zip(indices, np.asarray(valid)):
+        assert len(set(row)) == 3 and row_valid[row].all()
+
+
+def test_sparsemax_matches_the_closed_form_on_known_inputs():
+    # z = (1, 2, 0.1): support {2} since 1 + 2 * 1 = 3 > 3 fails, so p = (0, 1, 0).
+    np.testing.assert_allclose(sparsemax(jnp.array([1.0, 2.0, 0.1])), [0.0, 1.0, 0.0])
+    # z = (0.5, 0.4, -1): support {0, 1}, tau = (0.9 - 1) / 2 = -0.05, p = (0.55, 0.45, 0).
+    np.testing.assert_allclose(sparsemax(jnp.array([0.5, 0.4, -1.0])), [0.55, 0.45, 0.0], rtol=1e-6)
+    # Equal inputs: uniform.
+    np.testing.assert_allclose(sparsemax(jnp.zeros(4)), [0.25] * 4)
+
+
+@given(st.integers(0, 2**16), st.integers(2, 10), st.sampled_from([0, 1]))
+def test_sparsemax_sums_to_one_and_is_sparse(seed, n, axis):
+    x = _logits(seed, (3, n) if axis == 1 else (n, 3)) * 3
+    p = np.asarray(sparsemax(x, axis=axis))
+    assert np.all(p >= 0)
+    np.testing.assert_allclose(p.sum(axis), 1.0, rtol=1e-5)  # float32 sums of <= 10 terms
+    # The largest entry is always in the support; entries below max - 1 never are.
+    assert np.all((p > 0) >= (x == x.max(axis, keepdims=True)))
+    assert not np.any(p[np.asarray(x < x.max(axis, keepdims=True) - 1)])
+
+
+def test_sparsemax_gradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        x = jnp.array([[0.5, 0.4, -1.0, 0.45], [1.2, 0.0, 0.9, 1.0]], jnp.float64)
+        # float64 central differences away from support changes: check_grads' default tolerances hold.
+        check_grads(lambda z: sparsemax(jnp.asarray(z)) * jnp.arange(1.0, 5.0), (x,), order=1, modes=("rev", "fwd"))
