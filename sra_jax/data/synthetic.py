@@ -19,10 +19,14 @@ import random
 import re
 from collections.abc import Sequence
 
+from typing import Literal
+
 import numpy as np
 from jaxtyping import Bool, Int
 
 SPLITS = ("train", "test")
+Split = Literal["train", "test"]  # public signatures take str and raise a ValueError naming a bad value
+Form = Literal["direct", "cot"]
 
 _VARIABLES = "abcdefghijklmnopqrstuvwxyz"
 _OPERATORS = "+-*"
