@@ -18,7 +18,6 @@ import itertools
 import random
 import re
 from collections.abc import Sequence
-
 from typing import Literal
 
 import numpy as np
