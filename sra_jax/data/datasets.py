@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -186,22 +186,24 @@ def pad_batch(examples: Sequence[TokenizedExample], batch_size: int, seq_len: in
 
 
 def pack_batch(
-    examples: Sequence[TokenizedExample], batch_size: int, seq_len: int, *, pad_id: int = 0
+    examples: Iterable[TokenizedExample], batch_size: int, seq_len: int, *, pad_id: int = 0
 ) -> tuple[TokenBatch, int]:
     """Pack examples in order into rows (next-fit: an example goes into the current row, else the next one).
-    Returns the batch and how many examples it consumed (a prefix of `examples`)."""
+    Returns the batch and how many examples it consumed (a prefix of `examples`, read lazily)."""
     batch = _empty_batch(batch_size, seq_len, pad_id)
     row, offset, segment = 0, 0, 0
-    for consumed, example in enumerate(examples):
+    consumed = 0
+    for example in examples:
         _check_fits(example, seq_len)
         if offset + len(example.tokens) > seq_len:
             row, offset, segment = row + 1, 0, 0
             if row == batch_size:
-                return batch, consumed
+                break
         segment += 1
         _place(batch, row, offset, segment, example)
         offset += len(example.tokens)
-    return batch, len(examples)
+        consumed += 1
+    return batch, consumed
 
 
 class BatchIterator:
@@ -236,11 +238,15 @@ class BatchIterator:
         self.batch_size, self.seq_len, self.pack, self.pad_id = batch_size, seq_len, pack, pad_id
         self.shard_index, self.num_shards = shard_index, num_shards
         self.seed, self.epoch, self.position = seed, 0, 0
+        self._cached_order: tuple[int, np.ndarray] | None = None
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        per_shard = len(self.examples) // self.num_shards
-        return order[self.shard_index :: self.num_shards][:per_shard].tolist()
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """This shard's example indices for `epoch`, in visiting order (computed once per epoch)."""
+        if self._cached_order is None or self._cached_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            per_shard = len(self.examples) // self.num_shards
+            self._cached_order = (epoch, order[self.shard_index :: self.num_shards][:per_shard])
+        return self._cached_order[1]
 
     def get_state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -261,11 +267,11 @@ class BatchIterator:
         if self.position >= len(order):
             self.epoch, self.position = self.epoch + 1, 0
             order = self._epoch_order(self.epoch)
-        pending = [self.examples[i] for i in order[self.position : self.position + self.batch_size * self.seq_len]]
         if self.pack:
+            pending = (self.examples[i] for i in order[self.position :])
             batch, consumed = pack_batch(pending, self.batch_size, self.seq_len, pad_id=self.pad_id)
         else:
-            consumed = min(self.batch_size, len(pending))
-            batch = pad_batch(pending[:consumed], self.batch_size, self.seq_len, pad_id=self.pad_id)
+            chosen = [self.examples[i] for i in order[self.position : self.position + self.batch_size]]
+            batch, consumed = pad_batch(chosen, self.batch_size, self.seq_len, pad_id=self.pad_id), len(chosen)
         self.position += consumed
         return batch

@@ -15,7 +15,9 @@ from math_verify import parse, verify
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
 _ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
-_FINAL_ANSWER_RE = re.compile(r"final answer is[:\s]*(.+?)(?:\.?\s*I hope it is correct|$)", re.IGNORECASE | re.DOTALL)
+# Minerva format: "Final Answer: The final answer is $X$. I hope it is correct." (the answer ends with its line).
+_FINAL_ANSWER_RE = re.compile(r"final answer is:?[ \t]*([^\n]+?)\.?[ \t]*(?:I hope it is correct\.?[ \t]*)?$",
+                              re.IGNORECASE | re.MULTILINE)
 # A plain number, optionally with a currency sign, percent or trailing unit words: "$1,000.", "18 dollars", "5%".
 _PLAIN_NUMBER_RE = re.compile(
     r"^\s*\\?\$?\s*(" + _NUMBER + r")\s*(?:\\?%|(?:\s+[A-Za-z]{2,}\.?)+)?\s*\.?\s*$"

@@ -72,6 +72,8 @@ def test_extract_gsm8k_answer(text, answer):
         ("the answer is \\boxed 5.", "5"),
         ("The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
         ("The final answer is 7", "7"),
+        ("The final answer is 7.\nLet me double check: 8", "7"),
+        ("Final Answer: The final answer is $x^2$.", "x^2"),
         ("nothing boxed", None),
         ("\\boxed{3", None),  # unbalanced braces
         ("\\boxed{2} and \\boxed{3", "2"),  # the last complete box
