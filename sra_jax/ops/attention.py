@@ -7,6 +7,7 @@ Softmax runs in float32. A query row with no visible key (padding) returns exact
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,7 @@ def _group(q: Array, hkv: int) -> Array:
     return q.reshape(b, sq, hkv, hq // hkv, d)
 
 
+@partial(jax.jit, static_argnames=("sm_scale",))
 def _reference(
     q: Float[Array, "b sq hq d"],
     k: Float[Array, "b sk hkv d"],
@@ -137,6 +139,7 @@ def _gather_key_slots(spec: SRAMaskSpec, num_keys: int) -> tuple[Int[Array, "b s
     return slots, visible & allowed
 
 
+@partial(jax.jit, static_argnames=("sm_scale",))
 def _gather(
     q: Float[Array, "b sq hq d"],
     k: Float[Array, "b sk hkv d"],
@@ -156,6 +159,7 @@ def _gather(
     return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
+@partial(jax.jit, static_argnames=("sm_scale", "implementation"))
 def _dot_product_attention(
     q: Float[Array, "b sq hq d"],
     k: Float[Array, "b sk hkv d"],

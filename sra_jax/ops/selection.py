@@ -6,6 +6,8 @@ All math runs in float32 (or wider); results come back in the logits' dtype.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
@@ -42,6 +44,7 @@ def _masked_topk_indices(scores: Array, valid: Array, k: int) -> Array:
     return indices
 
 
+@partial(jax.jit, static_argnames=("k",))
 def topk_mask(
     logits: Float[Array, "*b n"], k: int, *, valid: Bool[Array, "*b n"] | None = None
 ) -> Bool[Array, "*b n"]:
@@ -56,6 +59,7 @@ def _gumbel_perturb(logits: Array, key: PRNGKeyArray) -> Array:
     return logits + jax.random.gumbel(key, logits.shape, logits.dtype)
 
 
+@partial(jax.jit, static_argnames=("k",))
 def gumbel_topk_indices(
     logits: Float[Array, "*b n"], k: int, *, key: PRNGKeyArray, valid: Bool[Array, "*b n"] | None = None
 ) -> Int[Array, "*b k"]:
@@ -69,7 +73,7 @@ def gumbel_topk_indices(
     return _masked_topk_indices(_gumbel_perturb(logits, key), valid, k)
 
 
-def _relaxed_topk(scores: Array, valid: Array, k: int, tau: float) -> Array:
+def _relaxed_topk(scores: Array, valid: Array, k: int, tau: float | Array) -> Array:
     """Relaxed k-hot sigmoid((s - t) / tau), with the threshold t set so the entries sum to k.
 
     Unlike successive softmaxes (Xie & Ermon 2019), whose entries can exceed 1, this stays in [0, 1] with sum
@@ -106,12 +110,13 @@ def _relaxed_topk(scores: Array, valid: Array, k: int, tau: float) -> Array:
     return jnp.where(target >= count, valid.astype(scores.dtype), relaxed)
 
 
+@partial(jax.jit, static_argnames=("k", "hard"))
 def gumbel_topk(
     logits: Float[Array, "*b n"],
     k: int,
     *,
     key: PRNGKeyArray,
-    tau: float = 1.0,
+    tau: float | Float[Array, ""] = 1.0,
     hard: bool = True,
     valid: Bool[Array, "*b n"] | None = None,
 ) -> Float[Array, "*b n"]:
@@ -122,7 +127,7 @@ def gumbel_topk(
     is that of the soft relaxation (straight-through). Invalid positions are never selected.
     """
     _check_k(k, logits.shape[-1])
-    if not tau > 0:
+    if isinstance(tau, (int, float)) and not tau > 0:  # tau may also be a traced (annealed) value
         raise ValueError(f"tau ({tau}) must be > 0")
     valid = _valid_or_all(logits, valid)
     scores = _gumbel_perturb(logits, key)
@@ -134,6 +139,7 @@ def gumbel_topk(
     return soft.astype(logits.dtype)
 
 
+@jax.jit
 def topk_log_prob(
     logits: Float[Array, "*b n"], indices: Int[Array, "*b k"], *, valid: Bool[Array, "*b n"] | None = None
 ) -> Float[Array, "*b"]:
@@ -156,6 +162,7 @@ def topk_log_prob(
     return jnp.sum(jnp.where(drawn_valid, drawn - remaining, 0.0), axis=-1)
 
 
+@partial(jax.jit, static_argnames=("axis",))
 def sparsemax(x: Float[Array, "*shape"], axis: int = -1) -> Float[Array, "*shape"]:
     """Sparsemax (Martins & Astudillo 2016): the Euclidean projection of x onto the simplex along `axis`.
 
