@@ -23,7 +23,7 @@ _CALCULATOR_RE = re.compile(r"<<[^>]*>>")
 
 
 def load_task(task: str, source: str | Path, split: str = "test") -> datasets.Dataset:
-    """Load `task` as a Dataset with columns question, solution, answer (plus any extra columns of the source).
+    """Load `task` as a Dataset with columns question, solution, answer (plus the source's extra columns).
 
     `source` is a jsonl file, or a folder holding `{split}.jsonl` (GSM8K) or `*{split}*.jsonl` (MATH), or
     `"hub"` (openai/gsm8k, HuggingFaceH4/MATH-500) or `"hub:NAME"`: the hub needs the network, so it is never
@@ -72,8 +72,10 @@ def format_target(task: str, example: Mapping[str, str], *, cot: bool) -> str:
     return example["solution"].strip() if cot else f"The final answer is ${example['answer']}$."
 
 
-def format_prompt(task: str, question: str, shots: Sequence[Mapping[str, str]] = (), *, cot: bool = True) -> str:
-    """A few-shot prompt: each shot as `Question: ...\\nAnswer: target` (GSM8K) or `Problem: ...\\nSolution: target`
+def format_prompt(
+    task: str, question: str, shots: Sequence[Mapping[str, str]] = (), *, cot: bool = True
+) -> str:
+    """Few-shot prompt: shots as `Question: ...\\nAnswer: target` (GSM8K) or `Problem: ...\\nSolution: target`
     (MATH), then the question with an open answer. The target follows after one space."""
     _check_task(task)
     question_label, answer_label = ("Question", "Answer") if task == "gsm8k" else ("Problem", "Solution")
@@ -85,7 +87,9 @@ def format_prompt(task: str, question: str, shots: Sequence[Mapping[str, str]] =
     return "\n\n".join(blocks)
 
 
-def sample_shots(dataset: datasets.Dataset, k: int, *, seed: int = 0, exclude: int | None = None) -> list[dict]:
+def sample_shots(
+    dataset: datasets.Dataset, k: int, *, seed: int = 0, exclude: int | None = None
+) -> list[dict]:
     """`k` examples of `dataset` chosen by a seeded permutation, never row `exclude`."""
     order = [i for i in np.random.default_rng(seed).permutation(len(dataset)).tolist() if i != exclude]
     if k > len(order):
@@ -109,8 +113,10 @@ class TokenizedExample:
     loss_mask: Bool[np.ndarray, " n"]
 
 
-def tokenize_example(tokenizer: TextTokenizer, prompt: str, target: str, *, max_len: int | None = None) -> TokenizedExample:
-    """Tokenise one example. Beyond `max_len`, the prompt loses tokens from its start (the target is kept whole)."""
+def tokenize_example(
+    tokenizer: TextTokenizer, prompt: str, target: str, *, max_len: int | None = None
+) -> TokenizedExample:
+    """Tokenise one example. Beyond `max_len`, the prompt loses its first tokens (the target stays whole)."""
     prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
     target_ids = [*tokenizer.encode(" " + target.lstrip()), tokenizer.eos_id]
     if max_len is not None:
@@ -134,8 +140,12 @@ def tokenize_task(
 ) -> list[TokenizedExample]:
     """Every row of `dataset` as a supervised example: few-shot prompt, then its target."""
     return [
-        tokenize_example(tokenizer, format_prompt(task, row["question"], shots, cot=cot),
-                         format_target(task, row, cot=cot), max_len=max_len)
+        tokenize_example(
+            tokenizer,
+            format_prompt(task, row["question"], shots, cot=cot),
+            format_target(task, row, cot=cot),
+            max_len=max_len,
+        )
         for row in dataset
     ]
 
@@ -143,7 +153,7 @@ def tokenize_task(
 @dataclasses.dataclass(frozen=True)
 class TokenBatch:
     """Fixed-shape batch. Loss for token t uses logits at t-1: CE(logits[:, :-1], tokens[:, 1:]) with
-    loss_mask[:, 1:]. Packed rows hold several examples, told apart by segment_ids; positions restart per example."""
+    loss_mask[:, 1:]. Packed rows hold several examples, told apart by segment_ids; positions restart."""
 
     tokens: Int[np.ndarray, "b s"]
     positions: Int[np.ndarray, "b s"]  # -1 on padding
@@ -170,11 +180,15 @@ def _place(batch: TokenBatch, row: int, offset: int, segment: int, example: Toke
 
 def _check_fits(example: TokenizedExample, seq_len: int) -> None:
     if len(example.tokens) > seq_len:
-        raise ValueError(f"an example of {len(example.tokens)} tokens does not fit seq_len={seq_len}; "
-                         "tokenize with max_len=seq_len")
+        raise ValueError(
+            f"an example of {len(example.tokens)} tokens does not fit seq_len={seq_len}; "
+            "tokenize with max_len=seq_len"
+        )
 
 
-def pad_batch(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int, *, pad_id: int = 0) -> TokenBatch:
+def pad_batch(
+    examples: Sequence[TokenizedExample], batch_size: int, seq_len: int, *, pad_id: int = 0
+) -> TokenBatch:
     """One example per row, right-padded; rows beyond `len(examples)` are all padding."""
     if len(examples) > batch_size:
         raise ValueError(f"{len(examples)} examples exceed batch_size={batch_size}")
@@ -207,8 +221,8 @@ def pack_batch(
 
 
 class BatchIterator:
-    """Endless, deterministic batches over `examples`: epoch e visits them in the order of a permutation seeded by
-    (seed, e). Batches never straddle epochs: the last batch of an epoch may hold padding rows. The whole state is
+    """Endless, deterministic batches over `examples`: epoch e visits them in the order of a permutation
+    seeded by (seed, e). Batches never straddle epochs: an epoch's last batch may be padded. The state is
     (epoch, position, seed), so a checkpointed `get_state()` resumes the exact sequence of batches.
 
     With `num_shards > 1` (one per data-parallel process), shard i reads every num_shards-th example of the
@@ -272,6 +286,9 @@ class BatchIterator:
             batch, consumed = pack_batch(pending, self.batch_size, self.seq_len, pad_id=self.pad_id)
         else:
             chosen = [self.examples[i] for i in order[self.position : self.position + self.batch_size]]
-            batch, consumed = pad_batch(chosen, self.batch_size, self.seq_len, pad_id=self.pad_id), len(chosen)
+            batch, consumed = (
+                pad_batch(chosen, self.batch_size, self.seq_len, pad_id=self.pad_id),
+                len(chosen),
+            )
         self.position += consumed
         return batch

@@ -1,6 +1,6 @@
 """Answer extraction and equivalence for GSM8K and MATH.
 
-Extraction is ours (it is format-specific); equivalence of mathematical expressions is math-verify's (sympy based),
+Extraction is ours (it is format-specific); equivalence of expressions is math-verify's (sympy based),
 after a fast exact-number path that settles GSM8K-style answers without sympy.
 """
 
@@ -15,10 +15,12 @@ from math_verify import parse, verify
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
 _ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
-# Minerva format: "Final Answer: The final answer is $X$. I hope it is correct." (the answer ends with its line).
-_FINAL_ANSWER_RE = re.compile(r"final answer is:?[ \t]*([^\n]+?)\.?[ \t]*(?:I hope it is correct\.?[ \t]*)?$",
-                              re.IGNORECASE | re.MULTILINE)
-# A plain number, optionally with a currency sign, percent or trailing unit words: "$1,000.", "18 dollars", "5%".
+# Minerva format: "Final Answer: The final answer is $X$. I hope it is correct." (the answer ends its line).
+_FINAL_ANSWER_RE = re.compile(
+    r"final answer is:?[ \t]*([^\n]+?)\.?[ \t]*(?:I hope it is correct\.?[ \t]*)?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# A plain number, maybe with a currency sign, percent or trailing unit words: "$1,000.", "18 dollars", "5%".
 _PLAIN_NUMBER_RE = re.compile(
     r"^\s*\\?\$?\s*(" + _NUMBER + r")\s*(?:\\?%|(?:\s+[A-Za-z]{2,}\.?)+)?\s*\.?\s*$"
 )
@@ -45,9 +47,12 @@ def extract_gsm8k_answer(text: str) -> str | None:
 
 
 def _last_braced_argument(text: str, commands: tuple[str, ...]) -> str | None:
-    """Content of the last `\\command{...}` (balanced braces) among `commands`, or of `\\boxed X` without braces."""
-    starts = [(match.start(), match.end()) for command in commands
-              for match in re.finditer(re.escape(command) + r"(?![A-Za-z])", text)]
+    """Content of the last `\\command{...}` (balanced braces) of `commands`, or of `\\boxed X` (no braces)."""
+    starts = [
+        (match.start(), match.end())
+        for command in commands
+        for match in re.finditer(re.escape(command) + r"(?![A-Za-z])", text)
+    ]
     for _, end in sorted(starts, reverse=True):
         rest = text[end:]
         stripped = rest.lstrip()
@@ -69,7 +74,7 @@ def _last_braced_argument(text: str, commands: tuple[str, ...]) -> str | None:
 
 
 def extract_math_answer(text: str) -> str | None:
-    """The answer of a MATH-style solution: the last `\\boxed{...}` / `\\fbox{...}` (nested braces kept), else what
+    """The answer of a MATH-style solution: the last `\\boxed{...}` / `\\fbox{...}` (nested braces kept), else
     follows "The final answer is" (Minerva format, `$...$` removed). None when neither is present."""
     boxed = _last_braced_argument(text, ("\\boxed", "\\fbox"))
     if boxed is not None:
@@ -90,7 +95,9 @@ def _plain_number(text: str) -> Fraction | None:
 
 
 def _normalised_text(text: str) -> str:
-    text = re.sub(r"\\(?:left|right|!|,|;|:)|\\[dt]frac", lambda m: "\\frac" if "frac" in m.group() else "", text)
+    text = re.sub(
+        r"\\(?:left|right|!|,|;|:)|\\[dt]frac", lambda m: "\\frac" if "frac" in m.group() else "", text
+    )
     return re.sub(r"\s+|\$|\.$", "", text)
 
 

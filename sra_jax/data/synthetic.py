@@ -1,10 +1,10 @@
 """Seeded multi-hop reasoning problems: chains of variable bindings with arithmetic, hidden among distractors.
 
-A problem reads `k=3;x=5;b=k+4;y=x*2;c=b*2;c?`. The answer (14) follows from the chain `k=3 -> b=k+4 -> c=b*2`;
-the other statements are distractors, some of which read chain variables so that they look alike. The characters of
-the chain statements are the problem's critical tokens: the ones a router should select.
+A problem reads `k=3;x=5;b=k+4;y=x*2;c=b*2;c?`. The answer (14) follows from the chain k=3 -> b=k+4 -> c=b*2;
+the other statements are distractors, some of which read chain variables so that they look alike. The
+characters of the chain statements are the problem's critical tokens: the ones a router should select.
 
-Every problem is a pure function of (config, split, seed, index), so data sets are reproducible and resumable. The
+Each problem is a pure function of (config, split, seed, index): data sets are reproducible and resumable. The
 held-out split is defined by the chain's operator sequence (its template): each template with two or more hops
 belongs to exactly one split, so test problems never share a chain structure with training problems.
 """
@@ -29,7 +29,9 @@ Form = Literal["direct", "cot"]
 
 _VARIABLES = "abcdefghijklmnopqrstuvwxyz"
 _OPERATORS = "+-*"
-_MAX_HOPS = 10  # the held-out split enumerates all 3**hops templates of a hop count; 3**10 = 59049 stays cheap
+_MAX_HOPS = (
+    10  # the held-out split enumerates all 3**hops templates of a hop count; 3**10 = 59049 stays cheap
+)
 _ANSWER_RE = re.compile(r"#\s*(-?\d+)")
 
 
@@ -55,7 +57,8 @@ class SyntheticConfig:
             )
         if not 0 <= self.min_distractors <= self.max_distractors:
             raise ValueError(
-                f"need 0 <= min_distractors ({self.min_distractors}) <= max_distractors ({self.max_distractors})"
+                f"need 0 <= min_distractors ({self.min_distractors}) <= "
+                f"max_distractors ({self.max_distractors})"
             )
         if self.max_hops + 1 + self.max_distractors > len(_VARIABLES):
             raise ValueError(
@@ -66,7 +69,11 @@ class SyntheticConfig:
             raise ValueError(f"value_range ({self.value_range}) must be >= 2")
         if self.operand_max < 1:
             raise ValueError(f"operand_max ({self.operand_max}) must be >= 1")
-        if not self.operators or set(self.operators) - set(_OPERATORS) or len(set(self.operators)) != len(self.operators):
+        if (
+            not self.operators
+            or set(self.operators) - set(_OPERATORS)
+            or len(set(self.operators)) != len(self.operators)
+        ):
             raise ValueError(f"operators ({self.operators!r}) must be distinct characters of {_OPERATORS!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction ({self.test_fraction}) must lie in (0, 1)")
@@ -74,14 +81,16 @@ class SyntheticConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One problem: question text, integer answer, target texts and the character spans of the answer chain."""
+    """One problem: question, integer answer, target texts and the character spans of the answer chain."""
 
     question: str  # e.g. "k=3;x=5;b=k+4;c=b*2;c?"
     answer: int
     cot: str  # e.g. "b=7 c=14 #14": each hop's value, then the answer
     direct: str  # e.g. "#14"
     template: str  # operator sequence of the chain, e.g. "+*"
-    critical_spans: tuple[tuple[int, int], ...]  # [start, end) character spans of the chain statements in `question`
+    critical_spans: tuple[
+        tuple[int, int], ...
+    ]  # [start, end) character spans of the chain statements in `question`
     chain: tuple[str, ...]  # variable names along the chain, root first; the last one is asked for
 
     @property
@@ -111,8 +120,10 @@ def _heldout_templates(operators: str, hops: int, test_fraction: float, split_se
     """The templates of `hops` operators held out for "test": the lowest-hashing `test_fraction` of them."""
     if hops < 2:
         return frozenset()  # a single operator is a building block every split must see
-    templates = sorted(("".join(ops) for ops in itertools.product(operators, repeat=hops)),
-                       key=lambda t: _stable_hash(split_seed, t))
+    templates = sorted(
+        ("".join(ops) for ops in itertools.product(operators, repeat=hops)),
+        key=lambda t: _stable_hash(split_seed, t),
+    )
     count = min(len(templates) - 1, max(1, round(test_fraction * len(templates))))
     return frozenset(templates[:count])
 
@@ -154,13 +165,16 @@ def _feasible_start(template: str, value_range: int, operand_max: int) -> frozen
         return frozenset(range(value_range))
     after = _feasible_start(template[1:], value_range, operand_max)
     op = template[0]
-    return frozenset(v for v in range(value_range)
-                     if any(_apply(op, v, k) in after for k in _operands(op, v, value_range, operand_max)))
+    return frozenset(
+        v
+        for v in range(value_range)
+        if any(_apply(op, v, k) in after for k in _operands(op, v, value_range, operand_max))
+    )
 
 
 def _operand(rng: random.Random, config: SyntheticConfig, op: str, left: int, wanted: frozenset[int]) -> int:
-    """An operand keeping `left op operand` in [0, value_range), non-trivial where possible, preferring results
-    in `wanted` (the values from which the rest of the chain stays non-trivial, so chains avoid `*1` and `+0`)."""
+    """An operand keeping `left op operand` in [0, value_range), non-trivial where possible, preferring
+    results in `wanted` (values from which the rest of the chain stays non-trivial: no `*1`, `+0`)."""
     candidates = _operands(op, left, config.value_range, config.operand_max)
     if not candidates:
         return 0 if op in "+-" else 1
@@ -191,7 +205,9 @@ def make_problem(config: SyntheticConfig, split: str, seed: int, index: int) -> 
     names = rng.sample(_VARIABLES, hops + 1 + num_distractors)
     chain, distractor_names = names[: hops + 1], names[hops + 1 :]
 
-    feasible = [_feasible_start(template[i:], config.value_range, config.operand_max) for i in range(hops + 1)]
+    feasible = [
+        _feasible_start(template[i:], config.value_range, config.operand_max) for i in range(hops + 1)
+    ]
     values: dict[str, int] = {chain[0]: rng.choice(sorted(feasible[0]) or range(config.value_range))}
     chain_statements = [f"{chain[0]}={values[chain[0]]}"]
     for op, wanted, source, name in zip(template, feasible[1:], chain[:-1], chain[1:]):
@@ -217,8 +233,11 @@ def make_problem(config: SyntheticConfig, split: str, seed: int, index: int) -> 
             continue
         name = next(distractors)
         source = rng.choice(defined_before) if defined_before else None
-        ops = [op for op in config.operators
-               if source is not None and _operands(op, values[source], config.value_range, config.operand_max)]
+        ops = [
+            op
+            for op in config.operators
+            if source is not None and _operands(op, values[source], config.value_range, config.operand_max)
+        ]
         if ops and rng.random() < 0.5:  # derived from an earlier variable, possibly a chain one
             op = rng.choice(ops)
             operand = _operand(rng, config, op, values[source], feasible[-1])
@@ -237,11 +256,20 @@ def make_problem(config: SyntheticConfig, split: str, seed: int, index: int) -> 
     question += f"{chain[-1]}?"
     answer = values[chain[-1]]
     cot = " ".join(f"{name}={values[name]}" for name in chain[1:]) + f" #{answer}"
-    return Problem(question=question, answer=answer, cot=cot, direct=f"#{answer}", template=template,
-                   critical_spans=tuple(spans), chain=tuple(chain))
+    return Problem(
+        question=question,
+        answer=answer,
+        cot=cot,
+        direct=f"#{answer}",
+        template=template,
+        critical_spans=tuple(spans),
+        chain=tuple(chain),
+    )
 
 
-def generate(config: SyntheticConfig, num: int, *, split: str = "train", seed: int = 0, start: int = 0) -> list[Problem]:
+def generate(
+    config: SyntheticConfig, num: int, *, split: str = "train", seed: int = 0, start: int = 0
+) -> list[Problem]:
     """Problems `start .. start+num-1` of `split` for `seed`."""
     return [make_problem(config, split, seed, index) for index in range(start, start + num)]
 
@@ -296,8 +324,8 @@ class SyntheticTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticBatch:
-    """Fixed-shape numpy batch. The loss for token t uses logits at t-1: CE(logits[:, :-1], tokens[:, 1:]) masked by
-    loss_mask[:, 1:]."""
+    """Fixed-shape numpy batch. Token t is predicted from logits at t-1: CE(logits[:, :-1], tokens[:, 1:])
+    masked by loss_mask[:, 1:]."""
 
     tokens: Int[np.ndarray, "b s"]  # bos question sep target eos, then pad
     positions: Int[np.ndarray, "b s"]  # 0.. on real tokens, -1 on padding
@@ -307,8 +335,9 @@ class SyntheticBatch:
     answers: Int[np.ndarray, " b"]
 
 
-def make_batch(problems: Sequence[Problem], tokenizer: SyntheticTokenizer, seq_len: int, *,
-               form: str = "direct") -> SyntheticBatch:
+def make_batch(
+    problems: Sequence[Problem], tokenizer: SyntheticTokenizer, seq_len: int, *, form: str = "direct"
+) -> SyntheticBatch:
     """Right-padded batch of `bos question sep target eos`; raises if a problem does not fit in `seq_len`."""
     if not problems:
         raise ValueError("make_batch needs at least one problem")
@@ -322,10 +351,12 @@ def make_batch(problems: Sequence[Problem], tokenizer: SyntheticTokenizer, seq_l
         target = tokenizer.encode(problem.target(form)) + [tokenizer.eos_id]
         length = len(prompt) + len(target)
         if length > seq_len:
-            raise ValueError(f"problem {row} needs {length} tokens but seq_len is {seq_len}: {problem.question!r}")
+            raise ValueError(
+                f"problem {row} needs {length} tokens but seq_len is {seq_len}: {problem.question!r}"
+            )
         tokens[row, :length] = prompt + target
         positions[row, :length] = np.arange(length)
-        loss_mask[row, len(prompt):length] = True
+        loss_mask[row, len(prompt) : length] = True
         critical[row, 1 : 1 + len(problem.question)] = problem.critical_char_mask()  # offset 1: after bos
         prompt_lengths[row] = len(prompt)
     answers = np.array([p.answer for p in problems], dtype=np.int32)
@@ -343,8 +374,8 @@ def max_length(config: SyntheticConfig, form: str = "cot") -> int:
 
 
 class SyntheticBatches:
-    """Endless fixed-shape batches of fresh problems: the n-th batch holds problems [n*b, (n+1)*b) of `split` and
-    `seed`. The state (next problem index, seed) goes into checkpoints; `set_state` resumes the same stream."""
+    """Endless fixed-shape batches of fresh problems: batch n holds problems [n*b, (n+1)*b) of `split` and
+    `seed`. The state (next problem index, seed) goes into checkpoints; `set_state` resumes the stream."""
 
     def __init__(
         self,
@@ -360,7 +391,9 @@ class SyntheticBatches:
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be >= 1")
         if seq_len < max_length(config, form):
-            raise ValueError(f"seq_len ({seq_len}) is below max_length(config, {form!r}) = {max_length(config, form)}")
+            raise ValueError(
+                f"seq_len ({seq_len}) is below max_length(config, {form!r}) = {max_length(config, form)}"
+            )
         self.config, self.tokenizer = config, tokenizer
         self.batch_size, self.seq_len, self.form, self.split = batch_size, seq_len, form, split
         self.seed, self.index = seed, 0

@@ -1,6 +1,6 @@
 """The Llama 3 tokenizer: tiktoken BPE ranks from `tokenizer.model`, Llama 3 special tokens and chat format.
 
-Facts from the Llama 3 specification (meta-llama/llama-models, models/llama3/tokenizer.py): the pre-tokenisation
+Facts from the Llama 3 specification (meta-llama/llama-models, models/llama3/tokenizer.py): the pre-tokeniser
 pattern below, 256 special tokens numbered after the 128000 BPE ranks, in the order of `_NAMED_SPECIAL_TOKENS`
 followed by `<|reserved_special_token_2|>` .. `<|reserved_special_token_245|>`.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Literal
 
@@ -37,13 +38,15 @@ _NAMED_SPECIAL_TOKENS = (
     "<|image|>",
 )
 CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
-# tiktoken panics on very long runs of whitespace or of non-whitespace, so encode splits them (a no-op on prose).
+# tiktoken panics on very long runs of whitespace or non-whitespace, so encode splits them (a no-op on prose).
 _MAX_RUN_CHARS = 25_000
 
 
 def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
     """Name -> id of the 256 Llama 3 special tokens, numbered from `num_base_tokens`."""
-    reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))]
+    reserved = [
+        f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
+    ]
     return {name: num_base_tokens + i for i, name in enumerate([*_NAMED_SPECIAL_TOKENS, *reserved])}
 
 
@@ -57,7 +60,9 @@ def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError as error:
-            raise ValueError(f"{path}:{line_number}: expected '<base64 token> <rank>', got {line[:80]!r}") from error
+            raise ValueError(
+                f"{path}:{line_number}: expected '<base64 token> <rank>', got {line[:80]!r}"
+            ) from error
     return ranks
 
 
@@ -102,7 +107,7 @@ class Llama3Tokenizer:
         *,
         bos: bool = False,
         eos: bool = False,
-        allowed_special: Literal["all"] | Set[str] = frozenset(),
+        allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
     ) -> list[int]:
         """Token ids of `text`. Special-token strings not in `allowed_special` are encoded as plain text."""
         if not isinstance(text, str):
@@ -121,9 +126,13 @@ class Llama3Tokenizer:
                 raise ValueError(f"token id {int(token)} is outside the vocabulary of {self.vocab_size}")
         return self.encoding.decode([int(token) for token in ids])
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Ids of `format_chat(messages, ...)`, with the special tokens as single ids."""
-        return self.encode(format_chat(messages, add_generation_prompt=add_generation_prompt), allowed_special="all")
+        return self.encode(
+            format_chat(messages, add_generation_prompt=add_generation_prompt), allowed_special="all"
+        )
 
 
 def format_chat(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
@@ -135,7 +144,7 @@ def format_chat(messages: Sequence[Mapping[str, str]], *, add_generation_prompt:
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{index}]['role'] is {role!r}; expected one of {CHAT_ROLES}")
         if not isinstance(content, str):
-            raise ValueError(f"messages[{index}]['content'] must be a str, got {type(content).__name__}")
+            raise TypeError(f"messages[{index}]['content'] must be a str, got {type(content).__name__}")
         parts.append(f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>")
     if add_generation_prompt:
         parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")

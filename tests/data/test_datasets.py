@@ -101,9 +101,12 @@ def test_tokenized_example_masks_the_target_and_eos(gsm8k, tokenizer):
 
 def test_long_prompts_lose_their_start_and_keep_the_target(gsm8k, tokenizer):
     shots = sample_shots(gsm8k, 4, seed=0, exclude=0)
-    full = tokenize_example(tokenizer, format_prompt("gsm8k", gsm8k[0]["question"], shots), "The answer is 18.")
-    cut = tokenize_example(tokenizer, format_prompt("gsm8k", gsm8k[0]["question"], shots), "The answer is 18.",
-                           max_len=100)
+    full = tokenize_example(
+        tokenizer, format_prompt("gsm8k", gsm8k[0]["question"], shots), "The answer is 18."
+    )
+    cut = tokenize_example(
+        tokenizer, format_prompt("gsm8k", gsm8k[0]["question"], shots), "The answer is 18.", max_len=100
+    )
     assert len(cut.tokens) == 100
     assert (cut.tokens == full.tokens[-100:]).all() and (cut.loss_mask == full.loss_mask[-100:]).all()
     with pytest.raises(ValueError, match="max_len"):
@@ -113,12 +116,13 @@ def test_long_prompts_lose_their_start_and_keep_the_target(gsm8k, tokenizer):
 def _toy_examples(lengths: list[int]) -> list[TokenizedExample]:
     """Example i is `length` copies of token i+1 (so it can be found again), with loss on its second half."""
     return [
-        TokenizedExample(np.full(n, i + 1, dtype=np.int32), np.arange(n) >= n // 2) for i, n in enumerate(lengths)
+        TokenizedExample(np.full(n, i + 1, dtype=np.int32), np.arange(n) >= n // 2)
+        for i, n in enumerate(lengths)
     ]
 
 
 def _examples_in(batch) -> list[int]:
-    """Ids of the examples in a batch, row by row, checking each sits in one segment with restarting positions."""
+    """Ids of the examples in a batch, row by row; checks each fills one segment with positions from 0."""
     found = []
     for row in range(batch.tokens.shape[0]):
         for segment in sorted(set(batch.segment_ids[row].tolist()) - {0}):
@@ -140,7 +144,9 @@ def test_pad_and_pack_place_examples_whole():
     padded = pad_batch(examples, 8, 8)
     assert padded.tokens.shape == (8, 8) and _examples_in(padded) == list(range(6))
     packed, consumed = pack_batch(examples, 3, 8)
-    assert consumed == 4  # next-fit rows: [3, 5], [2], [7]; the next example (4 tokens) would need a fourth row
+    assert (
+        consumed == 4
+    )  # next-fit rows: [3, 5], [2], [7]; the next example (4 tokens) would need a fourth row
     assert _examples_in(packed) == list(range(consumed))
     assert packed.tokens.dtype == np.int32 and packed.loss_mask.dtype == bool
     with pytest.raises(ValueError, match="seq_len"):
@@ -198,8 +204,11 @@ def test_shards_split_each_epoch_disjointly():
 def test_different_seeds_give_different_orders():
     examples = _toy_examples([2] * 16)
     orders = [
-        [i for batch in itertools.islice(BatchIterator(examples, batch_size=4, seq_len=2, seed=s), 4)
-         for i in _examples_in(batch)]
+        [
+            i
+            for batch in itertools.islice(BatchIterator(examples, batch_size=4, seq_len=2, seed=s), 4)
+            for i in _examples_in(batch)
+        ]
         for s in (0, 1)
     ]
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]

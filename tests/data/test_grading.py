@@ -1,7 +1,8 @@
-"""Graders: every gold answer is graded correct against itself; tricky forms are equal or rejected as they should."""
+"""Graders: every gold answer is graded correct against itself; tricky forms are accepted or rejected."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from fractions import Fraction
 
@@ -37,8 +38,8 @@ def test_every_math500_gold_answer_grades_correct_against_its_boxed_solution(dat
 
 def test_different_math500_answers_are_rejected(data_dir):
     rows = _rows(data_dir / "math" / "math500_test.jsonl")[:60]
-    for row, other in zip(rows, rows[1:]):
-        # "x=5" grades equal to "5" (an assignment's right-hand side is the answer), so such pairs are skipped.
+    for row, other in itertools.pairwise(rows):
+        # "x=5" grades equal to "5" (the right-hand side of an assignment is the answer): skip such pairs.
         if row["answer"].replace(" ", "") != other["answer"].split("=")[-1].replace(" ", ""):
             assert not is_equivalent(other["answer"], row["answer"]), (other["answer"], row["answer"])
 
@@ -66,7 +67,10 @@ def test_extract_gsm8k_answer(text, answer):
     ("text", "answer"),
     [
         ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-        ("\\boxed{1} then \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        (
+            "\\boxed{1} then \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}",
+            "\\left( 3, \\frac{\\pi}{2} \\right)",
+        ),
         ("\\boxed{\\text{{(C)}}}", "\\text{{(C)}}"),
         ("\\fbox{5}", "5"),
         ("the answer is \\boxed 5.", "5"),

@@ -1,4 +1,4 @@
-"""The synthetic multi-hop task: answers are right, critical tokens suffice, the held-out split shares no template."""
+"""Synthetic task: answers are right, critical tokens suffice, the held-out split shares no template."""
 
 from __future__ import annotations
 
@@ -70,8 +70,10 @@ def test_answer_follows_from_the_question_and_from_its_critical_statements_alone
         values = evaluate(ordered)
         assert values[query] == problem.answer
         assert len(critical) == problem.hops + 1 and [s[0] for s in ordered] == list(problem.chain)
-        assert all(0 <= v < config.value_range for v in evaluate(sorted(statements, key=_definition_order(statements)))
-                   .values())
+        assert all(
+            0 <= v < config.value_range
+            for v in evaluate(sorted(statements, key=_definition_order(statements))).values()
+        )
         assert config.min_hops <= problem.hops <= config.max_hops
         assert config.min_distractors <= len(statements) - problem.hops - 1 <= config.max_distractors
         assert problem.cot == " ".join(f"{n}={values[n]}" for n in problem.chain[1:]) + f" #{problem.answer}"
@@ -149,12 +151,20 @@ def test_batch_has_fixed_shapes_masks_on_the_target_and_marks_critical_tokens(fo
     problems = generate(config, 16, seed=2)
     seq_len = max_length(config, form)
     batch = make_batch(problems, tokenizer, seq_len, form=form)
-    assert batch.tokens.shape == batch.positions.shape == batch.loss_mask.shape == batch.critical.shape == (16, seq_len)
+    assert (
+        batch.tokens.shape
+        == batch.positions.shape
+        == batch.loss_mask.shape
+        == batch.critical.shape
+        == (16, seq_len)
+    )
     assert batch.tokens.dtype == np.int32 and batch.positions.dtype == np.int32
     for row, problem in enumerate(problems):
         length = int((batch.positions[row] >= 0).sum())
         assert (batch.positions[row, :length] == np.arange(length)).all()
-        assert (batch.tokens[row, length:] == tokenizer.pad_id).all() and not batch.loss_mask[row, length:].any()
+        assert (batch.tokens[row, length:] == tokenizer.pad_id).all() and not batch.loss_mask[
+            row, length:
+        ].any()
         assert batch.tokens[row, 0] == tokenizer.bos_id and batch.tokens[row, length - 1] == tokenizer.eos_id
         prompt = batch.tokens[row, : batch.prompt_lengths[row]]
         assert tokenizer.decode(prompt) == problem.question and prompt[-1] == tokenizer.sep_id
@@ -182,8 +192,16 @@ def test_max_length_bounds_every_problem():
 
 @pytest.mark.parametrize(
     ("text", "answer", "correct"),
-    [("e=4 v=8 l=16 #16", 16, True), ("#16", 16, True), ("# 16 ", 16, True), ("#1 then #16", 16, True),
-     ("#15", 16, False), ("16", 16, False), ("", 3, False), ("#-2", -2, True)],
+    [
+        ("e=4 v=8 l=16 #16", 16, True),
+        ("#16", 16, True),
+        ("# 16 ", 16, True),
+        ("#1 then #16", 16, True),
+        ("#15", 16, False),
+        ("16", 16, False),
+        ("", 3, False),
+        ("#-2", -2, True),
+    ],
 )
 def test_grade_reads_the_last_hash_number(text, answer, correct):
     assert grade(text, answer) is correct
@@ -195,9 +213,18 @@ def test_extract_synthetic_answer_returns_none_without_an_answer():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(min_hops=0), dict(min_hops=3, max_hops=2), dict(max_hops=11), dict(max_hops=10, max_distractors=20),
-     dict(value_range=1), dict(operators="+/"), dict(operators=""), dict(test_fraction=1.0), dict(operand_max=0),
-     dict(min_distractors=3, max_distractors=1)],
+    [
+        {"min_hops": 0},
+        {"min_hops": 3, "max_hops": 2},
+        {"max_hops": 11},
+        {"max_hops": 10, "max_distractors": 20},
+        {"value_range": 1},
+        {"operators": "+/"},
+        {"operators": ""},
+        {"test_fraction": 1.0},
+        {"operand_max": 0},
+        {"min_distractors": 3, "max_distractors": 1},
+    ],
 )
 def test_bad_config_raises_naming_the_field(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -214,7 +241,9 @@ def test_batch_stream_is_fresh_and_resumes_from_its_state():
     tokenizer = SyntheticTokenizer()
 
     def stream():
-        return SyntheticBatches(config, tokenizer, batch_size=4, seq_len=max_length(config, "cot"), form="cot", seed=5)
+        return SyntheticBatches(
+            config, tokenizer, batch_size=4, seq_len=max_length(config, "cot"), form="cot", seed=5
+        )
 
     uninterrupted = [next(s) for s in [stream()] for _ in range(6)]
     assert not (uninterrupted[0].tokens == uninterrupted[1].tokens).all()

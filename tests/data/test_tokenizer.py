@@ -53,8 +53,17 @@ def test_special_tokens_have_their_llama3_ids(tokenizer):
     assert {name: tokenizer.special_tokens[name] for name in expected} == expected
     assert len(tokenizer.special_tokens) == 256 and len(set(tokenizer.special_tokens.values())) == 256
     assert tokenizer.vocab_size == 128256 and tokenizer.num_base_tokens == 128000
-    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eot_id, tokenizer.eom_id) == (128000, 128001, 128009, 128008)
-    assert (tokenizer.start_header_id, tokenizer.end_header_id, tokenizer.python_tag_id) == (128006, 128007, 128010)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eot_id, tokenizer.eom_id) == (
+        128000,
+        128001,
+        128009,
+        128008,
+    )
+    assert (tokenizer.start_header_id, tokenizer.end_header_id, tokenizer.python_tag_id) == (
+        128006,
+        128007,
+        128010,
+    )
     assert set(tokenizer.stop_ids) == {128001, 128008, 128009}
     for name, token in tokenizer.special_tokens.items():
         assert tokenizer.encode(name, allowed_special="all") == [token] and tokenizer.decode([token]) == name
