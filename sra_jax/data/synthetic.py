@@ -109,6 +109,10 @@ class Problem:
             mask[start:end] = True
         return mask
 
+    def critical_token_indices(self, offset: int = 1) -> Int[np.ndarray, " c"]:
+        """Token indices of the chain statements in `bos question sep ...` (offset 1 skips the bos)."""
+        return (np.flatnonzero(self.critical_char_mask()) + offset).astype(np.int32)
+
 
 def _stable_hash(*parts: object) -> int:
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()

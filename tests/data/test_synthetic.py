@@ -172,6 +172,7 @@ def test_batch_has_fixed_shapes_masks_on_the_target_and_marks_critical_tokens(fo
         assert tokenizer.decode(target) == problem.target(form) and target[-1] == tokenizer.eos_id
         critical_text = tokenizer.decode(np.where(batch.critical[row], batch.tokens[row], tokenizer.pad_id))
         assert critical_text == "".join(problem.question[a:b] for a, b in problem.critical_spans)
+        assert (np.flatnonzero(batch.critical[row]) == problem.critical_token_indices()).all()
         assert grade(problem.target(form), int(batch.answers[row]))
 
 
@@ -258,3 +259,12 @@ def test_batch_stream_is_fresh_and_resumes_from_its_state():
         stream().set_state({"index": 0, "seed": 6})
     with pytest.raises(ValueError, match="seq_len"):
         SyntheticBatches(config, tokenizer, batch_size=4, seq_len=20)
+
+
+def test_problems_are_the_same_on_every_machine():
+    """A golden problem: the stream depends on (config, split, seed, index) only, not on platform or Python."""
+    config = SyntheticConfig()
+    problem = make_problem(config, "train", 0, 0)
+    assert problem.question == "c=12;s=3;b=s*3;k=11;e=s+1;v=e*2;q=1;l=v*2;l?"
+    assert (problem.cot, problem.direct, problem.template) == ("e=4 v=8 l=16 #16", "#16", "+**")
+    assert make_problem(config, "test", 0, 0).template in split_templates(config, "test")
