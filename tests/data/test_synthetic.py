@@ -262,7 +262,7 @@ def test_batch_stream_is_fresh_and_resumes_from_its_state():
 
 
 def test_problems_are_the_same_on_every_machine():
-    """A golden problem: the stream depends on (config, split, seed, index) only, not on platform or Python."""
+    """A golden problem: the stream depends on (config, split, seed, index) only, not on the platform."""
     config = SyntheticConfig()
     problem = make_problem(config, "train", 0, 0)
     assert problem.question == "c=12;s=3;b=s*3;k=11;e=s+1;v=e*2;q=1;l=v*2;l?"
