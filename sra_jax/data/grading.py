@@ -12,7 +12,8 @@ from fractions import Fraction
 
 from math_verify import parse, verify
 
-_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
+# A minus sign counts only where it cannot be an operator or a range dash ("5-3", "2020-2021").
+_NUMBER = r"(?:(?<![\w)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 _NUMBER_RE = re.compile(_NUMBER)
 _ANSWER_IS_RE = re.compile(r"answer is[:\s]*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
 # Minerva format: "Final Answer: The final answer is $X$. I hope it is correct." (the answer ends its line).
