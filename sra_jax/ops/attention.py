@@ -61,7 +61,7 @@ def _causal_by_index(b: int, sq: int, sk: int) -> Bool[Array, "b sq sk"]:
     return jnp.broadcast_to(jnp.asarray(np.tril(np.ones((sq, sk), bool), sk - sq)), (b, sq, sk))
 
 
-def _masked_softmax(logits: Float[Array, "*x n"], visible: Bool[Array, "*x n"]) -> Float[Array, "*x n"]:
+def _masked_softmax(logits: Float[Array, "*x n"], visible: Bool[Array, "*#x n"]) -> Float[Array, "*x n"]:
     """Softmax over visible entries; a row with nothing visible gives all zeros (and zero gradient)."""
     logits = jnp.where(visible, logits, _MASKED)
     shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))

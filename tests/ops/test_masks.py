@@ -39,12 +39,12 @@ def brute_force_sra(q_pos, q_crit, k_pos, k_crit, q_seg, k_seg, window, num_glob
     return out
 
 
-def packed_positions(rng: np.random.Generator, b: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+def packed_positions(rng: np.random.Generator, b: int, s: int, max_extra_segments: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Positions restarting at each segment start, with left padding (position -1, its own segment)."""
     positions, segments = np.zeros((b, s), np.int32), np.zeros((b, s), np.int32)
     for n in range(b):
         pad = rng.integers(0, s // 2 + 1)
-        starts = np.sort(rng.choice(np.arange(pad + 1, s), size=min(rng.integers(0, 3), s - pad - 1), replace=False))
+        starts = np.sort(rng.choice(np.arange(pad + 1, s), size=min(rng.integers(0, max_extra_segments + 1), s - pad - 1), replace=False))
         segment = np.cumsum(np.isin(np.arange(s), starts)) + 1
         segment[:pad] = 0
         for seg_id in np.unique(segment[pad:]):

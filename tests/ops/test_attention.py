@@ -1,0 +1,205 @@
+"""Specs for sra_jax.ops.attention: the implementations agree, empty rows are zeros, no NaN, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sra_jax.ops.attention import attention, attention_flops
+from sra_jax.ops.masks import SRAMaskSpec, causal_mask
+
+from .test_masks import packed_positions
+
+# float32 with softmax in float32 over <= 16 keys: implementations differ only in summation order (~1e-6).
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def qkv(seed: int, b: int, sq: int, sk: int, hq: int, hkv: int, d: int = 8, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(kq, (b, sq, hq, d), dtype),
+        jax.random.normal(kk, (b, sk, hkv, d), dtype),
+        jax.random.normal(kv, (b, sk, hkv, d), dtype),
+    )
+
+
+def naive_attention(q, k, v, mask):
+    """Textbook attention in float64 numpy: repeat kv heads, softmax over visible keys, zeros for empty rows."""
+    q, k, v, mask = (np.asarray(x, np.float64) for x in (q, k, v)), None, None, np.asarray(mask)
+    q, k, v = q
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    mask = mask[:, None] if mask.ndim == 3 else mask
+    logits = np.where(mask, logits, -np.inf)
+    peak = np.max(logits, -1, keepdims=True)
+    weights = np.where(mask, np.exp(logits - np.where(np.isfinite(peak), peak, 0)), 0)
+    weights /= np.maximum(weights.sum(-1, keepdims=True), 1e-300)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@st.composite
+def spec_cases(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    b, s = 2, draw(st.sampled_from([6, 11]))
+    # Packed rows need segment ids (else position 0 of the next sequence would look like a sink of this one).
+    packed = draw(st.booleans())
+    positions, segments = packed_positions(rng, b, s, max_extra_segments=2 if packed else 0)
+    critical = rng.random((b, s)) < 0.35
+    exact_count = draw(st.booleans())
+    spec = SRAMaskSpec.create(
+        jnp.asarray(positions),
+        jnp.asarray(critical),
+        window=draw(st.sampled_from([1, 3])),
+        num_global=draw(st.sampled_from([0, 2])),
+        queries=draw(st.sampled_from(["critical", "all"])),
+        segment_ids=jnp.asarray(segments) if packed else None,
+        # The tight bound nn passes (k of the top-k), or None: gather then considers every key.
+        max_critical=int(critical.sum(-1).max()) if exact_count else None,
+    )
+    return seed, spec, draw(st.sampled_from([(2, 2), (4, 2), (4, 1)]))
+
+
+@settings(max_examples=12)  # each case compiles three implementations
+@given(spec_cases())
+def test_reference_gather_and_xla_agree_with_textbook_attention_on_sra_specs(case):
+    seed, spec, (hq, hkv) = case
+    b, s = spec.q_positions.shape
+    q, k, v = qkv(seed, b, s, s, hq, hkv)
+    expected = naive_attention(q, k, v, spec.to_mask())
+    for impl in ("reference", "gather", "xla"):
+        np.testing.assert_allclose(attention(q, k, v, spec=spec, impl=impl), expected, err_msg=impl, **TOL)
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2), (8, 2)])  # GQA groups 1, 2, 4
+def test_gqa_groups_match_repeated_kv_heads(hq, hkv):
+    q, k, v = qkv(0, 2, 7, 7, hq, hkv)
+    mask = causal_mask(jnp.broadcast_to(jnp.arange(7), (2, 7)))
+    expected = naive_attention(q, k, v, mask)
+    for impl in ("reference", "xla"):
+        np.testing.assert_allclose(attention(q, k, v, mask=mask, impl=impl), expected, err_msg=impl, **TOL)
+    np.testing.assert_allclose(attention(q, k, v), expected, **TOL)  # neither mask nor spec: causal by index
+
+
+def test_rows_that_see_only_themselves_return_their_own_value():
+    q, k, v = qkv(1, 1, 6, 6, 4, 2)
+    spec = SRAMaskSpec.create(jnp.arange(6)[None], jnp.zeros((1, 6), bool), window=1, num_global=0)
+    expected = np.repeat(np.asarray(v), 2, axis=2)  # query head h reads kv head h // 2
+    for impl in ("reference", "gather", "xla"):
+        np.testing.assert_allclose(attention(q, k, v, spec=spec, impl=impl), expected, err_msg=impl, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather", "xla"])
+def test_padded_rows_are_exact_zeros_and_no_gradient_is_nan(impl):
+    positions = jnp.array([[-1, -1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]])
+    spec = SRAMaskSpec.create(positions, jnp.zeros((2, 7), bool).at[:, 3].set(True), window=2, num_global=1)
+    q, k, v = qkv(2, 2, 7, 7, 4, 2)
+    out = attention(q, k, v, spec=spec, impl=impl)
+    np.testing.assert_array_equal(out[0, :2], 0.0)
+    grads = jax.grad(lambda *x: jnp.sum(attention(*x, spec=spec, impl=impl) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for grad in grads:
+        assert np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_array_equal(grads[0][0, :2], 0.0)  # padded queries get no gradient
+    np.testing.assert_array_equal(grads[1][0, :2], 0.0)  # nor do padded keys
+
+
+def test_gather_and_reference_gradients_agree():
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    critical = jnp.array([[0, 0, 1, 0, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 1, 0]], bool)
+    spec = SRAMaskSpec.create(positions, critical, window=2, num_global=1, max_critical=3)
+    q, k, v = qkv(3, 2, 9, 9, 4, 2)
+
+    def grads(impl):
+        return jax.grad(lambda *x: jnp.sum(jnp.sin(attention(*x, spec=spec, impl=impl))), argnums=(0, 1, 2))(q, k, v)
+
+    for ours, theirs in zip(grads("gather"), grads("reference")):
+        np.testing.assert_allclose(ours, theirs, **TOL)
+
+
+def test_gather_handles_kv_cache_keys_with_padding_and_empty_slots():
+    """Decoding: 3 new queries over a cache with 2 left-padding slots, 9 tokens, 3 empty slots at the end."""
+    k_positions = jnp.array([[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, -1, -1, -1]])
+    k_critical = jnp.zeros((1, 14), bool).at[0, jnp.array([3, 6, 9])].set(True)
+    q_positions = jnp.array([[6, 7, 8]])
+    spec = SRAMaskSpec.create(
+        q_positions, k_critical[:, 8:11], window=2, num_global=1,
+        k_positions=k_positions, k_critical=k_critical, max_critical=3,
+    )
+    q, k, v = qkv(4, 1, 3, 14, 4, 2)
+    expected = naive_attention(q, k, v, spec.to_mask())
+    for impl in ("reference", "gather", "xla"):
+        np.testing.assert_allclose(attention(q, k, v, spec=spec, impl=impl), expected, err_msg=impl, **TOL)
+
+
+def test_per_head_masks_and_decode_alignment():
+    q, k, v = qkv(5, 1, 2, 5, 4, 2)
+    mask = jax.random.uniform(jax.random.key(6), (1, 4, 2, 5)) < 0.5
+    for impl in ("reference", "xla"):
+        np.testing.assert_allclose(attention(q, k, v, mask=mask, impl=impl), naive_attention(q, k, v, mask), err_msg=impl, **TOL)
+    # Causal by index with fewer queries than keys: the last query sees every key.
+    last = np.tril(np.ones((2, 5), bool), 3)[None]
+    np.testing.assert_allclose(attention(q, k, v), naive_attention(q, k, v, last), **TOL)
+
+
+def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
+    q, k, v = qkv(7, 1, 8, 8, 4, 2)
+    out = attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    # bfloat16 inputs carry ~3 significant digits; outputs are convex combinations of values of size ~1.
+    np.testing.assert_allclose(np.asarray(out, np.float32), attention(q, k, v), atol=5e-2)
+
+
+def test_attention_flops_count_four_head_dim_per_visible_pair_and_head():
+    mask = causal_mask(jnp.arange(4)[None])  # 10 visible pairs
+    np.testing.assert_allclose(attention_flops(mask, num_heads=2, head_dim=8), [10 * 4 * 8 * 2])
+    np.testing.assert_allclose(attention_flops(10, num_heads=2, head_dim=8), 640)
+
+
+def _bad(**overrides):
+    q, k, v = qkv(0, 1, 4, 4, 4, 2)
+    args = dict(q=q, k=k, v=v)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (_bad(q=jnp.zeros((1, 4, 4))), r"q must have rank 4"),
+        (_bad(k=jnp.zeros((1, 4, 2, 8, 1)), v=jnp.zeros((1, 4, 2, 8, 1))), r"k must have rank 4"),
+        (_bad(k=jnp.zeros((1, 4, 2, 6)), v=jnp.zeros((1, 4, 2, 6))), r"head_dim \(8\) must equal k/v head_dim \(6\)"),
+        (_bad(k=jnp.zeros((1, 4, 3, 8)), v=jnp.zeros((1, 4, 3, 8))), r"kv heads \(3\) must divide query heads \(4\)"),
+        (_bad(v=jnp.zeros((1, 5, 2, 8))), r"k shape .* must equal v shape"),
+        (_bad(k=jnp.zeros((2, 4, 2, 8)), v=jnp.zeros((2, 4, 2, 8))), r"q batch \(1\) must equal k/v batch \(2\)"),
+        (_bad(v=jnp.zeros((1, 4, 2, 8), jnp.bfloat16)), r"share a dtype"),
+        (_bad(mask=jnp.ones((1, 4, 5), bool)), r"mask shape \(1, 4, 5\)"),
+        (_bad(mask=jnp.ones((1, 4, 4), jnp.int32)), r"mask must be boolean"),
+        (_bad(impl="flash"), r"unknown attention impl 'flash'"),
+        (_bad(impl="gather"), r"impl='gather' needs spec="),
+        (_bad(spec=SRAMaskSpec.create(jnp.arange(3)[None], jnp.zeros((1, 3), bool), window=1, num_global=0)), r"spec describes"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_problem(args, message):
+    with pytest.raises(ValueError, match=message):
+        attention(**args)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error message")
+def test_cudnn_on_cpu_says_it_needs_a_gpu():
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        attention(**_bad(impl="cudnn"))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sra_jax.ops.attention_pallas") is not None, reason="the Pallas module exists"
+)
+def test_pallas_without_its_module_raises_a_clear_import_error():
+    with pytest.raises(ImportError, match="attention_pallas"):
+        attention(**_bad(impl="pallas"))
