@@ -1,0 +1,63 @@
+"""`sra-jax train --config experiments/configs/NAME.yaml [--set key=value ...]`.
+
+On several hosts (TPU pod workers, GPU nodes) run the same command on every host; `jax.distributed.initialize()` is
+called first when `--distributed` is given (it reads the coordinator from the cluster environment: TPU metadata,
+SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sra-jax train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file of TrainConfig keys (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set optim.learning_rate=1e-3 (repeatable)")
+    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    parser.add_argument("--coordinator", help="host:port of process 0 (with --num-processes / --process-id)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+
+    from sra_jax.train.config import TrainConfig
+
+    console = Console(stderr=True)
+    try:
+        config = TrainConfig.load(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]sra-jax train: {error}")
+        return 2
+    if args.distributed or args.coordinator:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    import jax
+
+    if jax.process_index() == 0:
+        console.rule("config")
+        console.print(config.to_yaml(), highlight=False, markup=False)
+        console.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
+                      f"process(es)")
+    if args.print_config:
+        return 0
+
+    from sra_jax.train.checkpoint import host_int
+    from sra_jax.train.loop import run, summarize
+
+    result = run(config, console=console)
+    if jax.process_index() == 0:
+        summary = summarize(result.history)
+        console.print(f"{result.reason} at step {host_int(result.state.step)}: "
+                      + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

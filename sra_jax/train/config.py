@@ -1,0 +1,356 @@
+"""`TrainConfig`: one typed, frozen config for a training run, read from YAML with `key=value` overrides.
+
+Sections mirror the code that consumes them (model, sra, mesh, optim, loss, data, checkpoint, log). Every field is
+validated in `__post_init__` with an error that names the dotted key, and `TrainConfig.to_yaml()` is printed at
+start-up so a run is reproducible from its log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: F401  (SRAConfig: type hints)
+from sra_jax.data.synthetic import SyntheticConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over the axes ("data", "fsdp", "tensor"); -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if not isinstance(size, int) or (size < 1 and size != -1):
+                raise ValueError(f"mesh.{name}={size!r} must be a positive integer or -1")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) with the -1 axis filled so that the product is `num_devices`."""
+        shape = [self.data, self.fsdp, self.tensor]
+        known = abs(shape[0] * shape[1] * shape[2]) if -1 in shape else shape[0] * shape[1] * shape[2]
+        if -1 in shape:
+            if num_devices % known:
+                raise ValueError(f"mesh {shape}: {num_devices} devices are not divisible by {known}")
+            shape[shape.index(-1)] = num_devices // known
+        if shape[0] * shape[1] * shape[2] != num_devices:
+            raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} needs {shape[0] * shape[1] * shape[2]} "
+                             f"devices but {num_devices} are available")
+        return shape[0], shape[1], shape[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """optax AdamW with linear warmup then cosine decay to `end_lr_fraction * learning_rate`, and global-norm clipping."""
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    decay_steps: int | None = None  # None: decay over the whole run (TrainConfig.steps)
+    end_lr_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ValueError(f"optim.decay_steps={self.decay_steps} must be > 0 or null")
+        if not 0.0 <= self.end_lr_fraction <= 1.0:
+            raise ValueError(f"optim.end_lr_fraction={self.end_lr_fraction} must be in [0, 1]")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0 or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which losses train the model and their weights.
+
+    kind: "sl" next-token cross-entropy on loss-masked tokens; "rl" router policy gradient only; "sl+rl" both.
+    teacher_kl_weight: KL(dense teacher || student) on loss-masked tokens; the teacher is the same weights with every
+        token critical (so SRA attention is exactly dense), under stop_gradient.
+    token_penalty (lambda) and length_penalty (mu): reward = correct - lambda * selected_fraction - mu * generated tokens.
+    group_size: samples per prompt for the GRPO-style group baseline (each sample draws its own router selection).
+    entropy_weight: bonus on the entropy of the router's first-draw distribution (keeps the policy exploring).
+    temperature_start/end/steps: router-logit temperature annealed over `temperature_steps` (cosine).
+    """
+
+    kind: str = "sl"
+    sl_weight: float = 1.0
+    rl_weight: float = 1.0
+    teacher_kl_weight: float = 0.0
+    token_penalty: float = 0.1
+    length_penalty: float = 0.0
+    group_size: int = 4
+    entropy_weight: float = 0.0
+    advantage_eps: float = 1e-6
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0
+    temperature_steps: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ("sl", "rl", "sl+rl"):
+            raise ValueError(f"loss.kind={self.kind!r} must be one of 'sl', 'rl', 'sl+rl'")
+        for name in ("sl_weight", "rl_weight", "teacher_kl_weight", "token_penalty", "length_penalty",
+                     "entropy_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0")
+        if self.group_size < 1:
+            raise ValueError(f"loss.group_size={self.group_size} must be >= 1")
+        if self.kind != "sl" and self.group_size < 2:
+            raise ValueError(f"loss.group_size={self.group_size} must be >= 2 for a group baseline (loss.kind={self.kind!r})")
+        if self.advantage_eps <= 0:
+            raise ValueError(f"loss.advantage_eps={self.advantage_eps} must be > 0")
+        for name in ("temperature_start", "temperature_end"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"loss.{name}={getattr(self, name)} must be > 0")
+        if self.temperature_steps < 1:
+            raise ValueError(f"loss.temperature_steps={self.temperature_steps} must be >= 1")
+
+    @property
+    def uses_sl(self) -> bool:
+        return self.kind in ("sl", "sl+rl")
+
+    @property
+    def uses_rl(self) -> bool:
+        return self.kind in ("rl", "sl+rl")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: the built-in synthetic task (no download) or GSM8K / MATH jsonl through sra_jax.data."""
+
+    task: str = "synthetic"
+    form: str = "direct"  # synthetic: "direct" answers or "cot" chains of thought
+    seq_len: int = 64
+    seed: int = 0
+    eval_size: int = 256
+    path: str | None = None  # GSM8K / MATH: folder of jsonl files
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        if self.task not in ("synthetic", "gsm8k", "math"):
+            raise ValueError(f"data.task={self.task!r} must be one of 'synthetic', 'gsm8k', 'math'")
+        if self.form not in ("direct", "cot"):
+            raise ValueError(f"data.form={self.form!r} must be 'direct' or 'cot'")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        if self.eval_size < 1:
+            raise ValueError(f"data.eval_size={self.eval_size} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """orbax checkpoints: save every `every` steps (and at the end / on SIGTERM), keep the last `keep`."""
+
+    dir: str | None = None
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 1")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep={self.keep} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Metrics to `dir/metrics.jsonl` and TensorBoard every `every` steps; a rich progress bar on the console."""
+
+    dir: str | None = None
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"log.every={self.every} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. `batch_size` is global (all hosts), split into `grad_accum` micro-batches."""
+
+    model: LlamaConfig = dataclasses.field(default_factory=lambda: LlamaConfig.tiny(vocab_size=128))
+    sra: SRAConfig | None = None
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "reference"
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must be >= 1 and divide batch_size={self.batch_size}")
+        for name in ("compute_dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be 'float32' or 'bfloat16'")
+        if self.attention_impl not in ("reference", "gather", "xla", "cudnn", "pallas"):
+            raise ValueError(f"attention_impl={self.attention_impl!r} must be one of reference, gather, xla, cudnn, pallas")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps={self.max_bad_steps} must be >= 1")
+        if self.loss.uses_rl and self.sra is None:
+            raise ValueError(f"loss.kind={self.loss.kind!r} trains the router, so `sra` must be set (it is null)")
+        if self.data.task == "synthetic" and self.model.vocab_size < 99:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= 99 for the synthetic tokenizer")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                             f"{self.model.max_position_embeddings}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        return _build(cls, values, "")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+        """The YAML file at `path` (or the defaults), then each `dotted.key=value` override in order."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the top level must be a mapping of config keys")
+            values = loaded or {}
+        for override in overrides:
+            key, sep, raw = override.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override {override!r} must look like dotted.key=value")
+            _set_dotted(values, key.strip(), yaml.safe_load(raw))
+        return cls.from_dict(values)
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = values
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass type inside `X` or `X | None`, else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                         f"{prefix.rstrip('.') or 'top level'} accepts {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        sub = _dataclass_of(hints[name])
+        if sub is RopeScaling:
+            kwargs[name] = RopeScaling.from_hf(value) if isinstance(value, Mapping) else value
+        elif sub is not None and (value is None or isinstance(value, Mapping)):
+            optional = type(None) in typing.get_args(hints[name])
+            if value is None and optional:
+                kwargs[name] = None
+            else:
+                merged = {**_section_defaults(fields[name]), **(value or {})}
+                kwargs[name] = _build(sub, merged, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if prefix and not message.startswith(prefix.rstrip(".")):
+            message = f"{prefix.rstrip('.')}: {message}"
+        raise ValueError(message) from None
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """YAML scalars into the field's type: ints and "3e-3"-style strings (YAML 1.1 reads them as str) into floats."""
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
+        annotation,)
+    if isinstance(value, list):
+        return tuple(value)
+    if float in allowed and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} must be a number") from None
+    if int in allowed and float not in allowed and isinstance(value, float):
+        raise ValueError(f"{key}={value!r} must be an integer")
+    return value
+
+
+def _section_defaults(field: dataclasses.Field) -> dict[str, Any]:
+    """The field values of a section's default instance, so an override changes one key and keeps the rest."""
+    if field.default_factory is dataclasses.MISSING:
+        return {}
+    default = field.default_factory()
+    values = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    if isinstance(default, LlamaConfig):
+        values["head_dim"] = None  # resolved from hidden_size / heads again unless set explicitly
+    return values
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    return value

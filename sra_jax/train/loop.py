@@ -1,0 +1,158 @@
+"""The training loop: resume, step, log, checkpoint, and stop cleanly on SIGTERM / SIGINT or repeated bad steps.
+
+Exit codes: 0 finished or preempted (a checkpoint of the last step was written), 1 stopped after
+`max_bad_steps` consecutive non-finite steps (checkpoints hold only finite states, so the last one is intact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sra_jax.train import sharding
+from sra_jax.train.checkpoint import Checkpointer, host_int
+from sra_jax.train.config import TrainConfig
+from sra_jax.train.data import SyntheticStream
+from sra_jax.train.optimizer import learning_rate_schedule
+from sra_jax.train.metrics import MetricsLogger, count_params, peak_flops_per_device, train_flops
+from sra_jax.train.step import Trainer, TrainState, create_trainer
+
+EXIT_OK, EXIT_BAD_STEPS = 0, 1
+
+
+@dataclasses.dataclass
+class RunResult:
+    trainer: Trainer
+    state: TrainState
+    exit_code: int
+    history: list[dict[str, float]]  # one record per step run in this process
+    reason: str  # "finished", "preempted", "bad_steps"
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT (preemption); the loop checkpoints and exits 0 at the next step boundary."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def make_stream(config: TrainConfig) -> SyntheticStream:
+    if config.data.task != "synthetic":
+        raise ValueError(f"data.task={config.data.task!r}: only 'synthetic' training data is wired in yet")
+    return SyntheticStream(config.data, config.batch_size, config.grad_accum)
+
+
+def run(
+    config: TrainConfig,
+    *,
+    console: Console | None = None,
+    progress: Progress | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    stop: StopFlag | None = None,
+    description: str = "train",
+) -> RunResult:
+    """Train `config.steps` steps (resuming from `checkpoint.dir` when it holds a checkpoint)."""
+    console = console or Console(stderr=True)
+    mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
+    trainer, state = create_trainer(config, mesh)
+    stream = make_stream(config)
+    checkpointer = Checkpointer(config.checkpoint.dir, config.checkpoint) if config.checkpoint.dir else None
+    if checkpointer is not None:
+        restored = checkpointer.restore_latest(state)
+        if restored is not None:
+            state = restored
+            console.print(f"resumed from {checkpointer.directory} at step {host_int(state.step)}")
+    logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard)
+    model_cfg = config.model
+    num_params = count_params(state.params)
+    num_embed = model_cfg.vocab_size * model_cfg.hidden_size
+    peak = peak_flops_per_device()
+    schedule = learning_rate_schedule(config.optim, config.steps)
+    stop = stop or StopFlag()
+    history: list[dict[str, float]] = []
+    bad_steps, reason, exit_code = 0, "finished", EXIT_OK
+    start = host_int(state.step)
+    own_progress = progress is None and config.log.progress
+    if own_progress:
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[status]}"), console=console, transient=False)
+    task = progress.add_task(description, total=config.steps, completed=start, status="") if progress else None
+    with stop.installed(), (progress if own_progress else contextlib.nullcontext()):
+        for step in range(start, config.steps):
+            arrays = stream.batch(step)
+            began = time.perf_counter()
+            state, device_metrics = trainer.step_fn(state, trainer.put_batch(arrays))
+            metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in device_metrics.items()}
+            elapsed = time.perf_counter() - began
+            flops = train_flops(num_params, num_embed, arrays["positions"], num_layers=model_cfg.num_hidden_layers,
+                                num_heads=model_cfg.num_attention_heads, head_dim=model_cfg.head_dim,
+                                mask_density=metrics["mask_density"]) * jax.process_count()
+            metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed, lr=float(schedule(step)))
+            if peak is not None:
+                metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
+            history.append({"step": step, **metrics})
+            if metrics["skipped"]:
+                bad_steps += 1
+                console.print(f"[yellow]step {step}: non-finite loss or gradient "
+                              f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); update skipped")
+                if bad_steps >= config.max_bad_steps:
+                    console.print(f"[red]{bad_steps} consecutive non-finite steps: stopping; the last checkpoint "
+                                  f"is the last good state")
+                    reason, exit_code = "bad_steps", EXIT_BAD_STEPS
+                    break
+            else:
+                bad_steps = 0
+            if (step + 1) % config.log.every == 0 or step + 1 == config.steps:
+                logger.log(step + 1, metrics)
+            if task is not None:
+                progress.update(task, completed=step + 1, status=(
+                    f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f} sel {metrics['selected_fraction']:.2f} "
+                    f"{metrics['tokens_per_s']:.0f} tok/s"))
+            if on_step is not None:
+                on_step(step + 1, metrics)
+            if checkpointer is not None:
+                checkpointer.save(state, force=bool(stop) or step + 1 == config.steps)
+            if stop:
+                console.print(f"signal {stop.signal}: checkpoint at step {step + 1} saved; exiting")
+                reason = "preempted"
+                break
+    if checkpointer is not None:
+        checkpointer.wait()
+        checkpointer.close()
+    logger.close()
+    return RunResult(trainer=trainer, state=state, exit_code=exit_code, history=history, reason=reason)
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Means of the last 10 logged steps (for a closing line)."""
+    tail = history[-10:]
+    keys = set().union(*tail) - {"step"} if tail else set()
+    return {k: float(np.mean([h[k] for h in tail if k in h])) for k in sorted(keys)}

@@ -1,0 +1,226 @@
+"""The train step shared by `sra-jax train`, the demo and the tests: state, loss, gradient accumulation, update.
+
+`TrainState` holds everything a checkpoint needs (params, optimizer state, step, base RNG key); the per-step key is
+`fold_in(rng, step)`, so a resumed run draws exactly the keys an uninterrupted one would. One step = one global batch
+split into `grad_accum` micro-batches (leading axis of every batch array); a step whose loss or gradient is not
+finite leaves params and optimizer state untouched and reports `skipped = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Bool, Int
+
+from sra_jax.train import losses, rl, sharding
+from sra_jax.train.config import LossConfig, TrainConfig
+from sra_jax.train.optimizer import make_optimizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@struct.dataclass
+class TrainState:
+    params: Any  # nnx.State of nnx.Param
+    opt_state: Any
+    step: jax.Array  # int32 scalar: global batches consumed (also the data position)
+    rng: jax.Array  # uint32 raw key data of the run's base key
+
+
+@struct.dataclass
+class Batch:
+    """A global batch split into micro-batches: arrays are [grad_accum, micro_batch, seq_len]."""
+
+    tokens: Int[Array, "a b s"]
+    positions: Int[Array, "a b s"]
+    loss_mask: Bool[Array, "a b s"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything static about a run: the model's graph, optimizer, mesh and the shardings of state and batch."""
+
+    config: TrainConfig
+    graphdef: Any
+    rest: Any  # non-parameter model state (kept fixed)
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    state_shardings: Any
+    batch_shardings: Any
+
+    @functools.cached_property
+    def step_fn(self):
+        """jit(train_step) with in/out shardings; the state argument is donated."""
+        fn = functools.partial(
+            train_step, graphdef=self.graphdef, rest=self.rest, tx=self.tx, loss=self.config.loss,
+            has_sra=self.config.sra is not None, mesh=self.mesh,
+        )
+        metric_sharding = sharding.replicated(self.mesh)
+        return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
+                       out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
+
+    def model(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def put_batch(self, arrays: dict[str, np.ndarray]) -> Batch:
+        """Global numpy batch [a, b, s] -> sharded Batch. Each process passes only its own rows (see `local_rows`)."""
+        def put(name):
+            local = np.asarray(arrays[name])
+            sh = getattr(self.batch_shardings, name)
+            global_shape = (local.shape[0], local.shape[1] * jax.process_count(), local.shape[2])
+            return jax.make_array_from_process_local_data(sh, local, global_shape)
+
+        return Batch(tokens=put("tokens"), positions=put("positions"), loss_mask=put("loss_mask"))
+
+
+def local_rows(batch_size: int) -> slice:
+    """The rows of a global micro-batch that this process feeds (processes split the batch evenly, in order)."""
+    per_process = batch_size // jax.process_count()
+    start = jax.process_index() * per_process
+    return slice(start, start + per_process)
+
+
+def build_model(config: TrainConfig, seed: int | None = None) -> nnx.Module:
+    from sra_jax.nn import Llama
+
+    return Llama(
+        config.model, config.sra, rngs=nnx.Rngs(config.seed if seed is None else seed),
+        dtype=DTYPES[config.compute_dtype], param_dtype=DTYPES[config.param_dtype],
+        attention_impl=config.attention_impl,
+    )
+
+
+def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
+    """Initialise params directly into their shardings (no host copy of the full model) and the optimizer state."""
+    def create():
+        with nnx.use_eager_sharding(False):
+            return nnx.split(build_model(config), nnx.Param, ...)
+
+    graphdef, abstract_params, abstract_rest = jax.eval_shape(create)
+    param_shardings = sharding.state_shardings(abstract_params, mesh)
+    replicated = sharding.replicated(mesh)
+    rest_shardings = jax.tree.map(lambda _: replicated, abstract_rest)
+    params, rest = jax.jit(lambda: create()[1:], out_shardings=(param_shardings, rest_shardings))()
+
+    tx = make_optimizer(config.optim, config.steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, (NamedSharding, nnx.Variable)),
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    # Every leaf placed with its final sharding, so the first donated step does not compile a second time.
+    state = TrainState(params=params, opt_state=opt_state, step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                       rng=jax.device_put(rng, replicated))
+    state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
+    batch_sh = sharding.batch_sharding(mesh, 3, leading=1)
+    batch_shardings = Batch(tokens=batch_sh, positions=batch_sh, loss_mask=batch_sh)
+    trainer = Trainer(config, graphdef, rest, tx, mesh, state_shardings, batch_shardings)
+    return trainer, state
+
+
+def _mean_over_layers(x: jax.Array, layers: tuple[int, ...] | None = None) -> jax.Array:
+    """[L, b] -> [b]: the mean over `layers` (default all); 1 when there are none (a dense model)."""
+    if layers is not None:
+        if not layers:
+            return jnp.ones(x.shape[1:], jnp.float32)
+        x = x[jnp.asarray(layers)]
+    return x.astype(jnp.float32).mean(axis=0)
+
+
+def loss_fn(params, tokens, positions, loss_mask, key, step, *, graphdef, rest, loss: LossConfig, has_sra: bool,
+            mesh: Mesh | None):
+    """Weighted sum of the configured losses on one micro-batch, and its metrics (scalars)."""
+    model = nnx.merge(graphdef, params, rest)
+    group = loss.group_size if loss.uses_rl else 1
+    if group > 1:
+        tokens, positions, loss_mask = (jnp.repeat(x, group, axis=0) for x in (tokens, positions, loss_mask))
+    tokens = sharding.constrain_batch(tokens, mesh)
+    positions = sharding.constrain_batch(positions, mesh)
+    logits, aux = model(tokens, positions, key=key if has_sra else None)
+    logits = sharding.constrain_batch(logits, mesh)
+    ce = losses.cross_entropy(logits, tokens, loss_mask)
+    correct = losses.answer_correct(logits, tokens, loss_mask)
+    selected = _mean_over_layers(aux.selected_fraction, aux.sra_layers)
+    density = _mean_over_layers(aux.mask_density)
+    total = jnp.zeros((), jnp.float32)
+    metrics = {"ce": ce, "accuracy": correct.mean(), "selected_fraction": selected.mean(),
+               "mask_density": density.mean(), "tokens": jnp.sum(positions >= 0).astype(jnp.float32)}
+    if loss.uses_sl:
+        total += loss.sl_weight * ce
+    if loss.teacher_kl_weight and has_sra:
+        num_layers = aux.critical.shape[0]
+        everything = jnp.ones((num_layers, *tokens.shape), bool)  # all critical: SRA attention == dense attention
+        teacher_logits, _ = model(tokens, positions, critical=everything)
+        kl = losses.teacher_kl(logits, teacher_logits, loss_mask)
+        total += loss.teacher_kl_weight * kl
+        metrics["teacher_kl"] = kl
+    if loss.uses_rl:
+        generated = jnp.sum(loss_mask, axis=-1)
+        rewards = rl.reward(correct, selected, generated, token_penalty=loss.token_penalty,
+                            length_penalty=loss.length_penalty)
+        advantages = rl.group_advantages(rewards, group, eps=loss.advantage_eps)
+        pg = rl.policy_gradient_loss(aux.selection_log_prob, advantages)
+        temperature = rl.temperature_schedule(step, start=loss.temperature_start, end=loss.temperature_end,
+                                              steps=loss.temperature_steps)
+        entropy = rl.router_entropy(aux.router_logits, positions >= 0, temperature=temperature)
+        total += loss.rl_weight * (pg - loss.entropy_weight * entropy)
+        metrics.update(reward=rewards.mean(), policy_loss=pg, router_entropy=entropy, temperature=temperature)
+    metrics["loss"] = total
+    return total, metrics
+
+
+def _only_router(grads):
+    """Zero every gradient except the routers' (loss.kind == "rl" trains the selection policy alone)."""
+    def keep(path, g):
+        return g if any("router" in str(getattr(p, "key", p)) for p in path) else jnp.zeros_like(g)
+
+    return jax.tree_util.tree_map_with_path(keep, grads)
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: LossConfig, has_sra: bool,
+               mesh: Mesh | None = None):
+    """One optimizer step over `batch` (accumulating gradients over its leading micro-batch axis)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss,
+                                                   has_sra=has_sra, mesh=mesh), has_aux=True)
+    accum = batch.tokens.shape[0]
+
+    def micro_step(carry, xs):
+        grads_sum, metrics_sum = carry
+        index, tokens, positions, loss_mask = xs
+        (_, metrics), grads = grad_fn(state.params, tokens, positions, loss_mask,
+                                      jax.random.fold_in(key, index), state.step)
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+        metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
+        return (grads_sum, metrics_sum), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, batch.tokens[0], batch.positions[0],
+                                                   batch.loss_mask[0], key, state.step)[0][1])
+    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    xs = (jnp.arange(accum), batch.tokens, batch.positions, batch.loss_mask)
+    (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), xs)
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = {k: (v if k == "tokens" else v / accum) for k, v in metrics.items()}
+    if loss.kind == "rl":
+        grads = _only_router(grads)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    state = state.replace(params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
+                          step=state.step + 1)
+    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+    return state, metrics

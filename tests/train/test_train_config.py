@@ -1,0 +1,56 @@
+"""TrainConfig: YAML + dotted overrides, validation errors that name the key, round trip through YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sra_jax.train.config import MeshConfig, TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+def test_overrides_change_one_key_and_keep_the_section_defaults():
+    config = TrainConfig.load(None, ["model.hidden_size=32", "sra={}", "sra.window=8", "optim.learning_rate=3e-3"])
+    assert config.model.hidden_size == 32 and config.model.head_dim == 8  # head_dim re-derived, vocab kept
+    assert config.model.vocab_size == TrainConfig().model.vocab_size
+    assert config.sra.window == 8 and config.optim.learning_rate == 3e-3
+
+
+def test_yaml_round_trip(tmp_path):
+    config = TrainConfig.load(None, ["sra={critical_fraction: 0.2}", "loss.kind=sl+rl", "mesh.fsdp=2"])
+    path = tmp_path / "run.yaml"
+    path.write_text(config.to_yaml())
+    assert TrainConfig.load(path) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.hiden_size=3", r"model\.hiden_size"),
+        ("optim.learning_rate=-1", r"optim\.learning_rate"),
+        ("optim.learning_rate=fast", r"optim\.learning_rate"),
+        ("steps=2.5", r"steps"),
+        ("mesh.data=0", r"mesh\.data"),
+        ("loss.kind=rl", r"loss\.kind"),
+        ("grad_accum=3", r"grad_accum"),
+        ("sra={selection: magic}", r"selection"),
+        ("checkpoint.keep=0", r"checkpoint\.keep"),
+        ("novalue", r"dotted\.key=value"),
+    ],
+)
+def test_bad_values_raise_errors_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.load(None, [override])
+
+
+def test_mesh_resolves_minus_one_to_the_remaining_devices():
+    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="devices"):
+        MeshConfig(data=3, fsdp=1, tensor=1).resolve(8)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiment_configs_load(path):
+    TrainConfig.load(path)
