@@ -59,7 +59,8 @@ def packed_positions(rng: np.random.Generator, b: int, s: int, max_extra_segment
 def sra_cases(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
-    b, s = draw(st.sampled_from([1, 2])), draw(st.integers(1, 12))
+    # A handful of sizes (each new shape compiles every op once), edge cases 1 and 2 included.
+    b, s = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2, 5, 9, 12]))
     positions, segments = packed_positions(rng, b, s)
     return dict(
         positions=positions,

@@ -24,8 +24,8 @@ def _logits(seed: int, shape: tuple[int, ...]) -> jax.Array:
 def rows_with_padding(draw):
     """(logits [b, n], valid [b, n], k) with at least k valid positions in every row."""
     # Few distinct shapes: each new shape costs a compile.
-    b, n = draw(st.sampled_from([1, 3])), draw(st.sampled_from([2, 5, 12]))
-    k = draw(st.integers(1, n))
+    b, n = 3, draw(st.sampled_from([5, 12]))
+    k = draw(st.sampled_from([1, 4]))
     seed = draw(st.integers(0, 2**16))
     valid = np.random.default_rng(seed).random((b, n)) < 0.7
     for row in valid:  # force k valid positions per row
