@@ -100,12 +100,16 @@ class OrbaxReader:
             for inner, meta in _flatten(tree):
                 self.arrays[(*prefix, *(int(k) if k.isdigit() else k for k in inner))] = meta
 
-    def restore_group(self, group: str, targets: dict[ParamPath, jax.ShapeDtypeStruct]) -> dict[ParamPath, jax.Array]:
-        """Restore some parameters of one group; `targets` (full paths) give dtype and sharding."""
+    def restore_group(self, group: str, targets: dict[ParamPath, jax.ShapeDtypeStruct], *, host: bool = False):
+        """Restore some parameters of one group; `targets` (full paths) give dtype and sharding.
+
+        host=True restores numpy arrays (no device buffers: used when streaming to safetensors)."""
         inner = _nest({group_of(p)[1]: t for p, t in targets.items()})
-        args = ocp.args.PyTreeRestore(
-            item=inner, restore_args=ocp.checkpoint_utils.construct_restore_args(inner), partial_restore=True
-        )
+        if host:
+            restore_args = jax.tree.map(lambda t: ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype), inner)
+        else:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(inner)
+        args = ocp.args.PyTreeRestore(item=inner, restore_args=restore_args, partial_restore=True)
         restored = self._restorer.restore(self.path / PARAMS_DIR / group, args=args)
         by_inner = {tuple(k): v for k, v in _flatten(restored)}
         return {p: by_inner[tuple(str(k) for k in group_of(p)[1])] for p in targets}
@@ -175,7 +179,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = 
             for p, load in loaders.items():
                 view = load()
                 target = np.dtype(dtype) if dtype is not None else view.dtype
-                items[group_of(p)[1]] = jnp.asarray(np.ascontiguousarray(view).astype(target, copy=False))
+                items[group_of(p)[1]] = np.ascontiguousarray(view).astype(target, copy=False)
                 del view
             _save_group(checkpointer, tmp, group, items)
             del items
@@ -205,7 +209,7 @@ def orbax_to_hf(
                 for q, m in reader.arrays.items()
                 if (group_of(q)[0], P.is_router(q)) == batch
             }
-            loaded[batch] = reader.restore_group(batch[0], targets)
+            loaded[batch] = reader.restore_group(batch[0], targets, host=True)
         return np.asarray(loaded[batch][p])
 
     def source(name: str, p: ParamPath, transpose: bool) -> TensorSource:

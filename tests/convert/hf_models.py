@@ -70,3 +70,21 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
 def torch_bits(tensor: torch.Tensor) -> np.ndarray:
     """The raw bytes of a tensor, for bit-for-bit comparisons (NaN-safe, -0.0 != 0.0)."""
     return tensor.detach().contiguous().flatten().view(torch.uint8).numpy()
+
+
+def write_random_checkpoint(path: Path, config, dtype=np.float32, seed: int = 0) -> Path:
+    """A random HF checkpoint for `config` written straight from the mapping table: no torch, no model init."""
+    from sra_jax.convert.hf import write_hf_dir
+    from sra_jax.convert.mapping import param_specs
+    from sra_jax.convert.safetensors_io import TensorSource
+
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+
+    def produce(shape):
+        return lambda: (0.02 * rng.standard_normal(shape, np.float32)).astype(dtype)
+
+    sources = [TensorSource(s.hf_name, dtype, s.hf_shape, produce(s.hf_shape)) for s in param_specs(config)]
+    path.mkdir(parents=True)
+    write_hf_dir(path, config, None, sources, [], max_shard_bytes=2 * 10**9)
+    return path
