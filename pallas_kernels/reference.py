@@ -1,0 +1,96 @@
+"""Plain-jnp references for every kernel: dense masked softmax in float32 (O(N^2) memory; tests only)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels.block_sparse.layout import BlockLayout
+from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+
+
+def masked_attention(q, k, v, mask, sm_scale: float) -> Array:
+    """Dense attention with a [b, h|1, q, k] bool mask; rows with nothing visible give zeros (and zero grads)."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, sq, hkv, hq // hkv, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * sm_scale
+    mask = mask.reshape(b, -1, 1, sq, k.shape[1]) if mask.shape[1] in (1, hkv) else mask.reshape(
+        b, hkv, hq // hkv, sq, k.shape[1])
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
+    return out.reshape(b, sq, hq, d).astype(q.dtype)
+
+
+def layout_token_mask(layout: BlockLayout, rule: MaskRule, tokens: TokenInfo):
+    """[b, h, q, k] token mask the kernels compute: visited blocks of the layout AND the token rule."""
+    visited, _ = layout.to_block_mask()
+    block = jnp.repeat(jnp.repeat(visited, layout.block_q, axis=2), layout.block_k, axis=3)
+    sq, sk = tokens.q_positions.shape[1], tokens.k_positions.shape[1]
+    return block[:, :, :sq, :sk] & token_mask(rule, tokens)[:, None]
+
+
+def block_sparse_attention(
+    q: Float[Array, "b sq hq d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
+    layout: BlockLayout,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    num_global: int = 0,
+    q_positions: Int[Array, "b sq"] | None = None,
+    k_positions: Int[Array, "b sk"] | None = None,
+    segment_ids: Int[Array, "b sq"] | None = None,
+    k_segment_ids: Int[Array, "b sk"] | None = None,
+    q_critical: Array | None = None,
+    k_critical: Array | None = None,
+    sm_scale: float | None = None,
+) -> Float[Array, "b sq hq d"]:
+    """Reference of `pallas_kernels.block_sparse_attention` (same arguments)."""
+    from pallas_kernels.block_sparse.api import make_rule_and_tokens
+
+    rule, tokens = make_rule_and_tokens(
+        q, k, causal=causal, window=window, num_global=num_global, q_positions=q_positions,
+        k_positions=k_positions, segment_ids=segment_ids, k_segment_ids=k_segment_ids,
+        q_critical=q_critical, k_critical=k_critical,
+    )
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return masked_attention(q, k, v, layout_token_mask(layout, rule, tokens), scale)
+
+
+def decode_visible(lengths, num_new: int, cache_len: int, *, window: int, num_global: int, critical_indices):
+    """[b, t, L] visibility of cache slots for the new tokens (positions lengths - num_new + t)."""
+    slot = jnp.arange(cache_len)[None, None, :]
+    q_pos = (lengths[:, None] - num_new + jnp.arange(num_new)[None, :])[:, :, None]
+    critical = jnp.zeros((lengths.shape[0], cache_len + 1), bool)
+    if critical_indices is not None:
+        idx = jnp.where(critical_indices >= 0, critical_indices, cache_len)
+        critical = critical.at[jnp.arange(lengths.shape[0])[:, None], idx].set(True)
+    critical = critical[:, None, :cache_len]
+    keep = (q_pos - slot < window) | (slot < num_global) | critical
+    return (slot <= q_pos) & (q_pos >= 0) & keep
+
+
+def sparse_decode_attention(
+    q: Float[Array, "b t hq d"],
+    k_cache: Float[Array, "b L hkv d"],
+    v_cache: Float[Array, "b L hkv d"],
+    lengths: Int[Array, " b"],
+    *,
+    window: int,
+    num_global: int = 0,
+    critical_indices: Int[Array, "b c"] | None = None,
+    sm_scale: float | None = None,
+) -> Float[Array, "b t hq d"]:
+    """Reference of `pallas_kernels.sparse_decode_attention` (same arguments)."""
+    mask = decode_visible(lengths, q.shape[1], k_cache.shape[1], window=window, num_global=num_global,
+                          critical_indices=critical_indices)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    return masked_attention(q, k_cache, v_cache, mask[:, None], scale)

@@ -1,0 +1,47 @@
+"""Helpers shared by the kernel tests: random inputs, a dense masked softmax written here, error metrics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Relative-norm tolerances ||x - ref|| / ||ref|| against the float32 reference, per input dtype. f32: the kernels
+# use full-precision dots, so only summation order differs (~1e-6). f16 / bf16: the kernels round P and dS to the
+# input dtype before the second dot (as flash attention does), an error of one rounding (2^-11 / 2^-8) times a
+# small constant.
+TOL = {jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
+
+
+def rel_err(x, ref) -> float:
+    """||x - ref|| / max(||ref||, 1): relative, except that an exactly-zero reference (a softmax over a single
+    visible key has zero dq and dk) is compared in absolute terms instead of dividing rounding noise by zero."""
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.isfinite(x).all(), "non-finite values"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1.0))
+
+
+def dense_softmax_attention(q, k, v, mask, scale):
+    """float64 numpy attention with a [b, q, k] or [b, hq, q, k] mask; empty rows give zeros."""
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = np.where(mask, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(mask, np.exp(s - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    p = p / np.where(l > 0, l, 1.0)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def qkv(key, b, sq, sk, hq, hkv, d, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (b, sq, hq, d), dtype), jax.random.normal(kk, (b, sk, hkv, d), dtype),
+            jax.random.normal(kv, (b, sk, hkv, d), dtype))
