@@ -115,20 +115,22 @@ class SparseReasoningAttention(nnx.Module):
             v = v * (1 + gate)[:, :, None, None].astype(v.dtype)
 
         if self.sra is None:
-            # Causal attention by position: the "window" covers every position a query can see. Slot-based
-            # implementations scan `window` key slots, and the cached keys are at most all the slots.
+            # Causal attention by position: the "window" covers every position a query can see (slot-based
+            # implementations scan `window` key slots, so there it is the number of slots), no critical keys.
             num_slots = s if cache is None else cache.max_len
             window = num_slots if self.attention_impl in ("gather", "pallas") else _UNBOUNDED_WINDOW
-            rule = dict(window=window, num_global=0)
+            rule = dict(window=window, num_global=0, max_critical=0)
         else:
-            rule = dict(window=self.sra.window, num_global=self.sra.num_global, queries=self.sra.queries)
-        if cache is None:
-            # At most k critical keys per row unless the caller forced the set.
-            forced = critical is not None
-            max_critical = None if self.sra is None or forced else self.sra.num_critical(s)
-            spec = masks.SRAMaskSpec.create(
-                positions, chosen.critical, segment_ids=segment_ids, max_critical=max_critical, **rule
+            # At most k critical keys per row, unless the caller forced the sets or a cache holds earlier ones.
+            bounded = critical is None and cache is None
+            rule = dict(
+                window=self.sra.window,
+                num_global=self.sra.num_global,
+                queries=self.sra.queries,
+                max_critical=self.sra.num_critical(s) if bounded else None,
             )
+        if cache is None:
+            spec = masks.SRAMaskSpec.create(positions, chosen.critical, segment_ids=segment_ids, **rule)
         else:
             cache = self._write_cache(cache, k, v, chosen.critical, threshold)
             k = cache.k[self.layer].astype(q.dtype)

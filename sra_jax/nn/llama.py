@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
@@ -118,7 +118,7 @@ class Llama(nnx.Module):
                     config,
                     sra,
                     layer=i,
-                    selects=sra is not None and (sra.mask == "dynamic" or i == self.sra_layers[0]),
+                    selects=sra is not None and (sra.mask == "dynamic" or self.sra_layers[:1] == (i,)),
                     dtype=dtype,
                     param_dtype=param_dtype,
                     attention_impl=attention_impl,
@@ -143,17 +143,18 @@ class Llama(nnx.Module):
 
     def __call__(
         self,
-        tokens: Int[Array, "..."],
-        positions: Int[Array, "..."] | None = None,
+        tokens: Shaped[Array, "..."],
+        positions: Shaped[Array, "..."] | None = None,
         cache: KVCache | None = None,
         *,
-        segment_ids: Int[Array, "..."] | None = None,
+        segment_ids: Shaped[Array, "..."] | None = None,
         key: jax.Array | None = None,
-        critical: Bool[Array, "..."] | None = None,
+        critical: Shaped[Array, "..."] | None = None,
     ) -> tuple[Float[Array, "b s v"], ModelAux]:
         """Logits (float32) and aux for `tokens` [b, s]. positions default to arange (after the cache's tokens);
         a negative position marks padding. `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
-        forces them. With a cache the call writes its tokens at `cache.index` and returns the cache in `aux.cache`."""
+        forces them. With a cache the call writes its tokens at `cache.index` and returns the cache in `aux.cache`.
+        (Annotations are loose here on purpose: `_check_inputs` names the problem in a ValueError.)"""
         self._check_inputs(tokens, positions, cache, segment_ids, critical)
         b, s = tokens.shape
         if positions is None:
@@ -223,6 +224,8 @@ class Llama(nnx.Module):
         expected = (self.config.num_hidden_layers, *tokens.shape)
         if critical is not None and critical.shape != expected:
             raise ValueError(f"critical shape {critical.shape} must be [layers, batch, seq] = {expected}")
+        if critical is not None and critical.dtype != jnp.bool_:
+            raise ValueError(f"critical must be boolean, got dtype {critical.dtype}")
         if cache is None:
             return
         if segment_ids is not None:

@@ -294,3 +294,12 @@ def test_bad_input_raises_a_value_error_naming_the_problem(call, message):
 def test_unknown_attention_impl_is_rejected():
     with pytest.raises(ValueError, match="attention_impl"):
         make_model(attention_impl="flash")
+
+
+@pytest.mark.parametrize("sra", [None, SRAConfig(critical_fraction=0.25, window=3, num_global=1, selection="topk")])
+def test_gather_attention_impl_matches_the_reference(sra):
+    tokens = random_tokens(2, 12)
+    want, want_aux = forward(make_model(sra), tokens)
+    got, got_aux = forward(make_model(sra, attention_impl="gather"), tokens)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got_aux.critical, want_aux.critical)
