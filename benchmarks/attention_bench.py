@@ -154,25 +154,27 @@ def bench_prefill(rec: Recorder, seq: int, heads: int, kv_heads: int, densities,
 
 
 def bench_decode(rec: Recorder, length: int, batch: int, copy_gbps: float, *, heads=16, kv_heads=8, window=1024,
-                 critical_fraction=0.1, calls=16):
+                 critical_fraction=0.1, calls=16, variants=None):
     """Decode is microseconds long: time `calls` unrolled calls in one executable, each on its own cache copy and
     critical set (rotating over enough copies that the L2 cache cannot serve repeated reads)."""
     d, dtype = 128, jnp.bfloat16
     copies = 8 if batch == 1 else 2
     ks = jax.random.split(jax.random.PRNGKey(length + batch), 4)
     q = jax.random.normal(ks[0], (calls, batch, 1, heads, d), dtype)
-    kc = jax.random.normal(ks[1], (copies, batch, length, kv_heads, d), dtype)
-    vc = jax.random.normal(ks[2], (copies, batch, length, kv_heads, d), dtype)
+    # Separate arrays, not slices of one stacked array: a slice fed to a custom call can cost a copy.
+    kc = [jax.random.normal(kk, (batch, length, kv_heads, d), dtype) for kk in jax.random.split(ks[1], copies)]
+    vc = [jax.random.normal(kk, (batch, length, kv_heads, d), dtype) for kk in jax.random.split(ks[2], copies)]
     lengths = jnp.full((batch,), length, jnp.int32)
     n_crit = int(critical_fraction * length)
     crit = jnp.sort(jax.vmap(lambda kk: jax.random.choice(kk, length, (n_crit,), replace=False))(
         jax.random.split(ks[3], calls * batch)).astype(jnp.int32).reshape(calls, batch, n_crit), axis=-1)
     base = dict(op="decode", seq_len=length, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=d,
                 dtype="bfloat16", window=window, critical_fraction=critical_fraction)
-    for name, sparse in [("sparse", True), ("dense_all_slots", False)]:
-        def one(q, kc, vc, crit, sparse=sparse):
+    variants = variants or {"sparse": ({}, True), "dense_all_slots": ({}, False)}
+    for name, (tuning, sparse) in variants.items():
+        def one(q, kc, vc, crit, sparse=sparse, tuning=tuning):
             kw = dict(window=window, num_global=4, critical_indices=crit) if sparse else dict(window=length)
-            return pk.sparse_decode_attention(q, kc, vc, lengths, backend="triton", **kw)
+            return pk.sparse_decode_attention(q, kc, vc, lengths, backend="triton", **kw, **tuning)
 
         many = jax.jit(lambda q, kc, vc, crit: [one(q[i], kc[i % copies], vc[i % copies], crit[i])
                                                 for i in range(calls)])
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=int, nargs="*", default=[32768, 65536])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8])
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--decode-tune", action="store_true", help="time decode tile / split variants, then stop")
     p.add_argument("--tune", action="store_true", help="time tile configurations at the first --seq, then stop")
     p.add_argument("--out", type=Path, default=Path(f"benchmarks/results/attention-{datetime.date.today()}.json"))
     args = p.parse_args(argv)
@@ -248,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                               "versions": versions})
     copy = hbm_copy_gbps()
     rec.add({"op": "hbm_copy", "gbps": copy})
+    if args.decode_tune:
+        for length in args.decode:
+            for batch in args.decode_batch:
+                base_splits = max(1, -(-264 // (batch * 8)))
+                bench_decode(rec, length, batch, copy, variants={
+                    f"sparse_tile{tile}_splits{m * base_splits}": ({"tile": tile, "num_splits": m * base_splits}, True)
+                    for tile in (64, 128) for m in (1, 4, 16)})
+        return 0
     if args.tune and args.seq:
         C = pk.GpuConfig
         tune(rec, args.seq[0], {
