@@ -10,6 +10,7 @@ positions) all follow one rule. The SRA rule (DESIGN.md): j is visible to i iff 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 QUERIES = ("critical", "all")
+
+
+# Everything here is jitted: eagerly, each small op would compile on its own for every new shape (~10x slower).
 
 
 def _keys(q_positions: Array, k_positions: Array | None) -> tuple[Array, Array]:
@@ -27,6 +31,7 @@ def _keys(q_positions: Array, k_positions: Array | None) -> tuple[Array, Array]:
     return q_positions[:, :, None], k_positions[:, None, :]
 
 
+@jax.jit
 def causal_mask(
     q_positions: Int[Array, "b q"], k_positions: Int[Array, "b k"] | None = None
 ) -> Bool[Array, "b q k"]:
@@ -35,6 +40,7 @@ def causal_mask(
     return (kj >= 0) & (kj <= qi)
 
 
+@partial(jax.jit, static_argnames=("window",))
 def window_mask(
     q_positions: Int[Array, "b q"], window: int, k_positions: Int[Array, "b k"] | None = None
 ) -> Bool[Array, "b q k"]:
@@ -44,6 +50,7 @@ def window_mask(
     return causal_mask(q_positions, k_positions) & (qi - kj < window)
 
 
+@partial(jax.jit, static_argnames=("num_global",))
 def global_mask(
     q_positions: Int[Array, "b q"], num_global: int, k_positions: Int[Array, "b k"] | None = None
 ) -> Bool[Array, "b q k"]:
@@ -53,6 +60,7 @@ def global_mask(
     return causal_mask(q_positions, k_positions) & (kj < num_global)
 
 
+@partial(jax.jit, static_argnames=("stride",))
 def strided_mask(
     q_positions: Int[Array, "b q"], stride: int, k_positions: Int[Array, "b k"] | None = None
 ) -> Bool[Array, "b q k"]:
@@ -63,6 +71,7 @@ def strided_mask(
     return causal_mask(q_positions, k_positions) & ((qi - kj) % stride == 0)
 
 
+@partial(jax.jit, static_argnames=("num_random",))
 def random_mask(
     key: PRNGKeyArray,
     q_positions: Int[Array, "b q"],
@@ -82,6 +91,7 @@ def random_mask(
     return chosen & causal
 
 
+@jax.jit
 def segment_mask(
     q_segment_ids: Int[Array, "b q"], k_segment_ids: Int[Array, "b k"] | None = None
 ) -> Bool[Array, "b q k"]:
@@ -179,6 +189,7 @@ class SRAMaskSpec:
         """(batch, queries, keys) of the mask this spec describes."""
         return (*self.q_positions.shape, self.k_positions.shape[1])
 
+    @jax.jit
     def dense_mask(self) -> Bool[Array, "b q k"]:
         """What full causal attention would see: same segment and 0 <= k_pos <= q_pos."""
         mask = causal_mask(self.q_positions, self.k_positions)
@@ -186,6 +197,7 @@ class SRAMaskSpec:
             mask &= segment_mask(self.q_segment_ids, self.k_segment_ids)
         return mask
 
+    @jax.jit
     def to_mask(self) -> Bool[Array, "b q k"]:
         """The SRA token mask."""
         qi, kj = _keys(self.q_positions, self.k_positions)
@@ -193,6 +205,7 @@ class SRAMaskSpec:
         allowed = (qi - kj < self.window) | (kj < self.num_global) | (self.k_critical[:, None, :] & critical_queries)
         return self.dense_mask() & allowed
 
+    @jax.jit
     def density(self) -> Float[Array, " b"]:
         """Visible pairs / causal pairs, per batch row."""
         return mask_density(self.to_mask(), self.dense_mask())
@@ -231,6 +244,7 @@ def sra_mask(
     ).to_mask()
 
 
+@partial(jax.jit, static_argnames=("block_q", "block_k"))
 def to_block_layout(mask: Bool[Array, "*lead q k"], block_q: int, block_k: int) -> Bool[Array, "*lead nq nk"]:
     """Block (I, J) is True iff any token pair in it is visible; ragged tail blocks are padded with False.
 
