@@ -14,17 +14,6 @@ from flax import nnx
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.convert.mapping import ParamPath, path_str
 
-# Logical axis -> mesh axis, used when only a mesh is given (`train` may pass its own shardings instead).
-DEFAULT_RULES: dict[str, str | None] = {
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "norm": None,
-    "router_hidden": None,
-}
-
 Shardings = (
     Callable[[ParamPath, tuple[int, ...]], jax.sharding.Sharding | None]
     | Mapping[str, jax.sharding.Sharding]
@@ -97,7 +86,9 @@ def sharding_for(
     mesh: jax.sharding.Mesh | None,
     shardings: Shardings | None,
 ) -> jax.sharding.Sharding | None:
-    """The sharding a parameter is placed with; None means the default device."""
+    """The sharding a parameter is placed with: from `shardings` (a callable, a {"dotted.path": Sharding} mapping or
+    a state-shaped tree such as `sra_jax.train.sharding.state_shardings`), else from the parameter's logical axis
+    names and the trainer's rules on `mesh`; None means the default device."""
     if shardings is not None:
         if callable(shardings):
             return shardings(path, shape)
@@ -109,13 +100,9 @@ def sharding_for(
         return found
     if mesh is None:
         return None
-    axes = logical_axes(variable) or (None,) * len(shape)
-    spec = []
-    for name, size in zip(axes, shape):
-        mesh_axis = DEFAULT_RULES.get(name) if name else None
-        usable = mesh_axis in mesh.shape and size % mesh.shape[mesh_axis] == 0 and mesh_axis not in spec
-        spec.append(mesh_axis if usable else None)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    from sra_jax.train.sharding import logical_to_mesh_spec  # the project's one rules table
+
+    return jax.sharding.NamedSharding(mesh, logical_to_mesh_spec(logical_axes(variable), shape, mesh))
 
 
 def place(source: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
