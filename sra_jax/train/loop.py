@@ -35,7 +35,7 @@ class RunResult:
     trainer: Trainer
     state: TrainState
     exit_code: int
-    history: list[dict[str, float]]  # one record per step run in this process
+    history: list[dict[str, Any]]  # one record per step run in this process ("step" counts from 1)
     reason: str  # "finished", "preempted", "bad_steps"
 
 
@@ -97,7 +97,7 @@ def run(
     peak = peak_flops_per_device()
     schedule = learning_rate_schedule(config.optim, config.steps)
     stop = stop or StopFlag()
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     bad_steps, reason, exit_code = 0, "finished", EXIT_OK
     start = host_int(state.step)
     own_progress = progress is None and config.log.progress
@@ -118,7 +118,7 @@ def run(
             metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed, lr=float(schedule(step)))
             if peak is not None:
                 metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
-            history.append({"step": step, **metrics})
+            history.append({"step": step + 1, **metrics})
             if metrics["skipped"]:
                 bad_steps += 1
                 console.print(f"[yellow]step {step}: non-finite loss or gradient "

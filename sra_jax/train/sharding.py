@@ -8,6 +8,7 @@ instead (tiny models on many devices), so every rule table works on every mesh.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,7 +19,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axes (None = replicated). FSDP shards the model dimension of every matrix; tensor parallelism
-# splits heads, the MLP width and the vocabulary (Megatron style). The router is tiny and stays replicated.
+# splits heads, the MLP width and the vocabulary (Megatron style). The router's hidden width is tiny and stays
+# replicated (its input dimension, "embed", follows FSDP like every matrix).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("vocab", "tensor"),
@@ -77,7 +79,7 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.State:
+def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for every array of an (abstract or concrete) NNX state, from its logical axis metadata."""
     logical = nnx.get_partition_spec(state)
 

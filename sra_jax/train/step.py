@@ -18,7 +18,6 @@ import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
-from jaxtyping import Array, Bool, Int
 
 from sra_jax.train import losses, rl, sharding
 from sra_jax.train.config import LossConfig, TrainConfig
@@ -27,21 +26,22 @@ from sra_jax.train.optimizer import make_optimizer
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# Fields are typed Any because the same containers also carry the NamedShardings of their arrays (jit in/out specs).
 @struct.dataclass
 class TrainState:
     params: Any  # nnx.State of nnx.Param
     opt_state: Any
-    step: jax.Array  # int32 scalar: global batches consumed (also the data position)
-    rng: jax.Array  # uint32 raw key data of the run's base key
+    step: Any  # int32 scalar: global batches consumed (also the data position)
+    rng: Any  # uint32 raw key data of the run's base key
 
 
 @struct.dataclass
 class Batch:
-    """A global batch split into micro-batches: arrays are [grad_accum, micro_batch, seq_len]."""
+    """A global batch split into micro-batches: int32 tokens / positions and bool loss_mask, [accum, batch, seq]."""
 
-    tokens: Int[Array, "a b s"]
-    positions: Int[Array, "a b s"]
-    loss_mask: Bool[Array, "a b s"]
+    tokens: Any
+    positions: Any
+    loss_mask: Any
 
 
 @dataclasses.dataclass(frozen=True)

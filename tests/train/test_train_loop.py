@@ -1,0 +1,75 @@
+"""The loop under preemption: kill -9 then resume continues bit-identically; SIGTERM saves and exits 0;
+non-finite steps are skipped and, repeated, stop the run with finite checkpoints."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from sra_jax.train.checkpoint import Checkpointer
+from sra_jax.train.config import TrainConfig
+from sra_jax.train.loop import EXIT_BAD_STEPS, run
+
+from train_helpers import ENV, REPO, TINY, losses_by_step, train_command, wait_for_step
+
+
+def test_kill_9_then_resume_continues_bit_identically(tmp_path):
+    steps = 10
+    uninterrupted = tmp_path / "a"
+    subprocess.run(train_command(uninterrupted, steps), check=True, env=ENV, cwd=REPO, capture_output=True)
+    expected = losses_by_step(uninterrupted / "log")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    killed = tmp_path / "b"
+    kill_at = random.Random(os.getpid()).randint(3, steps - 3)
+    proc = subprocess.Popen(train_command(killed, steps), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_step(proc, killed / "log", kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(train_command(killed, steps), env=ENV, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    assert losses_by_step(killed / "log") == expected  # exact float equality, every step
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+    proc = subprocess.Popen(train_command(tmp_path, 10_000, "checkpoint.every=1000"), env=ENV, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, tmp_path / "log", 2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    last_logged = max(losses_by_step(tmp_path / "log"))
+    config = TrainConfig.load(None, TINY)
+    with Checkpointer(tmp_path / "ckpt", config.checkpoint) as checkpointer:
+        assert checkpointer.latest_step() == last_logged  # saved at preemption, though every=1000
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run_with_finite_checkpoints(tmp_path):
+    # A huge unclipped learning rate blows the weights up after one step; every later loss is non-finite.
+    config = TrainConfig.load(None, [*TINY, "steps=20", "max_bad_steps=3", "optim.learning_rate=1e30",
+                                     "optim.warmup_steps=0", "optim.clip_norm=null",
+                                     f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    result = run(config)
+    assert result.exit_code == EXIT_BAD_STEPS and result.reason == "bad_steps"
+    skipped = [h["skipped"] for h in result.history]
+    assert skipped[-3:] == [1.0, 1.0, 1.0] and len(skipped) < 20
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(result.state.params)))
+    with Checkpointer(tmp_path / "ckpt", config.checkpoint) as checkpointer:
+        restored = checkpointer.restore_latest(result.state)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
+
+
+@pytest.mark.parametrize("form", ["direct"])
+def test_cli_print_config_prints_the_resolved_yaml(form, capsys):
+    from sra_jax.train.cli import main
+
+    assert main(["--set", f"data.form={form}", "--set", "steps=7", "--print-config"]) == 0
+    assert "steps: 7" in capsys.readouterr().err
