@@ -204,3 +204,24 @@ def test_pallas_without_its_module_raises_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sra_jax.ops.attention_pallas", None)  # makes the import fail
     with pytest.raises(ImportError, match="impl='pallas' needs sra_jax/ops/attention_pallas.py"):
         attention(**_bad(impl="pallas"))
+
+
+def test_gather_never_builds_a_query_by_key_array():
+    """Memory O(s * (window + num_global + max_critical)): no intermediate in its program has an s x s block."""
+    s = 512
+    positions = jnp.arange(s)[None]
+    spec = SRAMaskSpec.create(positions, positions % 64 == 0, window=16, num_global=4, max_critical=8)
+    q, k, v = qkv(8, 1, s, s, 2, 1)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, spec=spec, impl="gather"))(q, k, v)
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (var.aval.shape for var in eqn.outvars)
+            for param in eqn.params.values():  # nested programs: jit, scan, while, cond branches
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from shapes(sub)
+
+    largest = max(np.prod(shape) for shape in shapes(jaxpr.jaxpr))
+    assert largest <= s * (16 + 4 + 8) * 2 * 8  # [s, window + globals + critical, heads, head_dim]
