@@ -63,8 +63,10 @@ def flex_runner(q, k, v, visited, full, heads, kv_heads):
 
     def csr(mask):
         idx = np.argsort(~mask, axis=-1, kind="stable").astype(np.int32)
-        return (torch.from_numpy(mask.sum(-1).astype(np.int32))[None, None].cuda(),
-                torch.from_numpy(idx)[None, None].cuda())
+        return (
+            torch.from_numpy(mask.sum(-1).astype(np.int32))[None, None].cuda(),
+            torch.from_numpy(idx)[None, None].cuda(),
+        )
 
     partial = visited & ~full
     num, idx = csr(partial)
@@ -104,14 +106,24 @@ class Recorder:
         self.path.write_text(json.dumps({**self.header, "rows": self.rows}, indent=1))
 
 
-def bench_prefill(rec: Recorder, seq: int, heads: int, kv_heads: int, densities, *, flex: bool, config, tag=""):
+def bench_prefill(
+    rec: Recorder, seq: int, heads: int, kv_heads: int, densities, *, flex: bool, config, tag=""
+):
     d, dtype = 128, jnp.bfloat16
     ks = jax.random.split(jax.random.PRNGKey(seq + kv_heads), 4)
     q = jax.random.normal(ks[0], (1, seq, heads, d), dtype)
     k = jax.random.normal(ks[1], (1, seq, kv_heads, d), dtype)
     v = jax.random.normal(ks[2], (1, seq, kv_heads, d), dtype)
     w = jax.random.normal(ks[3], q.shape, dtype)
-    base = dict(op="attention", seq_len=seq, batch=1, heads=heads, kv_heads=kv_heads, head_dim=d, dtype="bfloat16")
+    base = {
+        "op": "attention",
+        "seq_len": seq,
+        "batch": 1,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": d,
+        "dtype": "bfloat16",
+    }
 
     def dense(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -131,12 +143,20 @@ def bench_prefill(rec: Recorder, seq: int, heads: int, kv_heads: int, densities,
     n_causal = n * (n + 1) / 2
     for density in densities:
         visited, full = block_masks(n, density, seed=int(density * 1000) + seq)
-        layout = pk.layout_from_block_mask(jnp.asarray(visited)[None], full_mask=jnp.asarray(full)[None],
-                                           block_q=BLOCK, block_k=BLOCK)
+        layout = pk.layout_from_block_mask(
+            jnp.asarray(visited)[None], full_mask=jnp.asarray(full)[None], block_q=BLOCK, block_k=BLOCK
+        )
         real = float(visited.sum() / n_causal)
         o_f, o_b = time_jax(ours_fwd, q, k, v, layout), time_jax(ours_bwd, q, k, v, layout)
-        row = {**base, "impl": "pallas_triton" + tag, "density": real, "ms_fwd": o_f, "ms_fwdbwd": o_b,
-               "speedup_fwd_vs_cudnn": c_f / o_f, "speedup_fwdbwd_vs_cudnn": c_b / o_b}
+        row = {
+            **base,
+            "impl": "pallas_triton" + tag,
+            "density": real,
+            "ms_fwd": o_f,
+            "ms_fwdbwd": o_b,
+            "speedup_fwd_vs_cudnn": c_f / o_f,
+            "speedup_fwdbwd_vs_cudnn": c_b / o_b,
+        }
         if density >= 1.0:
             out = ours_fwd(q, k, v, layout).astype(jnp.float32)
             row["rel_err_vs_cudnn"] = float(jnp.linalg.norm(out - ref_out) / jnp.linalg.norm(ref_out))
@@ -144,17 +164,41 @@ def bench_prefill(rec: Recorder, seq: int, heads: int, kv_heads: int, densities,
             try:
                 fwd, fwdbwd = flex_runner(q, k, v, visited, full, heads, kv_heads)
                 f_f, f_b = time_torch(fwd), time_torch(fwdbwd)
-                row.update(flex_ms_fwd=f_f, flex_ms_fwdbwd=f_b, speedup_fwd_vs_flex=f_f / o_f,
-                           speedup_fwdbwd_vs_flex=f_b / o_b)
-                rec.add({**base, "impl": "flex", "density": real, "ms_fwd": f_f, "ms_fwdbwd": f_b,
-                         "speedup_fwd_vs_cudnn": c_f / f_f, "speedup_fwdbwd_vs_cudnn": c_b / f_b})
-            except Exception as e:  # flex is a peer: record its failure, keep our numbers
+                row.update(
+                    flex_ms_fwd=f_f,
+                    flex_ms_fwdbwd=f_b,
+                    speedup_fwd_vs_flex=f_f / o_f,
+                    speedup_fwdbwd_vs_flex=f_b / o_b,
+                )
+                rec.add(
+                    {
+                        **base,
+                        "impl": "flex",
+                        "density": real,
+                        "ms_fwd": f_f,
+                        "ms_fwdbwd": f_b,
+                        "speedup_fwd_vs_cudnn": c_f / f_f,
+                        "speedup_fwdbwd_vs_cudnn": c_b / f_b,
+                    }
+                )
+            except Exception as e:  # noqa: BLE001 - flex is a peer: record its failure, keep our numbers
                 row["flex_error"] = repr(e)[:500]
         rec.add(row)
 
 
-def bench_decode(rec: Recorder, length: int, batch: int, copy_gbps: float, *, heads=16, kv_heads=8, window=1024,
-                 critical_fraction=0.1, calls=16, variants=None):
+def bench_decode(
+    rec: Recorder,
+    length: int,
+    batch: int,
+    copy_gbps: float,
+    *,
+    heads=16,
+    kv_heads=8,
+    window=1024,
+    critical_fraction=0.1,
+    calls=16,
+    variants=None,
+):
     """Decode is microseconds long: time `calls` unrolled calls in one executable, each on its own cache copy and
     critical set (rotating over enough copies that the L2 cache cannot serve repeated reads)."""
     d, dtype = 128, jnp.bfloat16
@@ -162,35 +206,77 @@ def bench_decode(rec: Recorder, length: int, batch: int, copy_gbps: float, *, he
     ks = jax.random.split(jax.random.PRNGKey(length + batch), 4)
     q = jax.random.normal(ks[0], (calls, batch, 1, heads, d), dtype)
     # Separate arrays, not slices of one stacked array: a slice fed to a custom call can cost a copy.
-    kc = [jax.random.normal(kk, (batch, length, kv_heads, d), dtype) for kk in jax.random.split(ks[1], copies)]
-    vc = [jax.random.normal(kk, (batch, length, kv_heads, d), dtype) for kk in jax.random.split(ks[2], copies)]
+    kc = [
+        jax.random.normal(kk, (batch, length, kv_heads, d), dtype) for kk in jax.random.split(ks[1], copies)
+    ]
+    vc = [
+        jax.random.normal(kk, (batch, length, kv_heads, d), dtype) for kk in jax.random.split(ks[2], copies)
+    ]
     lengths = jnp.full((batch,), length, jnp.int32)
     n_crit = int(critical_fraction * length)
-    crit = jnp.sort(jax.vmap(lambda kk: jax.random.choice(kk, length, (n_crit,), replace=False))(
-        jax.random.split(ks[3], calls * batch)).astype(jnp.int32).reshape(calls, batch, n_crit), axis=-1)
-    base = dict(op="decode", seq_len=length, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=d,
-                dtype="bfloat16", window=window, critical_fraction=critical_fraction)
+    crit = jnp.sort(
+        jax.vmap(lambda kk: jax.random.choice(kk, length, (n_crit,), replace=False))(
+            jax.random.split(ks[3], calls * batch)
+        )
+        .astype(jnp.int32)
+        .reshape(calls, batch, n_crit),
+        axis=-1,
+    )
+    base = {
+        "op": "decode",
+        "seq_len": length,
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": d,
+        "dtype": "bfloat16",
+        "window": window,
+        "critical_fraction": critical_fraction,
+    }
     variants = variants or {"sparse": ({}, True), "dense_all_slots": ({}, False)}
     for name, (tuning, sparse) in variants.items():
+
         def one(q, kc, vc, crit, sparse=sparse, tuning=tuning):
-            kw = dict(window=window, num_global=4, critical_indices=crit) if sparse else dict(window=length)
+            kw = (
+                {"window": window, "num_global": 4, "critical_indices": crit}
+                if sparse
+                else {"window": length}
+            )
             return pk.sparse_decode_attention(q, kc, vc, lengths, backend="triton", **kw, **tuning)
 
-        many = jax.jit(lambda q, kc, vc, crit: [one(q[i], kc[i % copies], vc[i % copies], crit[i])
-                                                for i in range(calls)])
-        kw0 = dict(window=window, num_global=4, critical_indices=crit[0]) if sparse else dict(window=length)
-        slots, _ = pk.decode.decode_slots(lengths, num_new=1, window=kw0["window"],
-                                          num_global=kw0.get("num_global", 0),
-                                          critical_indices=kw0.get("critical_indices"), tile=64)
+        many = jax.jit(
+            lambda q, kc, vc, crit: [one(q[i], kc[i % copies], vc[i % copies], crit[i]) for i in range(calls)]
+        )
+        kw0 = (
+            {"window": window, "num_global": 4, "critical_indices": crit[0]} if sparse else {"window": length}
+        )
+        slots, _ = pk.decode.decode_slots(
+            lengths,
+            num_new=1,
+            window=kw0["window"],
+            num_global=kw0.get("num_global", 0),
+            critical_indices=kw0.get("critical_indices"),
+            tile=64,
+        )
         n_read = int((slots >= 0).sum())
         ms = time_jax(many, q, kc, vc, crit, reps=5, inner=1) / calls
         gbytes = n_read * kv_heads * d * 2 * 2 / 1e9
         out = one(q[0], kc[0], vc[0], crit[0]).astype(jnp.float32)
         ref = pk.reference.sparse_decode_attention(q[0], kc[0], vc[0], lengths, **kw0).astype(jnp.float32)
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        rec.add({**base, "impl": "pallas_triton_decode_" + name, "density": n_read / (batch * length), "ms_fwd": ms,
-                 "kv_gbytes_read": gbytes, "gbps": gbytes / ms * 1e3, "fraction_of_hbm_copy": gbytes / ms * 1e3 /
-                 copy_gbps, "hbm_copy_gbps": copy_gbps, "rel_err_vs_reference": err})
+        rec.add(
+            {
+                **base,
+                "impl": "pallas_triton_decode_" + name,
+                "density": n_read / (batch * length),
+                "ms_fwd": ms,
+                "kv_gbytes_read": gbytes,
+                "gbps": gbytes / ms * 1e3,
+                "fraction_of_hbm_copy": gbytes / ms * 1e3 / copy_gbps,
+                "hbm_copy_gbps": copy_gbps,
+                "rel_err_vs_reference": err,
+            }
+        )
 
 
 def tune(rec: Recorder, seq: int, configs: dict) -> None:
@@ -200,29 +286,53 @@ def tune(rec: Recorder, seq: int, configs: dict) -> None:
     d, h = 128, 16
     ks = jax.random.split(jax.random.PRNGKey(seq), 4)
     q, k, v, do = (jax.random.normal(kk, (1, seq, h, d), jnp.bfloat16) for kk in ks)
-    rule, tokens = api.make_rule_and_tokens(q, k, causal=True, window=None, num_global=0, q_positions=None,
-                                            k_positions=None, segment_ids=None, k_segment_ids=None,
-                                            q_critical=None, k_critical=None)
+    rule, tokens = api.make_rule_and_tokens(
+        q,
+        k,
+        causal=True,
+        window=None,
+        num_global=0,
+        q_positions=None,
+        k_positions=None,
+        segment_ids=None,
+        k_segment_ids=None,
+        q_critical=None,
+        k_critical=None,
+    )
     q_tok, qf = api._pack({"pos": tokens.q_positions})
     k_tok, kf = api._pack({"pos": tokens.k_positions})
-    kw = dict(rule=rule, sm_scale=d ** -0.5, fields=(qf, kf))
+    kw = {"rule": rule, "sm_scale": d**-0.5, "fields": (qf, kf)}
     n = seq // BLOCK
     for density in (1.0, 0.1):
         visited, full = block_masks(n, density, seed=7)
-        layout = pk.layout_from_block_mask(jnp.asarray(visited)[None], full_mask=jnp.asarray(full)[None],
-                                           block_q=BLOCK, block_k=BLOCK)
+        layout = pk.layout_from_block_mask(
+            jnp.asarray(visited)[None], full_mask=jnp.asarray(full)[None], block_q=BLOCK, block_k=BLOCK
+        )
         for tag, cfg in configs.items():
-            row = {"op": "tune", "seq_len": seq, "heads": h, "density": density, "config": tag,
-                   **dataclasses.asdict(cfg)}
+            row = {
+                "op": "tune",
+                "seq_len": seq,
+                "heads": h,
+                "density": density,
+                "config": tag,
+                **dataclasses.asdict(cfg),
+            }
             try:
-                fwd = jax.jit(lambda q, k, v, lay, cfg=cfg: gpu.forward(q, k, v, lay, q_tok, k_tok, config=cfg, **kw))
+                fwd = jax.jit(
+                    lambda q, k, v, lay, cfg=cfg: gpu.forward(q, k, v, lay, q_tok, k_tok, config=cfg, **kw)
+                )
                 out, lse = fwd(q, k, v, layout)
-                bwd = lambda q, k, v, o, lse, do, lay, cfg=cfg: gpu.backward(q, k, v, o, lse, do, lay, q_tok, k_tok,
-                                                                             config=cfg, **kw)
+                bwd = lambda q, k, v, o, lse, do, lay, cfg=cfg: gpu.backward(
+                    q, k, v, o, lse, do, lay, q_tok, k_tok, config=cfg, **kw
+                )
                 row["ms_fwd"] = time_jax(fwd, q, k, v, layout)
-                row["ms_dq"] = time_jax(jax.jit(lambda *a: bwd(*a)[0]), q, k, v, out, lse, do, layout)
-                row["ms_dkv"] = time_jax(jax.jit(lambda *a: bwd(*a)[1:]), q, k, v, out, lse, do, layout)
-            except Exception as e:  # a configuration Triton rejects is a result too
+                row["ms_dq"] = time_jax(
+                    jax.jit(lambda *a, bwd=bwd: bwd(*a)[0]), q, k, v, out, lse, do, layout
+                )
+                row["ms_dkv"] = time_jax(
+                    jax.jit(lambda *a, bwd=bwd: bwd(*a)[1:]), q, k, v, out, lse, do, layout
+                )
+            except Exception as e:  # noqa: BLE001 - a configuration Triton rejects is a result too
                 row["error"] = repr(e)[:300]
             rec.add(row)
 
@@ -236,10 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8])
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--decode-tune", action="store_true", help="time decode tile / split variants, then stop")
-    p.add_argument("--tune", action="store_true", help="time tile configurations at the first --seq, then stop")
-    p.add_argument("--out", type=Path, default=Path(f"benchmarks/results/attention-{datetime.date.today()}.json"))
+    p.add_argument(
+        "--tune", action="store_true", help="time tile configurations at the first --seq, then stop"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path(f"benchmarks/results/attention-{datetime.date.today()}.json")
+    )
     args = p.parse_args(argv)
-    versions = {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None}
+    versions = {
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+    }
     try:
         import torch
         import triton
@@ -247,30 +364,61 @@ def main(argv: list[str] | None = None) -> int:
         versions.update(torch=torch.__version__, triton=triton.__version__)
     except ImportError:
         pass
-    rec = Recorder(args.out, {"device": str(jax.devices()[0].device_kind), "date": str(datetime.date.today()),
-                              "versions": versions})
+    rec = Recorder(
+        args.out,
+        {
+            "device": str(jax.devices()[0].device_kind),
+            "date": str(datetime.date.today()),
+            "versions": versions,
+        },
+    )
     copy = hbm_copy_gbps()
     rec.add({"op": "hbm_copy", "gbps": copy})
     if args.decode_tune:
         for length in args.decode:
             for batch in args.decode_batch:
                 base_splits = max(1, -(-264 // (batch * 8)))
-                bench_decode(rec, length, batch, copy, variants={
-                    f"sparse_tile{tile}_splits{m * base_splits}": ({"tile": tile, "num_splits": m * base_splits}, True)
-                    for tile in (64, 128) for m in (1, 4, 16)})
+                bench_decode(
+                    rec,
+                    length,
+                    batch,
+                    copy,
+                    variants={
+                        f"sparse_tile{tile}_splits{m * base_splits}": (
+                            {"tile": tile, "num_splits": m * base_splits},
+                            True,
+                        )
+                        for tile in (64, 128)
+                        for m in (1, 4, 16)
+                    },
+                )
         return 0
     if args.tune and args.seq:
         C = pk.GpuConfig
-        tune(rec, args.seq[0], {
-            "default": C(),
-            "fwd_k64_w8s3_dq_k32w4s3_dkv_q32w4s3": C(fwd_block_k=64, dq_block_k=32, dq_warps=4, dq_stages=3,
-                                                     dkv_block_q=32, dkv_warps=4, dkv_stages=3),
-            "fwd_s2_dq_k64w4s3_dkv_q64w4s3": C(fwd_stages=2, dq_warps=4, dq_stages=3, dkv_warps=4, dkv_stages=3),
-            "fwd_q64w4_dq_q64k64w4_dkv_k64q64w4": C(fwd_block_q=64, fwd_warps=4, dq_block_q=64, dq_warps=4,
-                                                    dkv_block_k=64, dkv_warps=4),
-            "fwd_s4_dq_k128_dkv_q128": C(fwd_stages=4, dq_block_k=128, dkv_block_q=128),
-            "dq_k32w8s3_dkv_q32w8s3": C(dq_block_k=32, dq_stages=3, dkv_block_q=32, dkv_stages=3),
-        })
+        tune(
+            rec,
+            args.seq[0],
+            {
+                "default": C(),
+                "fwd_k64_w8s3_dq_k32w4s3_dkv_q32w4s3": C(
+                    fwd_block_k=64,
+                    dq_block_k=32,
+                    dq_warps=4,
+                    dq_stages=3,
+                    dkv_block_q=32,
+                    dkv_warps=4,
+                    dkv_stages=3,
+                ),
+                "fwd_s2_dq_k64w4s3_dkv_q64w4s3": C(
+                    fwd_stages=2, dq_warps=4, dq_stages=3, dkv_warps=4, dkv_stages=3
+                ),
+                "fwd_q64w4_dq_q64k64w4_dkv_k64q64w4": C(
+                    fwd_block_q=64, fwd_warps=4, dq_block_q=64, dq_warps=4, dkv_block_k=64, dkv_warps=4
+                ),
+                "fwd_s4_dq_k128_dkv_q128": C(fwd_stages=4, dq_block_k=128, dkv_block_q=128),
+                "dq_k32w8s3_dkv_q32w8s3": C(dq_block_k=32, dq_stages=3, dkv_block_q=32, dkv_stages=3),
+            },
+        )
         return 0
     for seq in args.seq:
         for kv in args.kv_heads:

@@ -25,22 +25,33 @@ def check(b, s, hq, hkv, d, dtype, block, **rule):
     v = jax.random.normal(ks[2], (b, s, hkv, d), dtype)
     crit = jax.random.uniform(ks[3], (b, s)) < 0.1
     pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    kw = dict(window=rule.get("window"), num_global=rule.get("num_global", 0))
+    kw = {"window": rule.get("window"), "num_global": rule.get("num_global", 0)}
     if rule.get("critical"):
         kw.update(k_critical=crit, q_critical=crit)
     lay = pk.sra_layout(pos, block_q=block, block_k=block, **kw)
     w = jax.random.normal(ks[4], (b, s, hq, d), jnp.float32)
-    loss = lambda be: jax.jit(lambda q, k, v: (pk.block_sparse_attention(q, k, v, lay, backend=be, **kw)
-                                              .astype(jnp.float32) * w).sum())
-    o_ref = pk.block_sparse_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lay,
-                                      backend="reference", **kw)
+    loss = lambda be: jax.jit(
+        lambda q, k, v: (
+            pk.block_sparse_attention(q, k, v, lay, backend=be, **kw).astype(jnp.float32) * w
+        ).sum()
+    )
+    o_ref = pk.block_sparse_attention(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), lay, backend="reference", **kw
+    )
     o = jax.jit(lambda q, k, v: pk.block_sparse_attention(q, k, v, lay, backend="triton", **kw))(q, k, v)
-    g_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q.astype(jnp.float32), k.astype(jnp.float32),
-                                                          v.astype(jnp.float32))
+    g_ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+    )
     g = jax.grad(loss("triton"), argnums=(0, 1, 2))(q, k, v)
     errs = [rel(o, o_ref)] + [rel(a, b_) for a, b_ in zip(g, g_ref)]
-    return {"shape": [b, s, hq, hkv, d], "dtype": str(jnp.dtype(dtype)), "block": block, **rule,
-            "rel_err_out_dq_dk_dv": errs, "finite": bool(jnp.isfinite(o.astype(jnp.float32)).all())}
+    return {
+        "shape": [b, s, hq, hkv, d],
+        "dtype": str(jnp.dtype(dtype)),
+        "block": block,
+        **rule,
+        "rel_err_out_dq_dk_dv": errs,
+        "finite": bool(jnp.isfinite(o.astype(jnp.float32)).all()),
+    }
 
 
 def main():
@@ -57,7 +68,7 @@ def main():
         t = time.time()
         try:
             r = check(*args, **rule)
-        except Exception as e:  # report and continue: the smoke test lists every failing configuration
+        except Exception as e:  # noqa: BLE001 - report and continue: the smoke test lists every failing configuration
             r = {"shape": list(args[:5]), "error": repr(e)[:2000]}
         r["seconds"] = time.time() - t
         print(json.dumps(r), flush=True)

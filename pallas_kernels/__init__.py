@@ -3,9 +3,7 @@
 jax only: this package never imports sra_jax.
 """
 
-from pallas_kernels import reference
-from pallas_kernels import decode
-from pallas_kernels.decode import sparse_decode_attention
+from pallas_kernels import decode, reference
 from pallas_kernels.block_sparse import (
     BlockLayout,
     GpuConfig,
@@ -17,8 +15,19 @@ from pallas_kernels.block_sparse import (
     random_causal_block_mask,
     sra_layout,
 )
+from pallas_kernels.decode import sparse_decode_attention
 
 __all__ = [
-    "BlockLayout", "GpuConfig", "MaskRule", "block_sparse_attention", "causal_block_mask", "decode",
-    "layout_from_block_mask", "layout_from_token_mask", "random_causal_block_mask", "reference", "sparse_decode_attention", "sra_layout",
+    "BlockLayout",
+    "GpuConfig",
+    "MaskRule",
+    "block_sparse_attention",
+    "causal_block_mask",
+    "decode",
+    "layout_from_block_mask",
+    "layout_from_token_mask",
+    "random_causal_block_mask",
+    "reference",
+    "sparse_decode_attention",
+    "sra_layout",
 ]

@@ -16,8 +16,11 @@ def masked_attention(q, k, v, mask, sm_scale: float) -> Array:
     hkv = k.shape[2]
     qg = q.astype(jnp.float32).reshape(b, sq, hkv, hq // hkv, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * sm_scale
-    mask = mask.reshape(b, -1, 1, sq, k.shape[1]) if mask.shape[1] in (1, hkv) else mask.reshape(
-        b, hkv, hq // hkv, sq, k.shape[1])
+    mask = (
+        mask.reshape(b, -1, 1, sq, k.shape[1])
+        if mask.shape[1] in (1, hkv)
+        else mask.reshape(b, hkv, hq // hkv, sq, k.shape[1])
+    )
     s = jnp.where(mask, s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -57,9 +60,17 @@ def block_sparse_attention(
     from pallas_kernels.block_sparse.api import make_rule_and_tokens
 
     rule, tokens = make_rule_and_tokens(
-        q, k, causal=causal, window=window, num_global=num_global, q_positions=q_positions,
-        k_positions=k_positions, segment_ids=segment_ids, k_segment_ids=k_segment_ids,
-        q_critical=q_critical, k_critical=k_critical,
+        q,
+        k,
+        causal=causal,
+        window=window,
+        num_global=num_global,
+        q_positions=q_positions,
+        k_positions=k_positions,
+        segment_ids=segment_ids,
+        k_segment_ids=k_segment_ids,
+        q_critical=q_critical,
+        k_critical=k_critical,
     )
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     return masked_attention(q, k, v, layout_token_mask(layout, rule, tokens), scale)
@@ -90,7 +101,13 @@ def sparse_decode_attention(
     sm_scale: float | None = None,
 ) -> Float[Array, "b t hq d"]:
     """Reference of `pallas_kernels.sparse_decode_attention` (same arguments)."""
-    mask = decode_visible(lengths, q.shape[1], k_cache.shape[1], window=window, num_global=num_global,
-                          critical_indices=critical_indices)
+    mask = decode_visible(
+        lengths,
+        q.shape[1],
+        k_cache.shape[1],
+        window=window,
+        num_global=num_global,
+        critical_indices=critical_indices,
+    )
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     return masked_attention(q, k_cache, v_cache, mask[:, None], scale)

@@ -13,6 +13,13 @@ from pallas_kernels.block_sparse.layout import (
 from pallas_kernels.block_sparse.token_mask import MaskRule
 
 __all__ = [
-    "BlockLayout", "GpuConfig", "MaskRule", "block_sparse_attention", "causal_block_mask",
-    "layout_from_block_mask", "layout_from_token_mask", "random_causal_block_mask", "sra_layout",
+    "BlockLayout",
+    "GpuConfig",
+    "MaskRule",
+    "block_sparse_attention",
+    "causal_block_mask",
+    "layout_from_block_mask",
+    "layout_from_token_mask",
+    "random_causal_block_mask",
+    "sra_layout",
 ]

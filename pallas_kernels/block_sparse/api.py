@@ -16,15 +16,30 @@ from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo
 BACKENDS = ("auto", "triton", "tpu", "reference")
 
 
-def make_rule_and_tokens(q, k, *, causal, window, num_global, q_positions, k_positions, segment_ids,
-                         k_segment_ids, q_critical, k_critical) -> tuple[MaskRule, TokenInfo]:
+def make_rule_and_tokens(
+    q,
+    k,
+    *,
+    causal,
+    window,
+    num_global,
+    q_positions,
+    k_positions,
+    segment_ids,
+    k_segment_ids,
+    q_critical,
+    k_critical,
+) -> tuple[MaskRule, TokenInfo]:
     """Defaults: keys are the queries when the lengths match (positions 0..s-1); otherwise the queries are the
     last sq positions of the keys (chunked prefill)."""
     b, sq = q.shape[:2]
     sk = k.shape[1]
     if k_positions is None:
-        k_positions = q_positions if (q_positions is not None and sq == sk) else jnp.broadcast_to(
-            jnp.arange(sk, dtype=jnp.int32), (b, sk))
+        k_positions = (
+            q_positions
+            if (q_positions is not None and sq == sk)
+            else jnp.broadcast_to(jnp.arange(sk, dtype=jnp.int32), (b, sk))
+        )
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(sk - sq, sk, dtype=jnp.int32), (b, sq))
     if k_segment_ids is None and segment_ids is not None:
@@ -36,10 +51,22 @@ def make_rule_and_tokens(q, k, *, causal, window, num_global, q_positions, k_pos
             raise ValueError("k_critical is needed when query and key lengths differ")
         k_critical = q_critical
     as_int = lambda x: None if x is None else jnp.asarray(x).astype(jnp.int32)
-    rule = MaskRule(causal=causal, window=window, num_global=num_global, has_segments=segment_ids is not None,
-                    has_k_critical=k_critical is not None, has_q_critical=q_critical is not None)
-    tokens = TokenInfo(as_int(q_positions), as_int(k_positions), as_int(segment_ids), as_int(k_segment_ids),
-                       as_int(q_critical), as_int(k_critical))
+    rule = MaskRule(
+        causal=causal,
+        window=window,
+        num_global=num_global,
+        has_segments=segment_ids is not None,
+        has_k_critical=k_critical is not None,
+        has_q_critical=q_critical is not None,
+    )
+    tokens = TokenInfo(
+        as_int(q_positions),
+        as_int(k_positions),
+        as_int(segment_ids),
+        as_int(k_segment_ids),
+        as_int(q_critical),
+        as_int(k_critical),
+    )
     return rule, tokens
 
 
@@ -64,12 +91,33 @@ class _Static:
 
 def _forward(q, k, v, layout, q_tok, k_tok, st: _Static):
     if st.backend == "triton":
-        return gpu.forward(q, k, v, layout, q_tok, k_tok, rule=st.rule, sm_scale=st.sm_scale, fields=st.fields,
-                           config=st.config, interpret=st.interpret)
+        return gpu.forward(
+            q,
+            k,
+            v,
+            layout,
+            q_tok,
+            k_tok,
+            rule=st.rule,
+            sm_scale=st.sm_scale,
+            fields=st.fields,
+            config=st.config,
+            interpret=st.interpret,
+        )
     from pallas_kernels.block_sparse import tpu
 
-    return tpu.forward(q, k, v, layout, q_tok, k_tok, rule=st.rule, sm_scale=st.sm_scale, fields=st.fields,
-                       interpret=st.interpret)
+    return tpu.forward(
+        q,
+        k,
+        v,
+        layout,
+        q_tok,
+        k_tok,
+        rule=st.rule,
+        sm_scale=st.sm_scale,
+        fields=st.fields,
+        interpret=st.interpret,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -85,13 +133,40 @@ def _attention_fwd(q, k, v, layout, q_tok, k_tok, st: _Static):
 def _attention_bwd(st: _Static, residuals, do):
     q, k, v, layout, q_tok, k_tok, out, lse = residuals
     if st.backend == "triton":
-        dq, dk, dv = gpu.backward(q, k, v, out, lse, do, layout, q_tok, k_tok, rule=st.rule, sm_scale=st.sm_scale,
-                                  fields=st.fields, config=st.config, interpret=st.interpret)
+        dq, dk, dv = gpu.backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            do,
+            layout,
+            q_tok,
+            k_tok,
+            rule=st.rule,
+            sm_scale=st.sm_scale,
+            fields=st.fields,
+            config=st.config,
+            interpret=st.interpret,
+        )
     else:
         from pallas_kernels.block_sparse import tpu
 
-        dq, dk, dv = tpu.backward(q, k, v, out, lse, do, layout, q_tok, k_tok, rule=st.rule,
-                                  sm_scale=st.sm_scale, fields=st.fields, interpret=st.interpret)
+        dq, dk, dv = tpu.backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            do,
+            layout,
+            q_tok,
+            k_tok,
+            rule=st.rule,
+            sm_scale=st.sm_scale,
+            fields=st.fields,
+            interpret=st.interpret,
+        )
     return dq, dk, dv, None, None, None
 
 
@@ -119,8 +194,10 @@ def _check(q, k, v, layout: BlockLayout, backend: str):
         raise ValueError(f"layout batch ({layout.kv_indices.shape[0]}) must equal q batch ({b})")
     nq, nk = -(-sq // layout.block_q), -(-k.shape[1] // layout.block_k)
     if (layout.num_q_blocks, layout.num_k_blocks) != (nq, nk):
-        raise ValueError(f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks, the inputs need "
-                         f"{nq}x{nk} (blocks {layout.block_q}x{layout.block_k})")
+        raise ValueError(
+            f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks, the inputs need "
+            f"{nq}x{nk} (blocks {layout.block_q}x{layout.block_k})"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} not in {BACKENDS}")
     if backend in ("triton", "tpu") and (d < 16 or d & (d - 1)):
@@ -169,28 +246,53 @@ def block_sparse_attention(
     _check(q, k, v, layout, backend)
     backend = resolve_backend(backend)
     rule, tokens = make_rule_and_tokens(
-        q, k, causal=causal, window=window, num_global=num_global, q_positions=q_positions,
-        k_positions=k_positions, segment_ids=segment_ids, k_segment_ids=k_segment_ids, q_critical=q_critical,
-        k_critical=k_critical)
+        q,
+        k,
+        causal=causal,
+        window=window,
+        num_global=num_global,
+        q_positions=q_positions,
+        k_positions=k_positions,
+        segment_ids=segment_ids,
+        k_segment_ids=k_segment_ids,
+        q_critical=q_critical,
+        k_critical=k_critical,
+    )
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     if backend == "reference":
         from pallas_kernels import reference
 
         return reference.masked_attention(q, k, v, reference.layout_token_mask(layout, rule, tokens), scale)
     sq, sk = q.shape[1], k.shape[1]
-    q_tok, q_fields = _pack({"pos": _pad_seq(tokens.q_positions, layout.block_q, -1),
-                             "seg": _opt_pad(tokens.q_segment_ids, layout.block_q),
-                             "crit": _opt_pad(tokens.q_critical, layout.block_q)})
-    k_tok, k_fields = _pack({"pos": _pad_seq(tokens.k_positions, layout.block_k, -1),
-                             "seg": _opt_pad(tokens.k_segment_ids, layout.block_k),
-                             "crit": _opt_pad(tokens.k_critical, layout.block_k)})
+    q_tok, q_fields = _pack(
+        {
+            "pos": _pad_seq(tokens.q_positions, layout.block_q, -1),
+            "seg": _opt_pad(tokens.q_segment_ids, layout.block_q),
+            "crit": _opt_pad(tokens.q_critical, layout.block_q),
+        }
+    )
+    k_tok, k_fields = _pack(
+        {
+            "pos": _pad_seq(tokens.k_positions, layout.block_k, -1),
+            "seg": _opt_pad(tokens.k_segment_ids, layout.block_k),
+            "crit": _opt_pad(tokens.k_critical, layout.block_k),
+        }
+    )
     if sq % layout.block_q or sk % layout.block_k:
         # Padded tail tokens sit inside the last blocks: no block may skip the token mask.
-        layout = dataclasses.replace(layout, kv_full=jnp.zeros_like(layout.kv_full),
-                                     q_full=jnp.zeros_like(layout.q_full))
+        layout = dataclasses.replace(
+            layout, kv_full=jnp.zeros_like(layout.kv_full), q_full=jnp.zeros_like(layout.q_full)
+        )
     st = _Static(rule, scale, (q_fields, k_fields), backend, config or gpu.GpuConfig(), interpret)
-    out = _attention(_pad_seq(q, layout.block_q, 0), _pad_seq(k, layout.block_k, 0),
-                     _pad_seq(v, layout.block_k, 0), layout, q_tok, k_tok, st)
+    out = _attention(
+        _pad_seq(q, layout.block_q, 0),
+        _pad_seq(k, layout.block_k, 0),
+        _pad_seq(v, layout.block_k, 0),
+        layout,
+        q_tok,
+        k_tok,
+        st,
+    )
     return out[:, :sq]
 
 

@@ -68,8 +68,26 @@ def _mask(rule, qt, kt):
     return visible(rule, col(q_pos), row(k_pos), col(q_seg), row(k_seg), col(q_crit), row(k_crit))
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qt_ref, kt_ref, o_ref, lse_ref, *,
-                rule, scale, tile_k, block_k, num_tiles, q_fields, k_fields, dot_kw):
+def _fwd_kernel(
+    idx_ref,
+    cnt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qt_ref,
+    kt_ref,
+    o_ref,
+    lse_ref,
+    *,
+    rule,
+    scale,
+    tile_k,
+    block_k,
+    num_tiles,
+    q_fields,
+    k_fields,
+    dot_kw,
+):
     tile_q = q_ref.shape[0]
     q_tile = num_tiles - 1 - pl.program_id(0)
     q = q_ref[...]
@@ -99,10 +117,14 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qt_ref, kt_ref, o_ref, ls
             for sub in range(block_k // tile_k):
                 carry = step(pl.multiple_of(base + sub * tile_k, tile_k), carry, masked)
             return carry
+
         return visit
 
-    carry = (jnp.full((tile_q,), NEG, jnp.float32), jnp.zeros((tile_q,), jnp.float32),
-             jnp.zeros((tile_q, d), jnp.float32))
+    carry = (
+        jnp.full((tile_q,), NEG, jnp.float32),
+        jnp.zeros((tile_q,), jnp.float32),
+        jnp.zeros((tile_q, d), jnp.float32),
+    )
     n_full = cnt_ref[1]
     carry = jax.lax.fori_loop(0, n_full, body(False), carry)
     m, l, acc = jax.lax.fori_loop(n_full, cnt_ref[0], body(True), carry)
@@ -111,8 +133,29 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qt_ref, kt_ref, o_ref, ls
     lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), jnp.inf)
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qt_ref, kt_ref, dq_ref, *,
-               rule, scale, sm_scale, tile_k, block_k, num_tiles, q_fields, k_fields, dot_kw):
+def _dq_kernel(
+    idx_ref,
+    cnt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qt_ref,
+    kt_ref,
+    dq_ref,
+    *,
+    rule,
+    scale,
+    sm_scale,
+    tile_k,
+    block_k,
+    num_tiles,
+    q_fields,
+    k_fields,
+    dot_kw,
+):
     tile_q = q_ref.shape[0]
     q_tile = num_tiles - 1 - pl.program_id(0)
     q = q_ref[...]
@@ -137,6 +180,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
             for sub in range(block_k // tile_k):
                 dq = step(pl.multiple_of(base + sub * tile_k, tile_k), dq, masked)
             return dq
+
         return visit
 
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -146,8 +190,31 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qt_ref, kt_ref, dk_ref, dv_ref,
-                *, rule, scale, sm_scale, tile_q, block_q, group, heads_per_layout_head, q_fields, k_fields, dot_kw):
+def _dkv_kernel(
+    idx_ref,
+    cnt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qt_ref,
+    kt_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    rule,
+    scale,
+    sm_scale,
+    tile_q,
+    block_q,
+    group,
+    heads_per_layout_head,
+    q_fields,
+    k_fields,
+    dot_kw,
+):
     tile_k = k_ref.shape[0]
     k_tile = pl.program_id(0)
     kv_head = pl.program_id(2)
@@ -186,6 +253,7 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
                 for sub in range(block_q // tile_q):
                     carry = step(g, pl.multiple_of(base + sub * tile_q, tile_q), carry, masked)
                 return carry
+
             return visit
 
         n_full = cnt_ref[layout_head, 1]
@@ -204,10 +272,22 @@ def _common(q, k, layout: BlockLayout):
     return b, sq, k.shape[1], hq, hkv, d, hq // hkv, hq // layout.num_heads
 
 
-def forward(q, k, v, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_scale: float, fields,
-            config: GpuConfig, interpret: bool = False):
+def forward(
+    q,
+    k,
+    v,
+    layout: BlockLayout,
+    q_tok,
+    k_tok,
+    *,
+    rule: MaskRule,
+    sm_scale: float,
+    fields,
+    config: GpuConfig,
+    interpret: bool = False,
+):
     """Returns (out [b, sq, hq, d], lse [b, hq, sq] f32 in log2 units; +inf on rows with nothing visible)."""
-    b, sq, sk, hq, hkv, d, group, per_lh = _common(q, k, layout)
+    b, sq, sk, hq, _hkv, d, group, per_lh = _common(q, k, layout)
     tq = config.tile(config.fwd_block_q, layout.block_q, "forward query")
     tk = config.tile(config.fwd_block_k, layout.block_k, "forward key")
     nt = sq // tq
@@ -215,8 +295,16 @@ def forward(q, k, v, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_sc
     counts = jnp.stack([layout.kv_counts, layout.kv_full], axis=-1)
     wk = layout.kv_indices.shape[-1]
     kernel = functools.partial(
-        _fwd_kernel, rule=rule, scale=sm_scale * LOG2E, tile_k=tk, block_k=layout.block_k, num_tiles=nt,
-        q_fields=fields[0], k_fields=fields[1], dot_kw=_dot_kwargs(q.dtype))
+        _fwd_kernel,
+        rule=rule,
+        scale=sm_scale * LOG2E,
+        tile_k=tk,
+        block_k=layout.block_k,
+        num_tiles=nt,
+        q_fields=fields[0],
+        k_fields=fields[1],
+        dot_kw=_dot_kwargs(q.dtype),
+    )
     rev = lambda i: nt - 1 - i
     return pl.pallas_call(
         kernel,
@@ -241,8 +329,23 @@ def forward(q, k, v, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_sc
     )(layout.kv_indices, counts, q, k, v, q_tok, k_tok)
 
 
-def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_scale: float,
-             fields, config: GpuConfig, interpret: bool = False):
+def backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    do,
+    layout: BlockLayout,
+    q_tok,
+    k_tok,
+    *,
+    rule: MaskRule,
+    sm_scale: float,
+    fields,
+    config: GpuConfig,
+    interpret: bool = False,
+):
     """Returns (dq, dk, dv)."""
     b, sq, sk, hq, hkv, d, group, per_lh = _common(q, k, layout)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
@@ -256,9 +359,18 @@ def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: 
     wk = layout.kv_indices.shape[-1]
     rev = lambda i: nt - 1 - i
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, rule=rule, scale=sm_scale * LOG2E, sm_scale=sm_scale, tile_k=tk,
-                          block_k=layout.block_k, num_tiles=nt, q_fields=fields[0], k_fields=fields[1],
-                          dot_kw=dot_kw),
+        functools.partial(
+            _dq_kernel,
+            rule=rule,
+            scale=sm_scale * LOG2E,
+            sm_scale=sm_scale,
+            tile_k=tk,
+            block_k=layout.block_k,
+            num_tiles=nt,
+            q_fields=fields[0],
+            k_fields=fields[1],
+            dot_kw=dot_kw,
+        ),
         grid=(nt, b, hq),
         in_specs=[
             pl.BlockSpec((None, None, None, wk), lambda i, bi, h: (bi, h // per_lh, rev(i) // ratio, 0)),
@@ -286,9 +398,19 @@ def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: 
     q_counts = jnp.stack([layout.q_counts, layout.q_full], axis=-1)
     wq = layout.q_indices.shape[-1]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, rule=rule, scale=sm_scale * LOG2E, sm_scale=sm_scale, tile_q=tq,
-                          block_q=layout.block_q, group=group, heads_per_layout_head=per_lh,
-                          q_fields=fields[0], k_fields=fields[1], dot_kw=dot_kw),
+        functools.partial(
+            _dkv_kernel,
+            rule=rule,
+            scale=sm_scale * LOG2E,
+            sm_scale=sm_scale,
+            tile_q=tq,
+            block_q=layout.block_q,
+            group=group,
+            heads_per_layout_head=per_lh,
+            q_fields=fields[0],
+            k_fields=fields[1],
+            dot_kw=dot_kw,
+        ),
         grid=(sk // tk, b, hkv),
         in_specs=[
             pl.BlockSpec((None, lh, None, wq), lambda j, bi, h: (bi, 0, j // ratio, 0)),

@@ -66,7 +66,9 @@ class BlockLayout:
         """Cut the lists to the longest row (needs concrete arrays); smaller layouts and shorter TPU grids."""
         wk = max(int(np.max(self.kv_counts)), 1)
         wq = max(int(np.max(self.q_counts)), 1)
-        return dataclasses.replace(self, kv_indices=self.kv_indices[..., :wk], q_indices=self.q_indices[..., :wq])
+        return dataclasses.replace(
+            self, kv_indices=self.kv_indices[..., :wk], q_indices=self.q_indices[..., :wq]
+        )
 
 
 def _lists_to_mask(indices, counts, full, width):
@@ -111,8 +113,14 @@ def layout_from_block_mask(
     kv_indices, kv_counts, kv_full = _csr(block_mask, full)
     q_indices, q_counts, q_full = _csr(block_mask.swapaxes(-1, -2), full.swapaxes(-1, -2))
     return BlockLayout(
-        kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full,
-        block_q=block_q, block_k=block_k,
+        kv_indices,
+        kv_counts,
+        kv_full,
+        q_indices,
+        q_counts,
+        q_full,
+        block_q=block_q,
+        block_k=block_k,
         seq_q=nq * block_q if seq_q is None else seq_q,
         seq_k=nk * block_k if seq_k is None else seq_k,
     )
@@ -211,8 +219,12 @@ def sra_layout(
         any_pair &= keep_any
         all_pairs &= keep_all
     return layout_from_block_mask(
-        any_pair, full_mask=all_pairs & any_pair, block_q=block_q, block_k=block_k,
-        seq_q=q_positions.shape[1], seq_k=k_positions.shape[1],
+        any_pair,
+        full_mask=all_pairs & any_pair,
+        block_q=block_q,
+        block_k=block_k,
+        seq_q=q_positions.shape[1],
+        seq_k=k_positions.shape[1],
     )
 
 

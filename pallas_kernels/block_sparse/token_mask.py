@@ -75,6 +75,11 @@ def token_mask(rule: MaskRule, tokens: TokenInfo):
     col = lambda x: None if x is None else x[:, :, None]
     row = lambda x: None if x is None else x[:, None, :]
     return visible(
-        rule, col(tokens.q_positions), row(tokens.k_positions), col(tokens.q_segment_ids),
-        row(tokens.k_segment_ids), col(tokens.q_critical), row(tokens.k_critical),
+        rule,
+        col(tokens.q_positions),
+        row(tokens.k_positions),
+        col(tokens.q_segment_ids),
+        row(tokens.k_segment_ids),
+        col(tokens.q_critical),
+        row(tokens.k_critical),
     )

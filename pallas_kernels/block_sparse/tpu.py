@@ -30,17 +30,37 @@ def _interpret(interpret: bool):
 def _mask(rule, qt_ref, kt_ref, fields):
     """Token visibility of a (q block, kv block) pair: q fields as columns [bq, 1], k fields as rows [1, bk]."""
     q_fields, k_fields = fields
-    col = {name: qt_ref[:, f:f + 1] for f, name in enumerate(q_fields)}
-    row = {name: kt_ref[f:f + 1, :] for f, name in enumerate(k_fields)}
-    return visible(rule, col["pos"], row["pos"], col.get("seg"), row.get("seg"), col.get("crit"), row.get("crit"))
+    col = {name: qt_ref[:, f : f + 1] for f, name in enumerate(q_fields)}
+    row = {name: kt_ref[f : f + 1, :] for f, name in enumerate(k_fields)}
+    return visible(
+        rule, col["pos"], row["pos"], col.get("seg"), row.get("seg"), col.get("crit"), row.get("crit")
+    )
 
 
 def _flat(x):
     return x.reshape(-1).astype(jnp.int32)
 
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qt_ref, kt_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                rule, scale, fields, per_lh, dims):
+def _fwd_kernel(
+    idx_ref,
+    cnt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qt_ref,
+    kt_ref,
+    o_ref,
+    lse_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    *,
+    rule,
+    scale,
+    fields,
+    per_lh,
+    dims,
+):
     bi, h, i, j = (pl.program_id(a) for a in range(4))
     lh_count, nq, width = dims
     row = (bi * lh_count + h // per_lh) * nq + i
@@ -64,8 +84,9 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qt_ref, kt_ref, o_ref, ls
         if masked:
             p = jnp.where(vis, p, 0.0)
         l_sc[...] = alpha * l_sc[...] + p.sum(axis=-1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
-                                                    preferred_element_type=jnp.float32)
+        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(
+            p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32
+        )
         m_sc[...] = m_new
 
     pl.when(j < n_full)(lambda: update(False))
@@ -88,11 +109,22 @@ def _tokens(q_tok, k_tok):
     return q_tok.transpose(0, 2, 1), k_tok
 
 
-def forward(q, k, v, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_scale: float, fields,
-            interpret: bool = False):
+def forward(
+    q,
+    k,
+    v,
+    layout: BlockLayout,
+    q_tok,
+    k_tok,
+    *,
+    rule: MaskRule,
+    sm_scale: float,
+    fields,
+    interpret: bool = False,
+):
     """Returns (out [b, sq, hq, d], lse [b, hq, sq, 1] f32, natural log; +inf on rows with nothing visible)."""
     b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    _sk, hkv = k.shape[1], k.shape[2]
     group, per_lh = hq // hkv, hq // layout.num_heads
     bq, bk = layout.block_q, layout.block_k
     nq, width = layout.num_q_blocks, layout.kv_indices.shape[-1]
@@ -103,7 +135,9 @@ def forward(q, k, v, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_sc
     def kv_block(bi, h, i, j, idx, cnt):
         return idx[((bi * dims[0] + h // per_lh) * nq + i) * width + j]
 
-    kernel = functools.partial(_fwd_kernel, rule=rule, scale=sm_scale, fields=fields, per_lh=per_lh, dims=dims)
+    kernel = functools.partial(
+        _fwd_kernel, rule=rule, scale=sm_scale, fields=fields, per_lh=per_lh, dims=dims
+    )
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -111,33 +145,70 @@ def forward(q, k, v, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_sc
             grid=(b, hq, nq, width),
             in_specs=[
                 pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j, idx, cnt: (bi, h, i, 0)),
-                pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, idx, cnt: (
-                    bi, h // group, kv_block(bi, h, i, j, idx, cnt), 0)),
-                pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, idx, cnt: (
-                    bi, h // group, kv_block(bi, h, i, j, idx, cnt), 0)),
+                pl.BlockSpec(
+                    (None, None, bk, d),
+                    lambda bi, h, i, j, idx, cnt: (bi, h // group, kv_block(bi, h, i, j, idx, cnt), 0),
+                ),
+                pl.BlockSpec(
+                    (None, None, bk, d),
+                    lambda bi, h, i, j, idx, cnt: (bi, h // group, kv_block(bi, h, i, j, idx, cnt), 0),
+                ),
                 pl.BlockSpec((None, bq, fq), lambda bi, h, i, j, idx, cnt: (bi, i, 0)),
-                pl.BlockSpec((None, fk, bk), lambda bi, h, i, j, idx, cnt: (
-                    bi, 0, kv_block(bi, h, i, j, idx, cnt))),
+                pl.BlockSpec(
+                    (None, fk, bk), lambda bi, h, i, j, idx, cnt: (bi, 0, kv_block(bi, h, i, j, idx, cnt))
+                ),
             ],
             out_specs=[
                 pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j, idx, cnt: (bi, h, i, 0)),
                 pl.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, idx, cnt: (bi, h, i, 0)),
             ],
-            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)],
+            scratch_shapes=[
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, d), jnp.float32),
+            ],
         ),
-        out_shape=[jax.ShapeDtypeStruct((b, hq, sq, d), q.dtype), jax.ShapeDtypeStruct((b, hq, sq, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hq, sq, d), q.dtype),
+            jax.ShapeDtypeStruct((b, hq, sq, 1), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
         interpret=_interpret(interpret),
         name="block_sparse_fwd_tpu",
-    )(_flat(layout.kv_indices), _flat(jnp.stack([layout.kv_counts, layout.kv_full], -1)),
-      _heads_first(q), _heads_first(k), _heads_first(v), q_cols, k_rows)
+    )(
+        _flat(layout.kv_indices),
+        _flat(jnp.stack([layout.kv_counts, layout.kv_full], -1)),
+        _heads_first(q),
+        _heads_first(k),
+        _heads_first(v),
+        q_cols,
+        k_rows,
+    )
     return _heads_first(out), lse
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qt_ref, kt_ref, dq_ref, dq_sc, *,
-               rule, scale, fields, per_lh, dims):
+def _dq_kernel(
+    idx_ref,
+    cnt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qt_ref,
+    kt_ref,
+    dq_ref,
+    dq_sc,
+    *,
+    rule,
+    scale,
+    fields,
+    per_lh,
+    dims,
+):
     bi, h, i, j = (pl.program_id(a) for a in range(4))
     lh_count, nq, width = dims
     row = (bi * lh_count + h // per_lh) * nq + i
@@ -165,8 +236,29 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qt_ref, kt_ref, dk_ref, dv_ref,
-                dk_sc, dv_sc, *, rule, scale, fields, per_lh, group, dims):
+def _dkv_kernel(
+    idx_ref,
+    cnt_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qt_ref,
+    kt_ref,
+    dk_ref,
+    dv_ref,
+    dk_sc,
+    dv_sc,
+    *,
+    rule,
+    scale,
+    fields,
+    per_lh,
+    group,
+    dims,
+):
     bi, kvh, kb, j = (pl.program_id(a) for a in range(4))
     lh_count, nk, width = dims
     g, slot = j // width, j % width
@@ -198,11 +290,25 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: MaskRule, sm_scale: float,
-             fields, interpret: bool = False):
+def backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    do,
+    layout: BlockLayout,
+    q_tok,
+    k_tok,
+    *,
+    rule: MaskRule,
+    sm_scale: float,
+    fields,
+    interpret: bool = False,
+):
     """Returns (dq, dk, dv): a dQ pass over the layout and a dK/dV pass over its transpose."""
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    b, _sq, hq, d = q.shape
+    _sk, hkv = k.shape[1], k.shape[2]
     group, per_lh = hq // hkv, hq // layout.num_heads
     bq, bk = layout.block_q, layout.block_k
     nq, nk = layout.num_q_blocks, layout.num_k_blocks
@@ -219,18 +325,28 @@ def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: 
         return idx[((bi * dims[0] + h // per_lh) * nq + i) * wk + j]
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j, idx, cnt: (bi, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j, idx, cnt: (
-        bi, h // group, kv_block(bi, h, i, j, idx, cnt), 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, bk, d),
+        lambda bi, h, i, j, idx, cnt: (bi, h // group, kv_block(bi, h, i, j, idx, cnt), 0),
+    )
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, h, i, j, idx, cnt: (bi, h, i, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, rule=rule, scale=sm_scale, fields=fields, per_lh=per_lh, dims=dims),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hq, nq, wk),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                      pl.BlockSpec((None, bq, fq), lambda bi, h, i, j, idx, cnt: (bi, i, 0)),
-                      pl.BlockSpec((None, fk, bk), lambda bi, h, i, j, idx, cnt: (
-                          bi, 0, kv_block(bi, h, i, j, idx, cnt)))],
+            in_specs=[
+                q_spec,
+                kv_spec,
+                kv_spec,
+                q_spec,
+                row_spec,
+                row_spec,
+                pl.BlockSpec((None, bq, fq), lambda bi, h, i, j, idx, cnt: (bi, i, 0)),
+                pl.BlockSpec(
+                    (None, fk, bk), lambda bi, h, i, j, idx, cnt: (bi, 0, kv_block(bi, h, i, j, idx, cnt))
+                ),
+            ],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         ),
@@ -238,8 +354,18 @@ def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: 
         compiler_params=params,
         interpret=_interpret(interpret),
         name="block_sparse_dq_tpu",
-    )(_flat(layout.kv_indices), _flat(jnp.stack([layout.kv_counts, layout.kv_full], -1)), qh, kh, vh, doh, lse,
-      delta, q_cols, k_rows)
+    )(
+        _flat(layout.kv_indices),
+        _flat(jnp.stack([layout.kv_counts, layout.kv_full], -1)),
+        qh,
+        kh,
+        vh,
+        doh,
+        lse,
+        delta,
+        q_cols,
+        k_rows,
+    )
 
     wq = layout.q_indices.shape[-1]
     tdims = (layout.num_heads, nk, wq)
@@ -250,21 +376,34 @@ def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: 
     def q_block(bi, h, kb, j, idx, cnt):
         return idx[((bi * tdims[0] + q_head(h, j) // per_lh) * nk + kb) * wq + j % wq]
 
-    kq_spec = pl.BlockSpec((None, None, bq, d), lambda bi, h, kb, j, idx, cnt: (
-        bi, q_head(h, j), q_block(bi, h, kb, j, idx, cnt), 0))
-    krow_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, h, kb, j, idx, cnt: (
-        bi, q_head(h, j), q_block(bi, h, kb, j, idx, cnt), 0))
+    kq_spec = pl.BlockSpec(
+        (None, None, bq, d),
+        lambda bi, h, kb, j, idx, cnt: (bi, q_head(h, j), q_block(bi, h, kb, j, idx, cnt), 0),
+    )
+    krow_spec = pl.BlockSpec(
+        (None, None, bq, 1),
+        lambda bi, h, kb, j, idx, cnt: (bi, q_head(h, j), q_block(bi, h, kb, j, idx, cnt), 0),
+    )
     own_spec = pl.BlockSpec((None, None, bk, d), lambda bi, h, kb, j, idx, cnt: (bi, h, kb, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, rule=rule, scale=sm_scale, fields=fields, per_lh=per_lh, group=group,
-                          dims=tdims),
+        functools.partial(
+            _dkv_kernel, rule=rule, scale=sm_scale, fields=fields, per_lh=per_lh, group=group, dims=tdims
+        ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, hkv, nk, group * wq),
-            in_specs=[kq_spec, own_spec, own_spec, kq_spec, krow_spec, krow_spec,
-                      pl.BlockSpec((None, bq, fq), lambda bi, h, kb, j, idx, cnt: (
-                          bi, q_block(bi, h, kb, j, idx, cnt), 0)),
-                      pl.BlockSpec((None, fk, bk), lambda bi, h, kb, j, idx, cnt: (bi, 0, kb))],
+            in_specs=[
+                kq_spec,
+                own_spec,
+                own_spec,
+                kq_spec,
+                krow_spec,
+                krow_spec,
+                pl.BlockSpec(
+                    (None, bq, fq), lambda bi, h, kb, j, idx, cnt: (bi, q_block(bi, h, kb, j, idx, cnt), 0)
+                ),
+                pl.BlockSpec((None, fk, bk), lambda bi, h, kb, j, idx, cnt: (bi, 0, kb)),
+            ],
             out_specs=[own_spec, own_spec],
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         ),
@@ -272,6 +411,16 @@ def backward(q, k, v, out, lse, do, layout: BlockLayout, q_tok, k_tok, *, rule: 
         compiler_params=params,
         interpret=_interpret(interpret),
         name="block_sparse_dkv_tpu",
-    )(_flat(layout.q_indices), _flat(jnp.stack([layout.q_counts, layout.q_full], -1)), qh, kh, vh, doh, lse,
-      delta, q_cols, k_rows)
+    )(
+        _flat(layout.q_indices),
+        _flat(jnp.stack([layout.q_counts, layout.q_full], -1)),
+        qh,
+        kh,
+        vh,
+        doh,
+        lse,
+        delta,
+        q_cols,
+        k_rows,
+    )
     return _heads_first(dq), _heads_first(dk), _heads_first(dv)

@@ -28,8 +28,11 @@ def decode_slots(lengths, *, num_new: int, window: int, num_global: int, critica
     band_pad = -(-band // tile) * tile
     start = lengths[:, None] - num_new - window + 1
     window_slots = start + jnp.arange(band_pad)[None, :]
-    window_slots = jnp.where((jnp.arange(band_pad)[None, :] < band) & (window_slots >= 0)
-                             & (window_slots < lengths[:, None]), window_slots, -1)
+    window_slots = jnp.where(
+        (jnp.arange(band_pad)[None, :] < band) & (window_slots >= 0) & (window_slots < lengths[:, None]),
+        window_slots,
+        -1,
+    )
     sticky = [jnp.broadcast_to(jnp.arange(num_global), (lengths.shape[0], num_global))]
     if critical_indices is not None:
         sticky.append(critical_indices.astype(jnp.int32))
@@ -37,15 +40,33 @@ def decode_slots(lengths, *, num_new: int, window: int, num_global: int, critica
     in_band = sticky >= jnp.maximum(start, 0)
     is_critical = jnp.arange(sticky.shape[1])[None, :] >= num_global
     # A critical index among the sinks is already listed once; critical indices themselves must be unique.
-    sticky = jnp.where((sticky >= 0) & (sticky < lengths[:, None]) & ~in_band
-                       & ~(is_critical & (sticky < num_global)), sticky, -1)
+    sticky = jnp.where(
+        (sticky >= 0) & (sticky < lengths[:, None]) & ~in_band & ~(is_critical & (sticky < num_global)),
+        sticky,
+        -1,
+    )
     sticky_pad = max(-(-sticky.shape[1] // tile) * tile, 0)
     sticky = jnp.pad(sticky, ((0, 0), (0, sticky_pad - sticky.shape[1])), constant_values=-1)
     return jnp.concatenate([window_slots.astype(jnp.int32), sticky], axis=1), band_pad // tile
 
 
-def _decode_kernel(slots_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, tile, tiles_per_split,
-                   num_tiles, window_tiles, window, dot_kw):
+def _decode_kernel(
+    slots_ref,
+    qpos_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    scale,
+    tile,
+    tiles_per_split,
+    num_tiles,
+    window_tiles,
+    window,
+    dot_kw,
+):
     split = pl.program_id(2)
     q = q_ref[...]
     q_pos = qpos_ref[...]
@@ -71,7 +92,11 @@ def _decode_kernel(slots_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, **dot_kw)
         return m_new, l, acc
 
-    carry = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, d), jnp.float32))
+    carry = (
+        jnp.full((rows,), NEG, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, d), jnp.float32),
+    )
     m, l, acc = jax.lax.fori_loop(first, last, visit, carry)
     nonempty = l > 0
     o_ref[...] = acc / jnp.where(nonempty, l, 1.0)[:, None]
@@ -110,15 +135,24 @@ def sparse_decode_attention(
     if backend == "reference":
         from pallas_kernels import reference
 
-        return reference.sparse_decode_attention(q, k_cache, v_cache, lengths, window=window, num_global=num_global,
-                                                 critical_indices=critical_indices, sm_scale=sm_scale)
+        return reference.sparse_decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            lengths,
+            window=window,
+            num_global=num_global,
+            critical_indices=critical_indices,
+            sm_scale=sm_scale,
+        )
     if backend != "triton":
         raise ValueError(f"backend {backend!r} not in ('auto', 'triton', 'reference')")
-    scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+    scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
     group = hq // hkv
     rows = max(16, pl.next_power_of_2(t * group))
-    slots, window_tiles = decode_slots(lengths, num_new=t, window=window, num_global=num_global,
-                                       critical_indices=critical_indices, tile=tile)
+    slots, window_tiles = decode_slots(
+        lengths, num_new=t, window=window, num_global=num_global, critical_indices=critical_indices, tile=tile
+    )
     num_tiles = slots.shape[1] // tile
     if num_splits is None:  # about two programs per SM of an H100 (132 SMs)
         num_splits = max(1, min(num_tiles, -(-264 // (b * hkv))))
@@ -130,9 +164,15 @@ def sparse_decode_attention(
     q_pos = lengths[:, None] - t + jnp.arange(rows)[None, :] // group
     q_pos = jnp.where(jnp.arange(rows)[None, :] < t * group, q_pos, -1).astype(jnp.int32)
     kernel = functools.partial(
-        _decode_kernel, scale=scale, tile=tile, tiles_per_split=tiles_per_split, num_tiles=num_tiles,
-        window_tiles=window_tiles, window=window,
-        dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {})
+        _decode_kernel,
+        scale=scale,
+        tile=tile,
+        tiles_per_split=tiles_per_split,
+        num_tiles=num_tiles,
+        window_tiles=window_tiles,
+        window=window,
+        dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {},
+    )
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
@@ -147,8 +187,10 @@ def sparse_decode_attention(
             pl.BlockSpec((None, None, None, rows, d), lambda bi, h, s: (bi, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda bi, h, s: (bi, h, s, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, num_splits, rows), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, num_splits, rows), jnp.float32),
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
         interpret=interpret,
         name="sparse_decode",

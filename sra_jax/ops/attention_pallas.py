@@ -39,7 +39,9 @@ def pallas_attention(
     sq, sk = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     if mask is not None:
-        return pallas_kernels.reference.masked_attention(q, k, v, mask if mask.ndim == 4 else mask[:, None], scale)
+        return pallas_kernels.reference.masked_attention(
+            q, k, v, mask if mask.ndim == 4 else mask[:, None], scale
+        )
     bq, bk = _block(sq, block_q), _block(sk, block_k)
     if spec is None:
         b = q.shape[0]
@@ -47,12 +49,36 @@ def pallas_attention(
         k_positions = jnp.broadcast_to(jnp.arange(sk, dtype=jnp.int32), (b, sk))
         layout = pallas_kernels.sra_layout(q_positions, k_positions, block_q=bq, block_k=bk)
         return pallas_kernels.block_sparse_attention(
-            q, k, v, layout, q_positions=q_positions, k_positions=k_positions, sm_scale=scale, backend=backend,
-            interpret=interpret)
+            q,
+            k,
+            v,
+            layout,
+            q_positions=q_positions,
+            k_positions=k_positions,
+            sm_scale=scale,
+            backend=backend,
+            interpret=interpret,
+        )
     q_critical = spec.q_critical if spec.queries == "critical" else None
-    rule = dict(causal=True, window=spec.window, num_global=spec.num_global, k_critical=spec.k_critical,
-                q_critical=q_critical, segment_ids=spec.q_segment_ids, k_segment_ids=spec.k_segment_ids)
+    rule = {
+        "causal": True,
+        "window": spec.window,
+        "num_global": spec.num_global,
+        "k_critical": spec.k_critical,
+        "q_critical": q_critical,
+        "segment_ids": spec.q_segment_ids,
+        "k_segment_ids": spec.k_segment_ids,
+    }
     layout = pallas_kernels.sra_layout(spec.q_positions, spec.k_positions, block_q=bq, block_k=bk, **rule)
     return pallas_kernels.block_sparse_attention(
-        q, k, v, layout, q_positions=spec.q_positions, k_positions=spec.k_positions, sm_scale=scale,
-        backend=backend, interpret=interpret, **rule)
+        q,
+        k,
+        v,
+        layout,
+        q_positions=spec.q_positions,
+        k_positions=spec.k_positions,
+        sm_scale=scale,
+        backend=backend,
+        interpret=interpret,
+        **rule,
+    )

@@ -14,8 +14,12 @@ from sra_jax.ops.masks import SRAMaskSpec
 
 def _inputs(seed, b=2, s=40, hq=4, hkv=2, d=16):
     ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return (jax.random.normal(ks[0], (b, s, hq, d)), jax.random.normal(ks[1], (b, s, hkv, d)),
-            jax.random.normal(ks[2], (b, s, hkv, d)), jax.random.uniform(ks[3], (b, s)) < 0.2)
+    return (
+        jax.random.normal(ks[0], (b, s, hq, d)),
+        jax.random.normal(ks[1], (b, s, hkv, d)),
+        jax.random.normal(ks[2], (b, s, hkv, d)),
+        jax.random.uniform(ks[3], (b, s)) < 0.2,
+    )
 
 
 @pytest.mark.parametrize("queries", ["critical", "all"])
@@ -24,7 +28,9 @@ def test_pallas_matches_reference_on_an_sra_spec_with_padding_and_segments(queri
     b, s = critical.shape
     positions = jnp.broadcast_to(jnp.where(jnp.arange(s) < 35, jnp.arange(s), -1), (b, s))
     segments = jnp.broadcast_to((jnp.arange(s) >= 17).astype(jnp.int32), (b, s))
-    spec = SRAMaskSpec.create(positions, critical, window=6, num_global=2, queries=queries, segment_ids=segments)
+    spec = SRAMaskSpec.create(
+        positions, critical, window=6, num_global=2, queries=queries, segment_ids=segments
+    )
     got = attention(q, k, v, spec=spec, impl="pallas")
     want = attention(q, k, v, spec=spec, impl="reference")
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # both f32: summation order only
@@ -32,12 +38,17 @@ def test_pallas_matches_reference_on_an_sra_spec_with_padding_and_segments(queri
 
 def test_pallas_is_causal_by_index_without_spec_or_mask():
     q, k, v, _ = _inputs(1)
-    np.testing.assert_allclose(attention(q, k, v, impl="pallas"), attention(q, k, v, impl="reference"),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        attention(q, k, v, impl="pallas"), attention(q, k, v, impl="reference"), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_pallas_takes_a_token_mask():
     q, k, v, _ = _inputs(2)
     mask = jax.random.uniform(jax.random.PRNGKey(3), (2, 40, 40)) < 0.3
-    np.testing.assert_allclose(attention(q, k, v, mask=mask, impl="pallas"),
-                               attention(q, k, v, mask=mask, impl="reference"), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        attention(q, k, v, mask=mask, impl="pallas"),
+        attention(q, k, v, mask=mask, impl="reference"),
+        atol=1e-5,
+        rtol=1e-5,
+    )

@@ -43,5 +43,8 @@ def dense_softmax_attention(q, k, v, mask, scale):
 
 def qkv(key, b, sq, sk, hq, hkv, d, dtype):
     kq, kk, kv = jax.random.split(key, 3)
-    return (jax.random.normal(kq, (b, sq, hq, d), dtype), jax.random.normal(kk, (b, sk, hkv, d), dtype),
-            jax.random.normal(kv, (b, sk, hkv, d), dtype))
+    return (
+        jax.random.normal(kq, (b, sq, hq, d), dtype),
+        jax.random.normal(kk, (b, sk, hkv, d), dtype),
+        jax.random.normal(kv, (b, sk, hkv, d), dtype),
+    )

@@ -18,8 +18,9 @@ import pallas_kernels as pk
 @functools.partial(jax.jit, static_argnames=("backend",))
 def _decode(q, kc, vc, lengths, critical, backend):
     extra = {"interpret": True, "num_splits": 3, "tile": 16} if backend == "triton" else {}
-    return pk.sparse_decode_attention(q, kc, vc, lengths, window=8, num_global=2, critical_indices=critical,
-                                      backend=backend, **extra)
+    return pk.sparse_decode_attention(
+        q, kc, vc, lengths, window=8, num_global=2, critical_indices=critical, backend=backend, **extra
+    )
 
 
 @settings(max_examples=5)
@@ -30,7 +31,9 @@ def test_sparse_decode_matches_reference_gqa4_two_new_tokens(len0, len1, seed):
     lengths = jnp.array([max(len0, t), max(len1, t)])
     rng = np.random.default_rng(seed)
     # Unique indices per row (the API's contract), some past the length, some among the sinks, -1 padding.
-    critical = np.stack([np.where(rng.random(12) < 0.8, rng.choice(L, 12, replace=False), -1) for _ in range(b)])
+    critical = np.stack(
+        [np.where(rng.random(12) < 0.8, rng.choice(L, 12, replace=False), -1) for _ in range(b)]
+    )
     out = _decode(q, kc, vc, lengths, jnp.asarray(critical, jnp.int32), backend="triton")
     ref = _decode(q, kc, vc, lengths, jnp.asarray(critical, jnp.int32), backend="reference")
     assert rel_err(out, ref) < TOL[jnp.float32]
@@ -38,8 +41,9 @@ def test_sparse_decode_matches_reference_gqa4_two_new_tokens(len0, len1, seed):
 
 def test_decode_slots_list_each_visible_slot_once():
     lengths = jnp.array([40])
-    slots, window_tiles = pk.decode.decode_slots(lengths, num_new=1, window=5, num_global=3,
-                                                 critical_indices=jnp.array([[1, 20, 37, 39, -1]]), tile=8)
+    slots, window_tiles = pk.decode.decode_slots(
+        lengths, num_new=1, window=5, num_global=3, critical_indices=jnp.array([[1, 20, 37, 39, -1]]), tile=8
+    )
     listed = sorted(int(x) for x in np.asarray(slots)[0] if x >= 0)
     assert listed == [0, 1, 2, 20, 35, 36, 37, 38, 39]
     assert window_tiles == 1

@@ -18,7 +18,9 @@ from kernel_testing import TOL, qkv, rel_err
 
 import pallas_kernels as pk
 
-TINY = pk.GpuConfig(fwd_block_q=16, fwd_block_k=16, dq_block_q=16, dq_block_k=16, dkv_block_q=16, dkv_block_k=16)
+TINY = pk.GpuConfig(
+    fwd_block_q=16, fwd_block_k=16, dq_block_q=16, dq_block_k=16, dkv_block_q=16, dkv_block_k=16
+)
 
 
 def _loss(backend, layout, w, **kw):
@@ -26,28 +28,53 @@ def _loss(backend, layout, w, **kw):
         extra = {"interpret": True, "config": TINY} if backend != "reference" else {}
         out = pk.block_sparse_attention(q, k, v, layout, backend=backend, **kw, **extra)
         return (out.astype(jnp.float32) * w).sum(), out
+
     return f
 
 
 def _compare(backend, q, k, v, layout, **kw):
     w = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
     f32 = lambda x: x.astype(jnp.float32)
-    (_, out), grads = jax.value_and_grad(_loss(backend, layout, w, **kw), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    (_, ref), ref_grads = jax.value_and_grad(_loss("reference", layout, w, **kw), argnums=(0, 1, 2), has_aux=True)(
-        f32(q), f32(k), f32(v))
+    (_, out), grads = jax.value_and_grad(_loss(backend, layout, w, **kw), argnums=(0, 1, 2), has_aux=True)(
+        q, k, v
+    )
+    (_, ref), ref_grads = jax.value_and_grad(
+        _loss("reference", layout, w, **kw), argnums=(0, 1, 2), has_aux=True
+    )(f32(q), f32(k), f32(v))
     return out, grads, ref, ref_grads
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
 def _sra_case(q, k, v, positions, critical, segments, backend):
-    layout = pk.sra_layout(positions, block_q=32, block_k=16, window=12, num_global=2, k_critical=critical,
-                           q_critical=critical, segment_ids=segments)
-    return _compare(backend, q, k, v, layout, window=12, num_global=2, q_positions=positions, k_critical=critical,
-                    q_critical=critical, segment_ids=segments)
+    layout = pk.sra_layout(
+        positions,
+        block_q=32,
+        block_k=16,
+        window=12,
+        num_global=2,
+        k_critical=critical,
+        q_critical=critical,
+        segment_ids=segments,
+    )
+    return _compare(
+        backend,
+        q,
+        k,
+        v,
+        layout,
+        window=12,
+        num_global=2,
+        q_positions=positions,
+        k_critical=critical,
+        q_critical=critical,
+        segment_ids=segments,
+    )
 
 
 @settings(max_examples=5)
-@given(valid=st.integers(1, 64), fraction=st.floats(0.0, 0.5), split=st.integers(0, 64), seed=st.integers(0, 999))
+@given(
+    valid=st.integers(1, 64), fraction=st.floats(0.0, 0.5), split=st.integers(0, 64), seed=st.integers(0, 999)
+)
 def test_gpu_sra_rule_gqa4_f32_with_ragged_rows_segments_and_critical_keys(valid, fraction, split, seed):
     b, s, hq, hkv, d = 2, 64, 4, 1, 64
     q, k, v = qkv(jax.random.PRNGKey(seed), b, s, s, hq, hkv, d, jnp.float32)

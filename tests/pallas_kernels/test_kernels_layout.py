@@ -19,7 +19,9 @@ def test_block_mask_round_trips_through_both_lists(nq, nk, density, seed):
     rng = np.random.default_rng(seed)
     visited = rng.random((2, 3, nq, nk)) < density
     full = visited & (rng.random(visited.shape) < 0.5)
-    layout = pk.layout_from_block_mask(jnp.asarray(visited), full_mask=jnp.asarray(full), block_q=16, block_k=8)
+    layout = pk.layout_from_block_mask(
+        jnp.asarray(visited), full_mask=jnp.asarray(full), block_q=16, block_k=8
+    )
     got_visited, got_full = layout.to_block_mask()
     np.testing.assert_array_equal(got_visited, visited)
     np.testing.assert_array_equal(got_full, full)
@@ -27,14 +29,16 @@ def test_block_mask_round_trips_through_both_lists(nq, nk, density, seed):
     # Full blocks come first in every list.
     first = np.take_along_axis(np.asarray(full), np.asarray(layout.kv_indices), -1)
     slot = np.arange(layout.kv_indices.shape[-1])
-    np.testing.assert_array_equal(first & (slot < np.asarray(layout.kv_full)[..., None]),
-                                  slot < np.asarray(layout.kv_full)[..., None])
+    np.testing.assert_array_equal(
+        first & (slot < np.asarray(layout.kv_full)[..., None]), slot < np.asarray(layout.kv_full)[..., None]
+    )
 
 
 def test_trim_keeps_the_visited_blocks():
     mask = pk.causal_block_mask(5, 5)[None]
-    layout = pk.layout_from_block_mask(mask & (jnp.arange(5)[None, :] >= jnp.arange(5)[:, None] - 1), block_q=8,
-                                       block_k=8)
+    layout = pk.layout_from_block_mask(
+        mask & (jnp.arange(5)[None, :] >= jnp.arange(5)[:, None] - 1), block_q=8, block_k=8
+    )
     trimmed = layout.trim()
     assert trimmed.kv_indices.shape[-1] == 2
     np.testing.assert_array_equal(trimmed.to_block_mask()[0], layout.to_block_mask()[0])
@@ -55,24 +59,50 @@ def test_token_layout_marks_exactly_the_blocks_with_visible_pairs(seq, seed):
 
 @settings(max_examples=10)
 @given(
-    seq=st.sampled_from([37, 64]), window=st.integers(1, 20), num_global=st.integers(0, 4), causal=st.booleans(),
-    fraction=st.floats(0.0, 0.5), queries_all=st.booleans(), pad=st.integers(0, 7), seed=st.integers(0, 1000),
+    seq=st.sampled_from([37, 64]),
+    window=st.integers(1, 20),
+    num_global=st.integers(0, 4),
+    causal=st.booleans(),
+    fraction=st.floats(0.0, 0.5),
+    queries_all=st.booleans(),
+    pad=st.integers(0, 7),
+    seed=st.integers(0, 1000),
 )
-def test_sra_layout_covers_every_visible_pair_and_full_blocks_are_full(seq, window, num_global, causal, fraction,
-                                                                       queries_all, pad, seed):
+def test_sra_layout_covers_every_visible_pair_and_full_blocks_are_full(
+    seq, window, num_global, causal, fraction, queries_all, pad, seed
+):
     rng = np.random.default_rng(seed)
     positions = np.where(np.arange(seq) < seq - pad, np.arange(seq), -1)[None].astype(np.int32)
     critical = rng.random((1, seq)) < fraction
     segments = (np.arange(seq) >= seq // 2).astype(np.int32)[None]
     q_critical = None if queries_all else jnp.asarray(critical)
-    layout = pk.sra_layout(jnp.asarray(positions), block_q=16, block_k=8, causal=causal, window=window,
-                           num_global=num_global, k_critical=jnp.asarray(critical), q_critical=q_critical,
-                           segment_ids=jnp.asarray(segments))
-    rule = pk.MaskRule(causal=causal, window=window, num_global=num_global, has_segments=True,
-                       has_k_critical=True, has_q_critical=not queries_all)
+    layout = pk.sra_layout(
+        jnp.asarray(positions),
+        block_q=16,
+        block_k=8,
+        causal=causal,
+        window=window,
+        num_global=num_global,
+        k_critical=jnp.asarray(critical),
+        q_critical=q_critical,
+        segment_ids=jnp.asarray(segments),
+    )
+    rule = pk.MaskRule(
+        causal=causal,
+        window=window,
+        num_global=num_global,
+        has_segments=True,
+        has_k_critical=True,
+        has_q_critical=not queries_all,
+    )
     tokens = pk.block_sparse.token_mask.TokenInfo(
-        jnp.asarray(positions), jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(segments),
-        None if queries_all else jnp.asarray(critical, jnp.int32), jnp.asarray(critical, jnp.int32))
+        jnp.asarray(positions),
+        jnp.asarray(positions),
+        jnp.asarray(segments),
+        jnp.asarray(segments),
+        None if queries_all else jnp.asarray(critical, jnp.int32),
+        jnp.asarray(critical, jnp.int32),
+    )
     mask = np.asarray(token_mask(rule, tokens))[0]
     visited, full = (np.asarray(x)[0, 0] for x in layout.to_block_mask())
     padded = np.zeros((visited.shape[0] * 16, visited.shape[1] * 8), bool)

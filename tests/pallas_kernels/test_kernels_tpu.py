@@ -19,15 +19,23 @@ def _loss(backend, layout, w, **kw):
         extra = {"interpret": True} if backend == "tpu" else {}
         out = pk.block_sparse_attention(q, k, v, layout, backend=backend, **kw, **extra)
         return (out.astype(jnp.float32) * w).sum(), out
+
     return f
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
 def _case(q, k, v, positions, critical, backend):
-    layout = pk.sra_layout(positions, block_q=16, block_k=16, window=10, num_global=2, k_critical=critical,
-                           q_critical=critical)
+    layout = pk.sra_layout(
+        positions, block_q=16, block_k=16, window=10, num_global=2, k_critical=critical, q_critical=critical
+    )
     w = jax.random.normal(jax.random.PRNGKey(1), q.shape, jnp.float32)
-    kw = dict(window=10, num_global=2, q_positions=positions, k_critical=critical, q_critical=critical)
+    kw = {
+        "window": 10,
+        "num_global": 2,
+        "q_positions": positions,
+        "k_critical": critical,
+        "q_critical": critical,
+    }
     return jax.value_and_grad(_loss(backend, layout, w, **kw), argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
 
@@ -51,14 +59,19 @@ def test_tpu_kernels_lower_for_the_tpu_platform_on_cpu():
     # for the "cpu" device kind. This checks jax's Mosaic lowering only: the TPU compiler itself never runs here.
     from jax._src.pallas.mosaic import tpu_info
 
-    tpu_info.registry.setdefault("cpu", lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+    tpu_info.registry.setdefault(
+        "cpu", lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1)
+    )
     b, s, hq, hkv, d = 1, 256, 4, 1, 128
     q = jnp.zeros((b, s, hq, d), jnp.bfloat16)
     k = jnp.zeros((b, s, hkv, d), jnp.bfloat16)
     positions = jnp.arange(s)[None]
     critical = jnp.arange(s)[None] % 7 == 0
     layout = pk.sra_layout(positions, block_q=128, block_k=128, window=64, k_critical=critical)
-    loss = lambda q, k, v: pk.block_sparse_attention(q, k, v, layout, backend="tpu", window=64,
-                                                     k_critical=critical).astype(jnp.float32).sum()
+    loss = lambda q, k, v: (
+        pk.block_sparse_attention(q, k, v, layout, backend="tpu", window=64, k_critical=critical)
+        .astype(jnp.float32)
+        .sum()
+    )
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dQ and dK/dV kernels
