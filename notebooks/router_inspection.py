@@ -163,6 +163,10 @@ fig.suptitle("GSM8K, randomly initialised router (critical fraction 0.2): select
 show(fig, "router_gsm8k")
 
 # %% [markdown]
-# **What this shows.** On synthetic problems the trained router's precision against the known chain tokens can be
-# compared directly with the random baseline above: that gap is what the router learned. On GSM8K the router is
-# untrained (random weights), so its picks carry no meaning; a GSM8K-trained router was not available here.
+# **What this shows (committed run: 200 CPU steps).** Chain statements are 57.5% of question tokens here (few
+# distractors), so a random pick of the same size is right ~60% of the time. Layer 1's router beats that: precision
+# 75% vs 60% at recall 39% vs 31% — it has learned to prefer chain tokens. Layer 0's router does not (precision
+# 47%): the heatmap shows it mostly picks structural tokens (`;`, `=`) and the answer marker rather than the
+# chain's contents; whether that helps the answer is not measured here. On GSM8K the router is untrained
+# (random weights), so its picks carry no meaning (0 of 2, 0 of 1 and 1 of 5 number tokens selected); a
+# GSM8K-trained router was not available here.
