@@ -13,9 +13,11 @@ import pallas_kernels as pk
 from pallas_kernels.block_sparse.token_mask import token_mask
 
 
+# Shapes are few (each new shape recompiles every jnp op); the masks vary freely.
 @settings(max_examples=8)
-@given(st.sampled_from([1, 3, 6]), st.sampled_from([2, 5]), st.floats(0.0, 1.0), st.integers(0, 1000))
-def test_block_mask_round_trips_through_both_lists(nq, nk, density, seed):
+@given(st.sampled_from([(1, 5), (6, 3)]), st.floats(0.0, 1.0), st.integers(0, 1000))
+def test_block_mask_round_trips_through_both_lists(blocks, density, seed):
+    nq, nk = blocks
     rng = np.random.default_rng(seed)
     visited = rng.random((2, 3, nq, nk)) < density
     full = visited & (rng.random(visited.shape) < 0.5)
