@@ -76,7 +76,9 @@ def _generate(
     def choose(logits, step):
         if greedy:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p, top_k).astype(jnp.int32)
+        return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p, top_k).astype(
+            jnp.int32
+        )
 
     logits, aux = model(tokens, positions, cache=cache)
     # Prompts are left-padded, so the last column holds every row's last prompt token.
@@ -120,7 +122,9 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature=}, {top_p=}, {top_k=}")
+        raise ValueError(
+            f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature=}, {top_p=}, {top_k=}"
+        )
     lengths = np.array([len(p) for p in prompts])
     width = prompt_bucket(int(lengths.max()))
     if width + max_new_tokens > model.config.max_position_embeddings:
@@ -170,10 +174,16 @@ def _default_tokenizer(checkpoint: Path) -> Path | None:
 def cli_main(argv: list[str] | None = None) -> int:
     """`sra-jax generate --checkpoint DIR --prompt TEXT [...]`."""
     parser = argparse.ArgumentParser(prog="sra-jax generate", description=cli_main.__doc__)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="Hugging Face or sra-jax orbax directory")
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="Hugging Face or sra-jax orbax directory"
+    )
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    parser.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids")
-    parser.add_argument("--tokenizer", type=Path, help="Llama 3 tokenizer.model (default: beside the checkpoint)")
+    parser.add_argument(
+        "--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, help="Llama 3 tokenizer.model (default: beside the checkpoint)"
+    )
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a Llama 3 chat user turn")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)

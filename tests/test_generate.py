@@ -94,7 +94,9 @@ def test_sample_logits_draws_only_inside_top_k_and_top_p():
     assert set(top_p.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7
     top_k = np.asarray(draw(logits, key, *args, jnp.float32(1.0), jnp.int32(3)))
     assert set(top_k.tolist()) == {0, 1, 2}
-    counts = np.bincount(np.asarray(draw(logits, key, *args, jnp.float32(1.0), jnp.int32(0))), minlength=4) / 2000
+    counts = (
+        np.bincount(np.asarray(draw(logits, key, *args, jnp.float32(1.0), jnp.int32(0))), minlength=4) / 2000
+    )
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)  # ~4 binomial standard deviations
 
 
@@ -123,10 +125,25 @@ def test_cli_generates_from_hf_and_orbax_checkpoints(model, tmp_path, capsys):
 
 
 def test_cli_encodes_text_with_the_llama3_tokenizer(data_dir, tmp_path, capsys):
-    config = LlamaConfig.tiny(vocab_size=128256, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                              num_key_value_heads=1, num_hidden_layers=1)
+    config = LlamaConfig.tiny(
+        vocab_size=128256,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=1,
+    )
     save_hf(random_model(config), tmp_path / "hf")
-    argv = ["--checkpoint", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "3", "--chat",
-            "--tokenizer", str(data_dir / "llama3" / "tokenizer.model")]
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "hf"),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+        "--chat",
+        "--tokenizer",
+        str(data_dir / "llama3" / "tokenizer.model"),
+    ]
     assert cli_main(argv) == 0
     assert capsys.readouterr().out.strip()

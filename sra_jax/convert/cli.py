@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--overwrite", action="store_true", help="replace an existing DST")
         if name == "orbax-to-hf":
             command.add_argument(
-                "--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="split safetensors above this"
+                "--max-shard-bytes",
+                type=int,
+                default=DEFAULT_MAX_SHARD_BYTES,
+                help="split safetensors above this",
             )
     args = parser.parse_args(argv)
     try:
@@ -33,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
             hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
         else:
             orbax_to_hf(
-                args.src, args.dst, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite
+                args.src,
+                args.dst,
+                dtype=args.dtype,
+                max_shard_bytes=args.max_shard_bytes,
+                overwrite=args.overwrite,
             )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"sra-jax convert: {error}", file=sys.stderr)

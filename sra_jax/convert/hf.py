@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,13 @@ from flax import nnx
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.convert import params as P
 from sra_jax.convert.mapping import IGNORED_HF_TENSORS, ParamPath, ParamSpec, param_specs, path_str
-from sra_jax.convert.safetensors_io import SafetensorsReader, TensorSource, atomic_directory, write_file, write_sharded
+from sra_jax.convert.safetensors_io import (
+    SafetensorsReader,
+    TensorSource,
+    atomic_directory,
+    write_file,
+    write_sharded,
+)
 
 CONFIG_FILE = "config.json"
 ROUTER_FILE = "sra_router.safetensors"
@@ -60,7 +65,9 @@ def check_tensors(reader: SafetensorsReader, specs: list[ParamSpec], config: Lla
         # Some exporters write the tied head anyway; accept it only if it really is the embedding.
         extra.remove("lm_head.weight")
         if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
-            raise ValueError("tie_word_embeddings=true but tensor 'lm_head.weight' differs from the embedding")
+            raise ValueError(
+                "tie_word_embeddings=true but tensor 'lm_head.weight' differs from the embedding"
+            )
     extra = [name for name in extra if not IGNORED_HF_TENSORS.fullmatch(name)]
     if extra:
         raise ValueError(f"checkpoint has unexpected tensor(s) {extra[:8]} for a LlamaForCausalLM config")
@@ -77,7 +84,9 @@ def check_tensors(reader: SafetensorsReader, specs: list[ParamSpec], config: Lla
             raise ValueError(f"tensor {spec.hf_name!r} has non-float dtype {info.dtype}")
 
 
-def open_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, SRAConfig | None, SafetensorsReader, list[ParamSpec]]:
+def open_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[LlamaConfig, SRAConfig | None, SafetensorsReader, list[ParamSpec]]:
     """Read and validate config.json and the tensor headers (no tensor data is touched)."""
     config, sra = read_config(path)
     reader = SafetensorsReader(path)
@@ -123,7 +132,11 @@ def load_hf(
     stored = reader.info(specs[0].hf_name).dtype
     param_dtype = np.dtype(dtype) if dtype is not None else stored
     graphdef, flat = P.abstract_model(
-        config, sra, dtype=compute_dtype or param_dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        config,
+        sra,
+        dtype=compute_dtype or param_dtype,
+        param_dtype=param_dtype,
+        attention_impl=attention_impl,
     )
     variables = dict(flat)
     by_path = {s.path: s for s in specs}
@@ -142,10 +155,14 @@ def load_hf(
                 raise ValueError(f"{ROUTER_FILE} is missing tensor {name!r}")
             source = routers.get(name)
         else:
-            raise ValueError(f"model variable {path_str(p)!r} has no Hugging Face counterpart (nn/convert mismatch)")
+            raise ValueError(
+                f"model variable {path_str(p)!r} has no Hugging Face counterpart (nn/convert mismatch)"
+            )
         shape = tuple(variable.get_value().shape)
         if source.shape != shape:
-            raise ValueError(f"tensor for {path_str(p)!r} has shape {list(source.shape)}, the model expects {list(shape)}")
+            raise ValueError(
+                f"tensor for {path_str(p)!r} has shape {list(source.shape)}, the model expects {list(shape)}"
+            )
         target = np.dtype(dtype) if dtype is not None else source.dtype
         sharding = P.sharding_for(p, variable, shape, mesh=mesh, shardings=shardings)
         values[p] = P.place(source, target, sharding)
@@ -169,9 +186,7 @@ def _host(array: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def model_tensors(
-    model: nnx.Module, dtype: Any = None
-) -> tuple[list[TensorSource], list[TensorSource]]:
+def model_tensors(model: nnx.Module, dtype: Any = None) -> tuple[list[TensorSource], list[TensorSource]]:
     """The model as (HF tensors, router tensors), each produced on demand in the output layout and dtype."""
     config, _ = model_config(model)
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -206,7 +221,9 @@ def write_hf_dir(
 ) -> None:
     """config.json + model safetensors (+ sra_router.safetensors) into an existing empty directory."""
     dtype = hf[0].dtype if hf else None
-    (directory / CONFIG_FILE).write_text(json.dumps(config_json(config, sra if routers else None, dtype), indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(
+        json.dumps(config_json(config, sra if routers else None, dtype), indent=2) + "\n"
+    )
     write_sharded(directory, hf, max_shard_bytes=max_shard_bytes)
     if routers:
         metadata = {"format": "sra-jax", "sra": json.dumps(dataclasses.asdict(sra))}
@@ -234,15 +251,3 @@ def save_hf(
         return
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_hf_dir(tmp, config, sra, hf, routers, max_shard_bytes=max_shard_bytes)
-
-
-def iter_hf(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, memory-mapped array) of every tensor of a checkpoint directory, routers included (for tests/tools)."""
-    path = Path(path)
-    reader = SafetensorsReader(path)
-    for name in reader.keys():
-        yield name, reader.get(name)
-    routers = router_reader(path)
-    if routers is not None:
-        for name in routers.keys():
-            yield name, routers.get(name)

@@ -38,7 +38,9 @@ def param_specs(config: LlamaConfig) -> list[ParamSpec]:
     hidden, inter = config.hidden_size, config.intermediate_size
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
-    specs = [ParamSpec("model.embed_tokens.weight", ("embed", "embedding"), (config.vocab_size, hidden), False)]
+    specs = [
+        ParamSpec("model.embed_tokens.weight", ("embed", "embedding"), (config.vocab_size, hidden), False)
+    ]
     for i in range(config.num_hidden_layers):
         hf, ours = f"model.layers.{i}", ("layers", i)
         linear = {
@@ -50,11 +52,18 @@ def param_specs(config: LlamaConfig) -> list[ParamSpec]:
             ("mlp", "up_proj"): (("mlp", "up_proj"), (inter, hidden)),
             ("mlp", "down_proj"): (("mlp", "down_proj"), (hidden, inter)),
         }
-        specs.append(ParamSpec(f"{hf}.input_layernorm.weight", (*ours, "input_norm", "scale"), (hidden,), False))
+        specs.append(
+            ParamSpec(f"{hf}.input_layernorm.weight", (*ours, "input_norm", "scale"), (hidden,), False)
+        )
         for (block, proj), (path, shape) in linear.items():
             specs.append(ParamSpec(f"{hf}.{block}.{proj}.weight", (*ours, *path, "kernel"), shape, True))
         specs.append(
-            ParamSpec(f"{hf}.post_attention_layernorm.weight", (*ours, "post_attention_norm", "scale"), (hidden,), False)
+            ParamSpec(
+                f"{hf}.post_attention_layernorm.weight",
+                (*ours, "post_attention_norm", "scale"),
+                (hidden,),
+                False,
+            )
         )
     specs.append(ParamSpec("model.norm.weight", ("norm", "scale"), (hidden,), False))
     if not config.tie_word_embeddings:

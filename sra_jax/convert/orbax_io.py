@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -96,17 +95,23 @@ class OrbaxReader:
         self.arrays: dict[ParamPath, Any] = {}  # path -> ArrayMetadata (shape, dtype)
         for group_dir in sorted(params_dir.iterdir()):
             tree = self._checkpointer.metadata(group_dir).item_metadata.tree
-            prefix: ParamPath = ("layers", int(group_dir.name.split(".")[1])) if "." in group_dir.name else (group_dir.name,)
+            prefix: ParamPath = (
+                ("layers", int(group_dir.name.split(".")[1])) if "." in group_dir.name else (group_dir.name,)
+            )
             for inner, meta in _flatten(tree):
                 self.arrays[(*prefix, *(int(k) if k.isdigit() else k for k in inner))] = meta
 
-    def restore_group(self, group: str, targets: dict[ParamPath, jax.ShapeDtypeStruct], *, host: bool = False):
+    def restore_group(
+        self, group: str, targets: dict[ParamPath, jax.ShapeDtypeStruct], *, host: bool = False
+    ):
         """Restore some parameters of one group; `targets` (full paths) give dtype and sharding.
 
         host=True restores numpy arrays (no device buffers: used when streaming to safetensors)."""
         inner = _nest({group_of(p)[1]: t for p, t in targets.items()})
         if host:
-            restore_args = jax.tree.map(lambda t: ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype), inner)
+            restore_args = jax.tree.map(
+                lambda t: ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype), inner
+            )
         else:
             restore_args = ocp.checkpoint_utils.construct_restore_args(inner)
         args = ocp.args.PyTreeRestore(item=inner, restore_args=restore_args, partial_restore=True)
@@ -134,29 +139,41 @@ def load_orbax(
     stored = np.dtype(reader.arrays[("embed", "embedding")].dtype)
     param_dtype = np.dtype(dtype) if dtype is not None else stored
     graphdef, flat = P.abstract_model(
-        config, sra, dtype=compute_dtype or param_dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        config,
+        sra,
+        dtype=compute_dtype or param_dtype,
+        param_dtype=param_dtype,
+        attention_impl=attention_impl,
     )
     expected = {p for p, _ in flat}
     missing = sorted(path_str(p) for p in expected - reader.arrays.keys())
     extra = sorted(path_str(p) for p in reader.arrays.keys() - expected)
     if missing or extra:
-        raise ValueError(f"orbax checkpoint {path} does not match its config: missing {missing}, unexpected {extra}")
+        raise ValueError(
+            f"orbax checkpoint {path} does not match its config: missing {missing}, unexpected {extra}"
+        )
     targets: dict[str, dict[ParamPath, jax.ShapeDtypeStruct]] = {}
     for p, variable in flat:
         meta = reader.arrays[p]
         shape = tuple(variable.get_value().shape)
         if tuple(meta.shape) != shape:
-            raise ValueError(f"parameter {path_str(p)!r} has shape {list(meta.shape)}, the config implies {list(shape)}")
+            raise ValueError(
+                f"parameter {path_str(p)!r} has shape {list(meta.shape)}, the config implies {list(shape)}"
+            )
         sharding = P.sharding_for(p, variable, shape, mesh=mesh, shardings=shardings) or _default_sharding()
         target_dtype = np.dtype(dtype) if dtype is not None else np.dtype(meta.dtype)
-        targets.setdefault(group_of(p)[0], {})[p] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=sharding)
+        targets.setdefault(group_of(p)[0], {})[p] = jax.ShapeDtypeStruct(
+            shape, target_dtype, sharding=sharding
+        )
     values: dict[ParamPath, jax.Array] = {}
     for group, group_targets in targets.items():
         values.update(reader.restore_group(group, group_targets))
     return config, P.merge(graphdef, flat, values)
 
 
-def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None, overwrite: bool = False) -> None:
+def hf_to_orbax(
+    src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = None, overwrite: bool = False
+) -> None:
     """Stream a Hugging Face checkpoint (plus `sra_router.safetensors` if present) into an orbax checkpoint,
     one layer at a time."""
     src = Path(src)
@@ -166,7 +183,9 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = 
         sra = SRAConfig(**json.loads(routers.metadata["sra"]))
     groups: dict[str, dict[ParamPath, Any]] = {}
     for spec in specs:
-        groups.setdefault(group_of(spec.path)[0], {})[spec.path] = lambda spec=spec: hf_io.hf_view(reader, spec)
+        groups.setdefault(group_of(spec.path)[0], {})[spec.path] = lambda spec=spec: hf_io.hf_view(
+            reader, spec
+        )
     for name in routers.keys() if routers is not None else []:
         parts = tuple(int(k) if k.isdigit() else k for k in name.split("."))
         groups.setdefault(group_of(parts)[0], {})[parts] = lambda name=name: routers.get(name)

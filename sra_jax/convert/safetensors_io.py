@@ -86,7 +86,9 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         begin, end = entry["data_offsets"]
         info = TensorInfo(name, file, DTYPES[code], tuple(int(d) for d in entry["shape"]), data_start + begin)
         if end - begin != info.nbytes or data_start + end > size:
-            raise ValueError(f"{file}: tensor {name!r} byte range [{begin}, {end}) disagrees with its shape or the file")
+            raise ValueError(
+                f"{file}: tensor {name!r} byte range [{begin}, {end}) disagrees with its shape or the file"
+            )
         tensors[name] = info
     return tensors, metadata
 
@@ -133,10 +135,15 @@ class SafetensorsReader:
                 if key not in self._tensors or self._tensors[key].file.name != name:
                     raise ValueError(f"{INDEX_FILE} maps tensor {key!r} to {name}, which does not contain it")
             for key in self._tensors.keys() - weight_map.keys():
-                raise ValueError(f"tensor {key!r} is in {self._tensors[key].file.name} but not in {INDEX_FILE}")
+                raise ValueError(
+                    f"tensor {key!r} is in {self._tensors[key].file.name} but not in {INDEX_FILE}"
+                )
 
     def keys(self) -> list[str]:
         return list(self._tensors)
+
+    def __iter__(self):
+        return iter(self._tensors)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -151,12 +158,18 @@ class SafetensorsReader:
         return np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.offset, shape=info.shape)
 
 
-def _header_bytes(entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+def _header_bytes(
+    entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": dtype_code(dtype),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -15,19 +15,19 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-BASE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rope_theta=10000.0,
+BASE = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "rope_theta": 10000.0,
     # Larger than the default 0.02 so logits spread out: parity then checks something and greedy has few near-ties.
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-)
+    "initializer_range": 0.1,
+    "tie_word_embeddings": False,
+}
 # name -> (config overrides, save_pretrained max_shard_size or None)
 CONFIGS: dict[str, tuple[dict, str | None]] = {
     "gqa": ({}, None),
@@ -38,14 +38,18 @@ CONFIGS: dict[str, tuple[dict, str | None]] = {
 }
 
 
-def build_hf_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> transformers.LlamaForCausalLM:
+def build_hf_model(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> transformers.LlamaForCausalLM:
     overrides, _ = CONFIGS[name]
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**{**BASE, **overrides})
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
-def save_hf_model(model: transformers.LlamaForCausalLM, path: Path, max_shard_size: str | None = None) -> Path:
+def save_hf_model(
+    model: transformers.LlamaForCausalLM, path: Path, max_shard_size: str | None = None
+) -> Path:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return path

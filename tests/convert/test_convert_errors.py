@@ -32,7 +32,7 @@ def edited(src: Path, dst: Path, *, config: dict | None = None, drop=(), add=Non
         reader = SafetensorsReader(src)
         sources = [
             TensorSource(n, reader.info(n).dtype, reader.info(n).shape, lambda n=n: reader.get(n))
-            for n in reader.keys()
+            for n in reader
             if n not in drop
         ]
         sources += [TensorSource(n, a.dtype, a.shape, lambda a=a: a) for n, a in (add or {}).items()]
@@ -42,24 +42,29 @@ def edited(src: Path, dst: Path, *, config: dict | None = None, drop=(), add=Non
 
 def assert_nothing_written(dst: Path) -> None:
     assert not dst.exists()
-    assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], "temporary directory left"
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], (
+        "temporary directory left"
+    )
 
 
 BAD_INPUTS = {
-    "missing tensor": (dict(drop=["model.layers.0.mlp.up_proj.weight"]), "model.layers.0.mlp.up_proj.weight"),
+    "missing tensor": ({"drop": ["model.layers.0.mlp.up_proj.weight"]}, "model.layers.0.mlp.up_proj.weight"),
     "unexpected tensor": (
-        dict(add={"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}),
+        {"add": {"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}},
         "model.layers.0.self_attn.q_proj.bias",
     ),
-    "shape disagrees with config.json": (dict(config={"intermediate_size": 64}), "model.layers.0.mlp.gate_proj.weight"),
-    "attention bias": (dict(config={"attention_bias": True}), "attention_bias"),
+    "shape disagrees with config.json": (
+        {"config": {"intermediate_size": 64}},
+        "model.layers.0.mlp.gate_proj.weight",
+    ),
+    "attention bias": ({"config": {"attention_bias": True}}, "attention_bias"),
     "non-Llama architecture": (
-        dict(config={"architectures": ["MistralForCausalLM"], "model_type": "mistral"}),
+        {"config": {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}},
         "model_type",
     ),
-    "unknown config key": (dict(config={"sliding_window": 4096}), "sliding_window"),
+    "unknown config key": ({"config": {"sliding_window": 4096}}, "sliding_window"),
     "tied head that differs from the embedding": (
-        dict(config={"tie_word_embeddings": True}),
+        {"config": {"tie_word_embeddings": True}},
         "lm_head.weight",
     ),
 }

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import CONFIGS, build_hf_model, padded_batch, positions_from_mask, save_hf_model, torch_bits
 from flax import nnx
+from hf_models import CONFIGS, build_hf_model, padded_batch, positions_from_mask, save_hf_model, torch_bits
 
 from sra_jax.config import SRAConfig
 from sra_jax.convert import hf_to_orbax, load_hf, load_orbax, orbax_to_hf, save_hf
@@ -18,8 +18,9 @@ from sra_jax.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from sra_jax.generate import generate
 
 NAMES = list(CONFIGS)
-# float32 on both sides; the remaining difference is summation order in matmuls and softmax (measured <= 1e-6).
-LOGIT_ATOL = 1e-4
+# float32 on both sides; what remains is summation order in matmuls and softmax: measured <= 1.8e-6 on logits of
+# magnitude ~3 (torch 2.13 CPU, jax 0.10.2 CPU), so 1e-5 leaves a 5x margin (the issue asks for <= 1e-4).
+LOGIT_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def assert_same_files(src, dst) -> None:
     """Every tensor of two checkpoint directories has the same name, dtype, shape and bytes."""
     a, b = SafetensorsReader(src), SafetensorsReader(dst)
     assert sorted(a.keys()) == sorted(b.keys())
-    for name in a.keys():
+    for name in a:
         x, y = a.get(name), b.get(name)
         assert (x.dtype, x.shape) == (y.dtype, y.shape), name
         assert x.tobytes() == y.tobytes(), name
@@ -73,7 +74,10 @@ def test_greedy_generation_matches_transformers_generate(name, hf_checkpoints, l
     hf_model.generation_config.pad_token_id = 0
     with torch.no_grad():
         expected = hf_model.generate(
-            input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=32
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=32,
         )[:, tokens.shape[1] :].tolist()
     prompts = [row[m == 1].tolist() for row, m in zip(tokens, mask)]
     assert generate(model, prompts, max_new_tokens=32, temperature=0.0) == expected
@@ -82,7 +86,7 @@ def test_greedy_generation_matches_transformers_generate(name, hf_checkpoints, l
 @pytest.mark.parametrize("name", NAMES)
 def test_save_hf_output_loads_in_transformers_bit_identically(name, hf_checkpoints, loaded, tmp_path):
     hf_model, _ = hf_checkpoints[name]
-    config, model = loaded(name)
+    _, model = loaded(name)
     sharded = CONFIGS[name][1] is not None
     save_hf(model, tmp_path / "out", max_shard_bytes=40_000 if sharded else 10**9)
     assert (tmp_path / "out" / INDEX_FILE).exists() == sharded
@@ -112,10 +116,12 @@ def test_hf_to_orbax_to_hf_is_byte_identical(name, hf_checkpoints, loaded, tmp_p
 def test_half_precision_checkpoints_keep_their_bits(dtype, tmp_path):
     hf_model = build_hf_model("gqa", dtype)
     src = save_hf_model(hf_model, tmp_path / "src")
-    config, model = load_hf(src)
+    _, model = load_hf(src)
     assert model.embed.embedding.get_value().dtype == jnp.dtype(str(dtype).removeprefix("torch."))
     save_hf(model, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == str(
+        dtype
+    ).removeprefix("torch.")
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype)
     assert_same_state_dict(hf_model.state_dict(), reloaded.state_dict())
     hf_to_orbax(src, tmp_path / "orbax")
@@ -137,10 +143,12 @@ def test_routers_travel_beside_the_hf_files(hf_checkpoints, tmp_path):
     routers = SafetensorsReader(tmp_path / "hf" / "sra_router.safetensors")
     back = SafetensorsReader(tmp_path / "back" / "sra_router.safetensors")
     assert sorted(routers.keys()) == sorted(back.keys()) and routers.keys()
-    for key in routers.keys():
+    for key in routers:
         assert routers.get(key).tobytes() == back.get(key).tobytes(), key
     _, restored = load_orbax(tmp_path / "orbax")
     assert restored.sra == sra
     expected = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for path, variable in nnx.to_flat_state(nnx.state(restored, nnx.Param)):
-        np.testing.assert_array_equal(np.asarray(variable.get_value()), np.asarray(expected[path].get_value()))
+        np.testing.assert_array_equal(
+            np.asarray(variable.get_value()), np.asarray(expected[path].get_value())
+        )

@@ -72,10 +72,9 @@ def test_writer_rejects_a_tensor_that_disagrees_with_its_declaration(tmp_path):
 
 
 def test_atomic_directory_leaves_nothing_behind_on_error(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "dst") as tmp:
-            (tmp / "partial").write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "dst") as tmp:
+        (tmp / "partial").write_text("half")
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(tmp_path / "dst") as tmp:
         (tmp / "done").write_text("ok")

@@ -49,7 +49,14 @@ def test_load_hf_with_a_mesh_shards_parameters_and_reads_only_slices(tmp_path):
     config = LlamaConfig.tiny(vocab_size=64, num_hidden_layers=1, hidden_size=32, intermediate_size=48)
     src = write_random_checkpoint(tmp_path / "hf", config)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(src)], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     specs = result["specs"]
