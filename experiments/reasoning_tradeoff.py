@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 
-# Every seed of a variant compiles the same programs: a persistent cache turns the later compiles into loads.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path.home() / ".cache" / "sra_jax_experiments_xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
 import jax  # noqa: E402
+
+# Every seed of a variant compiles the same programs: a persistent cache turns the later compiles into loads.
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("SRA_JAX_XLA_CACHE", str(Path.home() / ".cache" / "sra_jax_experiments_xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from scipy import stats  # noqa: E402
