@@ -47,7 +47,7 @@ def demo_config(sra: SRAConfig | None, *, steps: int, seed: int = 0) -> TrainCon
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sra-jax demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per model")
     parser.add_argument("--eval-size", type=int, default=256, help="held-out problems per column")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
