@@ -37,7 +37,10 @@ def decode_slots(lengths, *, num_new: int, window: int, num_global: int, critica
     if critical_indices is not None:
         sticky.append(critical_indices.astype(jnp.int32))
     sticky = jnp.concatenate(sticky, axis=1).astype(jnp.int32)
-    in_band = sticky >= jnp.maximum(start, 0)
+    # A sticky slot can leave the sticky list only when the window of every new token that can see it covers it,
+    # i.e. when it lies in the last new token's window; the band tiles then show it. Others stay sticky, and the
+    # kernel hides a sticky slot from a query whose own window already shows it, so nothing is counted twice.
+    in_band = sticky >= (lengths - window)[:, None]
     is_critical = jnp.arange(sticky.shape[1])[None, :] >= num_global
     # A critical index among the sinks is already listed once; critical indices themselves must be unique.
     sticky = jnp.where(
@@ -83,7 +86,8 @@ def _decode_kernel(
         v = v_ref[safe, :]
         s = plgpu.dot(q, k, trans_b=True, **dot_kw) * scale
         vis = valid[None, :] & (slots[None, :] <= q_pos[:, None])
-        vis = vis & ((j >= window_tiles) | (q_pos[:, None] - slots[None, :] < window))
+        in_window = q_pos[:, None] - slots[None, :] < window
+        vis = vis & jnp.where(j < window_tiles, in_window, ~in_window)
         s = jnp.where(vis, s, NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp2(m - m_new)

@@ -47,3 +47,16 @@ def test_decode_slots_list_each_visible_slot_once():
     listed = sorted(int(x) for x in np.asarray(slots)[0] if x >= 0)
     assert listed == [0, 1, 2, 20, 35, 36, 37, 38, 39]
     assert window_tiles == 1
+
+
+def test_critical_slot_in_the_band_stays_visible_to_later_new_tokens():
+    # New tokens sit at 37, 38, 39 with window 4: slot 34 is in the first token's window but not in the later ones',
+    # so the later tokens must still see it because it is critical (a regression: it used to be dropped for them).
+    b, t, L, hq, hkv, d = 1, 3, 40, 4, 1, 64
+    q, kc, vc = qkv(jax.random.PRNGKey(7), b, t, L, hq, hkv, d, jnp.float32)
+    lengths = jnp.array([L])
+    critical = jnp.array([[34, 10, -1]], jnp.int32)
+    args = dict(window=4, num_global=1, critical_indices=critical)
+    out = pk.sparse_decode_attention(q, kc, vc, lengths, backend="triton", interpret=True, num_splits=2, tile=16, **args)
+    ref = pk.sparse_decode_attention(q, kc, vc, lengths, backend="reference", **args)
+    assert rel_err(out, ref) < TOL[jnp.float32]
