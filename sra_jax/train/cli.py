@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sra_jax.train.config import TrainConfig
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep
     try:
         config = TrainConfig.load(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:

@@ -80,7 +80,7 @@ def run(
     description: str = "train",
 ) -> RunResult:
     """Train `config.steps` steps (resuming from `checkpoint.dir` when it holds a checkpoint)."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
     trainer, state = create_trainer(config, mesh)
     stream = make_stream(config)
