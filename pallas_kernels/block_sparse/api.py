@@ -88,36 +88,19 @@ class _Static:
     config: gpu.GpuConfig
     interpret: bool
 
+    def kernels(self):
+        """The backend's kernel module and the keyword arguments the kernels share."""
+        kwargs = dict(rule=self.rule, sm_scale=self.sm_scale, fields=self.fields, interpret=self.interpret)
+        if self.backend == "triton":
+            return gpu, {**kwargs, "config": self.config}
+        from pallas_kernels.block_sparse import tpu  # Mosaic TPU imports only when that backend is used
+
+        return tpu, kwargs
+
 
 def _forward(q, k, v, layout, q_tok, k_tok, st: _Static):
-    if st.backend == "triton":
-        return gpu.forward(
-            q,
-            k,
-            v,
-            layout,
-            q_tok,
-            k_tok,
-            rule=st.rule,
-            sm_scale=st.sm_scale,
-            fields=st.fields,
-            config=st.config,
-            interpret=st.interpret,
-        )
-    from pallas_kernels.block_sparse import tpu
-
-    return tpu.forward(
-        q,
-        k,
-        v,
-        layout,
-        q_tok,
-        k_tok,
-        rule=st.rule,
-        sm_scale=st.sm_scale,
-        fields=st.fields,
-        interpret=st.interpret,
-    )
+    kernels, kwargs = st.kernels()
+    return kernels.forward(q, k, v, layout, q_tok, k_tok, **kwargs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -132,41 +115,8 @@ def _attention_fwd(q, k, v, layout, q_tok, k_tok, st: _Static):
 
 def _attention_bwd(st: _Static, residuals, do):
     q, k, v, layout, q_tok, k_tok, out, lse = residuals
-    if st.backend == "triton":
-        dq, dk, dv = gpu.backward(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            do,
-            layout,
-            q_tok,
-            k_tok,
-            rule=st.rule,
-            sm_scale=st.sm_scale,
-            fields=st.fields,
-            config=st.config,
-            interpret=st.interpret,
-        )
-    else:
-        from pallas_kernels.block_sparse import tpu
-
-        dq, dk, dv = tpu.backward(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            do,
-            layout,
-            q_tok,
-            k_tok,
-            rule=st.rule,
-            sm_scale=st.sm_scale,
-            fields=st.fields,
-            interpret=st.interpret,
-        )
+    kernels, kwargs = st.kernels()
+    dq, dk, dv = kernels.backward(q, k, v, out, lse, do, layout, q_tok, k_tok, **kwargs)
     return dq, dk, dv, None, None, None
 
 
