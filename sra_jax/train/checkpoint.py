@@ -36,9 +36,17 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, state: Any, *, force: bool = False, extra: dict[str, Any] | None = None) -> bool:
-        """Save `state` at its step if the interval says so (or `force`); returns whether a save started."""
-        step = host_int(state.step)
+    def due(self, step: int) -> bool:
+        """Whether the interval asks for a checkpoint at `step` (lets the loop avoid reading the device step)."""
+        return bool(self.manager.should_save(step))
+
+    def save(self, state: Any, *, step: int | None = None, force: bool = False,
+             extra: dict[str, Any] | None = None) -> bool:
+        """Save `state` at its step if the interval says so (or `force`); returns whether a save started.
+
+        `step` is `state.step` when the caller knows it (reading it from the device waits for the step to finish).
+        """
+        step = host_int(state.step) if step is None else int(step)
         meta = {"step": step, "data_position": step, **(extra or {})}
         return self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

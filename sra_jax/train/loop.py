@@ -30,6 +30,16 @@ from sra_jax.train.step import Trainer, TrainState, create_trainer
 EXIT_OK, EXIT_BAD_STEPS = 0, 1
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    """A dispatched step whose metrics the host has not read yet."""
+
+    step: int  # 0-based index of the batch it consumed
+    positions: np.ndarray
+    metrics: dict[str, jax.Array]
+    dispatched: float  # perf_counter() at dispatch
+
+
 @dataclasses.dataclass
 class RunResult:
     trainer: Trainer
@@ -105,41 +115,72 @@ def run(
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("{task.fields[status]}"), console=console, transient=False)
     task = progress.add_task(description, total=config.steps, completed=start, status="") if progress else None
+    pending: _Pending | None = None
+    last_ready = time.perf_counter()
+
+    def record(done: _Pending) -> bool:
+        """Read the metrics of a finished step (the only host sync), log them; False once the run must stop."""
+        nonlocal bad_steps, reason, exit_code, last_ready
+        host = jax.device_get({k: v.addressable_data(0) for k, v in done.metrics.items()})
+        metrics = {k: float(np.asarray(v)) for k, v in host.items()}
+        ready = time.perf_counter()
+        # Steps run back to back, so the time between two finished steps is the step time (the first one counts
+        # from its dispatch).
+        elapsed = ready - max(last_ready, done.dispatched)
+        last_ready = ready
+        flops = train_flops(num_params, num_embed, done.positions, num_layers=model_cfg.num_hidden_layers,
+                            num_heads=model_cfg.num_attention_heads, head_dim=model_cfg.head_dim,
+                            mask_density=metrics["mask_density"]) * jax.process_count()
+        metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed, lr=float(schedule(done.step)))
+        if peak is not None:
+            metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
+        history.append({"step": done.step + 1, **metrics})
+        if metrics["skipped"]:
+            bad_steps += 1
+            console.print(f"[yellow]step {done.step}: non-finite loss or gradient "
+                          f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); update skipped")
+        else:
+            bad_steps = 0
+        if (done.step + 1) % config.log.every == 0 or done.step + 1 == config.steps:
+            logger.log(done.step + 1, metrics)
+        if task is not None:
+            progress.update(task, completed=done.step + 1, status=(
+                f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f} sel {metrics['selected_fraction']:.2f} "
+                f"{metrics['tokens_per_s']:.0f} tok/s"))
+        if on_step is not None:
+            on_step(done.step + 1, metrics)
+        if bad_steps >= config.max_bad_steps:
+            console.print(f"[red]{bad_steps} consecutive non-finite steps: stopping; the last checkpoint "
+                          f"is the last good state")
+            reason, exit_code = "bad_steps", EXIT_BAD_STEPS
+            return False
+        return True
+
+    # The host never waits for the step it just dispatched: it builds and uploads batch n + 1 and dispatches step
+    # n + 1 while step n runs, then reads step n's metrics (one step behind). It reads a step's metrics at once
+    # (a sync) only when that step must be checkpointed, is the last one, is preempted, or follows a bad step, so a
+    # checkpoint is never ahead of the logged metrics and the bad-step count stops the run at the right step.
     with stop.installed(), (progress if own_progress else contextlib.nullcontext()):
         for step in range(start, config.steps):
             arrays = stream.batch(step)
-            began = time.perf_counter()
-            state, device_metrics = trainer.step_fn(state, trainer.put_batch(arrays))
-            metrics = {k: float(np.asarray(v.addressable_data(0))) for k, v in device_metrics.items()}
-            elapsed = time.perf_counter() - began
-            flops = train_flops(num_params, num_embed, arrays["positions"], num_layers=model_cfg.num_hidden_layers,
-                                num_heads=model_cfg.num_attention_heads, head_dim=model_cfg.head_dim,
-                                mask_density=metrics["mask_density"]) * jax.process_count()
-            metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed, lr=float(schedule(step)))
-            if peak is not None:
-                metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
-            history.append({"step": step + 1, **metrics})
-            if metrics["skipped"]:
-                bad_steps += 1
-                console.print(f"[yellow]step {step}: non-finite loss or gradient "
-                              f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); update skipped")
-                if bad_steps >= config.max_bad_steps:
-                    console.print(f"[red]{bad_steps} consecutive non-finite steps: stopping; the last checkpoint "
-                                  f"is the last good state")
-                    reason, exit_code = "bad_steps", EXIT_BAD_STEPS
-                    break
-            else:
-                bad_steps = 0
-            if (step + 1) % config.log.every == 0 or step + 1 == config.steps:
-                logger.log(step + 1, metrics)
-            if task is not None:
-                progress.update(task, completed=step + 1, status=(
-                    f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f} sel {metrics['selected_fraction']:.2f} "
-                    f"{metrics['tokens_per_s']:.0f} tok/s"))
-            if on_step is not None:
-                on_step(step + 1, metrics)
-            if checkpointer is not None:
-                checkpointer.save(state, force=bool(stop) or step + 1 == config.steps)
+            batch = trainer.put_batch(arrays)
+            dispatched = time.perf_counter()
+            state, device_metrics = trainer.step_fn(state, batch)
+            current = _Pending(step, arrays["positions"], device_metrics, dispatched)
+            if pending is not None and not record(pending):
+                record(current)  # already run: keep its metrics too
+                pending = None
+                break
+            pending = current
+            last = step + 1 == config.steps
+            save_now = checkpointer is not None and (bool(stop) or last or checkpointer.due(step + 1))
+            if not (save_now or bad_steps or stop or last):
+                continue
+            pending = None
+            if not record(current):
+                break
+            if save_now:
+                checkpointer.save(state, step=step + 1, force=bool(stop) or last)
             if stop:
                 console.print(f"signal {stop.signal}: checkpoint at step {step + 1} saved; exiting")
                 reason = "preempted"
