@@ -1,0 +1,474 @@
+"""Llama-3-8B-shaped latency: prefill and per-token decode, sra_jax dense vs SRA vs transformers (torch) dense.
+
+One process, one GPU, the same random weights in both frameworks: a transformers `LlamaForCausalLM` is built with
+random bf16 weights, copied into `sra_jax.nn.Llama` through the converter's name table (`sra_jax.convert.mapping`)
+and DLPack, and the dense logits of both are compared at a short length (the sanity row). Then, for each context
+length, batch 1:
+
+- transformers dense (SDPA): prefill `model(ids, logits_to_keep=1)`, decode `model(token, past_key_values=...)` in
+  an eager Python loop (what `generate` does without torch.compile);
+- sra_jax dense (`attention_impl="cudnn"` on GPU) and SRA (`attention_impl="pallas"`, critical fraction 0.1 and the
+  SRAConfig defaults for window / globals): prefill is one jitted `model(tokens, cache=KVCache)` call, decode a
+  jitted `lax.fori_loop` of greedy single-token `model(token, cache=cache)` calls with the cache donated.
+
+Medians over repeats after a warm-up (which also compiles), synchronised with `block_until_ready` /
+`torch.cuda.synchronize`. Results: a JSON record (device, date, versions, shapes, rows) and a markdown table.
+
+    python experiments/llama8b_latency.py                      # GPU: 4k, 16k, 32k
+    python experiments/llama8b_latency.py --tiny --out-dir /tmp/x   # tiny config on CPU (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: E402
+from sra_jax.convert.mapping import param_specs  # noqa: E402
+from sra_jax.convert.params import abstract_model, fresh_router_values, merge  # noqa: E402
+from sra_jax.nn import KVCache  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"bfloat16": (jnp.bfloat16, "bfloat16"), "float32": (jnp.float32, "float32")}
+
+
+def llama8b_config() -> LlamaConfig:
+    """Meta-Llama-3.1-8B's shape (rope llama3, factor 8), with room for 32k + decode positions."""
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+        max_position_embeddings=131072,
+    )
+
+
+def tiny_config() -> LlamaConfig:
+    return LlamaConfig.tiny(
+        rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+        ),
+    )
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import jaxlib
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def timed(fn, *, warmup: int, reps: int) -> tuple[float, list[float], float]:
+    """(median ms, every rep in ms, seconds of the first warm-up call, which includes compilation)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times, first
+
+
+# --------------------------------------------------------------------------------------------------- torch side
+def build_torch_model(config: LlamaConfig, dtype: str, device: str, seed: int):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_config = transformers.LlamaConfig(**config.to_hf())
+    hf_config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def torch_to_jax_values(torch_model, config: LlamaConfig, jax_dtype) -> dict:
+    """Our parameter tree from the torch state dict, via the converter's table (linear weights transposed)."""
+    state = torch_model.state_dict()
+    values = {}
+    for spec in param_specs(config):
+        tensor = state[spec.hf_name].detach()
+        array = jnp.array(jax.dlpack.from_dlpack(tensor.contiguous()), dtype=jax_dtype, copy=True)
+        values[spec.path] = array.T if spec.transpose else array
+        if values[spec.path].shape != spec.shape:
+            raise ValueError(f"{spec.hf_name}: converted shape {values[spec.path].shape}, expected {spec.shape}")
+    return values
+
+
+def torch_sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def torch_rows(model, config, lengths, *, device, decode_steps, reps, seed, rows: list[dict], save) -> None:
+    rng = np.random.default_rng(seed)
+    for length in lengths:
+        ids = rng.integers(0, config.vocab_size, (1, length))
+        base = dict(impl="transformers dense (sdpa, eager)", framework="torch", context=length, batch=1)
+        try:
+            _torch_length(model, ids, base, device=device, decode_steps=decode_steps, reps=reps, rows=rows)
+        except Exception as error:  # noqa: BLE001 - one failed row must not lose the others
+            rows.append({**base, "phase": "prefill+decode", "error": f"{type(error).__name__}: {error}"})
+            traceback.print_exc()
+        gc.collect()
+        save()
+
+
+def _torch_length(model, ids, base, *, device, decode_steps, reps, rows) -> None:
+    import torch
+
+    ids = torch.as_tensor(ids, device=device)
+    length = ids.shape[1]
+
+    @torch.inference_mode()
+    def prefill():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        torch_sync(device)
+        return out
+
+    ms, all_ms, first = timed(prefill, warmup=1, reps=reps)
+    rows.append({**base, "phase": "prefill", "ms": ms, "ms_reps": all_ms, "warmup_s": first})
+
+    with torch.inference_mode():
+        out = prefill()
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+        def decode():
+            nonlocal cache, token
+            for _ in range(decode_steps):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            torch_sync(device)
+
+        ms, all_ms, first = timed(decode, warmup=1, reps=reps)
+    rows.append(
+        {**base, "phase": "decode", "ms_per_token": ms / decode_steps, "steps": decode_steps,
+         "ms_reps": all_ms, "warmup_s": first}
+    )
+    del out, cache, token, ids
+    print(f"  torch {length}: prefill {rows[-2]['ms']:.1f} ms, decode {rows[-1]['ms_per_token']:.2f} ms/token",
+          flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- jax side
+def build_jax_models(config, values, sra: SRAConfig, *, dtype, dense_impl: str, sra_impl: str, seed: int):
+    """(dense model, SRA model) sharing the converted weights; the SRA model adds freshly initialised routers."""
+    graph, flat = abstract_model(config, None, dtype=dtype, param_dtype=dtype, attention_impl=dense_impl)
+    dense = merge(graph, flat, values)
+    graph, flat = abstract_model(config, sra, dtype=dtype, param_dtype=dtype, attention_impl=sra_impl)
+    routers = fresh_router_values(config, sra, seed=seed, param_dtype=dtype)
+    return dense, merge(graph, flat, {**values, **routers})
+
+
+def jax_functions(model, max_len: int, decode_steps: int):
+    """Jitted (prefill(state, tokens) -> (token, cache, aux stats), decode(state, token, cache) -> (token, cache))."""
+    graph, state = nnx.split(model)
+    config, dtype = model.config, model.dtype
+
+    @jax.jit
+    def prefill(state, tokens):
+        m = nnx.merge(graph, state)
+        logits, aux = m(tokens, cache=KVCache.init(config, tokens.shape[0], max_len, dtype))
+        stats = dict(critical=aux.critical, selected_fraction=aux.selected_fraction.mean(),
+                     mask_density=aux.visible_pairs.sum() / aux.causal_pairs.sum())
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), aux.cache, stats
+
+    @partial(jax.jit, donate_argnums=(2,))
+    def decode(state, token, cache):
+        m = nnx.merge(graph, state)
+
+        def step(_, carry):
+            token, cache = carry
+            logits, aux = m(token[:, None], cache=cache)
+            return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), aux.cache
+
+        return jax.lax.fori_loop(0, decode_steps, step, (token, cache))
+
+    return state, prefill, decode
+
+
+def block_density(critical, sra: SRAConfig, length: int, block: int = 128) -> float:
+    """Fraction of causal (128 x 128) blocks the Pallas prefill kernel visits, from the critical sets it used."""
+    import pallas_kernels
+
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    block = min(block, length)
+    nq = -(-length // block)
+    causal_blocks = nq * (nq + 1) / 2
+    visited = []
+    for layer_critical in critical:
+        layout = pallas_kernels.sra_layout(
+            positions, positions, block_q=block, block_k=block, causal=True, window=sra.window,
+            num_global=sra.num_global, k_critical=layer_critical,
+            q_critical=layer_critical if sra.queries == "critical" else None,
+        )
+        visited.append(float(layout.kv_counts.sum()))
+    return float(np.mean(visited) / causal_blocks)
+
+
+def jax_rows(models, config, lengths, sra, *, decode_steps, reps, seed, rows: list[dict], save) -> None:
+    rng = np.random.default_rng(seed)
+    for length in lengths:
+        tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, length)), jnp.int32)
+        for name, model in models.items():
+            impl = model.layers[0].attn.attention_impl
+            base = dict(impl=f"sra_jax {name} ({impl})", framework="jax", context=length, batch=1)
+            try:
+                _jax_length(model, name, tokens, sra, base, decode_steps=decode_steps, reps=reps, rows=rows)
+            except Exception as error:  # noqa: BLE001 - one failed row must not lose the others
+                rows.append({**base, "phase": "prefill+decode", "error": f"{type(error).__name__}: {error}"[:2000]})
+                traceback.print_exc()
+            gc.collect()
+            save()
+
+
+def _jax_length(model, name, tokens, sra, base, *, decode_steps, reps, rows) -> None:
+    length = tokens.shape[1]
+    max_len = length + decode_steps * (reps + 2)
+    state, prefill, decode = jax_functions(model, max_len, decode_steps)
+    result = {}
+
+    def run_prefill():
+        result["out"] = jax.block_until_ready(prefill(state, tokens))
+
+    ms, all_ms, first = timed(run_prefill, warmup=1, reps=reps)
+    token, cache, stats = result.pop("out")
+    row = {**base, "phase": "prefill", "ms": ms, "ms_reps": all_ms, "warmup_s": first}
+    if name == "SRA":
+        row.update(
+            selected_fraction=float(stats["selected_fraction"]),
+            mask_density=float(stats["mask_density"]),
+            block_density=block_density(stats["critical"], sra, length),
+        )
+    rows.append(row)
+    del stats
+    carry = {"token": token, "cache": cache}
+
+    def run_decode():
+        carry["token"], carry["cache"] = jax.block_until_ready(decode(state, carry["token"], carry["cache"]))
+
+    ms, all_ms, first = timed(run_decode, warmup=1, reps=reps)
+    rows.append(
+        {**base, "phase": "decode", "ms_per_token": ms / decode_steps, "steps": decode_steps,
+         "cache_slots": max_len, "ms_reps": all_ms, "warmup_s": first}
+    )
+    del carry, cache, token, prefill, decode
+    print(f"  jax {name} {length}: prefill {rows[-2]['ms']:.1f} ms, decode {rows[-1]['ms_per_token']:.2f} "
+          f"ms/token (first calls {rows[-2]['warmup_s']:.0f} s / {rows[-1]['warmup_s']:.0f} s)", flush=True)
+
+
+def sanity_row(torch_model, dense, config, *, length: int, device: str, seed: int) -> dict:
+    """Dense logits of both frameworks on the same random tokens (no cache)."""
+    import torch
+
+    tokens = np.random.default_rng(seed + 1).integers(0, config.vocab_size, (1, length))
+    with torch.inference_mode():
+        theirs = torch_model(input_ids=torch.as_tensor(tokens, device=device)).logits.float().cpu().numpy()
+    ours, _ = nnx.jit(lambda m, t: m(t))(dense, jnp.asarray(tokens, jnp.int32))
+    ours = np.asarray(ours)
+    diff = np.abs(ours - theirs)
+    return {
+        "phase": "sanity: dense logits, transformers vs sra_jax (same weights, no cache)",
+        "context": length,
+        "max_abs_diff": float(diff.max()),
+        "rel_err": float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)),
+        "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
+        "logit_std": float(theirs.std()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def fmt(x, spec=".1f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(record: dict) -> str:
+    rows = [r for r in record["rows"] if "impl" in r]
+    by = {(r["impl"], r["context"], r["phase"]): r for r in rows}
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    lengths = sorted({r["context"] for r in rows})
+    torch_impl = next((i for i in impls if i.startswith("transformers")), None)
+    lines = [
+        f"# Llama-3-8B-shaped latency ({record['preset']})",
+        "",
+        f"device `{record['device']}`, date {record['date']}, {record['dtype']} weights and compute, batch 1, "
+        f"versions {record['versions']}. SRA: {record['sra']}.",
+        "",
+        "| context | implementation | prefill ms | decode ms / token | prefill vs transformers | decode vs transformers |"
+        " SRA: selected / pair density / block density |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for length in lengths:
+        for impl in impls:
+            pre, dec = by.get((impl, length, "prefill")), by.get((impl, length, "decode"))
+            if pre is None and dec is None:
+                continue
+            ref_pre = by.get((torch_impl, length, "prefill"))
+            ref_dec = by.get((torch_impl, length, "decode"))
+            ratio_pre = ref_pre["ms"] / pre["ms"] if pre and ref_pre and "ms" in pre else None
+            ratio_dec = (
+                ref_dec["ms_per_token"] / dec["ms_per_token"] if dec and ref_dec and "ms_per_token" in dec else None
+            )
+            sra = ""
+            if pre and "selected_fraction" in pre:
+                sra = f"{pre['selected_fraction']:.3f} / {pre['mask_density']:.3f} / {pre['block_density']:.3f}"
+            lines.append(
+                f"| {length} | {impl} | {fmt(pre and pre.get('ms'))} | {fmt(dec and dec.get('ms_per_token'), '.2f')} "
+                f"| {fmt(ratio_pre, '.2f')}x | {fmt(ratio_dec, '.2f')}x | {sra} |"
+            )
+    for r in record["rows"]:
+        if r["phase"].startswith("sanity"):
+            lines += ["", f"Sanity ({r['context']} tokens, same weights): dense logits rel. error {r['rel_err']:.2e}, "
+                      f"max abs diff {r['max_abs_diff']:.3g} (logit std {r['logit_std']:.3g}), argmax agreement "
+                      f"{r['argmax_agreement']:.3f}."]
+    errors = [r for r in record["rows"] if "error" in r]
+    for r in errors:
+        lines.append(f"\nFailed: {r['impl']} {r['context']} {r['phase']}: {r['error']}")
+    lines += ["", record["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = (
+    "Prefill: one call on `context` random tokens writing a fresh KV cache; transformers computes the last "
+    "position's logits only (`logits_to_keep=1`, as `generate` does), `sra_jax.nn.Llama` computes logits at every "
+    "position (its API) and the jitted function keeps the last. Decode: ms per greedy token, from a jitted "
+    "`lax.fori_loop` of `steps` single-token calls on the donated cache (sra_jax) and an eager Python loop with "
+    "a DynamicCache (transformers). What SRA runs: prefill through `attention(impl='pallas')` = "
+    "`pallas_kernels.block_sparse_attention` with a layout from the SRA rule; decode through the same block-sparse "
+    "kernel with one query over the cache slots (the model does not call `pallas_kernels.sparse_decode_attention`). "
+    "The routers are random (random weights), so the critical tokens fall wherever their scores put them. SRA "
+    "columns: fraction of tokens selected, visible (query, key) pairs / causal pairs (pair density, from the masks "
+    "used), and causal 128x128 blocks the prefill kernel visits (block density, from the same critical sets): the "
+    "kernel's work follows the block density. Dense sra_jax runs `jax.nn.dot_product_attention("
+    "implementation='cudnn')` with the SRA spec's boolean mask turned into a bias (no is_causal fast path). "
+    "`warmup_s` is the first call (compilation included)."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny config, short lengths (CPU test of the code path)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--decode-steps", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--sanity-length", type=int, default=None)
+    parser.add_argument("--skip-torch-timing", action="store_true", help="keep the sanity row, time only sra_jax")
+    parser.add_argument("--out-dir", type=Path, default=None, help="JSON + markdown go here (default: the repo)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    gpu = jax.default_backend() == "gpu"
+    config = tiny_config() if args.tiny else llama8b_config()
+    lengths = args.lengths or ([32, 64] if args.tiny else [4096, 16384, 32768])
+    decode_steps = args.decode_steps or (4 if args.tiny else 16)
+    reps = args.reps or (2 if args.tiny else 3)
+    sanity_length = args.sanity_length or (16 if args.tiny else 128)
+    if any(n < 2 for n in lengths):
+        parser.error(f"--lengths must be >= 2, got {lengths}")
+    jax_dtype, torch_dtype = DTYPES[args.dtype]
+    device = "cuda" if gpu else "cpu"
+    sra = SRAConfig(critical_fraction=0.1)  # window, num_global, queries: the SRAConfig defaults
+    dense_impl = "cudnn" if gpu else "xla"
+
+    date = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "what": "Llama-3-8B-shaped prefill and decode latency, random weights",
+        "preset": "tiny" if args.tiny else "llama3-8b",
+        "device": jax.devices()[0].device_kind,
+        "date": date.isoformat(timespec="seconds"),
+        "versions": versions(),
+        "dtype": args.dtype,
+        "model": config.to_hf(),
+        "sra": {"critical_fraction": sra.critical_fraction, "window": sra.window, "num_global": sra.num_global,
+                "queries": sra.queries, "router_hidden": sra.router_hidden, "selection_at_inference": "top-k"},
+        "impls": {"dense": dense_impl, "SRA": "pallas", "transformers": "sdpa"},
+        "lengths": lengths,
+        "decode_steps": decode_steps,
+        "reps": reps,
+        "notes": NOTES,
+        "rows": [],
+    }
+    rows = record["rows"]
+    stem = f"llama8b-latency-{'tiny-' if args.tiny else ''}{date:%Y-%m-%d}"
+    json_path = (args.out_dir or REPO / "benchmarks" / "results") / f"{stem}.json"
+    md_path = (args.out_dir or REPO / "experiments" / "results") / f"{stem}.md"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def save() -> None:  # after every row, so a run cut short keeps what it measured
+        record["total_s"] = time.perf_counter() - start
+        json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        md_path.write_text(markdown(record))
+
+    print(f"{record['preset']} shape on {record['device']}, lengths {lengths}", flush=True)
+    torch_model = build_torch_model(config, torch_dtype, device, args.seed)
+    values = torch_to_jax_values(torch_model, config, jax_dtype)
+    dense, sra_model = build_jax_models(
+        config, values, sra, dtype=jax_dtype, dense_impl=dense_impl, sra_impl="pallas", seed=args.seed
+    )
+    del values
+    rows.append(sanity_row(torch_model, dense, config, length=sanity_length, device=device, seed=args.seed))
+    print(f"  sanity: {rows[0]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    save()
+    if not args.skip_torch_timing:
+        torch_rows(torch_model, config, lengths, device=device, decode_steps=decode_steps, reps=reps,
+                   seed=args.seed, rows=rows, save=save)
+    del torch_model
+    gc.collect()
+    if gpu:
+        import torch
+
+        torch.cuda.empty_cache()
+    jax_rows({"dense": dense, "SRA": sra_model}, config, lengths, sra, decode_steps=decode_steps, reps=reps,
+             seed=args.seed, rows=rows, save=save)
+    save()
+    print(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`experiments/llama8b_latency.py --tiny` end to end on CPU: the same code path as the H100 run (torch model with
+random weights -> our parameter tree through the converter's table and DLPack -> dense and SRA `Llama`, prefill with
+a KV cache, a jitted decode loop, transformers prefill + eager decode), with the torch side on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory) -> dict:
+    spec = importlib.util.spec_from_file_location("llama8b_latency", ROOT / "experiments" / "llama8b_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("latency")
+    # float32 so the sanity row can be held to a tight tolerance: it checks the weight conversion, not bf16 noise.
+    args = ["--tiny", "--dtype", "float32", "--lengths", "24", "--reps", "1", "--decode-steps", "2", "--out-dir", str(out)]
+    assert module.main(args) == 0
+    (path,) = out.glob("llama8b-latency-tiny-*.json")
+    assert (out / path.name.replace(".json", ".md")).is_file()
+    return json.loads(path.read_text())
+
+
+def test_same_weights_give_the_same_dense_logits(record):
+    sanity = record["rows"][0]
+    assert sanity["phase"].startswith("sanity")
+    # float32 on both sides, 2 layers: only summation order differs (measured ~2e-7); 1e-5 leaves 50x headroom and
+    # still fails on any mapping mistake (a missing transpose or a rope mismatch gives errors of order 1).
+    assert sanity["rel_err"] < 1e-5
+    assert sanity["argmax_agreement"] == 1.0
+
+
+def test_every_implementation_has_finite_prefill_and_decode_rows(record):
+    rows = [r for r in record["rows"] if "impl" in r]
+    assert not [r for r in rows if "error" in r]
+    impls = {r["impl"] for r in rows}
+    assert impls == {"transformers dense (sdpa, eager)", "sra_jax dense (xla)", "sra_jax SRA (pallas)"}
+    for impl in impls:
+        (pre,) = [r for r in rows if r["impl"] == impl and r["phase"] == "prefill"]
+        (dec,) = [r for r in rows if r["impl"] == impl and r["phase"] == "decode"]
+        assert pre["context"] == dec["context"] == 24 and pre["batch"] == 1
+        assert math.isfinite(pre["ms"]) and pre["ms"] > 0
+        assert math.isfinite(dec["ms_per_token"]) and dec["ms_per_token"] > 0 and dec["steps"] == 2
+
+
+def test_sra_row_reports_its_selection_and_densities(record):
+    (sra,) = [r for r in record["rows"] if r.get("impl") == "sra_jax SRA (pallas)" and r["phase"] == "prefill"]
+    assert sra["selected_fraction"] == pytest.approx(3 / 24)  # k = ceil(0.1 * 24) = 3 critical tokens per layer
+    # With window 64 > 24 tokens every causal pair is in the window: SRA is dense here, and says so.
+    assert sra["mask_density"] == pytest.approx(1.0)
+    assert sra["block_density"] == pytest.approx(1.0)
+    assert record["sra"]["window"] == 64 and record["sra"]["num_global"] == 4
+    assert record["device"] and record["date"] and {"jax", "torch", "transformers"} <= set(record["versions"])
