@@ -211,11 +211,57 @@ def attention(
         return pallas_attention(q, k, v, sm_scale=sm_scale, **given)
     if impl == "gather":
         return _gather(q, k, v, spec, sm_scale)
-    if mask is None:
+    if mask is None and spec is None and impl != "reference" and sq == sk:
+        causal = jnp.broadcast_to(jnp.arange(sq, dtype=jnp.int32), (b, sq))
+        return _causal_prefix(q, k, v, causal, sm_scale, impl)
+    if mask is None and not (spec is not None and impl != "reference" and _may_be_prefix_causal(spec)):
         mask = spec.to_mask() if spec is not None else _causal_by_index(b, sq, sk)
     if impl == "reference":
         return _reference(q, k, v, mask, sm_scale)
+    if spec is not None and _may_be_prefix_causal(spec):
+        # Dense causal self-attention: when the positions are 0..n-1 followed by padding, use the fused causal
+        # kernel with sequence lengths (no [q, k] mask or bias to read); otherwise the mask path. One branch runs.
+        return jax.lax.cond(
+            _is_prefix_causal(spec.q_positions),
+            lambda: _causal_prefix(q, k, v, spec.q_positions, sm_scale, impl),
+            lambda: _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl),
+        )
     return _dot_product_attention(q, k, v, mask, sm_scale, impl)
+
+
+def _may_be_prefix_causal(spec: SRAMaskSpec) -> bool:
+    """Static part: self-attention, no segments, and a window that covers every pair of a sequence of this length
+    (so critical and global keys add nothing and the rule is plain causal by position)."""
+    return spec.keys_are_queries and spec.q_segment_ids is None and spec.window >= spec.shape[1]
+
+
+def _is_prefix_causal(positions: Int[Array, "b s"]) -> Bool[Array, ""]:
+    """Runtime part: every valid position equals its index and the valid tokens of each row form a prefix."""
+    valid = positions >= 0
+    in_order = jnp.all(jnp.where(valid, positions == jnp.arange(positions.shape[1]), True))
+    return in_order & jnp.all(valid[:, 1:] <= valid[:, :-1])
+
+
+@partial(jax.jit, static_argnames=("sm_scale", "implementation"))
+def _causal_prefix(
+    q: Float[Array, "b s hq d"],
+    k: Float[Array, "b s hkv d"],
+    v: Float[Array, "b s hkv d"],
+    positions: Int[Array, "b s"],
+    sm_scale: float,
+    implementation: str,
+) -> Float[Array, "b s hq d"]:
+    """Causal attention over the first `lengths` tokens of each row; padding rows return 0 (zero gradient)."""
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"impl='cudnn' needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}")
+    valid = positions >= 0
+    lengths = valid.sum(-1, dtype=jnp.int32)
+    # A row of padding only gets length 1 so the kernel sees a key; its output is zeroed below.
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=sm_scale, is_causal=True, key_value_seq_lengths=jnp.maximum(lengths, 1),
+        implementation=implementation,
+    )
+    return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
 
 
 def attention_flops(

@@ -225,3 +225,40 @@ def test_gather_never_builds_a_query_by_key_array():
 
     largest = max(np.prod(shape) for shape in shapes(jaxpr.jaxpr))
     assert largest <= s * (16 + 4 + 8) * 2 * 8  # [s, window + globals + critical, heads, head_dim]
+
+
+@pytest.mark.parametrize(
+    "positions, fast",
+    [
+        ([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, -1, -1, -1]], True),  # right padding: the fused causal path
+        ([[0, 1, 2, 3, 4, 5, 6, 7], [-1, -1, -1, 0, 1, 2, 3, 4]], False),  # left padding: mask path
+        ([[3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6, 7]], False),  # offset positions: mask path
+        ([[-1] * 8, [0, 1, 2, 3, 4, 5, 6, 7]], True),  # an all-padding row
+    ],
+)
+def test_dense_causal_spec_fast_path_matches_the_mask_path(positions, fast):
+    """xla/cudnn take jax.nn.dot_product_attention(is_causal=True, key_value_seq_lengths) only when the positions
+    are 0..n-1 followed by padding; any other layout falls back to the mask. Both agree with the textbook."""
+    from sra_jax.ops.attention import _is_prefix_causal, _may_be_prefix_causal
+
+    positions = jnp.asarray(positions, jnp.int32)
+    spec = SRAMaskSpec.create(positions, jnp.zeros((B, S), bool), window=2**30, num_global=0, max_critical=0)
+    assert _may_be_prefix_causal(spec)
+    assert bool(_is_prefix_causal(positions)) == fast
+    q, k, v = qkv(11, B, S, S, HQ, HKV)
+    want = naive_attention(q, k, v, spec.to_mask())
+    np.testing.assert_allclose(attention(q, k, v, spec=spec, impl="xla"), want, **TOL)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, spec=spec, impl=impl)))
+
+    got = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, **TOL)
+
+
+def test_causal_by_index_without_mask_uses_the_fused_path_and_agrees():
+    q, k, v = qkv(12, B, S, S, HQ, HKV)
+    want = naive_attention(q, k, v, np.tril(np.ones((B, S, S), bool)))
+    np.testing.assert_allclose(attention(q, k, v, impl="xla"), want, **TOL)
