@@ -1,4 +1,5 @@
 """Execute the jupytext sources in notebooks/ and write each `.ipynb` beside its `.py`, outputs included.
+(`notebooks/_*.py` are helper modules the notebooks import, not notebooks.)
 
     python experiments/execute_notebooks.py [name ...]    # full setting; SRA_JAX_NOTEBOOK_TINY=1 for the tiny one
 """
@@ -25,7 +26,7 @@ def execute(name: str, timeout: int = 3600) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = (argv if argv is not None else sys.argv[1:]) or sorted(p.stem for p in NOTEBOOKS.glob("*.py"))
+    names = (argv if argv is not None else sys.argv[1:]) or sorted(p.stem for p in NOTEBOOKS.glob("*.py") if not p.stem.startswith("_"))
     for name in names:
         print(f"wrote {execute(name)}", flush=True)
     return 0
