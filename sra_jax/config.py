@@ -210,12 +210,15 @@ class LlamaConfig:
 class SRAConfig:
     """Sparse Reasoning Attention settings (see DESIGN.md, "SRA mask semantics").
 
-    critical_fraction: fraction of tokens the router keeps as critical (k = ceil(fraction * n), at least 1).
+    critical_fraction: fraction of tokens the router keeps as critical (k = ceil(fraction * n), at least 1); for
+        selection="bernoulli" it is the cap k_max (the router decides how many, at most k_max).
     window: each query sees the `window` most recent positions, itself included.
     num_global: the first `num_global` positions are visible to every query (attention sinks).
-    tau: Gumbel-softmax temperature of the relaxed top-k in training.
+    tau: Gumbel-softmax temperature of the relaxed top-k in training (bernoulli: p = sigmoid(logit / tau)).
     hard: straight-through hard mask (forward exact top-k, backward through the soft relaxation).
-    selection: how the router's scores become a critical set.
+    selection: how the router's scores become a critical set: "gumbel_topk" (sampled top-k, k fixed), "topk",
+        "sparsemax", or "bernoulli" (each token critical with probability sigmoid(logit / tau), capped at k;
+        deterministic logit > 0 without a key).
     mask: "dynamic" selects per layer; "static" selects once (first SRA layer) and reuses it in every layer.
     queries: "critical" lets only critical queries see distant critical keys; "all" lets every query.
     layers: indices of layers that use SRA; None means all layers.
@@ -243,9 +246,10 @@ class SRAConfig:
             raise ValueError(f"SRAConfig.num_global={self.num_global!r} must be an integer >= 0")
         if self.tau <= 0:
             raise ValueError(f"SRAConfig.tau={self.tau} must be > 0")
-        if self.selection not in ("gumbel_topk", "topk", "sparsemax"):
+        if self.selection not in ("gumbel_topk", "topk", "sparsemax", "bernoulli"):
             raise ValueError(
-                f"SRAConfig.selection={self.selection!r} must be one of 'gumbel_topk', 'topk', 'sparsemax'"
+                f"SRAConfig.selection={self.selection!r} must be one of 'gumbel_topk', 'topk', 'sparsemax', "
+                f"'bernoulli'"
             )
         if self.mask not in ("dynamic", "static"):
             raise ValueError(f"SRAConfig.mask={self.mask!r} must be 'dynamic' or 'static'")

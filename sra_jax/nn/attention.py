@@ -81,9 +81,11 @@ class SparseReasoningAttention(nnx.Module):
         critical: Bool[Array, "b s"] | None = None,
         shared: SharedSelection | None = None,
         cache: KVCache | None = None,
+        tau: float | Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, "b s d"], LayerStats, SharedSelection | None, KVCache | None]:
         """x is the RMS-normed layer input. With a cache, `cache.positions` must already hold this call's positions
-        (the model writes them once for all layers); this layer writes its keys, values and critical flags."""
+        (the model writes them once for all layers); this layer writes its keys, values and critical flags.
+        `tau` is the selection temperature of this call (default sra.tau; a traced value does not recompile)."""
         cfg = self.config
         b, s, _ = x.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -107,7 +109,7 @@ class SparseReasoningAttention(nnx.Module):
             shared_out = shared
         else:
             router_logits = self.router(x)
-            chosen, threshold = self._select(router_logits, valid, key=key, critical=critical, cache=cache)
+            chosen, threshold = self._select(router_logits, valid, key=key, critical=critical, cache=cache, tau=tau)
             shared_out = SharedSelection(router_logits, chosen, threshold)
         if self.sra is not None:
             # Identity in the forward pass; carries d loss / d gate to the router (see sra_jax.nn.router).
@@ -166,25 +168,33 @@ class SparseReasoningAttention(nnx.Module):
         key: jax.Array | None,
         critical: Bool[Array, "b s"] | None,
         cache: KVCache | None,
+        tau: float | Float[Array, ""] | None = None,
     ) -> tuple[Selection, Float[Array, " b"] | None]:
         """The critical set of this call's tokens and, with a cache, the decode threshold.
 
         On an empty cache (prefill) the set is the router's top-k selection and the threshold becomes its k-th largest
         score; on later calls a token is critical iff its score >= the stored threshold. `critical` overrides both.
+        In the "bernoulli" mode the cut is fixed, not taken from the prompt: a decoded token is critical iff its
+        score > 0 (the stored threshold is 0), the rule prefill itself applies without a key (there capped at k).
         """
         k = self.sra.num_critical(router_logits.shape[-1])
         if critical is not None:
-            chosen = forced_selection(router_logits, critical, k, valid=valid)
+            chosen = forced_selection(router_logits, critical, k, valid=valid, sra=self.sra, tau=tau)
         else:
-            chosen = select(router_logits, k, self.sra, valid=valid, key=key)
+            chosen = select(router_logits, k, self.sra, valid=valid, key=key, tau=tau)
         if cache is None:
             return chosen, None
         prefill = cache.index == 0
-        threshold = jnp.where(
-            prefill, decode_threshold(router_logits, k, valid=valid), cache.threshold[self.layer]
-        )
+        bernoulli = self.sra.selection == "bernoulli"
+        if bernoulli:
+            threshold = jnp.zeros(router_logits.shape[:1], jnp.float32)
+        else:
+            threshold = jnp.where(
+                prefill, decode_threshold(router_logits, k, valid=valid), cache.threshold[self.layer]
+            )
         if critical is None:
-            decoded = (router_logits >= threshold[:, None]) & valid
+            above = router_logits > threshold[:, None] if bernoulli else router_logits >= threshold[:, None]
+            decoded = above & valid
             chosen = Selection(
                 critical=jnp.where(prefill, chosen.critical, decoded),
                 gate=jnp.where(prefill, chosen.gate, decoded.astype(jnp.float32)),

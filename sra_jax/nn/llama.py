@@ -150,17 +150,22 @@ class Llama(nnx.Module):
         segment_ids: Shaped[Array, "..."] | None = None,
         key: jax.Array | None = None,
         critical: Shaped[Array, "..."] | None = None,
+        tau: float | Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, "b s v"], ModelAux]:
         """Logits (float32) and aux for `tokens` [b, s]. positions default to arange (after the cache's tokens);
         a negative position marks padding. `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
-        forces them. With a cache the call writes its tokens at `cache.index` and returns the cache in `aux.cache`.
+        forces them. `tau` is the selection temperature of this call (default: sra.tau); pass a jnp scalar to anneal it
+        under jit without recompiling. With a cache the call writes its tokens at `cache.index` and returns the cache
+        in `aux.cache`.
         (Annotations are loose here on purpose: `_check_inputs` names the problem in a ValueError.)"""
         self._check_inputs(tokens, positions, cache, segment_ids, critical)
         b, s = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
-        return self._forward(tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical)
+        if isinstance(tau, (int, float)) and not tau > 0:
+            raise ValueError(f"tau={tau} must be > 0")
+        return self._forward(tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical, tau)
 
     def _forward(
         self,
@@ -170,6 +175,7 @@ class Llama(nnx.Module):
         segment_ids: Int[Array, "b s"] | None,
         key: jax.Array | None,
         critical: Bool[Array, "layers b s"] | None,
+        tau: float | Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, "b s v"], ModelAux]:
         num_layers = self.config.num_hidden_layers
         if cache is not None:
@@ -189,6 +195,7 @@ class Llama(nnx.Module):
                 critical=None if critical is None else critical[i],
                 shared=shared if self.sra is not None and self.sra.mask == "static" else None,
                 cache=cache,
+                tau=tau,
             )
             shared = shared or layer_shared
             rows.append(stats)

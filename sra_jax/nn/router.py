@@ -6,7 +6,8 @@ is the (straight-through) selection value of that token. The factor is exactly 1
 bit-identical to the ungated model), and d loss / d gate_j = sum_i,h attn[h, i, j] * <d loss / d out[h, i], v[h, j]>:
 how much the layer output would change if key j contributed more. Through the straight-through estimator of
 `gumbel_topk` (or sparsemax's Jacobian) this reaches the router logits. Plain top-k has no such path (its gate is a
-constant 0/1); train it with the policy gradient on `ModelAux.selection_log_prob` instead.
+constant 0/1); train it with the policy gradient on `ModelAux.selection_log_prob` instead. The Bernoulli mode's
+gate is the binary-concrete relaxation sigmoid(logit / tau + logistic noise) with the same straight-through trick.
 """
 
 from __future__ import annotations
@@ -80,18 +81,27 @@ def select(
     *,
     valid: Bool[Array, "b s"],
     key: jax.Array | None = None,
+    tau: float | Float[Array, ""] | None = None,
 ) -> Selection:
-    """Critical set of k tokens per row from router `logits` (only `valid` tokens can be chosen).
+    """Critical set of at most k tokens per row from router `logits` (only `valid` tokens can be chosen).
 
     gumbel_topk with a key: a Plackett-Luce sample (Gumbel top-k), gate = ops.selection.gumbel_topk (straight-through
     when sra.hard). sparsemax: the top-k of sparsemax(logits / tau) restricted to its support, gate = the hard set plus
-    sparsemax's gradient. Otherwise (topk, or gumbel_topk without a key): deterministic top-k, constant gate.
+    sparsemax's gradient. bernoulli: each valid token is critical with probability sigmoid(logit / tau), at most k
+    kept (the highest logits), gate = binary-concrete straight-through; without a key the cut logit > 0. Otherwise
+    (topk, or gumbel_topk without a key): deterministic top-k, constant gate. `tau` (may be traced, so annealing it
+    does not recompile) defaults to sra.tau.
     """
     n = logits.shape[-1]
+    tau = sra.tau if tau is None else tau
+    if sra.selection == "bernoulli":
+        critical, gate = sel.bernoulli_select(logits, k, key=key, tau=tau, hard=sra.hard, valid=valid)
+        log_prob = sel.bernoulli_log_prob(logits, critical, k, tau=tau, valid=valid)
+        return Selection(critical, gate.astype(jnp.float32), log_prob)
     if sra.selection == "gumbel_topk" and key is not None:
         indices = sel.gumbel_topk_indices(logits, k, key=key, valid=valid)
         critical = _indices_to_mask(indices, n) & valid
-        relaxed = sel.gumbel_topk(logits, k, key=key, tau=sra.tau, hard=sra.hard, valid=valid)
+        relaxed = sel.gumbel_topk(logits, k, key=key, tau=tau, hard=sra.hard, valid=valid)
         gate = relaxed.astype(jnp.float32)
     else:
         indices = _top_indices(logits, k, valid)
@@ -99,7 +109,7 @@ def select(
         gate = critical.astype(jnp.float32)
         if sra.selection == "sparsemax":
             # Invalid tokens get a large finite negative score (not -inf) so sparsemax stays finite.
-            probs = sel.sparsemax(jnp.where(valid, logits / sra.tau, -1e9), axis=-1)
+            probs = sel.sparsemax(jnp.where(valid, logits / tau, -1e9), axis=-1)
             critical = critical & (probs > 0)
             gate = critical.astype(jnp.float32) + probs - jax.lax.stop_gradient(probs)
     log_prob = sel.topk_log_prob(logits, indices, valid=valid)
@@ -107,12 +117,24 @@ def select(
 
 
 def forced_selection(
-    logits: Float[Array, "b s"], critical: Bool[Array, "b s"], k: int, *, valid: Bool[Array, "b s"]
+    logits: Float[Array, "b s"],
+    critical: Bool[Array, "b s"],
+    k: int,
+    *,
+    valid: Bool[Array, "b s"],
+    sra: SRAConfig | None = None,
+    tau: float | Float[Array, ""] | None = None,
 ) -> Selection:
-    """A caller-given critical set (static masks, RL replay, tests); its log-prob orders the set by the current logits
-    (exact for the draw when each row has k critical tokens drawn in descending-logit order)."""
+    """A caller-given critical set (static masks, RL replay, tests). Its log-prob: for sra.selection == "bernoulli"
+    the exact Bernoulli log-prob with cap k (`ops.selection.bernoulli_log_prob`); otherwise the Plackett-Luce
+    log-prob of the set ordered by the current logits (exact for the draw when each row has k critical tokens drawn
+    in descending-logit order)."""
     critical = critical & valid
     k = min(k, logits.shape[-1])
+    if sra is not None and sra.selection == "bernoulli":
+        tau = sra.tau if tau is None else tau
+        log_prob = sel.bernoulli_log_prob(logits, critical, k, tau=tau, valid=valid)
+        return Selection(critical, critical.astype(jnp.float32), log_prob)
     indices = jax.lax.top_k(jnp.where(critical, logits, -jnp.inf), k)[1]
     log_prob = sel.topk_log_prob(logits, indices, valid=valid)
     return Selection(critical, critical.astype(jnp.float32), log_prob)

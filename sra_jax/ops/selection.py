@@ -178,3 +178,99 @@ def sparsemax(x: Float[Array, "*shape"], axis: int = -1) -> Float[Array, "*shape
     support_size = jnp.sum(in_support, axis=-1, keepdims=True)
     threshold = (jnp.take_along_axis(cumulative, support_size - 1, axis=-1) - 1.0) / support_size.astype(z.dtype)
     return jnp.moveaxis(jnp.maximum(z - threshold, 0.0), -1, axis).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bernoulli selection: the router decides how many tokens are critical (each one independently), under a static cap.
+#
+# Policy: token i (valid) is drawn with probability p_i = sigmoid(logit_i / tau); if more than k_max are drawn, the
+# k_max with the highest logits are kept (ties broken by the lower index, as jax.lax.top_k does). The probability of
+# the set S that is finally used is exact and tractable:
+#   |S| <  k_max:  S was the whole draw:      prod_{i in S} p_i * prod_{j valid, not in S} (1 - p_j)
+#   |S| == k_max:  the draw contained S and any extra drawn token ranked below every member of S:
+#                  prod_{i in S} p_i * prod_{j valid, not in S, ranked above the lowest member of S} (1 - p_j)
+# (tokens ranked below S may be drawn or not: their probabilities sum to 1). See `bernoulli_log_prob`.
+
+
+def _rank_above(logits: Array, critical: Array) -> Array:
+    """True where a token ranks above the lowest-ranked critical token of its row, in the order (logit descending,
+    index ascending) that `jax.lax.top_k` uses; all False for a row with no critical token."""
+    n = logits.shape[-1]
+    index = jnp.arange(n)
+    lowest = jnp.min(jnp.where(critical, logits, jnp.inf), axis=-1, keepdims=True)
+    # among critical tokens tied at the lowest logit, the one with the largest index ranks last
+    last_index = jnp.max(jnp.where(critical & (logits == lowest), index, -1), axis=-1, keepdims=True)
+    return (logits > lowest) | ((logits == lowest) & (index < last_index))
+
+
+def _cap_by_logit(drawn: Array, logits: Array, k_max: int) -> Array:
+    """The `k_max` drawn tokens with the highest logits (all of them when at most k_max were drawn)."""
+    n = logits.shape[-1]
+    if k_max >= n:
+        return drawn
+    _, indices = jax.lax.top_k(jnp.where(drawn, logits, -jnp.inf), k_max)
+    return _indices_to_mask(indices, n) & drawn
+
+
+def _check_tau(tau) -> None:
+    if isinstance(tau, (int, float)) and not tau > 0:  # tau may also be a traced (annealed) value
+        raise ValueError(f"tau ({tau}) must be > 0")
+
+
+@partial(jax.jit, static_argnames=("k_max", "hard"))
+def bernoulli_select(
+    logits: Float[Array, "*b n"],
+    k_max: int,
+    *,
+    key: PRNGKeyArray | None = None,
+    tau: float | Float[Array, ""] = 1.0,
+    hard: bool = True,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> tuple[Bool[Array, "*b n"], Float[Array, "*b n"]]:
+    """(critical, gate): an independent Bernoulli(sigmoid(logit / tau)) draw per valid token, capped at `k_max`.
+
+    With a key the draw uses logistic noise L (the binary-concrete / Gumbel-sigmoid trick): a token is drawn iff
+    logit / tau + L > 0, and the relaxed gate is sigmoid(logit / tau + L). `hard`: the gate's forward value is the
+    capped 0/1 set and its gradient that of the relaxation (straight-through); otherwise the gate is the relaxation.
+    Without a key the decision is deterministic, `logit > 0` (the mode of each Bernoulli), and the gate is the 0/1
+    set (no gradient path). Invalid tokens are never critical; an empty set is allowed.
+    """
+    _check_k(k_max, logits.shape[-1])
+    _check_tau(tau)
+    valid = _valid_or_all(logits, valid)
+    logits32 = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    if key is None:
+        critical = _cap_by_logit((logits32 > 0) & valid, logits32, k_max)
+        return critical, critical.astype(logits.dtype)
+    scores = logits32 / tau + jax.random.logistic(key, logits32.shape, logits32.dtype)
+    critical = _cap_by_logit((jax.lax.stop_gradient(scores) > 0) & valid, logits32, k_max)
+    soft = jnp.where(valid, jax.nn.sigmoid(scores), 0.0)
+    if hard:
+        soft = critical.astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))
+    return critical, soft.astype(logits.dtype)
+
+
+@partial(jax.jit, static_argnames=("k_max",))
+def bernoulli_log_prob(
+    logits: Float[Array, "*b n"],
+    critical: Bool[Array, "*b n"],
+    k_max: int,
+    *,
+    tau: float | Float[Array, ""] = 1.0,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> Float[Array, "*b"]:
+    """Exact log-probability that `bernoulli_select` (with a key) returns the set `critical`, given the cap k_max:
+    sum of log p_i over critical tokens plus log(1 - p_j) over the non-critical valid tokens that could have displaced
+    it (all of them when fewer than k_max are critical; those ranked above the lowest critical one when k_max are).
+    Differentiable in the logits; invalid tokens contribute nothing. A set of more than k_max tokens is impossible
+    under this policy; the formula then still returns the |S| == k_max expression (callers never pass one)."""
+    _check_k(k_max, logits.shape[-1])
+    _check_tau(tau)
+    valid = _valid_or_all(logits, valid)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    critical = critical & valid
+    log_p = jax.nn.log_sigmoid(logits / tau)
+    log_not_p = jax.nn.log_sigmoid(-logits / tau)
+    full = critical.sum(-1, keepdims=True) < k_max
+    counted = valid & ~critical & (full | _rank_above(logits, critical))
+    return jnp.sum(jnp.where(critical, log_p, 0.0) + jnp.where(counted, log_not_p, 0.0), axis=-1)

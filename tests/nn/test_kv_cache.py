@@ -91,3 +91,20 @@ def test_cache_is_a_pytree_with_the_contract_shapes(config):
     assert cache.positions.shape == (3, 5) and np.all(cache.positions == -1)
     assert cache.critical.shape == (layers, 3, 5) and cache.threshold.shape == (layers, 3)
     assert len(jax.tree.leaves(cache)) == 6
+
+
+BERNOULLI = SRAConfig(critical_fraction=1.0, window=3, num_global=1, selection="bernoulli", router_hidden=8)
+
+
+def test_bernoulli_decoding_matches_the_full_forward_pass_with_the_fixed_cut():
+    """Prefill and decode both mark a token critical iff its router score > 0; with a cap that cannot bind
+    (critical_fraction=1) the full forward pass makes the same choice, so no forcing is needed."""
+    model = make_model(BERNOULLI)
+    tokens = random_tokens(2, 12, seed=4)
+    got, cache, scores = prefill_and_decode(model, tokens, None)
+    want, aux = forward(model, tokens)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(cache.critical, aux.critical)
+    np.testing.assert_array_equal(cache.critical, np.asarray(scores) > 0)
+    np.testing.assert_array_equal(cache.threshold, 0.0)
+    assert 0 < np.asarray(cache.critical).mean() < 1  # a real mix, not a degenerate all/none

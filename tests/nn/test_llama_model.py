@@ -296,3 +296,52 @@ def test_gather_attention_impl_matches_the_reference(sra):
     got, got_aux = forward(make_model(sra, attention_impl="gather"), tokens)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(got_aux.critical, want_aux.critical)
+
+
+def test_bernoulli_empty_selection_keeps_every_row_finite():
+    """A router that scores every token 0 selects nothing without a key (logit > 0 is the cut): attention falls back
+    to window + global keys, and the logits, log-prob and gradients stay finite."""
+    sra = SRAConfig(critical_fraction=0.5, window=2, num_global=0, selection="bernoulli", router_hidden=0)
+    model = make_model(sra)
+    for layer in model.layers:
+        layer.attn.router.score.kernel[...] = jnp.zeros_like(layer.attn.router.score.kernel[...])
+    logits, aux = forward(model, random_tokens(2, 12))
+    assert not np.asarray(aux.critical).any() and np.all(np.asarray(aux.selected_fraction) == 0)
+    assert np.all(np.isfinite(logits))
+    np.testing.assert_allclose(aux.selection_log_prob, 12 * np.log(0.5), rtol=1e-6)  # p = 1/2 per token
+    grads = nnx.jit(nnx.grad(_next_token_loss))(model, random_tokens(2, 12), jax.random.key(0))
+    assert all(np.all(np.isfinite(np.asarray(v[...]))) for _, v in nnx.to_flat_state(grads))
+
+
+def test_bernoulli_selected_fraction_varies_and_the_gate_reaches_the_router():
+    sra = SRAConfig(critical_fraction=0.5, window=2, num_global=1, selection="bernoulli", router_hidden=8)
+    model = make_model(sra)
+    tokens = random_tokens(2, 16)
+    fractions = {float(forward(model, tokens, key=jax.random.key(s))[1].selected_fraction[0, 0]) for s in range(6)}
+    assert len(fractions) > 1 and max(fractions) <= 0.5  # the router picks how many, under the cap
+    grads = nnx.jit(nnx.grad(_next_token_loss))(model, tokens, jax.random.key(0))
+    router = [np.abs(np.asarray(v[...])).sum() for p, v in nnx.to_flat_state(grads) if "router" in p]
+    assert len(router) == 2 * 3 and all(g > 0 for g in router)
+
+
+def test_model_tau_is_a_traced_argument_that_reaches_the_router_gradient():
+    """model(..., tau=t): one compiled function for every t, and the straight-through gate's backward (the soft
+    relaxation at temperature t) changes with t."""
+    model = make_model(SRAConfig(critical_fraction=0.25, window=2, num_global=1, selection="gumbel_topk",
+                                 router_hidden=8))
+    tokens, traces = random_tokens(2, 12), []
+
+    @nnx.jit
+    def router_grad(model, tau):
+        traces.append(tau)
+
+        def loss(model):
+            logits, _ = model(tokens, key=jax.random.key(0), tau=tau)
+            return -jax.nn.log_softmax(logits).mean()
+
+        grads = nnx.grad(loss)(model)
+        return jnp.concatenate([jnp.ravel(v[...]) for p, v in nnx.to_flat_state(grads) if "router" in p])
+
+    cold, hot = router_grad(model, jnp.float32(0.2)), router_grad(model, jnp.float32(5.0))
+    assert len(traces) == 1
+    assert np.all(np.isfinite(cold)) and not np.allclose(cold, hot, rtol=1e-3)

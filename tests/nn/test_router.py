@@ -77,3 +77,37 @@ def test_decode_threshold_is_the_kth_largest_valid_score():
     few = decode_threshold(LOGITS, 6, valid=VALID)
     np.testing.assert_array_equal(few[2], np.asarray(LOGITS)[2, 6:].min())
     assert decode_threshold(LOGITS, 3, valid=jnp.zeros_like(VALID))[0] == np.inf
+
+
+def test_bernoulli_selects_a_variable_number_of_tokens_up_to_the_cap_with_its_exact_log_prob():
+    from sra_jax.ops.selection import bernoulli_log_prob
+
+    sra = SRAConfig(selection="bernoulli", tau=0.5)
+    chosen = select(LOGITS, 4, sra, valid=VALID, key=jax.random.key(3))
+    counts = np.asarray(chosen.critical).sum(-1)
+    assert np.all(counts <= 4) and not np.asarray(chosen.critical)[~np.asarray(VALID)].any()
+    np.testing.assert_array_equal(chosen.gate, np.asarray(chosen.critical, np.float32))
+    np.testing.assert_allclose(chosen.log_prob, bernoulli_log_prob(LOGITS, chosen.critical, 4, tau=0.5, valid=VALID))
+    # without a key: the mode, logit > 0 (capped)
+    greedy = select(LOGITS, 10, sra, valid=VALID)
+    np.testing.assert_array_equal(greedy.critical, (np.asarray(LOGITS) > 0) & np.asarray(VALID))
+    # a traced temperature gives the same result as the config's
+    np.testing.assert_array_equal(select(LOGITS, 4, sra, valid=VALID, key=jax.random.key(3), tau=jnp.float32(0.5))
+                                  .critical, chosen.critical)
+
+
+@pytest.mark.parametrize("selection", ["gumbel_topk", "bernoulli"])
+def test_a_traced_tau_changes_the_soft_gate_without_retracing(selection):
+    sra = SRAConfig(selection=selection, hard=False)
+    traces = []
+
+    @jax.jit
+    def gate(tau):
+        traces.append(tau)
+        return select(LOGITS, 3, sra, valid=VALID, key=jax.random.key(5), tau=tau).gate
+
+    cold, hot = gate(jnp.float32(0.3)), gate(jnp.float32(3.0))
+    assert len(traces) == 1
+    assert np.abs(np.asarray(cold) - np.asarray(hot)).max() > 0.05
+    np.testing.assert_allclose(gate(jnp.float32(1.0)), select(LOGITS, 3, sra, valid=VALID, key=jax.random.key(5)).gate,
+                               rtol=1e-6)  # default tau = sra.tau = 1

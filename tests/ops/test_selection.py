@@ -183,3 +183,98 @@ def test_sparsemax_gradient_matches_finite_differences():
         x = jnp.array([[0.5, 0.4, -1.0, 0.45], [1.2, 0.0, 0.9, 1.0]], jnp.float64)
         # float64 central differences away from support changes: check_grads' default tolerances hold.
         check_grads(lambda z: sparsemax(jnp.asarray(z)) * jnp.arange(1.0, 5.0), (x,), order=1, modes=("rev", "fwd"))
+
+
+# --- Bernoulli selection (the router picks how many tokens, under a static cap) --------------------------------------
+
+from sra_jax.ops.selection import bernoulli_log_prob, bernoulli_select  # noqa: E402
+
+
+def _bernoulli_outcomes(valid: np.ndarray, k_max: int):
+    """Every set the capped Bernoulli policy can return: subsets of the valid tokens with at most k_max members."""
+    idx = np.flatnonzero(valid)
+    for size in range(min(k_max, idx.size) + 1):
+        for members in itertools.combinations(idx, size):
+            mask = np.zeros(valid.shape, bool)
+            mask[list(members)] = True
+            yield mask
+
+
+def test_bernoulli_log_prob_matches_a_hand_computation():
+    logits, tau = jnp.array([1.0, -0.5, 2.0, 0.0]), 0.5
+    p = 1 / (1 + np.exp(-np.asarray(logits) / tau))
+    # fewer than k_max = 3 critical: the whole draw was {0, 1}; every other valid token was not drawn
+    got = bernoulli_log_prob(logits, jnp.array([True, True, False, False]), 3, tau=tau)
+    np.testing.assert_allclose(got, np.log(p[0] * p[1] * (1 - p[2]) * (1 - p[3])), rtol=1e-6)
+    # exactly k_max = 2 critical, {0, 3}: ranked by logit 2 > 0 > 3 > 1, the lowest kept is token 3 (logit 0);
+    # token 2 ranks above it and must not have been drawn; token 1 ranks below and is free.
+    got = bernoulli_log_prob(logits, jnp.array([True, False, False, True]), 2, tau=tau)
+    np.testing.assert_allclose(got, np.log(p[0] * p[3] * (1 - p[2])), rtol=1e-6)
+    # padding contributes nothing
+    got = bernoulli_log_prob(logits, jnp.array([True, False, False, False]), 3, tau=tau,
+                             valid=jnp.array([True, True, False, True]))
+    np.testing.assert_allclose(got, np.log(p[0] * (1 - p[1]) * (1 - p[3])), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("k_max", "ties"), [(1, False), (2, False), (2, True), (5, False)])
+def test_bernoulli_probabilities_of_every_possible_set_sum_to_one(k_max, ties):
+    logits = jnp.array([0.7, -0.3, 0.7, 1.5, -2.0]) if ties else _logits(3, (5,))
+    valid = np.array([True, True, True, True, False])
+    total = sum(math.exp(bernoulli_log_prob(logits, jnp.asarray(s), k_max, tau=0.8, valid=jnp.asarray(valid)))
+                for s in _bernoulli_outcomes(valid, k_max))
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+
+
+def test_bernoulli_samples_follow_the_log_prob():
+    """The sampler and the log-prob describe the same policy: empirical set frequencies match exp(log_prob)."""
+    logits, k_max, tau, draws = jnp.array([0.5, -0.2, 1.0, 0.1]), 2, 0.7, 20000
+    keys = jax.random.split(jax.random.key(0), draws)
+    sets = np.asarray(jax.vmap(lambda k: bernoulli_select(logits, k_max, key=k, tau=tau)[0])(keys))
+    codes = sets @ (1 << np.arange(4))
+    for outcome in _bernoulli_outcomes(np.ones(4, bool), k_max):
+        prob = math.exp(bernoulli_log_prob(logits, jnp.asarray(outcome), k_max, tau=tau))
+        freq = np.mean(codes == outcome @ (1 << np.arange(4)))
+        # binomial standard error sqrt(p(1-p)/n) <= 0.0035; 5 sigma
+        assert abs(freq - prob) < 5 * math.sqrt(prob * (1 - prob) / draws) + 1e-4, (outcome, freq, prob)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows_with_padding())
+def test_bernoulli_respects_the_cap_and_never_picks_invalid(case):
+    logits, valid, k, seed = case
+    for key in (jax.random.key(seed), None):
+        critical, gate = bernoulli_select(logits + 3.0, k, key=key, valid=valid)  # most tokens drawn: cap binds
+        critical = np.asarray(critical)
+        assert np.all(critical.sum(-1) <= k) and not critical[~np.asarray(valid)].any()
+        np.testing.assert_array_equal(np.asarray(gate), critical.astype(np.float32))
+    # without a key: logit > 0, keeping the k highest logits when more are positive
+    critical = np.asarray(bernoulli_select(logits, k, valid=valid)[0])
+    positive = np.asarray(valid) & (np.asarray(logits) > 0)
+    order = np.argsort(-np.where(positive, np.asarray(logits), -np.inf), axis=-1, kind="stable")[:, :k]
+    want = np.zeros_like(positive)
+    np.put_along_axis(want, order, True, axis=-1)
+    np.testing.assert_array_equal(critical, want & positive)
+
+
+def test_bernoulli_gate_is_hard_forward_and_binary_concrete_backward():
+    logits, key, tau = _logits(5, (2, 6)), jax.random.key(11), 0.5
+    weights = jnp.arange(12.0).reshape(2, 6)
+    critical, gate = bernoulli_select(logits, 6, key=key, tau=tau)
+    np.testing.assert_array_equal(gate, np.asarray(critical, np.float32))
+    # the draw is the threshold of the relaxation at 0: logit / tau + L > 0 with L the key's logistic noise
+    scores = np.asarray(logits) / tau + np.asarray(jax.random.logistic(key, logits.shape))
+    np.testing.assert_array_equal(critical, scores > 0)
+    grad = jax.grad(lambda x: (bernoulli_select(x, 6, key=key, tau=tau)[1] * weights).sum())(logits)
+    s = 1 / (1 + np.exp(-scores))
+    np.testing.assert_allclose(grad, np.asarray(weights) * s * (1 - s) / tau, rtol=1e-5, atol=1e-7)
+    soft = bernoulli_select(logits, 6, key=key, tau=tau, hard=False)[1]
+    np.testing.assert_allclose(soft, s, rtol=1e-6)
+
+
+def test_bernoulli_empty_selection_has_a_finite_log_prob_and_gradient():
+    logits = jnp.full((2, 5), -4.0)
+    critical, _ = bernoulli_select(logits, 2, key=jax.random.key(0), tau=0.1)
+    assert not np.asarray(critical).any()
+    lp, grad = jax.value_and_grad(lambda x: bernoulli_log_prob(x, critical, 2, tau=0.1).sum())(logits)
+    np.testing.assert_allclose(lp, 10 * np.log1p(-1 / (1 + np.exp(40.0))), rtol=1e-6)
+    assert np.all(np.isfinite(grad))
