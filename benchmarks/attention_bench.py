@@ -1,5 +1,7 @@
 """Attention benchmark on one GPU: cuDNN dense causal vs our block-sparse kernel (several densities) vs torch
 FlexAttention with the identical block mask, forward and forward+backward, plus sparse decode vs HBM copy.
+Our kernel runs once per backend (`--backends`: the Triton kernels, and the Mosaic GPU forward with the Triton
+backward).
 
 Every peer is timed in the same process. Rows follow the DESIGN.md record format; the file is rewritten after
 every row so a run cut short still leaves its numbers.
@@ -106,8 +108,21 @@ class Recorder:
         self.path.write_text(json.dumps({**self.header, "rows": self.rows}, indent=1))
 
 
+# Row "impl" names per backend (forward backend; mosaic_gpu runs the Triton backward).
+IMPL_NAMES = {"triton": "pallas_triton", "mosaic_gpu": "pallas_mosaic_gpu_fwd_triton_bwd"}
+
+
 def bench_prefill(
-    rec: Recorder, seq: int, heads: int, kv_heads: int, densities, *, flex: bool, config, tag=""
+    rec: Recorder,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    densities,
+    *,
+    flex: bool,
+    config,
+    tag="",
+    backends=("triton", "mosaic_gpu"),
 ):
     d, dtype = 128, jnp.bfloat16
     ks = jax.random.split(jax.random.PRNGKey(seq + kv_heads), 4)
@@ -134,11 +149,16 @@ def bench_prefill(
     rec.add({**base, "impl": "cudnn", "density": 1.0, "ms_fwd": c_f, "ms_fwdbwd": c_b})
     ref_out = cudnn_fwd(q, k, v)
 
-    def ours(q, k, v, layout):
-        return pk.block_sparse_attention(q, k, v, layout, causal=True, backend="triton", config=config)
+    def make(backend):
+        def ours(q, k, v, layout):
+            return pk.block_sparse_attention(q, k, v, layout, causal=True, backend=backend, config=config)
 
-    ours_fwd = jax.jit(ours)
-    ours_bwd = jax.jit(jax.grad(lambda q, k, v, lay: (ours(q, k, v, lay) * w).sum(), argnums=(0, 1, 2)))
+        return (
+            jax.jit(ours),
+            jax.jit(jax.grad(lambda q, k, v, lay: (ours(q, k, v, lay) * w).sum(), argnums=(0, 1, 2))),
+        )
+
+    runners = {b: make(b) for b in backends}
     n = seq // BLOCK
     n_causal = n * (n + 1) / 2
     for density in densities:
@@ -147,29 +167,32 @@ def bench_prefill(
             jnp.asarray(visited)[None], full_mask=jnp.asarray(full)[None], block_q=BLOCK, block_k=BLOCK
         )
         real = float(visited.sum() / n_causal)
-        o_f, o_b = time_jax(ours_fwd, q, k, v, layout), time_jax(ours_bwd, q, k, v, layout)
-        row = {
-            **base,
-            "impl": "pallas_triton" + tag,
-            "density": real,
-            "ms_fwd": o_f,
-            "ms_fwdbwd": o_b,
-            "speedup_fwd_vs_cudnn": c_f / o_f,
-            "speedup_fwdbwd_vs_cudnn": c_b / o_b,
-        }
-        if density >= 1.0:
-            out = ours_fwd(q, k, v, layout).astype(jnp.float32)
-            row["rel_err_vs_cudnn"] = float(jnp.linalg.norm(out - ref_out) / jnp.linalg.norm(ref_out))
+        rows = []
+        for backend, (ours_fwd, ours_bwd) in runners.items():
+            row = {**base, "impl": IMPL_NAMES[backend] + tag, "density": real}
+            try:
+                o_f, o_b = time_jax(ours_fwd, q, k, v, layout), time_jax(ours_bwd, q, k, v, layout)
+            except Exception as e:  # noqa: BLE001 - a backend that fails to compile is recorded, the others go on
+                rec.add({**row, "error": repr(e)[:800]})
+                continue
+            row.update(
+                ms_fwd=o_f, ms_fwdbwd=o_b, speedup_fwd_vs_cudnn=c_f / o_f, speedup_fwdbwd_vs_cudnn=c_b / o_b
+            )
+            if density >= 1.0:
+                out = ours_fwd(q, k, v, layout).astype(jnp.float32)
+                row["rel_err_vs_cudnn"] = float(jnp.linalg.norm(out - ref_out) / jnp.linalg.norm(ref_out))
+            rows.append(row)
         if flex:
             try:
                 fwd, fwdbwd = flex_runner(q, k, v, visited, full, heads, kv_heads)
                 f_f, f_b = time_torch(fwd), time_torch(fwdbwd)
-                row.update(
-                    flex_ms_fwd=f_f,
-                    flex_ms_fwdbwd=f_b,
-                    speedup_fwd_vs_flex=f_f / o_f,
-                    speedup_fwdbwd_vs_flex=f_b / o_b,
-                )
+                for row in rows:
+                    row.update(
+                        flex_ms_fwd=f_f,
+                        flex_ms_fwdbwd=f_b,
+                        speedup_fwd_vs_flex=f_f / row["ms_fwd"],
+                        speedup_fwdbwd_vs_flex=f_b / row["ms_fwdbwd"],
+                    )
                 rec.add(
                     {
                         **base,
@@ -182,8 +205,10 @@ def bench_prefill(
                     }
                 )
             except Exception as e:  # noqa: BLE001 - flex is a peer: record its failure, keep our numbers
-                row["flex_error"] = repr(e)[:500]
-        rec.add(row)
+                for row in rows:
+                    row["flex_error"] = repr(e)[:500]
+        for row in rows:
+            rec.add(row)
 
 
 def bench_decode(
@@ -345,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=int, nargs="*", default=[32768, 65536])
     p.add_argument("--decode-batch", type=int, nargs="*", default=[1, 8])
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--backends", nargs="*", default=["triton", "mosaic_gpu"], choices=sorted(IMPL_NAMES))
     p.add_argument("--decode-tune", action="store_true", help="time decode tile / split variants, then stop")
     p.add_argument(
         "--tune", action="store_true", help="time tile configurations at the first --seq, then stop"
@@ -422,7 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for seq in args.seq:
         for kv in args.kv_heads:
-            bench_prefill(rec, seq, 16, kv, args.densities, flex=not args.no_flex, config=pk.GpuConfig())
+            bench_prefill(
+                rec,
+                seq,
+                16,
+                kv,
+                args.densities,
+                flex=not args.no_flex,
+                config=pk.GpuConfig(),
+                backends=tuple(args.backends),
+            )
     for length in args.decode:
         for batch in args.decode_batch:
             bench_decode(rec, length, batch, copy)

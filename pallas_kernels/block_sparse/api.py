@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.block_sparse import gpu
+from pallas_kernels.block_sparse import gpu, mosaic
 from pallas_kernels.block_sparse.layout import BlockLayout
 from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo
 
-BACKENDS = ("auto", "triton", "tpu", "reference")
+BACKENDS = ("auto", "triton", "mosaic_gpu", "tpu", "reference")
 
 
 def make_rule_and_tokens(
@@ -87,12 +87,15 @@ class _Static:
     backend: str
     config: gpu.GpuConfig
     interpret: bool
+    mosaic_config: mosaic.MosaicConfig | None = None
 
     def kernels(self):
         """The backend's kernel module and the keyword arguments the kernels share."""
         kwargs = dict(rule=self.rule, sm_scale=self.sm_scale, fields=self.fields, interpret=self.interpret)
         if self.backend == "triton":
             return gpu, {**kwargs, "config": self.config}
+        if self.backend == "mosaic_gpu":  # Mosaic GPU forward, Triton backward (mosaic.backward)
+            return mosaic, {**kwargs, "config": self.config, "mosaic_config": self.mosaic_config}
         from pallas_kernels.block_sparse import tpu  # Mosaic TPU imports only when that backend is used
 
         return tpu, kwargs
@@ -150,15 +153,32 @@ def _check(q, k, v, layout: BlockLayout, backend: str):
         )
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} not in {BACKENDS}")
-    if backend in ("triton", "tpu") and (d < 16 or d & (d - 1)):
+    if backend in ("triton", "mosaic_gpu", "tpu") and (d < 16 or d & (d - 1)):
         raise ValueError(f"head_dim {d} must be a power of two >= 16 for the Pallas kernels")
 
 
-def resolve_backend(backend: str) -> str:
+# What `auto` runs on a Hopper GPU when the Mosaic GPU forward supports the inputs (set from the measurements in
+# benchmarks/results/attention-mgpu-2026-11-23.json; the backward is the Triton one either way).
+AUTO_GPU_FORWARD = "mosaic_gpu"
+
+
+def resolve_backend(backend: str, q=None, layout: BlockLayout | None = None, mosaic_config=None) -> str:
+    """`auto`: reference on CPU, tpu on TPU; on GPU `AUTO_GPU_FORWARD` when Mosaic GPU is available (sm_90+)
+    and supports these inputs (bf16/f16, head_dim % 64, 128-row query blocks), else triton."""
     if backend != "auto":
         return backend
     platform = jax.default_backend()
-    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "reference")
+    if platform in ("gpu", "cuda"):
+        if (
+            AUTO_GPU_FORWARD == "mosaic_gpu"
+            and q is not None
+            and layout is not None
+            and mosaic.available()
+            and mosaic.unsupported_reason(q.shape, q.dtype, layout, mosaic_config or mosaic.MosaicConfig()) is None
+        ):
+            return "mosaic_gpu"
+        return "triton"
+    return {"tpu": "tpu"}.get(platform, "reference")
 
 
 def _pad_seq(x: Array, block: int, fill) -> Array:
@@ -187,14 +207,16 @@ def block_sparse_attention(
     backend: str = "auto",
     config: gpu.GpuConfig | None = None,
     interpret: bool = False,
+    mosaic_config: mosaic.MosaicConfig | None = None,
 ) -> Float[Array, "b sq hq d"]:
     """Attention over the blocks the layout visits, with exact token masking inside them (see MaskRule: causal,
     window, num_global, segment ids, critical flags; positions < 0 are padding). q [b, sq, hq, d], k/v
     [b, sk, hkv, d] (GQA). Rows with nothing visible give zeros and zero gradients. Differentiable (custom_vjp).
-    backend: "triton" (GPU Pallas), "tpu" (Mosaic TPU), "reference" (dense jnp), "auto" (by platform);
-    interpret=True runs the Pallas kernels in interpret mode (CPU tests)."""
+    backend: "triton" (GPU Pallas), "mosaic_gpu" (Hopper forward on Mosaic GPU, Triton backward), "tpu" (Mosaic
+    TPU), "reference" (dense jnp), "auto" (by platform and measurement, see `resolve_backend`);
+    interpret=True runs the Triton/TPU kernels in interpret mode (CPU tests)."""
     _check(q, k, v, layout, backend)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, q, layout, mosaic_config)
     rule, tokens = make_rule_and_tokens(
         q,
         k,
@@ -233,7 +255,13 @@ def block_sparse_attention(
         layout = dataclasses.replace(
             layout, kv_full=jnp.zeros_like(layout.kv_full), q_full=jnp.zeros_like(layout.q_full)
         )
-    st = _Static(rule, scale, (q_fields, k_fields), backend, config or gpu.GpuConfig(), interpret)
+    if backend == "mosaic_gpu":
+        reason = mosaic.unsupported_reason(
+            q.shape, q.dtype, layout, mosaic_config or mosaic.MosaicConfig(), max(q_tok.shape[1], k_tok.shape[1])
+        )
+        if reason:
+            raise ValueError(f"mosaic_gpu backend: {reason}")
+    st = _Static(rule, scale, (q_fields, k_fields), backend, config or gpu.GpuConfig(), interpret, mosaic_config)
     out = _attention(
         _pad_seq(q, layout.block_q, 0),
         _pad_seq(k, layout.block_k, 0),

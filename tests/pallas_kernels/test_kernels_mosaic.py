@@ -1,0 +1,220 @@
+"""Mosaic GPU (Hopper) backend: host-side checks on CPU; the kernel itself against the reference on a GPU.
+
+The Mosaic GPU kernel needs wgmma/TMA hardware (sm_90+); the GPU tests skip elsewhere with that reason. On CPU we
+check the parts that run on the host: configuration validation, which inputs the kernel refuses and why, the
+token-rule tile function against the shared rule, and the `auto` backend choice.
+
+GPU tolerances: relative L2 error against the f32 reference < 2e-2 for bf16/f16 inputs (bf16 has an 8-bit
+mantissa, P is rounded to the input dtype before the PV product, exp2 is the approximate one).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.block_sparse import api, mosaic
+from pallas_kernels.block_sparse.token_mask import MaskRule, visible
+
+ON_HOPPER = mosaic.available()
+gpu_only = pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernels need an sm_90+ CUDA GPU (no CPU lowering)")
+TOL = 2e-2
+
+
+def _layout(block_q=128, block_k=128, n=4):
+    mask = pk.causal_block_mask(n, n)[None]
+    return pk.layout_from_block_mask(mask, block_q=block_q, block_k=block_k)
+
+
+# ---------------------------------------------------------------- host side (CPU)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="block_q"):
+        mosaic.MosaicConfig(block_q=128)
+    with pytest.raises(ValueError, match="block_kv"):
+        mosaic.MosaicConfig(block_kv=96)
+    with pytest.raises(ValueError, match="stages"):
+        mosaic.MosaicConfig(stages=1)
+    cfg = mosaic.MosaicConfig()
+    assert cfg.rows_per_cta == 128
+    # 2 x 64 x 128 bf16 (Q/O) + 2 stages x 2 x 128 x 128 bf16 (K, V) + token fields + lse
+    assert cfg.smem_bytes(128, 2, 1) == 32768 + 131072 + 4 * (2 * 128 + 2 * 64) + 512
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "layout", "cfg", "match"),
+    [
+        ((1, 256, 2, 128), jnp.float32, _layout(), mosaic.MosaicConfig(), "bf16 or f16"),
+        ((1, 256, 2, 96), jnp.bfloat16, _layout(), mosaic.MosaicConfig(), "multiple of 64"),
+        ((1, 256, 2, 128), jnp.bfloat16, _layout(64, 64), mosaic.MosaicConfig(), "rows per CTA"),
+        ((1, 256, 2, 128), jnp.bfloat16, _layout(128, 64), mosaic.MosaicConfig(), "block_kv"),
+        ((1, 256, 2, 256), jnp.bfloat16, _layout(), mosaic.MosaicConfig(stages=3), "shared memory"),
+    ],
+)
+def test_unsupported_reason(shape, dtype, layout, cfg, match):
+    reason = mosaic.unsupported_reason(shape, dtype, layout, cfg)
+    assert reason is not None and match in reason
+
+
+def test_supported_shapes_have_no_reason():
+    for d, dtype in itertools.product((64, 128), (jnp.bfloat16, jnp.float16)):
+        assert mosaic.unsupported_reason((1, 512, 4, d), dtype, _layout(), mosaic.MosaicConfig()) is None
+    assert mosaic.unsupported_reason((1, 512, 4, 128), jnp.bfloat16, _layout(256, 128), mosaic.MosaicConfig()) is None
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        MaskRule(),
+        MaskRule(causal=False),
+        MaskRule(window=5, num_global=2, has_k_critical=True, has_q_critical=True, has_segments=True),
+        MaskRule(causal=False, window=3, has_k_critical=True),
+    ],
+)
+def test_tile_visible_matches_shared_rule(rule):
+    """The Mosaic tile rule (written without abs / implicit broadcasting) equals token_mask.visible."""
+    rng = np.random.default_rng(0)
+    n = 40
+    qp, kp = (rng.integers(-2, 30, n) for _ in range(2))
+    qs, ks = (rng.integers(0, 2, n) for _ in range(2))
+    qc, kc = (rng.integers(0, 2, n) for _ in range(2))
+    full = lambda x, axis: jnp.broadcast_to(jnp.asarray(x)[:, None] if axis == 0 else jnp.asarray(x)[None, :], (n, n))
+    got = mosaic.tile_visible(
+        rule, full(qp, 0), full(kp, 1), full(qs, 0), full(ks, 1), full(qc, 0), full(kc, 1)
+    )
+    want = visible(rule, qp[:, None], kp[None, :], qs[:, None], ks[None, :], qc[:, None], kc[None, :])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_auto_backend_choice(monkeypatch):
+    lay = _layout()
+    q = jnp.zeros((1, 512, 4, 128), jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(mosaic, "available", lambda: True)
+    assert api.resolve_backend("auto", q, lay) == api.AUTO_GPU_FORWARD
+    # f32 and unsupported tilings fall back to Triton on the same GPU
+    assert api.resolve_backend("auto", q.astype(jnp.float32), lay) == "triton"
+    assert api.resolve_backend("auto", q, _layout(64, 64)) == "triton"
+    monkeypatch.setattr(mosaic, "available", lambda: False)
+    assert api.resolve_backend("auto", q, lay) == "triton"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert api.resolve_backend("auto", q, lay) == "reference"
+    assert api.resolve_backend("mosaic_gpu", q, lay) == "mosaic_gpu"
+
+
+def test_mosaic_backend_rejects_unsupported_inputs_clearly():
+    q = jnp.zeros((1, 256, 2, 128), jnp.float32)
+    with pytest.raises(ValueError, match="mosaic_gpu backend: dtype float32"):
+        pk.block_sparse_attention(q, q, q, _layout(n=2), backend="mosaic_gpu")
+
+
+# ---------------------------------------------------------------- the kernel (GPU only)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+CASES = [
+    # (b, s, hq, hkv, d, dtype, block, density, rule kwargs)
+    (1, 1024, 4, 4, 128, jnp.bfloat16, 128, 1.0, {}),
+    (1, 1024, 4, 4, 128, jnp.bfloat16, 128, 0.4, {}),
+    (2, 512, 8, 2, 64, jnp.float16, 128, 1.0, {}),
+    (1, 1000, 8, 2, 128, jnp.bfloat16, 128, None, {"window": 100, "num_global": 4, "critical": True}),
+    (2, 384, 4, 1, 64, jnp.bfloat16, 128, None, {"window": 64, "critical": True, "segments": True}),
+    (1, 1024, 16, 8, 128, jnp.bfloat16, 128, 0.25, {}),
+]
+
+
+def _case(b, s, hq, hkv, d, dtype, block, density, rule):
+    ks = jax.random.split(jax.random.PRNGKey(s + hq + d), 6)
+    q = jax.random.normal(ks[0], (b, s, hq, d), dtype)
+    k = jax.random.normal(ks[1], (b, s, hkv, d), dtype)
+    v = jax.random.normal(ks[2], (b, s, hkv, d), dtype)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    # Ragged batch rows: the second sequence ends early (padding positions -1 give empty rows).
+    if b > 1:
+        pos = pos.at[1, s - 100 :].set(-1)
+    kw = {}
+    if density is None:
+        crit = jax.random.uniform(ks[3], (b, s)) < 0.1
+        seg = (jnp.arange(s) >= s // 2).astype(jnp.int32)[None].repeat(b, 0) if rule.get("segments") else None
+        kw = {"window": rule.get("window"), "num_global": rule.get("num_global", 0)}
+        if rule.get("critical"):
+            kw.update(k_critical=crit, q_critical=crit)
+        if seg is not None:
+            kw["segment_ids"] = seg
+        lay = pk.sra_layout(pos, block_q=block, block_k=128, **kw)
+    else:
+        n = -(-s // block)
+        if density < 1:
+            mask = pk.random_causal_block_mask(ks[4], n, density, batch=b)
+        else:
+            mask = pk.causal_block_mask(n, n)[None, None]
+        if block != 128:  # expand to 128-wide kv blocks
+            mask = jnp.repeat(mask, block // 128, axis=-1)[..., : -(-s // 128)]
+        mask = jnp.broadcast_to(mask, (b, 1, *mask.shape[-2:]))
+        lay = pk.layout_from_block_mask(mask, block_q=block, block_k=128)
+    return q, k, v, pos, lay, kw
+
+
+@gpu_only
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"b{c[0]}s{c[1]}h{c[2]}kv{c[3]}d{c[4]}{jnp.dtype(c[5]).name}"
+)
+def test_mosaic_forward_and_grads_match_reference(case):
+    q, k, v, pos, lay, kw = _case(*case)
+    kw = {**kw, "q_positions": pos}
+    w = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32)
+
+    def loss(backend, q, k, v):
+        out = pk.block_sparse_attention(q, k, v, lay, backend=backend, **kw)
+        return (out.astype(jnp.float32) * w).sum(), out
+
+    f32 = lambda x: x.astype(jnp.float32)
+    grad = jax.value_and_grad(lambda *a: loss("mosaic_gpu", *a), argnums=(0, 1, 2), has_aux=True)
+    (_, out), g = jax.jit(grad)(q, k, v)
+    (_, ref), g_ref = jax.value_and_grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2), has_aux=True)(
+        f32(q), f32(k), f32(v)
+    )
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert _rel(out, ref) < TOL
+    for a, r in zip(g, g_ref):
+        assert np.isfinite(np.asarray(a, np.float32)).all()
+        assert _rel(a, r) < TOL
+    # Padding rows (position -1) see nothing: zeros, never NaN.
+    if q.shape[0] > 1:
+        np.testing.assert_array_equal(np.asarray(out[1, -100:], np.float32), 0.0)
+
+
+@gpu_only
+def test_mosaic_forward_with_256_row_layout_blocks():
+    """Two 128-row CTAs share one layout row (forward only: the Triton backward tiles want 128-row blocks)."""
+    q, k, v, pos, lay, kw = _case(1, 1024, 8, 2, 128, jnp.bfloat16, 256, 1.0, {})
+    out = jax.jit(lambda q, k, v: pk.block_sparse_attention(q, k, v, lay, backend="mosaic_gpu"))(q, k, v)
+    ref = pk.block_sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)), lay, backend="reference")
+    assert _rel(out, ref) < TOL
+
+
+@gpu_only
+def test_mosaic_forward_equals_triton_forward_and_lse():
+    q, k, v, pos, lay, kw = _case(1, 1024, 4, 2, 128, jnp.bfloat16, 128, 0.5, {})
+    rule, tokens = api.make_rule_and_tokens(
+        q, k, causal=True, window=None, num_global=0, q_positions=None, k_positions=None,
+        segment_ids=None, k_segment_ids=None, q_critical=None, k_critical=None,
+    )
+    qt, qf = api._pack({"pos": tokens.q_positions})
+    kt, kf = api._pack({"pos": tokens.k_positions})
+    kw = dict(rule=rule, sm_scale=128**-0.5, fields=(qf, kf))
+    o_m, lse_m = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, lay, qt, kt, **kw))(q, k, v)
+    triton = lambda q, k, v: pk.block_sparse.gpu.forward(q, k, v, lay, qt, kt, config=pk.GpuConfig(), **kw)
+    o_t, lse_t = jax.jit(triton)(q, k, v)
+    assert _rel(o_m, o_t) < TOL
+    np.testing.assert_allclose(np.asarray(lse_m), np.asarray(lse_t), atol=2e-2)
