@@ -174,7 +174,9 @@ def resolve_backend(backend: str, q=None, layout: BlockLayout | None = None, mos
             and q is not None
             and layout is not None
             and mosaic.available()
-            and mosaic.unsupported_reason(q.shape, q.dtype, layout, mosaic_config or mosaic.MosaicConfig()) is None
+            # 4 token fields: the most the packing can produce, so `auto` never picks a kernel that then fails
+            and mosaic.unsupported_reason(q.shape, q.dtype, layout, mosaic_config or mosaic.MosaicConfig(), 4)
+            is None
         ):
             return "mosaic_gpu"
         return "triton"
