@@ -2,15 +2,28 @@
 
 On several hosts (TPU pod workers, GPU nodes) run the same command on every host; `jax.distributed.initialize()` is
 called first when `--distributed` is given (it reads the coordinator from the cluster environment: TPU metadata,
-SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+SLURM, Open MPI, Kubernetes); elsewhere pass --coordinator / --num-processes / --process-id or set
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID on every host (a coordinator address alone also
+turns it on).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"sra-jax train: ${name}={value!r} must be an integer") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set optim.learning_rate=1e-3 (repeatable)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
-    parser.add_argument("--coordinator", help="host:port of process 0 (with --num-processes / --process-id)")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                        help="host:port of process 0 (default $JAX_COORDINATOR_ADDRESS; with --num-processes / "
+                             "--process-id)")
+    parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                        help="default $JAX_NUM_PROCESSES")
+    parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), help="default $JAX_PROCESS_ID")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
 

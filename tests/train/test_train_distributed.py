@@ -48,3 +48,20 @@ def test_two_processes_train_save_and_resume(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in second[0].stderr and "at step 4" in second[0].stderr
     assert sorted(losses_by_step(tmp_path / "log")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_cli_reads_the_jax_distributed_env_vars(monkeypatch, capsys):
+    import jax
+
+    from sra_jax.train.cli import main
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert main(["--print-config"]) == 0
+    assert calls == [dict(coordinator_address="node0:1234", num_processes=2, process_id=1)]
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(SystemExit, match=r"\$JAX_NUM_PROCESSES='two' must be an integer"):
+        main(["--print-config"])

@@ -73,3 +73,17 @@ def test_cli_print_config_prints_the_resolved_yaml(form, capsys):
 
     assert main(["--set", f"data.form={form}", "--set", "steps=7", "--print-config"]) == 0
     assert "steps: 7" in capsys.readouterr().err
+
+
+def test_throughput_benchmark_variants_parse_and_bad_options_fail():
+    from benchmarks.train_throughput import parse_variant
+
+    name, overrides, bench = parse_variant("dense: sra=null; attention_impl=cudnn; bench.data=random")
+    assert (name, overrides, bench) == ("dense", ["sra=null", "attention_impl=cudnn"], {"bench.data": "random"})
+    assert parse_variant("plain:") == ("plain", [], {})
+    with pytest.raises(ValueError, match="NAME: key=value"):
+        parse_variant("no colon here")
+    with pytest.raises(ValueError, match="bench options"):
+        parse_variant("x: bench.mode=fast")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_variant("x: sra")
