@@ -86,13 +86,20 @@ class OptimConfig:
 class LossConfig:
     """Which losses train the model and their weights.
 
-    kind: "sl" next-token cross-entropy on loss-masked tokens; "rl" router policy gradient only; "sl+rl" both.
+    kind: "sl" next-token cross-entropy on loss-masked tokens; "rl" router policy gradient only; "sl+rl" both;
+        "grpo" LM RL: sample `group_size` completions of each prompt, grade the answer, clipped policy-gradient
+        update of the whole model (and the router's selection, when SRA is on); see sra_jax.train.lm_rl.
     teacher_kl_weight: KL(dense teacher || student) on loss-masked tokens; the teacher is the same weights with every
         token critical (so SRA attention is exactly dense), under stop_gradient.
     token_penalty (lambda) and length_penalty (mu): reward = correct - lambda * selected_fraction - mu * generated tokens.
     group_size: samples per prompt for the GRPO-style group baseline (each sample draws its own router selection).
+    max_new_tokens, sample_temperature: generation length and softmax temperature of GRPO rollouts.
+    clip_eps: GRPO ratio clipping; kl_weight: weight of the k3 KL estimate to the initial parameters (GRPO).
     entropy_weight: bonus on the entropy of the router's first-draw distribution (keeps the policy exploring).
-    temperature_start/end/steps: router-logit temperature annealed over `temperature_steps` (cosine).
+    temperature_start/end/steps: the router's selection temperature tau (Gumbel top-k relaxation, Bernoulli
+        p = sigmoid(logit / tau), sparsemax(logit / tau); also the router-entropy temperature), annealed by a cosine
+        from start to end over `temperature_steps` and passed to the model as a traced scalar each step (no
+        recompilation); logged as `tau`. Null (the default): tau stays at sra.tau. `temperature_end` null = start.
     """
 
     kind: str = "sl"
@@ -104,15 +111,19 @@ class LossConfig:
     group_size: int = 4
     entropy_weight: float = 0.0
     advantage_eps: float = 1e-6
-    temperature_start: float = 1.0
-    temperature_end: float = 1.0
+    temperature_start: float | None = None
+    temperature_end: float | None = None
     temperature_steps: int = 1
+    max_new_tokens: int = 16
+    sample_temperature: float = 1.0
+    clip_eps: float = 0.2
+    kl_weight: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("sl", "rl", "sl+rl"):
-            raise ValueError(f"loss.kind={self.kind!r} must be one of 'sl', 'rl', 'sl+rl'")
+        if self.kind not in ("sl", "rl", "sl+rl", "grpo"):
+            raise ValueError(f"loss.kind={self.kind!r} must be one of 'sl', 'rl', 'sl+rl', 'grpo'")
         for name in ("sl_weight", "rl_weight", "teacher_kl_weight", "token_penalty", "length_penalty",
-                     "entropy_weight"):
+                     "entropy_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0")
         if self.group_size < 1:
@@ -122,10 +133,19 @@ class LossConfig:
         if self.advantage_eps <= 0:
             raise ValueError(f"loss.advantage_eps={self.advantage_eps} must be > 0")
         for name in ("temperature_start", "temperature_end"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"loss.{name}={getattr(self, name)} must be > 0")
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"loss.{name}={getattr(self, name)} must be > 0 or null")
+        if self.temperature_start is None and self.temperature_end is not None:
+            raise ValueError(f"loss.temperature_end={self.temperature_end} needs loss.temperature_start (the schedule "
+                             f"starts there); set both or neither")
         if self.temperature_steps < 1:
             raise ValueError(f"loss.temperature_steps={self.temperature_steps} must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"loss.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.sample_temperature <= 0:
+            raise ValueError(f"loss.sample_temperature={self.sample_temperature} must be > 0 (GRPO samples)")
+        if self.clip_eps <= 0:
+            raise ValueError(f"loss.clip_eps={self.clip_eps} must be > 0")
 
     @property
     def uses_sl(self) -> bool:
@@ -145,7 +165,7 @@ class DataConfig:
     seq_len: int = 64
     seed: int = 0
     eval_size: int = 256
-    path: str | None = None  # GSM8K / MATH: folder of jsonl files
+    path: str | None = None  # GSM8K / MATH: the folder holding gsm8k/, math/, llama3/
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
@@ -228,6 +248,14 @@ class TrainConfig:
             raise ValueError(f"loss.kind={self.loss.kind!r} trains the router, so `sra` must be set (it is null)")
         if self.data.task == "synthetic" and self.model.vocab_size < 99:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= 99 for the synthetic tokenizer")
+        if self.data.task in ("gsm8k", "math") and self.model.vocab_size < 128256:  # Llama 3: 128000 BPE + 256 special
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= 128256 for the Llama 3 tokenizer "
+                             f"(data.task={self.data.task!r})")
+        rollout_len = self.data.seq_len + self.loss.max_new_tokens
+        if self.loss.kind == "grpo" and rollout_len > self.model.max_position_embeddings:
+            raise ValueError(f"loss.kind='grpo': data.seq_len + loss.max_new_tokens = "
+                             f"{self.data.seq_len + self.loss.max_new_tokens} exceeds model.max_position_embeddings="
+                             f"{self.model.max_position_embeddings} (a rollout is prompt + completion)")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings}")

@@ -58,7 +58,12 @@ class Trainer:
 
     @functools.cached_property
     def step_fn(self):
-        """jit(train_step) with in/out shardings; the state argument is donated."""
+        """jit(train_step) with in/out shardings; the state argument is donated. For loss.kind == "grpo" a
+        `sra_jax.train.lm_rl.GRPOStep` (same call signature; it samples and grades rollouts between the steps)."""
+        if self.config.loss.kind == "grpo":
+            from sra_jax.train.lm_rl import GRPOStep
+
+            return GRPOStep(self)
         fn = functools.partial(
             train_step, graphdef=self.graphdef, rest=self.rest, tx=self.tx, loss=self.config.loss,
             has_sra=self.config.sra is not None, mesh=self.mesh,
@@ -146,7 +151,8 @@ def loss_fn(params, tokens, positions, loss_mask, key, step, *, graphdef, rest, 
         tokens, positions, loss_mask = (jnp.repeat(x, group, axis=0) for x in (tokens, positions, loss_mask))
     tokens = sharding.constrain_batch(tokens, mesh)
     positions = sharding.constrain_batch(positions, mesh)
-    logits, aux = model(tokens, positions, key=key if has_sra else None)
+    tau = selection_temperature(loss, step)
+    logits, aux = model(tokens, positions, key=key if has_sra else None, tau=tau)
     logits = sharding.constrain_batch(logits, mesh)
     ce = losses.cross_entropy(logits, tokens, loss_mask)
     correct = losses.answer_correct(logits, tokens, loss_mask)
@@ -155,6 +161,8 @@ def loss_fn(params, tokens, positions, loss_mask, key, step, *, graphdef, rest, 
     total = jnp.zeros((), jnp.float32)
     metrics = {"ce": ce, "accuracy": correct.mean(), "selected_fraction": selected.mean(),
                "mask_density": density.mean(), "tokens": jnp.sum(positions >= 0).astype(jnp.float32)}
+    if has_sra:
+        metrics["tau"] = jnp.asarray(model.sra.tau if tau is None else tau, jnp.float32)
     if loss.uses_sl:
         total += loss.sl_weight * ce
     if loss.teacher_kl_weight and has_sra:
@@ -170,13 +178,20 @@ def loss_fn(params, tokens, positions, loss_mask, key, step, *, graphdef, rest, 
                             length_penalty=loss.length_penalty)
         advantages = rl.group_advantages(rewards, group, eps=loss.advantage_eps)
         pg = rl.policy_gradient_loss(aux.selection_log_prob, advantages)
-        temperature = rl.temperature_schedule(step, start=loss.temperature_start, end=loss.temperature_end,
-                                              steps=loss.temperature_steps)
+        temperature = metrics["tau"]
         entropy = rl.router_entropy(aux.router_logits, positions >= 0, temperature=temperature)
         total += loss.rl_weight * (pg - loss.entropy_weight * entropy)
         metrics.update(reward=rewards.mean(), policy_loss=pg, router_entropy=entropy, temperature=temperature)
     metrics["loss"] = total
     return total, metrics
+
+
+def selection_temperature(loss: LossConfig, step) -> jax.Array | None:
+    """The router's selection temperature at `step` (a traced scalar), or None to keep the model's sra.tau."""
+    if loss.temperature_start is None:
+        return None
+    end = loss.temperature_start if loss.temperature_end is None else loss.temperature_end
+    return rl.temperature_schedule(step, start=loss.temperature_start, end=end, steps=loss.temperature_steps)
 
 
 def _only_router(grads):
@@ -190,29 +205,41 @@ def _only_router(grads):
 def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: LossConfig, has_sra: bool,
                mesh: Mesh | None = None):
     """One optimizer step over `batch` (accumulating gradients over its leading micro-batch axis)."""
+    objective = functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
+
+    def micro_loss(params, micro: Batch, key, step):
+        return objective(params, micro.tokens, micro.positions, micro.loss_mask, key, step)
+
+    return apply_step(state, batch, micro_loss, tx=tx, only_router=loss.kind == "rl")
+
+
+def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: bool = False):
+    """Gradient accumulation and the guarded update shared by every loss kind.
+
+    `batch` is a pytree whose leaves have a leading micro-batch axis; `objective(params, micro_batch, key, step)`
+    returns (loss, metrics of scalars). Gradients and metrics are averaged over micro-batches ("tokens" summed); a
+    non-finite loss or gradient leaves params and optimizer state untouched (`skipped` = 1).
+    """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss,
-                                                   has_sra=has_sra, mesh=mesh), has_aux=True)
-    accum = batch.tokens.shape[0]
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    accum = jax.tree.leaves(batch)[0].shape[0]
 
     def micro_step(carry, xs):
         grads_sum, metrics_sum = carry
-        index, tokens, positions, loss_mask = xs
-        (_, metrics), grads = grad_fn(state.params, tokens, positions, loss_mask,
-                                      jax.random.fold_in(key, index), state.step)
+        index, micro = xs
+        (_, metrics), grads = grad_fn(state.params, micro, jax.random.fold_in(key, index), state.step)
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
         metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
         return (grads_sum, metrics_sum), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, batch.tokens[0], batch.positions[0],
-                                                   batch.loss_mask[0], key, state.step)[0][1])
+    first = jax.tree.map(lambda x: x[0], batch)
+    metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, first, key, state.step)[0][1])
     metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-    xs = (jnp.arange(accum), batch.tokens, batch.positions, batch.loss_mask)
-    (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), xs)
+    (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = {k: (v if k == "tokens" else v / accum) for k, v in metrics.items()}
-    if loss.kind == "rl":
+    if only_router:
         grads = _only_router(grads)
 
     grad_norm = optax.global_norm(grads)

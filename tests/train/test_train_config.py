@@ -54,3 +54,9 @@ def test_mesh_resolves_minus_one_to_the_remaining_devices():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiment_configs_load(path):
     TrainConfig.load(path)
+
+
+def test_temperature_schedule_is_off_by_default_and_needs_a_start():
+    assert TrainConfig().loss.temperature_start is None  # tau stays at sra.tau
+    with pytest.raises(ValueError, match=r"temperature_start"):
+        TrainConfig.load(None, ["loss.temperature_end=0.5"])
