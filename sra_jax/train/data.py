@@ -1,15 +1,20 @@
 """Deterministic training batches: batch number `step` is a pure function of (config, step), so the data position
-saved in a checkpoint is just the step and resuming replays exactly the same stream."""
+saved in a checkpoint is just the step and resuming replays exactly the same stream.
+
+Streams: `SyntheticStream` (the built-in multi-hop task) and `TextTaskStream` (GSM8K / MATH jsonl, Llama 3 tokens).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from sra_jax.data import synthetic
-from sra_jax.train.config import DataConfig
+from sra_jax.train.config import DataConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,3 +59,92 @@ class SyntheticStream:
         problems = synthetic.generate(self.data.synthetic, size or self.data.eval_size, split=split,
                                       seed=self.data.seed)
         return synthetic.make_batch(problems, self.tokenizer, self.data.seq_len, form=self.data.form)
+
+
+def default_data_dir() -> Path:
+    """`$SRA_JAX_DATA`, else `../shared/data` beside the checkout (folders gsm8k/, math/, llama3/)."""
+    return Path(os.environ.get("SRA_JAX_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+class TextTaskStream:
+    """The GSM8K / MATH train split as [grad_accum, micro_batch, seq_len] numpy batches (only this process's rows).
+
+    Each example is `<bos>Question: q\nAnswer: target<eos>` (MATH: Problem / Solution), tokenised with the Llama 3
+    tokenizer; the loss mask covers the target (the worked solution ending in its answer when data.form is "cot",
+    the answer alone when "direct") and the eos. One example per row, right-padded (positions -1): the train step
+    passes no segment_ids to the model, so packed examples would attend to each other. Examples longer than
+    data.seq_len are left out (`skipped` counts them).
+
+    Example number g of the stream is row g % N of the permutation seeded by (data.seed, g // N) over the N kept
+    examples, and batch `step` holds examples [step * batch_size, (step + 1) * batch_size): a pure function of
+    (config, step), so the checkpoint's data position is the step, exactly as for `SyntheticStream`.
+    """
+
+    def __init__(self, data: DataConfig, batch_size: int, grad_accum: int = 1):
+        from sra_jax.data import datasets as task_data
+        from sra_jax.data.tokenizer import Llama3Tokenizer
+
+        if data.task not in ("gsm8k", "math"):
+            raise ValueError(f"TextTaskStream reads data.task 'gsm8k' or 'math', got {data.task!r}")
+        if batch_size % (grad_accum * jax.process_count()):
+            raise ValueError(f"batch_size={batch_size} must divide evenly into grad_accum={grad_accum} "
+                             f"micro-batches over {jax.process_count()} processes")
+        self.data, self.batch_size, self.grad_accum = data, batch_size, grad_accum
+        root = Path(data.path) if data.path else default_data_dir()
+        folder, tokenizer_file = root / data.task, root / "llama3" / "tokenizer.model"
+        for needed in (folder, tokenizer_file):
+            if not needed.exists():
+                raise FileNotFoundError(f"data.path: {needed} not found (data.path names the folder holding "
+                                        f"{data.task}/ and llama3/tokenizer.model; default $SRA_JAX_DATA or "
+                                        f"../shared/data)")
+        self.tokenizer = Llama3Tokenizer(tokenizer_file)
+        rows = task_data.load_task(data.task, folder, "train")
+        cot = data.form == "cot"
+        examples = [
+            task_data.tokenize_example(self.tokenizer, task_data.format_prompt(data.task, row["question"], cot=cot),
+                                       task_data.format_target(data.task, row, cot=cot))
+            for row in rows
+        ]
+        self.source_index = [i for i, e in enumerate(examples) if len(e.tokens) <= data.seq_len]
+        self.examples = [examples[i] for i in self.source_index]
+        self.skipped = len(examples) - len(self.examples)
+        self._order: tuple[int, np.ndarray] | None = None
+        if not self.examples:
+            shortest = min(len(e.tokens) for e in examples)
+            raise ValueError(f"data.seq_len={data.seq_len}: no {data.task} example fits (the shortest needs "
+                             f"{shortest} tokens)")
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.data.seed, epoch]).permutation(len(self.examples)))
+        return self._order[1]
+
+    def example_index(self, g: int) -> int:
+        """Index into `examples` of stream example number `g`."""
+        epoch, offset = divmod(g, len(self.examples))
+        return int(self._epoch_order(epoch)[offset])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Batch number `step` (see the class docstring): tokens, positions, loss_mask of shape [accum, micro, seq]."""
+        from sra_jax.data.datasets import pad_batch
+
+        micro = self.batch_size // self.grad_accum
+        per_process = micro // jax.process_count()
+        first = jax.process_index() * per_process
+        batches = [
+            pad_batch([self.examples[self.example_index(step * self.batch_size + a * micro + first + r)]
+                       for r in range(per_process)], per_process, self.data.seq_len, pad_id=self.tokenizer.pad_id)
+            for a in range(self.grad_accum)
+        ]
+        return {name: np.stack([getattr(b, name) for b in batches]) for name in ("tokens", "positions", "loss_mask")}
+
+
+def make_stream(config: TrainConfig) -> SyntheticStream | TextTaskStream:
+    """The training stream of `config.data.task`."""
+    if config.data.task == "synthetic":
+        return SyntheticStream(config.data, config.batch_size, config.grad_accum)
+    stream = TextTaskStream(config.data, config.batch_size, config.grad_accum)
+    if config.model.vocab_size < stream.tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the Llama 3 tokenizer's "
+                         f"{stream.tokenizer.vocab_size}")
+    return stream

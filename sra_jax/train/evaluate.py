@@ -1,4 +1,7 @@
-"""`sra-jax eval`: accuracy, selected fraction and attention FLOPs of a checkpoint on held-out problems.
+"""`sra-jax eval`: accuracy of a checkpoint on held-out synthetic problems or few-shot GSM8K / MATH.
+
+GSM8K / MATH (`--task gsm8k|math`): see sra_jax.evals.text_tasks (few-shot prompts, greedy KV-cache generation,
+grading, a JSONL of every problem and a summary JSON).
 
 Synthetic direct-answer problems are scored by teacher-forced exact match, which equals greedy decoding of the
 answer (the answer follows the prompt, so greedy reproduces it iff each answer token is the argmax given the gold
@@ -8,8 +11,13 @@ prefix). The router selects deterministically (plain top-k, `key=None`), as at i
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import functools
+import os
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -48,22 +56,130 @@ def evaluate_synthetic(model: nnx.Module, batch: synthetic.SyntheticBatch, *, ch
     }
 
 
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("SRA_JAX_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+def _load_model(args, parser: argparse.ArgumentParser):
+    """A converted checkpoint (orbax or Hugging Face directory), or a training checkpoint when --config is given."""
+    if args.config is None:
+        from sra_jax.convert import load_hf, load_orbax
+
+        if args.checkpoint is None:
+            parser.error("--checkpoint is required for gsm8k / math (or give --config for a training checkpoint)")
+        path = Path(args.checkpoint)
+        loader = load_orbax if (path / "params").is_dir() else load_hf
+        return loader(path, attention_impl=args.attention_impl)[1], str(path)
+    from sra_jax.train import checkpoint, sharding
+    from sra_jax.train.config import TrainConfig
+    from sra_jax.train.step import create_trainer
+
+    config = TrainConfig.load(args.config, args.overrides)
+    trainer, state = create_trainer(config, sharding.make_mesh(config.mesh.resolve(jax.device_count())))
+    directory = args.checkpoint or config.checkpoint.dir
+    if not directory:
+        parser.error("give --checkpoint or checkpoint.dir in the config")
+    with checkpoint.Checkpointer(directory, config.checkpoint) as manager:
+        restored = manager.restore_latest(state)
+    if restored is None:
+        raise FileNotFoundError(f"no training checkpoint in {directory}")
+    return trainer.model(restored.params), f"{directory} (step {int(restored.step)})"
+
+
+def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
+    """Few-shot GSM8K / MATH: generate, grade, write `<output>/<name>.jsonl` and `<name>.summary.json`."""
+    from sra_jax.data.tokenizer import Llama3Tokenizer
+    from sra_jax.evals import text_tasks
+
+    data_dir = Path(args.data_dir) if args.data_dir else _default_data_dir()
+    items, shot_source = text_tasks.load_items(args.task, data_dir, shots=args.shots, cot=args.cot, seed=args.seed,
+                                               limit=args.limit)
+    tokenizer = Llama3Tokenizer(data_dir / "llama3" / "tokenizer.model")
+    model, checkpoint_name = _load_model(args, parser)
+    completer = text_tasks.ModelCompleter(model, tokenizer, args.task, max_new_tokens=args.max_new_tokens,
+                                          chunk=args.chunk)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        print(f"[{done}/{total} problems, {time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
+
+    records, summary = text_tasks.evaluate(args.task, items, completer.__call__, batch_size=args.batch_size,
+                                           progress=progress)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    summary = {
+        **summary, "split": "test", "shots": args.shots, "cot": args.cot, "shot_seed": args.seed,
+        "shot_source": shot_source, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        **completer.sra_summary(), "checkpoint": str(checkpoint_name), "parameters": params,
+        "model": model.config.to_hf() if hasattr(model.config, "to_hf") else None,
+        "sra": dataclasses.asdict(model.sra) if getattr(model, "sra", None) is not None else None,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "data_dir": str(data_dir),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    name = args.name or f"{args.task}-{args.shots}shot-{'cot' if args.cot else 'direct'}"
+    output = Path(args.output)
+    text_tasks.write_results(records, summary, output / f"{name}.jsonl", output / f"{name}.summary.json")
+    low, high = summary["ci95_wilson"]
+    print(f"{args.task} {args.shots}-shot {'CoT' if args.cot else 'direct'}: accuracy {summary['accuracy']:.4f} "
+          f"({summary['correct']}/{summary['n']}, Wilson 95% CI [{low:.4f}, {high:.4f}]), "
+          f"{summary['generated_tokens']} tokens in {summary['wall_time_s']:.1f}s -> {output / name}.*")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sra-jax eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="the run's YAML config (as given to sra-jax train)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--checkpoint", help="checkpoint directory: a training checkpoint (with --config; default "
+                        "checkpoint.dir) or, for gsm8k / math, a converted orbax or Hugging Face Llama directory")
+    parser.add_argument("--task", choices=["synthetic", "gsm8k", "math"],
+                        help="default: data.task of --config (synthetic without one)")
+    parser.add_argument("--split", default="test", choices=["train", "test"], help="synthetic only")
+    parser.add_argument("--size", type=int, help="synthetic: number of problems (default data.eval_size)")
+    parser.add_argument("--shots", type=int, default=8, help="gsm8k / math: few-shot examples per prompt")
+    parser.add_argument("--cot", action="store_true", help="gsm8k / math: shots show worked solutions")
+    parser.add_argument("--limit", type=int, help="gsm8k / math: only the first N test problems")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=32, help="decode steps between host stop-string checks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shot selection")
+    parser.add_argument("--attention-impl", default="reference", choices=["reference", "gather", "xla", "cudnn", "pallas"],
+                        help="attention of a converted checkpoint (a training checkpoint uses its config's)")
+    parser.add_argument("--data-dir", help="folder with gsm8k/, math/, llama3/ (default $SRA_JAX_DATA or "
+                        "../shared/data beside the checkout)")
+    parser.add_argument("--output", default="eval-results", help="folder for the results files")
+    parser.add_argument("--name", help="file stem of the results (default TASK-Nshot-cot|direct)")
+    args = parser.parse_args(argv)
+    task = args.task
+    if task is None:
+        task = "synthetic" if args.config is None else _config_task(args.config, args.overrides)
+    if task != "synthetic":
+        args.task = task
+        if args.shots < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or args.chunk < 1:
+            parser.error("need --shots >= 0, --batch-size >= 1, --max-new-tokens >= 1, --chunk >= 1")
+        try:
+            return evaluate_text(args, parser)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"sra-jax eval: {error}", file=sys.stderr)
+            return 1
+    return evaluate_synthetic_checkpoint(args)
+
+
+def _config_task(path: str, overrides: list[str]) -> str:
+    from sra_jax.train.config import TrainConfig
+
+    return TrainConfig.load(path, overrides).data.task
+
+
+def evaluate_synthetic_checkpoint(args) -> int:
     from sra_jax.train import checkpoint, sharding
     from sra_jax.train.config import TrainConfig
     from sra_jax.train.data import SyntheticStream
     from sra_jax.train.step import create_trainer
 
-    parser = argparse.ArgumentParser(prog="sra-jax eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="the run's YAML config (as given to sra-jax train)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--checkpoint", help="checkpoint directory (default: checkpoint.dir of the config)")
-    parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--size", type=int, help="number of problems (default data.eval_size)")
-    args = parser.parse_args(argv)
     config = TrainConfig.load(args.config, args.overrides)
     if config.data.task != "synthetic":
-        print(f"sra-jax eval: data.task={config.data.task!r} is not supported yet; only 'synthetic'", file=sys.stderr)
+        print(f"sra-jax eval: --task synthetic needs data.task=synthetic, the config has {config.data.task!r}",
+              file=sys.stderr)
         return 2
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
     trainer, state = create_trainer(config, mesh)

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sra_jax.train import sharding
 from sra_jax.train.checkpoint import Checkpointer, host_int
 from sra_jax.train.config import TrainConfig
-from sra_jax.train.data import SyntheticStream
+from sra_jax.train.data import make_stream
 from sra_jax.train.optimizer import learning_rate_schedule
 from sra_jax.train.metrics import MetricsLogger, count_params, peak_flops_per_device, train_flops
 from sra_jax.train.step import Trainer, TrainState, create_trainer
@@ -72,12 +72,6 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         self.signal = signum
-
-
-def make_stream(config: TrainConfig) -> SyntheticStream:
-    if config.data.task != "synthetic":
-        raise ValueError(f"data.task={config.data.task!r}: only 'synthetic' training data is wired in yet")
-    return SyntheticStream(config.data, config.batch_size, config.grad_accum)
 
 
 def run(
