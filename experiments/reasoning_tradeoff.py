@@ -21,12 +21,17 @@ median wall time of one query (batch 1, prompt + greedy decode, after compilatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import functools
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,10 +51,10 @@ from scipy import stats  # noqa: E402
 
 from sra_jax.config import LlamaConfig, SRAConfig  # noqa: E402
 from sra_jax.data import synthetic  # noqa: E402
-from sra_jax.generate import generate  # noqa: E402
+from sra_jax.generate import generate, prompt_bucket  # noqa: E402
 from sra_jax.nn import attention_flops  # noqa: E402
 from sra_jax.train.config import DataConfig, LogConfig, LossConfig, OptimConfig, TrainConfig  # noqa: E402
-from sra_jax.train.loop import run  # noqa: E402
+from sra_jax.train.loop import StopFlag, run  # noqa: E402
 
 VARIANTS = ("standard", "cot", "sra")
 # The seeds' claim (Llama 3 8B on GSM8K), printed beside our numbers.
@@ -77,6 +82,12 @@ class Preset:
     learning_rate: float = 3e-3
     group_size: int = 2
     token_penalty: float = 0.1
+    # Router selection temperature schedule (LossConfig.temperature_*): None keeps sra.tau fixed.
+    tau_start: float | None = None
+    tau_end: float | None = None
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    compute_dtype: str = "float32"  # parameters stay float32 (master weights)
 
 
 _EASY_TASK = synthetic.SyntheticConfig(min_hops=1, max_hops=2, min_distractors=0, max_distractors=2, value_range=10,
@@ -87,11 +98,24 @@ PRESETS = {
                    latency_queries=2, task=_EASY_TASK, sra=_SRA),
     "cpu": Preset(hidden_size=64, layers=2, steps=300, batch_size=32, seeds=(0, 1, 2), eval_size=256,
                   latency_queries=16, task=_EASY_TASK, sra=_SRA),
-    "gpu": Preset(hidden_size=512, layers=8, steps=5000, batch_size=128, seeds=(0, 1, 2, 3, 4), eval_size=2048,
-                  latency_queries=64, learning_rate=1e-3, group_size=4,
+    # One H100, all 9 runs in parallel processes within ~8 minutes: 8 layers x 512 wide (25M matmul params).
+    # SRA: the router decides how many tokens are critical (Bernoulli, capped at 25%) and the token penalty pushes
+    # that number down; the selection temperature anneals 1 -> 0.3.
+    "gpu": Preset(hidden_size=512, layers=8, steps=1000, batch_size=128, seeds=(0, 1, 2), eval_size=1024,
+                  latency_queries=32, learning_rate=1e-3, group_size=4, tau_start=1.0, tau_end=0.3,
+                  compute_dtype="bfloat16",
                   task=synthetic.SyntheticConfig(min_hops=2, max_hops=4, min_distractors=2, max_distractors=6),
-                  sra=SRAConfig(critical_fraction=0.2, window=8, num_global=1, queries="all", router_hidden=64)),
+                  sra=SRAConfig(critical_fraction=0.25, window=8, num_global=1, queries="all", router_hidden=64,
+                                selection="bernoulli")),
 }
+
+
+def get_preset(name: str, sra_selection: str | None = None) -> Preset:
+    """A preset by name, optionally with another SRA selection mode (e.g. "gumbel_topk" instead of "bernoulli")."""
+    preset = PRESETS[name]
+    if sra_selection is not None:
+        preset = dataclasses.replace(preset, sra=dataclasses.replace(preset.sra, selection=sra_selection))
+    return preset
 
 
 def train_config(preset: Preset, variant: str, seed: int) -> TrainConfig:
@@ -103,17 +127,22 @@ def train_config(preset: Preset, variant: str, seed: int) -> TrainConfig:
     is_sra = variant == "sra"
     return TrainConfig(
         model=LlamaConfig.tiny(vocab_size=128, hidden_size=preset.hidden_size, intermediate_size=3 * preset.hidden_size,
-                               num_hidden_layers=preset.layers, num_attention_heads=4, num_key_value_heads=2,
+                               num_hidden_layers=preset.layers, num_attention_heads=preset.num_heads,
+                               num_key_value_heads=preset.num_kv_heads,
                                max_position_embeddings=synthetic.max_length(preset.task, "cot") + 8),
         sra=preset.sra if is_sra else None,
         optim=OptimConfig(learning_rate=preset.learning_rate, warmup_steps=min(20, preset.steps // 4)),
-        loss=LossConfig(kind="sl+rl", group_size=preset.group_size, token_penalty=preset.token_penalty)
+        loss=LossConfig(kind="sl+rl", group_size=preset.group_size, token_penalty=preset.token_penalty,
+                        **({} if preset.tau_start is None else dict(temperature_start=preset.tau_start,
+                                                                     temperature_end=preset.tau_end,
+                                                                     temperature_steps=preset.steps)))
         if is_sra else LossConfig(kind="sl"),
         data=DataConfig(task="synthetic", form=form, seq_len=seq_len, seed=seed, eval_size=preset.eval_size,
                         synthetic=preset.task),
         log=LogConfig(progress=False),
         steps=preset.steps,
         batch_size=preset.batch_size,
+        compute_dtype=preset.compute_dtype,
         seed=seed,
     )
 
@@ -144,8 +173,9 @@ def _param_counts(model: nnx.Module) -> tuple[int, int]:
 
 
 def evaluate(model: nnx.Module, problems: list[synthetic.Problem], *, max_new_tokens: int,
-             latency_queries: int) -> dict[str, float]:
-    """Greedy-generate answers to `problems`; accuracy, tokens, FLOPs per query and batch-1 latency."""
+             latency_queries: int, latency_gate=contextlib.nullcontext) -> dict[str, float]:
+    """Greedy-generate answers to `problems`; accuracy, tokens, FLOPs per query and batch-1 latency (measured
+    inside `latency_gate()`, which parallel workers use to time one model at a time on a quiet device)."""
     tokenizer = synthetic.SyntheticTokenizer()
     prompts = [tokenizer.prompt_ids(p) for p in problems]
     outputs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])
@@ -169,12 +199,16 @@ def evaluate(model: nnx.Module, problems: list[synthetic.Problem], *, max_new_to
     router_per_token = float(model.router_flops_per_token())
     flops = 2.0 * matmul_params * lengths + router_per_token * lengths + sparse
 
-    generate(model, prompts[:1], max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])  # compile
+    timed = prompts[:latency_queries]
+    for length in sorted({prompt_bucket(len(p)) for p in timed}):  # compile every prompt shape before timing
+        warm = next(p for p in timed if prompt_bucket(len(p)) == length)
+        generate(model, [warm], max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])
     times = []
-    for prompt in prompts[:latency_queries]:
-        began = time.perf_counter()
-        generate(model, [prompt], max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])
-        times.append(time.perf_counter() - began)
+    with latency_gate():
+        for prompt in timed:
+            began = time.perf_counter()
+            generate(model, [prompt], max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])
+            times.append(time.perf_counter() - began)
     return {
         "accuracy": float(correct.mean()),
         "prompt_tokens": float(np.mean([len(p) for p in prompts])),
@@ -201,40 +235,66 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
-def run_experiment(preset_name: str, *, seeds: tuple[int, ...] | None = None, log=print) -> dict[str, Any]:
-    """Train and evaluate every variant for every seed; the JSON-ready record."""
-    preset = PRESETS[preset_name]
-    seeds = seeds or preset.seeds
+def eval_problems(preset: Preset) -> tuple[list[synthetic.Problem], int]:
+    """The held-out problems (the same for every variant and seed) and the generation budget."""
     problems = synthetic.generate(preset.task, preset.eval_size, split="test", seed=EVAL_SEED)
     max_new = synthetic.max_length(preset.task, "cot") - max(len(p.question) + 2 for p in problems)
-    runs = []
-    for variant in VARIANTS:
-        for seed in seeds:
-            config = train_config(preset, variant, seed)
-            began = time.perf_counter()
-            result = run(config)
-            train_s = time.perf_counter() - began
-            model = result.trainer.model(result.state.params)
-            metrics = evaluate(model, problems, max_new_tokens=max(max_new, 4),
-                               latency_queries=preset.latency_queries)
-            record = {"variant": variant, "seed": seed, "train_s": train_s, "final_train_ce": result.history[-1]["ce"],
-                      **metrics}
-            runs.append(record)
-            log(f"{variant:>8} seed {seed}: acc {metrics['accuracy']:.3f} flops/query "
-                f"{metrics['flops_per_query']:.3g} latency {metrics['latency_ms']:.1f} ms train {train_s:.0f} s")
+    return problems, max(max_new, 4)
+
+
+def run_one(preset: Preset, variant: str, seed: int, *, train_budget_s: float | None = None,
+            latency_gate=contextlib.nullcontext) -> dict[str, Any]:
+    """Train one variant / seed and evaluate it. `train_budget_s` stops training early (a backstop for a fixed
+    device budget; the record says how many steps ran)."""
+    problems, max_new = eval_problems(preset)
+    config = train_config(preset, variant, seed)
+    stop = StopFlag()
+    began = time.perf_counter()
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if train_budget_s is not None and time.perf_counter() - began > train_budget_s:
+            stop.signal = -1  # the loop ends at the next step boundary
+
+    result = run(config, on_step=on_step, stop=stop)
+    train_s = time.perf_counter() - began
+    model = result.trainer.model(result.state.params)
+    metrics = evaluate(model, problems, max_new_tokens=max_new, latency_queries=preset.latency_queries,
+                       latency_gate=latency_gate)
+    last = result.history[-1]
+    steps_trained = int(last["step"])
+    return {"variant": variant, "seed": seed, "train_s": train_s, "steps_trained": steps_trained,
+            "steps_planned": config.steps, "train_budget_exceeded": bool(stop),
+            "stopped_by_budget": bool(stop) and steps_trained < config.steps, "final_train_ce": last["ce"],
+            "final_train_selected_fraction": last.get("selected_fraction"), "final_tau": last.get("tau"),
+            "train_step_ms_median": 1e3 * float(np.median([h["step_time"] for h in result.history[1:]] or [0.0])),
+            **metrics}
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     standard_flops = np.mean([r["flops_per_query"] for r in runs if r["variant"] == "standard"])
     summary = {}
     for variant in VARIANTS:
         rows = [r for r in runs if r["variant"] == variant]
+        if not rows:
+            continue
         mean, low, high = confidence_interval([r["accuracy"] for r in rows])
         summary[variant] = {
-            "accuracy_mean": mean, "accuracy_ci95": [low, high],
+            "accuracy_mean": mean, "accuracy_ci95": [low, high], "num_seeds": len(rows),
             **{key: float(np.mean([r[key] for r in rows])) for key in
                ("flops_per_query", "latency_ms", "generated_tokens", "prompt_tokens", "selected_fraction",
                 "tokens_selected", "attention_flops_ratio_vs_dense", "router_flops_per_query")},
         }
         summary[variant]["flops_vs_standard"] = summary[variant]["flops_per_query"] / standard_flops
+    return summary
+
+
+def make_record(preset_name: str, seeds: tuple[int, ...], runs: list[dict[str, Any]], *,
+                extra: dict[str, Any] | None = None, sra_selection: str | None = None) -> dict[str, Any]:
+    preset = get_preset(preset_name, sra_selection)
+    problems, max_new = eval_problems(preset)
+    summary = summarize_runs(runs)
     device = jax.devices()[0]
+    chance = 1.0 / preset.task.value_range
     return {
         "experiment": "reasoning_tradeoff",
         "preset": preset_name,
@@ -243,19 +303,122 @@ def run_experiment(preset_name: str, *, seeds: tuple[int, ...] | None = None, lo
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "flax": __import__("flax").__version__, "numpy": np.__version__},
         "seeds": list(seeds),
-        "eval": {"split": "test", "size": preset.eval_size, "seed": EVAL_SEED, "max_new_tokens": max(max_new, 4)},
+        "eval": {"split": "test", "size": preset.eval_size, "seed": EVAL_SEED, "max_new_tokens": max_new},
         "config": {"preset": _plain(preset),
                    "train_configs": {v: train_config(preset, v, seeds[0]).to_dict() for v in VARIANTS}},
+        **(extra or {}),
         "runs": runs,
         "summary": summary,
         "seeds_claim": SEEDS_CLAIM,
-        "chance_accuracy": 1.0 / preset.task.value_range,
-        "verdict": verdict(summary, 1.0 / preset.task.value_range),
+        "chance_accuracy": chance,
+        "verdict": verdict(summary, chance) if set(summary) == set(VARIANTS) else "incomplete: some variant has no run",
     }
 
 
+def run_experiment(preset_name: str, *, seeds: tuple[int, ...] | None = None, log=print,
+                   sra_selection: str | None = None) -> dict[str, Any]:
+    """Train and evaluate every variant for every seed in this process; the JSON-ready record."""
+    preset = get_preset(preset_name, sra_selection)
+    seeds = seeds or preset.seeds
+    runs = []
+    for variant in VARIANTS:
+        for seed in seeds:
+            record = run_one(preset, variant, seed)
+            runs.append(record)
+            log(f"{variant:>8} seed {seed}: acc {record['accuracy']:.3f} flops/query "
+                f"{record['flops_per_query']:.3g} latency {record['latency_ms']:.1f} ms train {record['train_s']:.0f} s")
+    return make_record(preset_name, seeds, runs, sra_selection=sra_selection)
+
+
+# ------------------------------------------------------------------------------------- parallel worker processes
+@contextlib.contextmanager
+def _quiet_device(run_dir: Path, wave: int, wave_size: int, name: str, until: float):
+    """Latency is timed only once every worker of this wave has finished training and evaluating, and by one
+    worker at a time (an exclusive file lock), so no other process shares the device while a query is timed."""
+    (run_dir / f"wave{wave}-ready-{name}").touch()
+    while len(list(run_dir.glob(f"wave{wave}-ready-*"))) < wave_size and time.time() < until:
+        time.sleep(0.5)
+    with open(run_dir / "device.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def worker_main(args) -> int:
+    """One (variant, seed) in its own process (launched by `run_parallel`); writes run-<variant>-<seed>.json."""
+    preset = get_preset(args.preset, args.sra_selection)
+    variant, seed = args.worker[0], int(args.worker[1])
+    run_dir = Path(args.run_dir)
+    name = f"{variant}-{seed}"
+    try:
+        gate = functools.partial(_quiet_device, run_dir, args.wave, args.wave_size, name, args.barrier_until)
+        record = run_one(preset, variant, seed, train_budget_s=args.train_budget_s, latency_gate=gate)
+    except BaseException:
+        (run_dir / f"wave{args.wave}-ready-{name}").touch()  # never leave the other workers waiting
+        raise
+    (run_dir / f"run-{name}.json").write_text(json.dumps(record, indent=1))
+    print(f"{variant:>8} seed {seed}: acc {record['accuracy']:.3f} flops/query {record['flops_per_query']:.3g} "
+          f"latency {record['latency_ms']:.1f} ms, {record['steps_trained']} steps in {record['train_s']:.0f} s "
+          f"({record['train_step_ms_median']:.1f} ms/step)", flush=True)
+    return 0
+
+
+def run_parallel(preset_name: str, seeds: tuple[int, ...], *, workers: int, run_dir: Path,
+                 train_budget_s: float | None, deadline_s: float, sra_selection: str | None = None) -> dict[str, Any]:
+    """Every (variant, seed) in its own process, `workers` at a time (waves), sharing one device; a worker still
+    running `deadline_s` after the start is killed. Failed runs are listed in the record, not hidden."""
+    jobs = [(variant, seed) for seed in seeds for variant in VARIANTS]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if not {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(env):
+        # Workers need different amounts (SRA trains on group_size x the batch): allocate on demand, not up front.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    began = time.perf_counter()
+    deadline = time.time() + deadline_s
+    failed = []
+    for wave, start in enumerate(range(0, len(jobs), workers)):
+        batch = jobs[start:start + workers]
+        procs = []
+        for variant, seed in batch:
+            command = [sys.executable, str(Path(__file__).resolve()), "--preset", preset_name, "--worker", variant,
+                       str(seed), "--run-dir", str(run_dir), "--wave", str(wave), "--wave-size", str(len(batch)),
+                       "--barrier-until", str(deadline - 45.0)]
+            if sra_selection is not None:
+                command += ["--sra-selection", sra_selection]
+            if train_budget_s is not None:
+                command += ["--train-budget-s", str(train_budget_s)]
+            log = open(run_dir / f"log-{variant}-{seed}.txt", "w")
+            # Workers share the persistent XLA cache: later waves load what the first compiled (an entry read while
+            # another worker is still writing it fails to load with a warning and is compiled again).
+            procs.append(((variant, seed), subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT),
+                          log))
+        for (variant, seed), proc, log in procs:
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            log.close()
+            if code != 0:
+                tail = (run_dir / f"log-{variant}-{seed}.txt").read_text()[-1500:]
+                failed.append({"variant": variant, "seed": seed, "exit_code": code, "log_tail": tail})
+                print(f"worker {variant} {seed} failed ({code}):\n{tail}", flush=True)
+    runs = []
+    for variant, seed in sorted(jobs, key=lambda j: (VARIANTS.index(j[0]), j[1])):
+        path = run_dir / f"run-{variant}-{seed}.json"
+        if path.is_file():
+            runs.append(json.loads(path.read_text()))
+    return make_record(preset_name, seeds, runs, extra={
+        "parallel": {"workers": workers, "wall_s": time.perf_counter() - began, "train_budget_s": train_budget_s,
+                     "latency": "timed after every worker of the wave finished training, one worker at a time"},
+        "failed_runs": failed}, sra_selection=sra_selection)
+
+
 def verdict(summary: dict[str, Any], chance: float) -> str:
-    """One honest sentence: does our run show the seeds' shape (SRA near CoT accuracy at near-Standard FLOPs)?"""
+    """Honest sentences: does our run show the seeds' shape (SRA near CoT accuracy at near-Standard FLOPs), is the
+    CoT gain larger than the seed-to-seed spread, and did the router select anything?"""
     std, cot, sra = (summary[v] for v in VARIANTS)
     gain = cot["accuracy_mean"] - std["accuracy_mean"]
     kept = (sra["accuracy_mean"] - std["accuracy_mean"]) / gain if gain > 0 else float("nan")
@@ -267,13 +430,24 @@ def verdict(summary: dict[str, Any], chance: float) -> str:
                 f"{sra['accuracy_mean']:.1%}) are noise. Costs are real: CoT {cot['flops_vs_standard']:.2f}x, SRA "
                 f"{sra['flops_vs_standard']:.2f}x the Standard FLOPs.")
     if gain <= 0:
-        return (f"Not reproduced: chain of thought did not beat the direct answer here ({cot['accuracy_mean']:.1%} vs "
-                f"{std['accuracy_mean']:.1%}), so there is no CoT gain for SRA to keep.")
-    if kept >= 0.9 and cheap:
-        return (f"Reproduced in shape: SRA keeps {kept:.0%} of the CoT gain at {sra['flops_vs_standard']:.2f}x the "
-                f"Standard FLOPs (CoT {cot['flops_vs_standard']:.2f}x).")
-    return (f"Not reproduced: SRA keeps {kept:.0%} of CoT's accuracy gain (seeds: 92%) at "
-            f"{sra['flops_vs_standard']:.2f}x the Standard FLOPs; CoT costs {cot['flops_vs_standard']:.2f}x.")
+        sentences = [f"Not reproduced: chain of thought did not beat the direct answer here "
+                     f"({cot['accuracy_mean']:.1%} vs {std['accuracy_mean']:.1%}), so there is no CoT gain for SRA "
+                     f"to keep."]
+    elif kept >= 0.9 and cheap:
+        sentences = [f"Reproduced in shape: SRA keeps {kept:.0%} of the CoT gain at {sra['flops_vs_standard']:.2f}x "
+                     f"the Standard FLOPs (CoT {cot['flops_vs_standard']:.2f}x)."]
+    else:
+        sentences = [f"Not reproduced: SRA keeps {kept:.0%} of CoT's accuracy gain (seeds: 92%) at "
+                     f"{sra['flops_vs_standard']:.2f}x the Standard FLOPs; CoT costs {cot['flops_vs_standard']:.2f}x."]
+    if gain > 0 and cot["accuracy_ci95"][0] <= std["accuracy_ci95"][1]:
+        (c_lo, c_hi), (s_lo, s_hi) = cot["accuracy_ci95"], std["accuracy_ci95"]
+        sentences.append(f"CoT's gain itself (+{100 * gain:.1f} points) is within the seed-to-seed spread: its 95% "
+                         f"interval [{c_lo:.1%}, {c_hi:.1%}] overlaps Standard's [{s_lo:.1%}, {s_hi:.1%}].")
+    if sra["selected_fraction"] < 0.01:
+        sentences.append(f"The router learned to select (almost) no critical tokens ({sra['selected_fraction']:.1%}): "
+                         f"the token penalty outweighed any reward for selecting, so SRA ran as window + global-token "
+                         f"attention.")
+    return " ".join(sentences)
 
 
 def _plain(value: Any) -> Any:
@@ -299,6 +473,9 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     names = {"standard": "Standard", "cot": "CoT", "sra": "SRA"}
     for variant in VARIANTS:
+        if variant not in record["summary"]:
+            lines.append(f"| {names[variant]} | no completed run | | | | | |")
+            continue
         s, c = record["summary"][variant], record["seeds_claim"][variant]
         low, high = s["accuracy_ci95"]
         selected = (f"{s['tokens_selected']:.1f} ({s['selected_fraction']:.0%})" if variant == "sra" else "all")
@@ -306,25 +483,45 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {names[variant]} | {s['accuracy_mean']:.1%} [{low:.1%}, {high:.1%}] | {s['flops_vs_standard']:.2f}x "
             f"| {s['latency_ms']:.1f} ms | {s['generated_tokens']:.1f} | {selected} | "
             f"{c['accuracy']:.1%} / {c['flops_vs_standard']:.1f}x / {c['latency_ms']:.0f} ms |")
+    on_cpu = record["device"].startswith("cpu")
+    sra_cfg = record["config"]["train_configs"]["sra"]
+    lines += ["", f"**Verdict.** {record['verdict']}", ""]
+    if record.get("findings"):  # written by a person after reading the run; kept in the JSON so --render keeps it
+        lines += ["Findings:", "", *[f"- {f}" for f in record["findings"]], ""]
+    if record.get("corrections"):
+        lines += [f"Corrections: {record['corrections']}", ""]
     lines += [
-        "",
-        f"**Verdict.** {record['verdict']}",
-        "",
         "FLOPs per query: 2 x (non-embedding, non-router params) per processed token + router FLOPs per token + "
         "4 x head_dim x heads per attended (query, key) pair from the masks actually used, over prompt + generated "
-        "tokens. Latency: median batch-1 greedy generation on the device above (not an H100, not Llama 3 8B; on a "
-        "shared CPU it is noisy, so only large differences mean anything). "
-        f"Tiny models ({record['runs'][0]['matmul_params']} matmul params) trained from scratch on the synthetic "
-        "task, not GSM8K: the seeds' numbers are printed for shape, not as a like-for-like comparison.",
+        "tokens. Latency: median batch-1 greedy generation (prompt + KV-cache decode) on the device above, not "
+        "Llama 3 8B" + ("; on a shared CPU it is noisy, so only large differences mean anything. " if on_cpu else
+                        ", timed with no other process on the device. ") +
+        f"Models with {record['runs'][0]['matmul_params'] if record['runs'] else '?'} matmul params trained from "
+        "scratch on the synthetic task, not GSM8K: the seeds' numbers are printed for shape, not as a like-for-like "
+        f"comparison. SRA: selection `{sra_cfg['sra']['selection']}` (critical fraction "
+        f"{sra_cfg['sra']['critical_fraction']}, window {sra_cfg['sra']['window']}, {sra_cfg['sra']['num_global']} "
+        f"global, queries {sra_cfg['sra']['queries']}), loss `{sra_cfg['loss']['kind']}` with token penalty "
+        f"{sra_cfg['loss']['token_penalty']}, group {sra_cfg['loss']['group_size']}, selection temperature "
+        f"{sra_cfg['loss']['temperature_start'] or sra_cfg['sra']['tau']} -> "
+        f"{sra_cfg['loss']['temperature_end'] or sra_cfg['loss']['temperature_start'] or sra_cfg['sra']['tau']}.",
+    ]
+    if record.get("failed_runs"):
+        lines += ["", "Failed runs: " + ", ".join(f"{f['variant']} seed {f['seed']} (exit {f['exit_code']})"
+                                                  for f in record["failed_runs"])]
+    lines += [
         "",
         "Per run:",
         "",
-        "| variant | seed | accuracy | FLOPs / query | latency ms | train s | final train CE |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | seed | accuracy | FLOPs / query | latency ms | steps | train s | final train CE | tokens selected |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["runs"]:
+        steps = r.get("steps_trained", "")
+        if r.get("stopped_by_budget"):
+            steps = f"{steps} of {r['steps_planned']} (time budget)"
         lines.append(f"| {r['variant']} | {r['seed']} | {r['accuracy']:.3f} | {r['flops_per_query']:.3g} | "
-                     f"{r['latency_ms']:.1f} | {r['train_s']:.0f} | {r['final_train_ce']:.3f} |")
+                     f"{r['latency_ms']:.1f} | {steps} | {r['train_s']:.0f} | {r['final_train_ce']:.3f} | "
+                     f"{r['tokens_selected']:.1f} ({r['selected_fraction']:.0%}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -334,26 +531,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
     parser.add_argument("--render", metavar="JSON", help="rewrite the verdict and markdown of an existing record")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train (variant, seed) runs in this many parallel processes sharing the device")
+    parser.add_argument("--train-budget-s", type=float, default=None,
+                        help="stop a run's training after this many seconds (backstop; steps_trained is recorded)")
+    parser.add_argument("--deadline-s", type=float, default=3600.0,
+                        help="with --workers: kill workers still running this long after the start")
+    parser.add_argument("--sra-selection", default=None, help="override the preset's SRAConfig.selection")
+    parser.add_argument("--barrier-until", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", default=None, help="with --workers: folder for worker logs and run records")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--wave", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--wave-size", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.worker:
+        if args.worker[0] not in VARIANTS or args.run_dir is None:
+            parser.error(f"--worker needs a variant in {VARIANTS}, a seed and --run-dir")
+        return worker_main(args)
     if args.render:
         path = Path(args.render)
         record = json.loads(path.read_text())
-        record["chance_accuracy"] = 1.0 / PRESETS[record["preset"]].task.value_range
+        record["chance_accuracy"] = 1.0 / get_preset(record["preset"]).task.value_range
         record["verdict"] = verdict(record["summary"], record["chance_accuracy"])
         path.write_text(json.dumps(record, indent=1))
         path.with_suffix(".md").write_text(markdown(record))
         print(markdown(record))
         return 0
-    record = run_experiment(args.preset, seeds=tuple(args.seeds) if args.seeds else None)
+    seeds = tuple(args.seeds) if args.seeds else get_preset(args.preset).seeds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.workers > 1:
+        # This process touches the device only after the workers are done; it must not reserve its memory first.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix=f"reasoning_tradeoff-{args.preset}-"))
+        print(f"worker logs and per-run records: {run_dir}", flush=True)
+        record = run_parallel(args.preset, seeds, workers=args.workers, run_dir=run_dir,
+                              train_budget_s=args.train_budget_s, deadline_s=args.deadline_s,
+                              sra_selection=args.sra_selection)
+    else:
+        record = run_experiment(args.preset, seeds=seeds, sra_selection=args.sra_selection)
     device = jax.devices()[0].platform
     stem = f"reasoning_tradeoff-{args.preset}-{device}-{record['date'][:10]}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     (out / f"{stem}.md").write_text(markdown(record))
     print(markdown(record))
     print(f"wrote {out / stem}.json and .md")
-    return 0
+    return 0 if not record.get("failed_runs") else 1
 
 
 if __name__ == "__main__":
