@@ -7,6 +7,7 @@ Streams: `SyntheticStream` (the built-in multi-hop task) and `TextTaskStream` (G
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -66,6 +67,22 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("SRA_JAX_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenized_train_split(root: str, task: str, form: str):
+    """(tokenizer, every train example tokenised), computed once per process for a (data folder, task, form)."""
+    from sra_jax.data import datasets as task_data
+    from sra_jax.data.tokenizer import Llama3Tokenizer
+
+    tokenizer = Llama3Tokenizer(Path(root) / "llama3" / "tokenizer.model")
+    cot = form == "cot"
+    examples = tuple(
+        task_data.tokenize_example(tokenizer, task_data.format_prompt(task, row["question"], cot=cot),
+                                   task_data.format_target(task, row, cot=cot))
+        for row in task_data.load_task(task, Path(root) / task, "train")
+    )
+    return tokenizer, examples
+
+
 class TextTaskStream:
     """The GSM8K / MATH train split as [grad_accum, micro_batch, seq_len] numpy batches (only this process's rows).
 
@@ -81,9 +98,6 @@ class TextTaskStream:
     """
 
     def __init__(self, data: DataConfig, batch_size: int, grad_accum: int = 1):
-        from sra_jax.data import datasets as task_data
-        from sra_jax.data.tokenizer import Llama3Tokenizer
-
         if data.task not in ("gsm8k", "math"):
             raise ValueError(f"TextTaskStream reads data.task 'gsm8k' or 'math', got {data.task!r}")
         if batch_size % (grad_accum * jax.process_count()):
@@ -97,14 +111,7 @@ class TextTaskStream:
                 raise FileNotFoundError(f"data.path: {needed} not found (data.path names the folder holding "
                                         f"{data.task}/ and llama3/tokenizer.model; default $SRA_JAX_DATA or "
                                         f"../shared/data)")
-        self.tokenizer = Llama3Tokenizer(tokenizer_file)
-        rows = task_data.load_task(data.task, folder, "train")
-        cot = data.form == "cot"
-        examples = [
-            task_data.tokenize_example(self.tokenizer, task_data.format_prompt(data.task, row["question"], cot=cot),
-                                       task_data.format_target(data.task, row, cot=cot))
-            for row in rows
-        ]
+        self.tokenizer, examples = _tokenized_train_split(str(root.resolve()), data.task, data.form)
         self.source_index = [i for i, e in enumerate(examples) if len(e.tokens) <= data.seq_len]
         self.examples = [examples[i] for i in self.source_index]
         self.skipped = len(examples) - len(self.examples)
