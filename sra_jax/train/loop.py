@@ -100,7 +100,7 @@ def run(
     num_embed = model_cfg.vocab_size * model_cfg.hidden_size
     peak = peak_flops_per_device()
     schedule = learning_rate_schedule(config.optim, config.steps)
-    stop = stop or StopFlag()
+    stop = StopFlag() if stop is None else stop  # not `or`: an unset flag is falsy
     history: list[dict[str, Any]] = []
     bad_steps, reason, exit_code = 0, "finished", EXIT_OK
     start = host_int(state.step)

@@ -87,3 +87,20 @@ def test_throughput_benchmark_variants_parse_and_bad_options_fail():
         parse_variant("x: bench.mode=fast")
     with pytest.raises(ValueError, match="key=value"):
         parse_variant("x: sra")
+
+
+def test_a_stop_flag_passed_in_and_set_later_stops_the_run(tmp_path):
+    """The caller's flag is the one the loop watches (an unset flag is falsy, so `stop or StopFlag()` lost it)."""
+    from sra_jax.train.loop import StopFlag
+
+    config = TrainConfig.load(None, [*TINY, "steps=50", f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    flag = StopFlag()
+
+    def on_step(step, metrics):
+        if step == 3:
+            flag.signal = signal.SIGTERM
+
+    result = run(config, stop=flag, on_step=on_step)
+    assert result.exit_code == 0 and len(result.history) < 10
+    with Checkpointer(tmp_path / "ckpt", config.checkpoint) as checkpointer:
+        assert checkpointer.latest_step() == len(result.history)
