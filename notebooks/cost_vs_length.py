@@ -48,7 +48,7 @@ from sra_jax.nn.router import Router  # noqa: E402
 from sra_jax.ops.masks import sra_mask  # noqa: E402
 
 LENGTHS = (64, 256, 1024) if TINY else (32, 64, 128, 256, 512, 1024, 2048, 4096)
-TIMED_LENGTHS = (32, 128) if TINY else (32, 64, 128, 256, 512, 1024)  # CPU forward passes: keep them short
+TIMED_LENGTHS = (32,) if TINY else (32, 64, 128, 256, 512, 1024)  # CPU forward passes: keep them short
 
 
 def show(fig, name):
@@ -97,6 +97,55 @@ ax.legend()
 show(fig, "cost_8b")
 
 # %% [markdown]
+# ## 1b. The overhead on short queries
+#
+# SRA's extra cost (routers) minus its saving (attention pairs the mask drops), as a percentage of the dense FLOPs of
+# the same sequence, against length: above zero SRA costs more than dense. Three Llama-3-8B-shaped SRA settings, and
+# the 2-layer, 64-wide model of the CPU experiments (`experiments/reasoning_tradeoff.py --preset cpu`: critical
+# fraction 0.25, window 8, 1 global, router width 32), whose routers are a large share of its tiny matmuls.
+
+# %%
+OVERHEAD_LENGTHS = (16, 64, 256, 1024) if TINY else (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048,
+                                                      4096)
+cpu_model = dict(hidden=64, layers=2, heads=4, head_dim=16, matmul_params=106_816)  # counted in the experiments
+settings = {
+    "8B: α=0.1, window 64, 4 globals": (llama8b, sra_8b),
+    "8B: α=0.1, window 16, 1 global": (llama8b, SRAConfig(critical_fraction=0.1, window=16, num_global=1,
+                                                          router_hidden=64)),
+    "8B: α=0.05, window 64, 4 globals": (llama8b, SRAConfig(critical_fraction=0.05, window=64, num_global=4,
+                                                            router_hidden=64)),
+    "CPU experiment model: α=0.25, window 8, 1 global": (cpu_model, SRAConfig(
+        critical_fraction=0.25, window=8, num_global=1, queries="all", router_hidden=32)),
+}
+overhead = {}
+for label, (shape, sra) in settings.items():
+    router_tok = Router(shape["hidden"], sra.router_hidden, rngs=nnx.Rngs(0)).flops_per_token() * shape["layers"]
+    per_pair = 4 * shape["head_dim"] * shape["heads"] * shape["layers"]
+    values = []
+    for n in OVERHEAD_LENGTHS:
+        visible, causal = mask_pairs(n, sra)
+        dense = 2 * shape["matmul_params"] * n + per_pair * causal
+        values.append(100 * (router_tok * n - per_pair * (causal - visible)) / dense)
+    overhead[label] = values
+    above = [n for n, v in zip(OVERHEAD_LENGTHS, values) if v > 0]
+    below = [n for n, v in zip(OVERHEAD_LENGTHS, values) if v <= 0]
+    print(f"{label}: overhead {values[0]:+.2f}% at n={OVERHEAD_LENGTHS[0]}, {values[-1]:+.2f}% at "
+          f"n={OVERHEAD_LENGTHS[-1]}; SRA costs more than dense up to n={max(above) if above else '-'}, "
+          f"less from n={min(below) if below else '-'}")
+
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+for label, values in overhead.items():
+    (right if label.startswith("CPU") else left).plot(OVERHEAD_LENGTHS, values, "o-", ms=3, label=label)
+for ax, title in ((left, "Llama-3-8B shape"), (right, "2-layer 64-wide CPU experiment model")):
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.axhspan(0, max(1e-9, ax.get_ylim()[1]), color="red", alpha=0.06)
+    ax.set(xscale="log", xlabel="sequence length n", ylabel="SRA - dense, % of dense FLOPs", title=title)
+    ax.legend(fontsize=7)
+fig.suptitle("overhead on short queries: above 0 (shaded) the router costs more than the attention it saves")
+fig.tight_layout()
+show(fig, "overhead_short")
+
+# %% [markdown]
 # ## 2. Window size and global tokens (mask density against length, α = 0.1)
 
 # %%
@@ -140,11 +189,16 @@ ax.legend()
 show(fig, "wall_time")
 
 # %% [markdown]
-# **Reading.** In FLOPs, SRA's saving is bounded by attention's share of the total, which for an 8B-shaped model is
-# under 2% below 1k tokens (7% at 4k, counting forward FLOPs); the routers cost ~0.1% of the total, so below ~200
-# tokens SRA costs *more* FLOPs than dense (ratio > 1 above: window 64 + 4 globals already cover the whole causal
-# triangle), and at 4k tokens it saves ~7%. The CPU wall times of the tiny model are noisy (a shared 2-core machine)
-# and show no consistent advantage either way: `reference` attention is a dense masked matmul, and the router, top-k
-# and mask building are extra work. Real savings need the block-sparse kernels on a GPU (`benchmarks/`). So the
-# seeds' "1.3x vs 4.2x FLOPs" cannot come from attention sparsity at GSM8K lengths; it has to come from how many
-# tokens are generated.
+# **Conclusion (committed run).** In FLOPs, SRA's saving is bounded by attention's share of the total, which for an
+# 8B-shaped model is under 2% below 1k tokens (7.1% at 4k, forward FLOPs); the routers cost 0.12% of the total. So on
+# short queries SRA costs *more* than dense: +0.12% up to 128 tokens with window 64 + 4 globals (the window already
+# covers the whole causal triangle there; break-even between 128 and 192 tokens), up to 64 tokens with window 16 + 1
+# global (break-even between 64 and 96), and at 4k tokens it saves 6.7-6.9% whatever the window or α (0.05 vs 0.1
+# barely matters: the window and the matmuls dominate). The 2-layer, 64-wide model of the CPU experiments is the
+# opposite extreme: its routers are 4% of its tiny matmuls, so it pays +3.5% at 16 tokens, +2.5% at 32 (the length of the
+# synthetic problems) and +1.1% at 48, breaks even by 64 tokens (-0.3%), and saves 62% at 4k because attention dominates a model that
+# narrow. The measured CPU wall times of a tiny forward pass (noisy: a shared 2-core machine) show no consistent
+# advantage either way (SRA 22.5 vs dense 12.0 ms at 32 tokens, 752 vs 812 ms at 1024): `reference` attention is a
+# dense masked matmul, and the router, top-k and mask building are extra work; real savings need the block-sparse
+# kernels on a GPU (`benchmarks/`). So the seeds' "1.3x vs 4.2x FLOPs" cannot come from attention sparsity at GSM8K
+# lengths; it has to come from how many tokens are generated.
