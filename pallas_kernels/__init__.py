@@ -10,9 +10,11 @@ from pallas_kernels.block_sparse import (
     MaskRule,
     block_sparse_attention,
     causal_block_mask,
+    compact_is_cheaper,
     layout_from_block_mask,
     layout_from_token_mask,
     random_causal_block_mask,
+    sra_compact_attention,
     sra_layout,
 )
 from pallas_kernels.decode import sparse_decode_attention
@@ -23,11 +25,13 @@ __all__ = [
     "MaskRule",
     "block_sparse_attention",
     "causal_block_mask",
+    "compact_is_cheaper",
     "decode",
     "layout_from_block_mask",
     "layout_from_token_mask",
     "random_causal_block_mask",
     "reference",
     "sparse_decode_attention",
+    "sra_compact_attention",
     "sra_layout",
 ]

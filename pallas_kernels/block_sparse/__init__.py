@@ -1,6 +1,7 @@
 """Block-sparse attention: layouts, the token rule, GPU (Triton) and TPU (Mosaic) Pallas kernels."""
 
 from pallas_kernels.block_sparse.api import block_sparse_attention
+from pallas_kernels.block_sparse.compact import compact_is_cheaper, sra_compact_attention
 from pallas_kernels.block_sparse.gpu import GpuConfig
 from pallas_kernels.block_sparse.layout import (
     BlockLayout,
@@ -18,8 +19,10 @@ __all__ = [
     "MaskRule",
     "block_sparse_attention",
     "causal_block_mask",
+    "compact_is_cheaper",
     "layout_from_block_mask",
     "layout_from_token_mask",
     "random_causal_block_mask",
+    "sra_compact_attention",
     "sra_layout",
 ]

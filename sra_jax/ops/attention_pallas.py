@@ -1,7 +1,9 @@
 """`attention(..., impl="pallas")`: SRA specs and masks translated into the block-sparse Pallas kernels.
 
-A `SRAMaskSpec` becomes a block layout built straight from the SRA rule (window band + global blocks + blocks
-holding critical keys) plus the same rule evaluated per token inside the visited blocks, so the result is exact.
+A `SRAMaskSpec` with a bounded critical set (`max_critical`) takes the compact path when it is cheaper (critical
+tokens gathered, see `pallas_kernels.sra_compact_attention`); otherwise it becomes a block layout built straight
+from the SRA rule (window band + global blocks + blocks holding critical keys) plus the same rule evaluated per
+token inside the visited blocks. Both are exact.
 The kernels evaluate rules, not arbitrary tables: a bare boolean `mask` runs the dense reference instead.
 """
 
@@ -30,10 +32,15 @@ def pallas_attention(
     block_k: int = 128,
     backend: str = "auto",
     interpret: bool = False,
+    compact: bool | None = None,
 ) -> Float[Array, "b sq hq d"]:
     """Exactly one of `spec` (an `sra_jax.ops.masks.SRAMaskSpec`) or `mask`, or neither (causal by index, the
     queries being the last sq keys). backend as in `pallas_kernels.block_sparse_attention` ("auto": the Triton
-    kernels on GPU, Mosaic on TPU, the dense reference elsewhere)."""
+    kernels on GPU, Mosaic on TPU, the dense reference elsewhere).
+    compact: gather the critical tokens into a compact K/V buffer (`pallas_kernels.sra_compact_attention`: band
+    kernel + K x K critical kernel, merged by log-sum-exp) instead of one block-sparse layout; None decides by
+    `pallas_kernels.compact_is_cheaper` (needs spec.max_critical; compact when its estimated kernel blocks are
+    at most half the plain layout's worst case, which is what scattered critical tokens cost)."""
     if spec is not None and mask is not None:
         raise ValueError("give spec or mask, not both")
     sq, sk = q.shape[1], k.shape[1]
@@ -57,6 +64,33 @@ def pallas_attention(
             k_positions=k_positions,
             sm_scale=scale,
             backend=backend,
+            interpret=interpret,
+        )
+    if compact is None:
+        compact = pallas_kernels.compact_is_cheaper(
+            sq, sk, window=spec.window, num_global=spec.num_global, max_critical=spec.max_critical,
+            queries=spec.queries,
+        )
+    if compact:
+        if spec.max_critical is None:
+            raise ValueError("compact=True needs spec.max_critical (the static bound on critical tokens)")
+        return pallas_kernels.sra_compact_attention(
+            q,
+            k,
+            v,
+            q_positions=spec.q_positions,
+            k_positions=spec.k_positions,
+            q_critical=spec.q_critical,
+            k_critical=spec.k_critical,
+            window=spec.window,
+            num_global=spec.num_global,
+            queries=spec.queries,
+            max_critical=spec.max_critical,
+            segment_ids=spec.q_segment_ids,
+            k_segment_ids=spec.k_segment_ids,
+            sm_scale=scale,
+            backend=backend,
+            block=block_q,
             interpret=interpret,
         )
     q_critical = spec.q_critical if spec.queries == "critical" else None

@@ -52,3 +52,23 @@ def test_pallas_takes_a_token_mask():
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize("queries", ["critical", "all"])
+def test_pallas_compact_path_matches_reference(queries):
+    """The compact path (critical tokens gathered, band + compact parts merged) on a spec with max_critical."""
+    from sra_jax.ops.attention_pallas import pallas_attention
+
+    q, k, v, critical = _inputs(4)
+    b, s = critical.shape
+    positions = jnp.broadcast_to(jnp.where(jnp.arange(s) < 35, jnp.arange(s), -1), (b, s))
+    critical = critical & (positions >= 0)
+    spec = SRAMaskSpec.create(
+        positions, critical, window=6, num_global=2, queries=queries, max_critical=int(critical.sum(1).max())
+    )
+    got = pallas_attention(q, k, v, spec=spec, compact=True)
+    want = attention(q, k, v, spec=spec, impl="reference")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # both f32: summation order only
+    with pytest.raises(ValueError, match="max_critical"):
+        unbounded = SRAMaskSpec.create(positions, critical, window=6, num_global=2)
+        pallas_attention(q, k, v, spec=unbounded, compact=True)
