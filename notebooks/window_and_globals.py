@@ -98,13 +98,17 @@ for column, (name, evaluated, trained_rows) in enumerate(sweeps):
     top.plot([r[name] for r in evaluated], [r["seen_accuracy"] for r in evaluated], "x:",
              label="window-8/1-global model, seen templates")
     top.axhline(chance, color="gray", ls="--", lw=0.8, label="uniform guess")
-    top.set(xlabel=name, ylabel="accuracy", xscale="symlog" if name == "num_global" else "log")
+    top.set(xlabel=name, ylabel="accuracy", xscale="linear" if name == "num_global" else "log")
     bottom.plot([r[name] for r in trained_rows], [r["attention_flops_ratio"] for r in trained_rows], "o-",
                 label="trained models")
     bottom.plot([r[name] for r in evaluated], [r["attention_flops_ratio"] for r in evaluated], "x:",
                 label="window-8/1-global model")
-    bottom.set(xlabel=name, ylabel="attention FLOPs / dense", xscale="symlog" if name == "num_global" else "log",
+    bottom.set(xlabel=name, ylabel="attention FLOPs / dense", xscale="linear" if name == "num_global" else "log",
                ylim=(0, 1.05))
+    for ax in (top, bottom):
+        ax.set_xticks(sorted({r[name] for r in evaluated + trained_rows}))
+        ax.xaxis.set_major_formatter(plt.ScalarFormatter())
+        ax.xaxis.set_minor_locator(plt.NullLocator())
     bottom.legend(fontsize=7)
 axes[0, 0].legend(fontsize=7)
 axes[0, 0].set_title("window sweep (1 global token)")
