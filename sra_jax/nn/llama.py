@@ -29,7 +29,8 @@ class ModelAux:
 
     router_logits      [L, b, s] float32
     critical           [L, b, s] bool, the critical set the mask used
-    selection_log_prob [L, b] Plackett-Luce log-prob of the ordered selection (0 where nothing was drawn: dense
+    selection_log_prob [L, b] log-prob of the selection used: Plackett-Luce of the ordered draw, or for
+                       selection="bernoulli" the exact capped-Bernoulli log-prob (0 where nothing was drawn: dense
                        layers, static-mask layers after the first, decode steps)
     selected_fraction  [L, b] critical / valid tokens of this call
     mask_density       [L, b] visible (query, key) pairs / causal pairs
