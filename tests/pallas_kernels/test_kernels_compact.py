@@ -51,13 +51,20 @@ def _run(q, k, v, pos, crit, seg, *, window, num_global, queries, max_critical, 
     return out, grads, w
 
 
-def _reference(q, k, v, mask, w):
-    d = q.shape[-1]
+# Jitted (one compile per shape and static rule): eager dispatch of the many small ops is what costs on CPU.
+_run_jit = jax.jit(_run, static_argnames=("window", "num_global", "queries", "max_critical", "backend"))
+
+
+@jax.jit
+def _reference_grads(q, k, v, mask, w):
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    out = dense_softmax_attention(q, k, v, mask, d**-0.5)
-    loss = lambda q, k, v: (masked_attention(q, k, v, jnp.asarray(mask)[:, None], d**-0.5) * w).sum()
-    grads = jax.grad(loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
-    return out, grads
+    loss = lambda q, k, v: (masked_attention(q, k, v, mask[:, None], q.shape[-1] ** -0.5) * w).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+
+
+def _reference(q, k, v, mask, w):
+    out = dense_softmax_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+    return out, _reference_grads(q, k, v, jnp.asarray(mask), w)
 
 
 def _assert_close(got, ref, tol):
@@ -81,12 +88,12 @@ def _draw_tokens(rng, b, s, *, fraction, ragged, segments):
     return pos, crit, seg
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
-    s=st.integers(3, 33),
+    s=st.sampled_from([5, 24, 33]),
     groups=st.sampled_from([(2, 2), (4, 1)]),
-    window=st.integers(1, 12),
-    num_global=st.integers(0, 4),
+    window=st.sampled_from([1, 5, 12]),
+    num_global=st.sampled_from([0, 3]),
     queries=st.sampled_from(["critical", "all"]),
     fraction=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
     ragged=st.booleans(),
@@ -95,15 +102,17 @@ def _draw_tokens(rng, b, s, *, fraction, ragged, segments):
 )
 def test_compact_matches_sra_rule_f32(s, groups, window, num_global, queries, fraction, ragged, segments, seed):
     """Forward and dq/dk/dv, f32: GQA 1 and 4, windows that hold critical keys (part B must not count them
-    twice), no critical tokens (fraction 0), every token critical (fraction 1), ragged padding and segments."""
+    twice), no critical tokens (fraction 0), every token critical (fraction 1), ragged padding, segments (globals
+    in the band part) or none (globals as their own part). Lengths and rules come from small sets: each distinct
+    one is a compile."""
     rng = np.random.default_rng(seed)
     hq, hkv = groups
     q, k, v = qkv(jax.random.PRNGKey(seed % 1000), 2, s, s, hq, hkv, 16, jnp.float32)
     pos, crit, seg = _draw_tokens(rng, 2, s, fraction=fraction, ragged=ragged, segments=segments)
     kw = dict(window=window, num_global=num_global, queries=queries)
-    max_critical = int(crit.sum(1).max()) + int(rng.integers(0, 3))
-    pos_, crit_, seg_ = jnp.asarray(pos), jnp.asarray(crit), jnp.asarray(seg)
-    out, grads, w = _run(q, k, v, pos_, crit_, seg_, max_critical=max_critical, **kw)
+    pos_, crit_ = jnp.asarray(pos), jnp.asarray(crit)
+    seg_ = jnp.asarray(seg) if segments else None  # without segment ids the globals take part G
+    out, grads, w = _run_jit(q, k, v, pos_, crit_, seg_, max_critical=s, **kw)
     mask = rule_mask(pos, crit, seg, **kw)
     _assert_close((out, grads), _reference(q, k, v, mask, w), TOL[jnp.float32])
     padding_rows = np.asarray(out)[pos < 0]
@@ -111,15 +120,16 @@ def test_compact_matches_sra_rule_f32(s, groups, window, num_global, queries, fr
 
 
 @settings(max_examples=4, deadline=None)
-@given(s=st.integers(20, 40), queries=st.sampled_from(["critical", "all"]), seed=st.integers(0, 2**31 - 1))
-def test_compact_bf16(s, queries, seed):
+@given(queries=st.sampled_from(["critical", "all"]), seed=st.integers(0, 2**31 - 1))
+def test_compact_bf16(queries, seed):
     """bf16 inputs: each part's output and gradients are rounded to bf16 once more than in one fused kernel (the
     merge reads two bf16 outputs), well inside the kernels' bf16 tolerance (3e-2: a few bf16 roundings)."""
     rng = np.random.default_rng(seed)
+    s = 37
     q, k, v = qkv(jax.random.PRNGKey(seed % 1000), 1, s, s, 4, 1, 16, jnp.bfloat16)
     pos, crit, seg = _draw_tokens(rng, 1, s, fraction=0.3, ragged=True, segments=False)
     kw = dict(window=6, num_global=2, queries=queries)
-    out, grads, w = _run(q, k, v, jnp.asarray(pos), jnp.asarray(crit), None, max_critical=s, **kw)
+    out, grads, w = _run_jit(q, k, v, jnp.asarray(pos), jnp.asarray(crit), None, max_critical=s, **kw)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     mask = rule_mask(pos, crit, np.zeros_like(pos), **kw)
     _assert_close((out, grads), _reference(q, k, v, mask, w), TOL[jnp.bfloat16])
@@ -133,7 +143,7 @@ def test_critical_keys_inside_the_window_are_counted_once():
     pos = np.arange(s, dtype=np.int32)[None]
     crit = (np.arange(s) % 2 == 0)[None]
     kw = dict(window=8, num_global=1, queries="critical")
-    out, grads, w = _run(q, k, v, jnp.asarray(pos), jnp.asarray(crit), None, max_critical=16, **kw)
+    out, grads, w = _run_jit(q, k, v, jnp.asarray(pos), jnp.asarray(crit), None, max_critical=16, **kw)
     _assert_close((out, grads), _reference(q, k, v, rule_mask(pos, crit, np.zeros_like(pos), **kw), w), 2e-5)
     # What a merge without the window exclusion would compute (critical keys inside a critical query's window
     # counted twice) is a different softmax, far outside that tolerance: the check above can tell.
