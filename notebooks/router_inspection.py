@@ -267,7 +267,8 @@ def gsm_heatmaps(rows, name, layer, title):
         z = scores[layer, row, shown]
         kept = (critical[layer, row, : len(prompts[row])] & is_number[row]).sum() / max(is_number[row].sum(), 1)
         heatmap(ax, labels[row][shown], (z - z.mean()) / (z.std() + 1e-6), critical[layer, row, shown],
-                is_number[row][shown], f"{questions[row][:100]}...  ({name} router keeps {kept:.0%} of the numbers)")
+                is_number[row][shown], questions[row][:100].replace("$", r"\$")  # "$" would start math text
+                + f"...  ({name} router keeps {kept:.0%} of the numbers)")
     fig.suptitle(title, y=1.0)
     return fig
 
@@ -300,6 +301,5 @@ show(gsm_heatmaps(worst, "trained", last, "failure cases: questions where the tr
 # no number at all. So this router learned to *avoid* the operands and keeps words (`does`, `make`, `take`, `in`,
 # nouns of the question) — a failure against the seeds' picture of a router that keeps the facts a solution needs,
 # and an expected one for a model this small trained only on next-token CE: it predicts the solution's wording from
-# the question's words and cannot use the numbers anyway. (Plot titles containing `$` amounts are rendered by
-# matplotlib as math text and lose their spaces.) A router worth inspecting on GSM8K needs a converted pretrained
+# the question's words and cannot use the numbers anyway. A router worth inspecting on GSM8K needs a converted pretrained
 # Llama 3 and the RL reward on correct answers (`sra_jax.train.lm_rl`), which this CPU notebook does not run.
