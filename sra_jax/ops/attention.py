@@ -159,6 +159,11 @@ def _gather(
     return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
+def _check_cudnn_backend(implementation: str) -> None:
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"impl='cudnn' needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}")
+
+
 @partial(jax.jit, static_argnames=("sm_scale", "implementation"))
 def _dot_product_attention(
     q: Float[Array, "b sq hq d"],
@@ -169,8 +174,7 @@ def _dot_product_attention(
     implementation: str,
 ) -> Float[Array, "b sq hq d"]:
     """jax.nn.dot_product_attention, with empty rows zeroed (it would average over masked keys there)."""
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"impl='cudnn' needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}")
+    _check_cudnn_backend(implementation)
     if mask.ndim == 3:
         mask = mask[:, None]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, implementation=implementation)
@@ -211,21 +215,23 @@ def attention(
         return pallas_attention(q, k, v, sm_scale=sm_scale, **given)
     if impl == "gather":
         return _gather(q, k, v, spec, sm_scale)
-    if mask is None and spec is None and impl != "reference" and sq == sk:
-        causal = jnp.broadcast_to(jnp.arange(sq, dtype=jnp.int32), (b, sq))
-        return _causal_prefix(q, k, v, causal, sm_scale, impl)
-    if mask is None and not (spec is not None and impl != "reference" and _may_be_prefix_causal(spec)):
+    if impl != "reference" and mask is None:
+        # Dense causal self-attention goes to the fused causal kernel with sequence lengths (no [q, k] mask or bias
+        # to read): always when no mask or spec is given, and for a dense spec when its positions are 0..n-1
+        # followed by padding (checked at run time; otherwise the mask path; one branch runs).
+        if spec is None and sq == sk:
+            causal = jnp.broadcast_to(jnp.arange(sq, dtype=jnp.int32), (b, sq))
+            return _causal_prefix(q, k, v, causal, sm_scale, impl)
+        if spec is not None and _may_be_prefix_causal(spec):
+            return jax.lax.cond(
+                _is_prefix_causal(spec.q_positions),
+                lambda: _causal_prefix(q, k, v, spec.q_positions, sm_scale, impl),
+                lambda: _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl),
+            )
+    if mask is None:
         mask = spec.to_mask() if spec is not None else _causal_by_index(b, sq, sk)
     if impl == "reference":
         return _reference(q, k, v, mask, sm_scale)
-    if spec is not None and _may_be_prefix_causal(spec):
-        # Dense causal self-attention: when the positions are 0..n-1 followed by padding, use the fused causal
-        # kernel with sequence lengths (no [q, k] mask or bias to read); otherwise the mask path. One branch runs.
-        return jax.lax.cond(
-            _is_prefix_causal(spec.q_positions),
-            lambda: _causal_prefix(q, k, v, spec.q_positions, sm_scale, impl),
-            lambda: _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl),
-        )
     return _dot_product_attention(q, k, v, mask, sm_scale, impl)
 
 
@@ -252,8 +258,7 @@ def _causal_prefix(
     implementation: str,
 ) -> Float[Array, "b s hq d"]:
     """Causal attention over the first `lengths` tokens of each row; padding rows return 0 (zero gradient)."""
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"impl='cudnn' needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}")
+    _check_cudnn_backend(implementation)
     valid = positions >= 0
     lengths = valid.sum(-1, dtype=jnp.int32)
     # A row of padding only gets length 1 so the kernel sees a key; its output is zeroed below.
