@@ -33,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sra-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[command]
-    return int(getattr(importlib.import_module(module_name), func_name)(rest) or 0)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name.split(".")[0] or module_name.startswith("sra_jax"):
+            raise
+        # benchmarks/ ships with the repository, not with the installed package.
+        print(f"sra-jax {command}: {module_name} is not importable here; run it from the sra-jax repository root "
+              f"(where benchmarks/ lives) or `python -m {module_name}` there", file=sys.stderr)
+        return 2
+    return int(getattr(module, func_name)(rest) or 0)
 
 
 if __name__ == "__main__":
