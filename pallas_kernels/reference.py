@@ -76,17 +76,24 @@ def block_sparse_attention(
     return masked_attention(q, k, v, layout_token_mask(layout, rule, tokens), scale)
 
 
-def decode_visible(lengths, num_new: int, cache_len: int, *, window: int, num_global: int, critical_indices):
-    """[b, t, L] visibility of cache slots for the new tokens (positions lengths - num_new + t)."""
+def decode_visible(
+    lengths, num_new: int, cache_len: int, *, window: int, num_global: int, critical_indices, kv_start=None
+):
+    """[b, t, L] visibility of cache slots for the new tokens (slots lengths - num_new + t). Slots before kv_start
+    (default 0) are left padding: never visible, and a new token there sees nothing. Sinks are slots kv_start ..
+    kv_start + num_global - 1; critical_indices are slots (a set: repeats, -1 and out-of-range entries are inert)."""
+    b = lengths.shape[0]
+    start = jnp.zeros((b,), jnp.int32) if kv_start is None else jnp.maximum(kv_start, 0)
+    start = start[:, None, None]
     slot = jnp.arange(cache_len)[None, None, :]
-    q_pos = (lengths[:, None] - num_new + jnp.arange(num_new)[None, :])[:, :, None]
-    critical = jnp.zeros((lengths.shape[0], cache_len + 1), bool)
+    q_slot = (lengths[:, None] - num_new + jnp.arange(num_new)[None, :])[:, :, None]
+    critical = jnp.zeros((b, cache_len + 1), bool)
     if critical_indices is not None:
-        idx = jnp.where(critical_indices >= 0, critical_indices, cache_len)
-        critical = critical.at[jnp.arange(lengths.shape[0])[:, None], idx].set(True)
+        idx = jnp.where((critical_indices >= 0) & (critical_indices < cache_len), critical_indices, cache_len)
+        critical = critical.at[jnp.arange(b)[:, None], idx].set(True)
     critical = critical[:, None, :cache_len]
-    keep = (q_pos - slot < window) | (slot < num_global) | critical
-    return (slot <= q_pos) & (q_pos >= 0) & keep
+    keep = (q_slot - slot < window) | (slot < start + num_global) | critical
+    return (slot <= q_slot) & (slot >= start) & keep
 
 
 def sparse_decode_attention(
@@ -98,6 +105,7 @@ def sparse_decode_attention(
     window: int,
     num_global: int = 0,
     critical_indices: Int[Array, "b c"] | None = None,
+    kv_start: Int[Array, " b"] | None = None,
     sm_scale: float | None = None,
 ) -> Float[Array, "b t hq d"]:
     """Reference of `pallas_kernels.sparse_decode_attention` (same arguments)."""
@@ -108,6 +116,7 @@ def sparse_decode_attention(
         window=window,
         num_global=num_global,
         critical_indices=critical_indices,
+        kv_start=kv_start,
     )
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     return masked_attention(q, k_cache, v_cache, mask[:, None], scale)

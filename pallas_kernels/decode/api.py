@@ -1,10 +1,13 @@
-"""Sparse decode: the new tokens read only the slots they can see, gathered inside the kernel.
+"""Sparse decode: the new tokens read only the cache slots they can see, gathered inside one Triton kernel.
 
-The slot list per sequence is the window band (contiguous) followed by the sticky slots (global sinks and
-critical indices not already in the band), each part padded to whole tiles with -1. The list is split over
-programs (flash-decoding) so one long sequence fills the GPU; each program gathers its K/V rows straight from
-the cache (no compact copy in HBM), the query heads of a kv group share those loads as rows of one tile, and a
-logsumexp-weighted combine merges the splits.
+The work of one (sequence, kv head) is a static list of tiles: the window band (contiguous; its slots come from
+`lengths` inside the kernel, so no slot list is built in HBM), then the global sinks, then the critical indices,
+read straight from `critical_indices`. The list is split over programs (flash-decoding) so that one long sequence
+fills the GPU; the query heads of a kv group share each K/V load as rows of one tile; a logsumexp-weighted combine
+merges the splits. Every slot is shown to a query by exactly one part: the band shows the slots in its window, the
+sinks and critical indices only slots outside it, and a critical index repeated in a row is skipped by comparing
+it with its neighbour in the (sorted) row. Loads of slots nobody sees are masked off, so padding (-1) costs no
+HBM traffic, and a critical tile with no visible slot skips its dots too.
 """
 
 from __future__ import annotations
@@ -20,42 +23,53 @@ from jaxtyping import Array, Float, Int
 
 LOG2E = math.log2(math.e)
 NEG = -1e30
+TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 
 
-def decode_slots(lengths, *, num_new: int, window: int, num_global: int, critical_indices, tile: int):
-    """([b, n] int32 slot list with -1 padding, number of window-band tiles). Static sizes only."""
+def sort_critical(critical_indices: Int[Array, "b c"]) -> Int[Array, "b c"]:
+    """Rows sorted ascending with every negative entry (padding) moved to the end: a sort of the uint32 view."""
+    as_unsigned = jax.lax.bitcast_convert_type(critical_indices.astype(jnp.int32), jnp.uint32)
+    return jax.lax.bitcast_convert_type(jnp.sort(as_unsigned, axis=-1), jnp.int32)
+
+
+def decode_slots(
+    lengths,
+    *,
+    num_new: int,
+    window: int,
+    num_global: int,
+    critical_indices,
+    tile: int,
+    kv_start=None,
+):
+    """([b, n] int32 list of the cache slots the new tokens read, each once, -1 padding; number of band tiles).
+
+    The band is the last new token's window; sinks and critical indices follow when they lie outside it. Used to
+    count the bytes a decode step must read (the kernel itself builds no such list)."""
+    b = lengths.shape[0]
+    start = jnp.zeros((b,), jnp.int32) if kv_start is None else jnp.maximum(kv_start.astype(jnp.int32), 0)
     band = window + num_new - 1
     band_pad = -(-band // tile) * tile
-    start = lengths[:, None] - num_new - window + 1
-    window_slots = start + jnp.arange(band_pad)[None, :]
-    window_slots = jnp.where(
-        (jnp.arange(band_pad)[None, :] < band) & (window_slots >= 0) & (window_slots < lengths[:, None]),
-        window_slots,
-        -1,
-    )
-    sticky = [jnp.broadcast_to(jnp.arange(num_global), (lengths.shape[0], num_global))]
+    lo = jnp.maximum(start, lengths - num_new - window + 1)[:, None]
+    window_slots = lo + jnp.arange(band_pad)[None, :]
+    window_slots = jnp.where(window_slots < lengths[:, None], window_slots, -1)
+    sticky = [start[:, None] + jnp.arange(num_global)[None, :]]
     if critical_indices is not None:
-        sticky.append(critical_indices.astype(jnp.int32))
-    sticky = jnp.concatenate(sticky, axis=1).astype(jnp.int32)
-    # A sticky slot can leave the sticky list only when the window of every new token that can see it covers it,
-    # i.e. when it lies in the last new token's window; the band tiles then show it. Others stay sticky, and the
-    # kernel hides a sticky slot from a query whose own window already shows it, so nothing is counted twice.
-    in_band = sticky >= (lengths - window)[:, None]
-    is_critical = jnp.arange(sticky.shape[1])[None, :] >= num_global
-    # A critical index among the sinks is already listed once; critical indices themselves must be unique.
-    sticky = jnp.where(
-        (sticky >= 0) & (sticky < lengths[:, None]) & ~in_band & ~(is_critical & (sticky < num_global)),
-        sticky,
-        -1,
-    )
-    sticky_pad = max(-(-sticky.shape[1] // tile) * tile, 0)
+        crit = critical_indices.astype(jnp.int32)
+        sticky.append(jnp.where(crit >= (start + num_global)[:, None], crit, -1))
+    sticky = sort_critical(jnp.concatenate(sticky, axis=1).astype(jnp.int32))
+    repeat = jnp.concatenate([jnp.zeros((b, 1), bool), sticky[:, 1:] == sticky[:, :-1]], axis=1)
+    keep = (sticky >= start[:, None]) & (sticky < (lengths - window)[:, None]) & ~repeat
+    sticky = jnp.where(keep, sticky, -1)
+    sticky_pad = -(-sticky.shape[1] // tile) * tile
     sticky = jnp.pad(sticky, ((0, 0), (0, sticky_pad - sticky.shape[1])), constant_values=-1)
     return jnp.concatenate([window_slots.astype(jnp.int32), sticky], axis=1), band_pad // tile
 
 
 def _decode_kernel(
-    slots_ref,
-    qpos_ref,
+    len_ref,
+    start_ref,
+    crit_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -63,31 +77,43 @@ def _decode_kernel(
     lse_ref,
     *,
     scale,
+    t,
+    group,
+    hq,
+    rows,
     tile,
-    tiles_per_split,
-    num_tiles,
-    window_tiles,
+    units_per_split,
+    n_band,
+    n_sink,
+    n_crit,
+    num_crit,
     window,
+    num_global,
+    skip_empty,
     dot_kw,
 ):
-    split = pl.program_id(2)
-    q = q_ref[...]
-    q_pos = qpos_ref[...]
-    rows, d = q.shape
-    first = split * tiles_per_split
-    last = jnp.minimum(first + tiles_per_split, num_tiles)
+    h, split = pl.program_id(1), pl.program_id(2)
+    length = len_ref[...]
+    start = jnp.maximum(start_ref[...], 0)
+    r = jnp.arange(rows)
+    real = r < t * group
+    tok = r // group
+    q = q_ref[jnp.where(real, tok * hq + h * group + r % group, 0), :]
+    q_pos = length - t + tok
+    # Padding rows and new tokens that sit before the first valid slot (left padding) see nothing.
+    q_pos = jnp.where(real & (q_pos >= start), q_pos, -1)
+    first = split * units_per_split
+    last = first + units_per_split
+    lane = jnp.arange(tile)
+    # Masked loads index every dimension with an array (interpret mode needs that form).
+    cols = jnp.arange(q.shape[1])[None, :]
 
-    def visit(j, carry):
+    def attend(carry, slots, slot_ok, vis):
         m, l, acc = carry
-        slots = slots_ref[pl.ds(pl.multiple_of(j * tile, tile), tile)]
-        valid = slots >= 0
-        safe = jnp.where(valid, slots, 0)
-        k = k_ref[safe, :]
-        v = v_ref[safe, :]
+        safe = jnp.where(slot_ok, slots, 0)
+        k = plgpu.load(k_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
+        v = plgpu.load(v_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
         s = plgpu.dot(q, k, trans_b=True, **dot_kw) * scale
-        vis = valid[None, :] & (slots[None, :] <= q_pos[:, None])
-        in_window = q_pos[:, None] - slots[None, :] < window
-        vis = vis & jnp.where(j < window_tiles, in_window, ~in_window)
         s = jnp.where(vis, s, NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp2(m - m_new)
@@ -96,15 +122,61 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, **dot_kw)
         return m_new, l, acc
 
+    # Band: slots lo .. length - 1, seen by a query iff within its window (and not after it).
+    lo = jnp.maximum(start, length - t - window + 1)
+
+    def band(j, carry):
+        slots = lo + j * tile + lane
+        slot_ok = slots < length
+        dist = q_pos[:, None] - slots[None, :]
+        vis = slot_ok[None, :] & (dist >= 0) & (dist < window)
+        return attend(carry, slots, slot_ok, vis)
+
+    # A sticky slot (sink or critical) is read only if some query sees it outside its window: the last new
+    # token (position length - 1) is the most permissive, so slot < length - window.
+    def sink(j, carry):
+        slots = start + (j - n_band) * tile + lane
+        slot_ok = (slots < start + num_global) & (slots < length - window)
+        vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
+        return attend(carry, slots, slot_ok, vis)
+
+    def critical(j, carry):
+        pos = (j - n_band - n_sink) * tile + lane
+        listed = pos < num_crit
+        at = jnp.minimum(pos, num_crit - 1)
+        slots = jnp.where(listed, crit_ref[at], -1)
+        prev = jnp.where(listed & (pos > 0), crit_ref[jnp.maximum(at - 1, 0)], -1)
+        slot_ok = (slots >= start + num_global) & (slots < length - window) & (slots != prev)
+        vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
+        if not skip_empty:
+            return attend(carry, slots, slot_ok, vis)
+        return jax.lax.cond(
+            slot_ok.astype(jnp.int32).max() > 0, lambda c: attend(c, slots, slot_ok, vis), lambda c: c, carry
+        )
+
     carry = (
         jnp.full((rows,), NEG, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, d), jnp.float32),
+        jnp.zeros((rows, q.shape[1]), jnp.float32),
     )
-    m, l, acc = jax.lax.fori_loop(first, last, visit, carry)
+    bounds = (0, n_band, n_band + n_sink, n_band + n_sink + n_crit)
+    for body, lo_u, hi_u in zip((band, sink, critical), bounds[:-1], bounds[1:]):
+        if hi_u > lo_u:
+            carry = jax.lax.fori_loop(
+                jnp.clip(first, lo_u, hi_u), jnp.clip(last, lo_u, hi_u), body, carry
+            )
+    m, l, acc = carry
     nonempty = l > 0
     o_ref[...] = acc / jnp.where(nonempty, l, 1.0)[:, None]
     lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+
+
+def _combine(o, lse):
+    """Merge the splits (axis 2): weights 2^(lse_s - max); a split with nothing visible has lse = -inf, weight 0."""
+    m = lse.max(axis=2, keepdims=True)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    total = w.sum(axis=2)
+    return (o * w[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def sparse_decode_attention(
@@ -116,16 +188,34 @@ def sparse_decode_attention(
     window: int,
     num_global: int = 0,
     critical_indices: Int[Array, "b c"] | None = None,
+    kv_start: Int[Array, " b"] | None = None,
+    critical_sorted: bool = False,
     sm_scale: float | None = None,
     backend: str = "auto",
     num_splits: int | None = None,
     tile: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    skip_empty: bool = True,
     interpret: bool = False,
 ) -> Float[Array, "b t hq d"]:
-    """The t new tokens of each sequence sit at positions lengths - t .. lengths - 1 (already written to the
-    cache); each sees cache slot j <= its position iff it is within `window`, j < num_global, or j is in
-    `critical_indices` (unique per row; -1 entries are ignored; sorted rows gather with better locality). Flash-decoding over the slot list; backend "triton", "reference"
-    or "auto" (triton on GPU, else the reference)."""
+    """Attention of t new tokens per sequence against a KV cache, reading only the slots each token can see.
+
+    Slots: row i of the cache holds valid tokens in slots kv_start[i] .. lengths[i] - 1 (kv_start defaults to 0;
+    slots before it are left padding and are never visible). The token in slot kv_start + p has position p. The t
+    new tokens (already written to the cache) sit in slots lengths - t .. lengths - 1. A new token in slot s sees
+    slot j iff kv_start <= j <= s and (s - j < window, or j < kv_start + num_global (the global sinks), or j is
+    one of the row's `critical_indices`). A new token in a slot before kv_start sees nothing (output zeros).
+
+    critical_indices: cache slots (not positions), any order, any static capacity c. Entries < kv_start or
+    >= lengths (e.g. -1 padding) are ignored and cost no HBM reads; a tile of them costs no dots either.
+    Repeats count once. critical_sorted=True promises that equal entries in a row are adjacent (ascending rows,
+    e.g. from jnp.nonzero(mask, size=c, fill_value=-1), or rows with no repeats such as top-k indices) and skips
+    the sort used otherwise (one XLA sort of [b, c] per call); ascending rows also gather with better locality.
+
+    backend: "triton", "reference" (dense masked softmax, any device) or "auto" (triton on GPU). Tuning:
+    num_splits (programs per (row, kv head); default about 264 programs in all), tile (slots per step, a power
+    of two >= 16), num_warps, num_stages, skip_empty (skip the dots of critical tiles with nothing visible)."""
     b, t, hq, d = q.shape
     L, hkv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d:
@@ -134,6 +224,14 @@ def sparse_decode_attention(
         raise ValueError(f"kv heads ({hkv}) must divide query heads ({hq})")
     if window < 1:
         raise ValueError(f"{window=} must be >= 1")
+    if num_global < 0:
+        raise ValueError(f"{num_global=} must be >= 0")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths {lengths.shape} must be [batch={b}]")
+    if kv_start is not None and kv_start.shape != (b,):
+        raise ValueError(f"kv_start {kv_start.shape} must be [batch={b}]")
+    if critical_indices is not None and (critical_indices.ndim != 2 or critical_indices.shape[0] != b):
+        raise ValueError(f"critical_indices {critical_indices.shape} must be [batch={b}, capacity]")
     if backend == "auto":
         backend = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
     if backend == "reference":
@@ -147,43 +245,61 @@ def sparse_decode_attention(
             window=window,
             num_global=num_global,
             critical_indices=critical_indices,
+            kv_start=kv_start,
             sm_scale=sm_scale,
         )
     if backend != "triton":
         raise ValueError(f"backend {backend!r} not in ('auto', 'triton', 'reference')")
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"{tile=} must be a power of two >= 16")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{num_splits=} must be >= 1")
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
     group = hq // hkv
     rows = max(16, pl.next_power_of_2(t * group))
-    slots, window_tiles = decode_slots(
-        lengths, num_new=t, window=window, num_global=num_global, critical_indices=critical_indices, tile=tile
-    )
-    num_tiles = slots.shape[1] // tile
-    if num_splits is None:  # about two programs per SM of an H100 (132 SMs)
-        num_splits = max(1, min(num_tiles, -(-264 // (b * hkv))))
-    tiles_per_split = -(-num_tiles // num_splits)
-    num_splits = -(-num_tiles // tiles_per_split)
-    # Rows of one kv head's tile: token-major, then the query heads of the group; padding rows see nothing.
-    q_rows = q.reshape(b, t, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * group, d)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - t * group), (0, 0)))
-    q_pos = lengths[:, None] - t + jnp.arange(rows)[None, :] // group
-    q_pos = jnp.where(jnp.arange(rows)[None, :] < t * group, q_pos, -1).astype(jnp.int32)
+    lengths = lengths.astype(jnp.int32)
+    kv_start = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start.astype(jnp.int32)
+    num_crit = 0 if critical_indices is None else critical_indices.shape[1]
+    if num_crit == 0:
+        crit = jnp.full((b, 1), -1, jnp.int32)
+    else:
+        crit = critical_indices.astype(jnp.int32)
+        crit = crit if critical_sorted else sort_critical(crit)
+    n_band = -(-min(window + t - 1, L) // tile)
+    n_sink = -(-min(num_global, L) // tile)
+    n_crit = -(-num_crit // tile)
+    units = n_band + n_sink + n_crit
+    if num_splits is None:
+        num_splits = -(-TARGET_PROGRAMS // (b * hkv))
+    units_per_split = -(-units // min(num_splits, units))
+    num_splits = -(-units // units_per_split)
     kernel = functools.partial(
         _decode_kernel,
         scale=scale,
+        t=t,
+        group=group,
+        hq=hq,
+        rows=rows,
         tile=tile,
-        tiles_per_split=tiles_per_split,
-        num_tiles=num_tiles,
-        window_tiles=window_tiles,
+        units_per_split=units_per_split,
+        n_band=n_band,
+        n_sink=n_sink,
+        n_crit=n_crit,
+        num_crit=num_crit,
         window=window,
+        num_global=num_global,
+        skip_empty=skip_empty,
         dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {},
     )
+    tg = t * group
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
         in_specs=[
-            pl.BlockSpec((None, slots.shape[1]), lambda bi, h, s: (bi, 0)),
-            pl.BlockSpec((None, rows), lambda bi, h, s: (bi, 0)),
-            pl.BlockSpec((None, None, rows, d), lambda bi, h, s: (bi, h, 0, 0)),
+            pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
+            pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
+            pl.BlockSpec((None, crit.shape[1]), lambda bi, h, s: (bi, 0)),
+            pl.BlockSpec((None, t * hq, d), lambda bi, h, s: (bi, 0, 0)),
             pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0)),
             pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0)),
         ],
@@ -195,14 +311,10 @@ def sparse_decode_attention(
             jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
             jax.ShapeDtypeStruct((b, hkv, num_splits, rows), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_decode",
-    )(slots, q_pos, q_rows, k_cache, v_cache)
-    # Combine the splits: weights 2^(lse_s - max); splits with nothing visible have lse = -inf and weight 0.
-    m = lse.max(axis=2, keepdims=True)
-    w = jnp.where(jnp.isfinite(lse), jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    total = w.sum(axis=2)
-    out = (o * w[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-    out = out[:, :, : t * group].reshape(b, hkv, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
+    )(lengths, kv_start, crit, q.reshape(b, t * hq, d), k_cache, v_cache)
+    # Rows of a kv head's tile are token-major, then the query heads of the group.
+    out = _combine(o[:, :, :, :tg], lse[:, :, :, :tg]).reshape(b, hkv, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
     return out.astype(q.dtype)

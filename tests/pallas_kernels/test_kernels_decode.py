@@ -1,5 +1,6 @@
-"""Sparse decode (Triton kernel in interpret mode) against the reference: ragged cache lengths, several new
-tokens, GQA rows sharing one tile, duplicates between sinks and critical indices, splits with nothing visible."""
+"""Sparse decode (Triton kernel in interpret mode) against the dense reference: GQA 1/4/8, 1-4 new tokens, ragged
+lengths, left padding (kv_start), repeated / out-of-range / -1 critical indices, empty critical lists, windows
+longer than the cache, splits with nothing visible; and the reference itself against a float64 numpy oracle."""
 
 from __future__ import annotations
 
@@ -8,55 +9,172 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import TOL, qkv, rel_err
 
 import pallas_kernels as pk
 
+L, D = 64, 32
 
-@functools.partial(jax.jit, static_argnames=("backend",))
-def _decode(q, kc, vc, lengths, critical, backend):
-    extra = {"interpret": True, "num_splits": 3, "tile": 16} if backend == "triton" else {}
+
+@functools.partial(
+    jax.jit, static_argnames=("window", "num_global", "critical_sorted", "num_splits", "skip_empty", "backend")
+)
+def _decode(q, kc, vc, lengths, critical, kv_start, *, window, num_global, critical_sorted, num_splits, skip_empty,
+            backend):
+    extra = (
+        {"interpret": True, "num_splits": num_splits, "tile": 16, "critical_sorted": critical_sorted,
+         "skip_empty": skip_empty}
+        if backend == "triton"
+        else {}
+    )
     return pk.sparse_decode_attention(
-        q, kc, vc, lengths, window=8, num_global=2, critical_indices=critical, backend=backend, **extra
+        q, kc, vc, lengths, window=window, num_global=num_global, critical_indices=critical, kv_start=kv_start,
+        backend=backend, **extra
     )
 
 
-@settings(max_examples=5)
-@given(len0=st.integers(1, 96), len1=st.integers(1, 96), seed=st.integers(0, 999))
-def test_sparse_decode_matches_reference_gqa4_two_new_tokens(len0, len1, seed):
-    b, t, L, hq, hkv, d = 2, 2, 96, 8, 2, 64
-    q, kc, vc = qkv(jax.random.PRNGKey(seed), b, t, L, hq, hkv, d, jnp.float32)
-    lengths = jnp.array([max(len0, t), max(len1, t)])
+def _oracle(q, kc, vc, lengths, critical, kv_start, window, num_global):
+    """float64 numpy decode written from the rule, one (row, token, head) at a time."""
+    q, kc, vc = (np.asarray(x, np.float64) for x in (q, kc, vc))
+    b, t, hq, d = q.shape
+    group = hq // kc.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        crit = set() if critical is None else {int(c) for c in np.asarray(critical[i])}
+        start = int(kv_start[i])
+        for n in range(t):
+            s = int(lengths[i]) - t + n
+            seen = [
+                j
+                for j in range(start, s + 1)
+                if s - j < window or j < start + num_global or j in crit
+            ]
+            if not seen:
+                continue
+            for h in range(hq):
+                k, v = kc[i, seen, h // group], vc[i, seen, h // group]
+                logits = k @ q[i, n, h] / np.sqrt(d)
+                p = np.exp(logits - logits.max())
+                out[i, n, h] = p @ v / p.sum()
+    return out
+
+
+def _critical(rng, b, capacity, lengths, sorted_rows):
+    """Indices anywhere in the cache (some past the length, some in the window or among the sinks), repeats,
+    -1 padding at the tail and scattered in between."""
+    rows = []
+    for i in range(b):
+        row = rng.integers(0, max(int(lengths[i]), 1) + 8, capacity)
+        row = np.where(rng.random(capacity) < 0.25, row[rng.integers(0, capacity, capacity)], row)  # repeats
+        row = np.where(rng.random(capacity) < 0.15, -1, row)
+        row[rng.integers(capacity // 2, capacity + 1):] = -1
+        rows.append(np.sort(row) if sorted_rows else row)
+    return np.stack(rows).astype(np.int32)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    group=st.sampled_from([1, 4, 8]),
+    t=st.integers(1, 4),
+    window=st.sampled_from([1, 5, 16, 100]),
+    num_global=st.integers(0, 3),
+    capacity=st.sampled_from([0, 7, 24]),
+    critical_sorted=st.booleans(),
+    num_splits=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+)
+def test_sparse_decode_matches_reference(group, t, window, num_global, capacity, critical_sorted, num_splits, seed):
+    b, hkv = 2, 2 if group < 8 else 1
     rng = np.random.default_rng(seed)
-    # Unique indices per row (the API's contract), some past the length, some among the sinks, -1 padding.
-    critical = np.stack(
-        [np.where(rng.random(12) < 0.8, rng.choice(L, 12, replace=False), -1) for _ in range(b)]
-    )
-    out = _decode(q, kc, vc, lengths, jnp.asarray(critical, jnp.int32), backend="triton")
-    ref = _decode(q, kc, vc, lengths, jnp.asarray(critical, jnp.int32), backend="reference")
+    lengths = rng.integers(t, L + 1, b)
+    kv_start = np.minimum(rng.integers(0, 12, b), lengths - 1)
+    kv_start[0] = 0
+    q, kc, vc = qkv(jax.random.PRNGKey(seed), b, t, L, group * hkv, hkv, D, jnp.float32)
+    critical = None if capacity == 0 else _critical(rng, b, capacity, lengths, critical_sorted)
+    args = (q, kc, vc, jnp.asarray(lengths, jnp.int32), None if critical is None else jnp.asarray(critical),
+            jnp.asarray(kv_start, jnp.int32))
+    kw = dict(window=window, num_global=num_global, critical_sorted=critical_sorted, num_splits=num_splits)
+    out = _decode(*args, **kw, skip_empty=bool(seed % 2), backend="triton")
+    ref = _decode(*args, **kw, skip_empty=True, backend="reference")
     assert rel_err(out, ref) < TOL[jnp.float32]
+    oracle = _oracle(q, kc, vc, lengths, critical, kv_start, window, num_global)
+    assert rel_err(ref, oracle) < TOL[jnp.float32]
 
 
-def test_decode_slots_list_each_visible_slot_once():
-    lengths = jnp.array([40])
-    slots, window_tiles = pk.decode.decode_slots(
-        lengths, num_new=1, window=5, num_global=3, critical_indices=jnp.array([[1, 20, 37, 39, -1]]), tile=8
+def test_left_padding_is_invisible_and_positions_shift():
+    """A left-padded row gives the same output as the same tokens without padding (slots shifted by kv_start)."""
+    pad, n, t, hq, hkv = 5, 40, 2, 4, 2
+    q, kc, vc = qkv(jax.random.PRNGKey(3), 1, t, n, hq, hkv, D, jnp.float32)
+    garbage = 1e3 * jnp.ones((1, pad, hkv, D), jnp.float32)  # would dominate any softmax it entered
+    kc_pad, vc_pad = (jnp.concatenate([garbage, x], axis=1) for x in (kc, vc))
+    crit = jnp.array([[3, 17, 17, -1]], jnp.int32)
+    kw = dict(window=6, num_global=2, backend="triton", interpret=True, tile=16, num_splits=2)
+    plain = pk.sparse_decode_attention(q, kc, vc, jnp.array([n]), critical_indices=crit, **kw)
+    padded = pk.sparse_decode_attention(
+        q, kc_pad, vc_pad, jnp.array([n + pad]), critical_indices=crit + pad * (crit >= 0),
+        kv_start=jnp.array([pad]), **kw
     )
-    listed = sorted(int(x) for x in np.asarray(slots)[0] if x >= 0)
-    assert listed == [0, 1, 2, 20, 35, 36, 37, 38, 39]
-    assert window_tiles == 1
+    assert rel_err(padded, plain) < TOL[jnp.float32]
+
+
+def test_repeated_critical_indices_count_once():
+    """Repeats (adjacent or not) give the output of the unique set, in the kernel and in the reference."""
+    t, hq, hkv = 1, 8, 2
+    q, kc, vc = qkv(jax.random.PRNGKey(5), 1, t, L, hq, hkv, D, jnp.float32)
+    unique = jnp.array([[2, 9, 30, -1, -1, -1]], jnp.int32)
+    repeated = jnp.array([[30, 9, 30, 2, 9, 30]], jnp.int32)
+    kw = dict(window=4, num_global=1)
+    want = pk.sparse_decode_attention(q, kc, vc, jnp.array([L]), critical_indices=unique, backend="reference", **kw)
+    for backend, extra in (("reference", {}), ("triton", {"interpret": True, "tile": 16})):
+        got = pk.sparse_decode_attention(
+            q, kc, vc, jnp.array([L]), critical_indices=repeated, backend=backend, **kw, **extra
+        )
+        assert rel_err(got, want) < TOL[jnp.float32]
 
 
 def test_critical_slot_in_the_band_stays_visible_to_later_new_tokens():
     # New tokens sit at 37, 38, 39 with window 4: slot 34 is in the first token's window but not in the later ones',
     # so the later tokens must still see it because it is critical (a regression: it used to be dropped for them).
-    b, t, L, hq, hkv, d = 1, 3, 40, 4, 1, 64
-    q, kc, vc = qkv(jax.random.PRNGKey(7), b, t, L, hq, hkv, d, jnp.float32)
-    lengths = jnp.array([L])
+    b, t, n, hq, hkv = 1, 3, 40, 4, 1
+    q, kc, vc = qkv(jax.random.PRNGKey(7), b, t, n, hq, hkv, 64, jnp.float32)
+    lengths = jnp.array([n])
     critical = jnp.array([[34, 10, -1]], jnp.int32)
     args = dict(window=4, num_global=1, critical_indices=critical)
     out = pk.sparse_decode_attention(q, kc, vc, lengths, backend="triton", interpret=True, num_splits=2, tile=16, **args)
     ref = pk.sparse_decode_attention(q, kc, vc, lengths, backend="reference", **args)
     assert rel_err(out, ref) < TOL[jnp.float32]
+
+
+def test_decode_slots_list_each_read_slot_once():
+    lengths = jnp.array([40, 40])
+    slots, window_tiles = pk.decode.decode_slots(
+        lengths,
+        num_new=1,
+        window=5,
+        num_global=3,
+        critical_indices=jnp.array([[1, 20, 37, 20, 39, -1], [1, 20, 37, 20, 39, -1]]),
+        tile=8,
+        kv_start=jnp.array([0, 2]),
+    )
+    listed = [sorted(int(x) for x in row if x >= 0) for row in np.asarray(slots)]
+    assert listed == [[0, 1, 2, 20, 35, 36, 37, 38, 39], [2, 3, 4, 20, 35, 36, 37, 38, 39]]
+    assert window_tiles == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "window"),
+        (dict(window=4, tile=24, backend="triton"), "tile"),
+        (dict(window=4, num_global=-1), "num_global"),
+        (dict(window=4, num_splits=0, backend="triton"), "num_splits"),
+        (dict(window=4, backend="cuda"), "backend"),
+    ],
+)
+def test_bad_arguments_name_the_problem(kwargs, match):
+    q, kc, vc = qkv(jax.random.PRNGKey(0), 1, 1, 16, 2, 1, D, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        pk.sparse_decode_attention(q, kc, vc, jnp.array([16]), **kwargs)
