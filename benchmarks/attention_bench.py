@@ -1,7 +1,7 @@
 """Attention benchmark on one GPU: cuDNN dense causal vs our block-sparse kernel (several densities) vs torch
 FlexAttention with the identical block mask, forward and forward+backward, plus sparse decode vs HBM copy.
-Our kernel runs once per backend (`--backends`: the Triton kernels, and the Mosaic GPU forward with the Triton
-backward).
+Our kernel runs once per backend (`--backends`: the Triton kernels; the Mosaic GPU forward and backward; the
+Mosaic GPU forward with the Triton backward).
 
 Every peer is timed in the same process. Rows follow the DESIGN.md record format; the file is rewritten after
 every row so a run cut short still leaves its numbers.
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from pallas_kernels.block_sparse import mosaic
 
 BLOCK = 128
 
@@ -108,8 +109,13 @@ class Recorder:
         self.path.write_text(json.dumps({**self.header, "rows": self.rows}, indent=1))
 
 
-# Row "impl" names per backend (forward backend; mosaic_gpu runs the Triton backward).
-IMPL_NAMES = {"triton": "pallas_triton", "mosaic_gpu": "pallas_mosaic_gpu_fwd_triton_bwd"}
+# Row "impl" names per `--backends` entry: (block_sparse_attention backend, MosaicConfig.backward).
+# mosaic_gpu = Mosaic GPU forward + Mosaic GPU backward; mosaic_gpu_triton_bwd = Mosaic forward + Triton backward.
+IMPL_NAMES = {
+    "triton": "pallas_triton",
+    "mosaic_gpu": "pallas_mosaic_gpu",
+    "mosaic_gpu_triton_bwd": "pallas_mosaic_gpu_fwd_triton_bwd",
+}
 
 
 def bench_prefill(
@@ -149,9 +155,14 @@ def bench_prefill(
     rec.add({**base, "impl": "cudnn", "density": 1.0, "ms_fwd": c_f, "ms_fwdbwd": c_b})
     ref_out = cudnn_fwd(q, k, v)
 
-    def make(backend):
+    def make(name):
+        backend = "mosaic_gpu" if name.startswith("mosaic_gpu") else name
+        mcfg = mosaic.MosaicConfig(backward="triton" if name == "mosaic_gpu_triton_bwd" else "mosaic")
+
         def ours(q, k, v, layout):
-            return pk.block_sparse_attention(q, k, v, layout, causal=True, backend=backend, config=config)
+            return pk.block_sparse_attention(
+                q, k, v, layout, causal=True, backend=backend, config=config, mosaic_config=mcfg
+            )
 
         return (
             jax.jit(ours),
