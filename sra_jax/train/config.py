@@ -158,7 +158,13 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training data: the built-in synthetic task (no download) or GSM8K / MATH jsonl through sra_jax.data."""
+    """Training data: the built-in synthetic task (no download) or GSM8K / MATH jsonl through sra_jax.data.
+
+    pack: several whole examples per row of seq_len (first-fit over each epoch's order; for the endless synthetic
+        task over chunks of 1024 problems), told apart by segment ids: attention never crosses examples and
+        positions restart at 0 in each. Supervised dense training only (see `TrainConfig` for why RL and SRA refuse
+        it). False: one example per row, right-padded.
+    """
 
     task: str = "synthetic"
     form: str = "direct"  # synthetic: "direct" answers or "cot" chains of thought
@@ -166,6 +172,7 @@ class DataConfig:
     seed: int = 0
     eval_size: int = 256
     path: str | None = None  # GSM8K / MATH: the folder holding gsm8k/, math/, llama3/
+    pack: bool = False
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
@@ -177,6 +184,8 @@ class DataConfig:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.eval_size < 1:
             raise ValueError(f"data.eval_size={self.eval_size} must be >= 1")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"data.pack={self.pack!r} must be true or false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +265,17 @@ class TrainConfig:
             raise ValueError(f"loss.kind='grpo': data.seq_len + loss.max_new_tokens = "
                              f"{self.data.seq_len + self.loss.max_new_tokens} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings} (a rollout is prompt + completion)")
+        if self.data.pack and self.loss.kind != "sl":
+            raise ValueError(f"data.pack=true cannot train loss.kind={self.loss.kind!r}: the router's selection "
+                             f"log-prob, the reward and its group advantage are one per row (GRPO also samples one "
+                             f"prompt per row), so a packed row would give all its examples one shared reward; use "
+                             f"loss.kind='sl' or data.pack=false")
+        if self.data.pack and self.sra is not None:
+            raise ValueError("data.pack=true cannot train with `sra` set: the router picks critical tokens by a "
+                             "per-row top-k (k = sra.critical_fraction * data.seq_len; every selection mode, "
+                             "bernoulli included, caps the row at k), so packed examples would compete for one "
+                             "budget and each one's critical set would depend on its row-mates; per-segment "
+                             "selection is not implemented. Set sra=null (dense) or data.pack=false")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings}")
@@ -355,6 +375,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         annotation,)
     if isinstance(value, list):
         return tuple(value)
+    if allowed == (bool,) and not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be true or false")
     if float in allowed and not isinstance(value, bool) and isinstance(value, (int, str)):
         try:
             return float(value)

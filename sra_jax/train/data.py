@@ -2,6 +2,9 @@
 saved in a checkpoint is just the step and resuming replays exactly the same stream.
 
 Streams: `SyntheticStream` (the built-in multi-hop task) and `TextTaskStream` (GSM8K / MATH jsonl, Llama 3 tokens).
+Unpacked (the default), row g of the stream holds example g alone, right-padded. With `data.pack` row g of the stream
+is row g of a `sra_jax.data.packing.PackingPlan`: each epoch's examples (in that epoch's order) packed first-fit into
+rows of data.seq_len, whole, with segment ids; batches then also carry "segment_ids" [accum, micro, seq].
 """
 
 from __future__ import annotations
@@ -10,12 +13,39 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from sra_jax.data import synthetic
+from sra_jax.data.packing import PackingPlan, pack_rows
 from sra_jax.train.config import DataConfig, TrainConfig
+
+# The synthetic task is endless; with data.pack it is packed in chunks of this many problems (its "epochs").
+SYNTHETIC_PACK_CHUNK = 1024
+BATCH_KEYS = ("tokens", "positions", "loss_mask")
+
+
+def stream_rows(step: int, batch_size: int, grad_accum: int) -> list[list[int]]:
+    """Stream row numbers of batch `step` that this process feeds, as [micro-batch][row]: rows
+    [step * batch_size, (step + 1) * batch_size) split into `grad_accum` micro-batches, each split evenly (in order)
+    over the processes."""
+    micro = batch_size // grad_accum
+    per_process = micro // jax.process_count()
+    first = jax.process_index() * per_process
+    return [[step * batch_size + a * micro + first + r for r in range(per_process)] for a in range(grad_accum)]
+
+
+class _Example(NamedTuple):
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+
+
+def _packed_batch(rows: list[list[list]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[micro-batch][row][examples] -> arrays [accum, micro, seq] with segment_ids."""
+    micro = [pack_rows(r, seq_len, pad_id=pad_id) for r in rows]
+    return {name: np.stack([m[name] for m in micro]) for name in (*BATCH_KEYS, "segment_ids")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,21 +69,41 @@ class SyntheticStream:
     def tokenizer(self) -> synthetic.SyntheticTokenizer:
         return synthetic.SyntheticTokenizer()
 
+    def example(self, index: int) -> _Example:
+        """Training problem `index` as `bos question sep target eos` with the loss on target and eos."""
+        problem = synthetic.make_problem(self.data.synthetic, "train", self.data.seed, index)
+        prompt = self.tokenizer.prompt_ids(problem)
+        target = self.tokenizer.encode(problem.target(self.data.form)) + [self.tokenizer.eos_id]
+        loss_mask = np.zeros(len(prompt) + len(target), bool)
+        loss_mask[len(prompt):] = True
+        return _Example(np.asarray(prompt + target, np.int32), loss_mask)
+
+    @functools.cached_property
+    def packing(self) -> PackingPlan | None:
+        """With data.pack: the plan over chunks of SYNTHETIC_PACK_CHUNK consecutive problems (chunk c = problems
+        [c * chunk, (c + 1) * chunk), packed first-fit in index order); None otherwise."""
+        if not self.data.pack:
+            return None
+
+        def chunk(c: int) -> tuple[np.ndarray, np.ndarray]:
+            ids = np.arange(c * SYNTHETIC_PACK_CHUNK, (c + 1) * SYNTHETIC_PACK_CHUNK)
+            return ids, np.array([len(self.example(int(i)).tokens) for i in ids])
+
+        return PackingPlan(chunk, self.data.seq_len)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Batch number `step`: problems [step * batch_size, (step + 1) * batch_size) of the training split."""
-        micro = self.batch_size // self.grad_accum
-        per_process = micro // jax.process_count()
-        first = jax.process_index() * per_process
-        rows = [
-            [step * self.batch_size + a * micro + first + r for r in range(per_process)]
-            for a in range(self.grad_accum)
-        ]
+        """Batch number `step`: problems [step * batch_size, (step + 1) * batch_size) of the training split, one per
+        row; with data.pack, packed rows [step * batch_size, (step + 1) * batch_size) of `packing`."""
+        rows = stream_rows(step, self.batch_size, self.grad_accum)
+        if self.packing is not None:
+            return _packed_batch([[[self.example(int(i)) for i in self.packing.row(r)] for r in micro]
+                                  for micro in rows], self.data.seq_len, self.tokenizer.pad_id)
         batches = [
             synthetic.make_batch([synthetic.make_problem(self.data.synthetic, "train", self.data.seed, i) for i in idx],
                                  self.tokenizer, self.data.seq_len, form=self.data.form)
             for idx in rows
         ]
-        return {name: np.stack([getattr(b, name) for b in batches]) for name in ("tokens", "positions", "loss_mask")}
+        return {name: np.stack([getattr(b, name) for b in batches]) for name in BATCH_KEYS}
 
     def eval_batch(self, size: int | None = None, split: synthetic.Split = "test") -> synthetic.SyntheticBatch:
         """The first `size` (default data.eval_size) held-out problems as one batch."""
@@ -94,7 +144,8 @@ class TextTaskStream:
 
     Example number g of the stream is row g % N of the permutation seeded by (data.seed, g // N) over the N kept
     examples, and batch `step` holds examples [step * batch_size, (step + 1) * batch_size): a pure function of
-    (config, step), so the checkpoint's data position is the step, exactly as for `SyntheticStream`.
+    (config, step), so the checkpoint's data position is the step, exactly as for `SyntheticStream`. Packed, batch
+    `step` holds rows [step * batch_size, (step + 1) * batch_size) of `packing`: epoch e's permutation packed first-fit.
     """
 
     def __init__(self, data: DataConfig, batch_size: int, grad_accum: int = 1):
@@ -126,24 +177,37 @@ class TextTaskStream:
             self._order = (epoch, np.random.default_rng([self.data.seed, epoch]).permutation(len(self.examples)))
         return self._order[1]
 
+    @functools.cached_property
+    def packing(self) -> PackingPlan | None:
+        """With data.pack: epoch e's kept examples in the order of its permutation, packed first-fit into rows of
+        data.seq_len (item ids index `examples`); None otherwise."""
+        if not self.data.pack:
+            return None
+        lengths = np.array([len(e.tokens) for e in self.examples])
+
+        def epoch(e: int) -> tuple[np.ndarray, np.ndarray]:
+            order = np.random.default_rng([self.data.seed, e]).permutation(len(self.examples))
+            return order, lengths[order]
+
+        return PackingPlan(epoch, self.data.seq_len)
+
     def example_index(self, g: int) -> int:
         """Index into `examples` of stream example number `g`."""
         epoch, offset = divmod(g, len(self.examples))
         return int(self._epoch_order(epoch)[offset])
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Batch number `step` (see the class docstring): tokens, positions, loss_mask of shape [accum, micro, seq]."""
+        """Batch number `step` (see the class docstring): tokens, positions, loss_mask (and segment_ids when packed)
+        of shape [accum, micro, seq]."""
         from sra_jax.data.datasets import pad_batch
 
-        micro = self.batch_size // self.grad_accum
-        per_process = micro // jax.process_count()
-        first = jax.process_index() * per_process
-        batches = [
-            pad_batch([self.examples[self.example_index(step * self.batch_size + a * micro + first + r)]
-                       for r in range(per_process)], per_process, self.data.seq_len, pad_id=self.tokenizer.pad_id)
-            for a in range(self.grad_accum)
-        ]
-        return {name: np.stack([getattr(b, name) for b in batches]) for name in ("tokens", "positions", "loss_mask")}
+        rows = stream_rows(step, self.batch_size, self.grad_accum)
+        if self.packing is not None:
+            return _packed_batch([[[self.examples[int(i)] for i in self.packing.row(r)] for r in micro]
+                                  for micro in rows], self.data.seq_len, self.tokenizer.pad_id)
+        batches = [pad_batch([self.examples[self.example_index(g)] for g in micro], len(micro), self.data.seq_len,
+                             pad_id=self.tokenizer.pad_id) for micro in rows]
+        return {name: np.stack([getattr(b, name) for b in batches]) for name in BATCH_KEYS}
 
 
 def make_stream(config: TrainConfig) -> SyntheticStream | TextTaskStream:

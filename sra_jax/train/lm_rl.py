@@ -125,7 +125,8 @@ def grpo_loss_fn(params, batch: RolloutBatch, key, step, ref_params=None, *, gra
     ratio = jnp.exp(log_probs - old_log_probs)
     metrics = {"lm_loss": lm_loss, "reward": rewards.mean(), "accuracy": batch.correct.mean(),
                "selected_fraction": selected.mean(), "mask_density": _mean_over_layers(aux.mask_density).mean(),
-               "tokens": jnp.sum(positions >= 0).astype(jnp.float32), "completion_tokens": generated.mean(),
+               "tokens": jnp.sum(positions >= 0).astype(jnp.float32),
+               "padded_tokens": jnp.asarray(positions.size, jnp.float32), "completion_tokens": generated.mean(),
                "clip_fraction": losses.masked_mean((jnp.abs(ratio - 1.0) > loss.clip_eps).astype(jnp.float32), mask)}
     if has_sra:
         pg = rl.policy_gradient_loss(aux.selection_log_prob, advantages)

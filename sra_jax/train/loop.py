@@ -36,6 +36,7 @@ class _Pending:
 
     step: int  # 0-based index of the batch it consumed
     positions: np.ndarray
+    segment_ids: np.ndarray | None  # packed rows (data.pack); None: one sequence per row
     metrics: dict[str, jax.Array]
     dispatched: float  # perf_counter() at dispatch
 
@@ -124,8 +125,11 @@ def run(
         last_ready = ready
         flops = train_flops(num_params, num_embed, done.positions, num_layers=model_cfg.num_hidden_layers,
                             num_heads=model_cfg.num_attention_heads, head_dim=model_cfg.head_dim,
-                            mask_density=metrics["mask_density"]) * jax.process_count()
+                            mask_density=metrics["mask_density"], segment_ids=done.segment_ids) * jax.process_count()
+        # tokens_per_s and mfu count real tokens only; padded_tokens_per_s counts every slot (real + padding).
         metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed, lr=float(schedule(done.step)))
+        if "padded_tokens" in metrics:
+            metrics["padded_tokens_per_s"] = metrics["padded_tokens"] / elapsed
         if peak is not None:
             metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
         history.append({"step": done.step + 1, **metrics})
@@ -160,7 +164,7 @@ def run(
             batch = trainer.put_batch(arrays)
             dispatched = time.perf_counter()
             state, device_metrics = trainer.step_fn(state, batch)
-            current = _Pending(step, arrays["positions"], device_metrics, dispatched)
+            current = _Pending(step, arrays["positions"], arrays.get("segment_ids"), device_metrics, dispatched)
             if pending is not None and not record(pending):
                 record(current)  # already run: keep its metrics too
                 pending = None

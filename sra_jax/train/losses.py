@@ -52,3 +52,24 @@ def teacher_kl(
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits[:, :-1]).astype(jnp.float32), axis=-1)
     kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
     return masked_mean(kl, loss_mask[:, 1:])
+
+
+def segment_answer_correct(
+    logits: Float[Array, "b s v"], tokens: Int[Array, "b s"], loss_mask: Bool[Array, "b s"],
+    segment_ids: Int[Array, "b s"],
+) -> tuple[Bool[Array, "b n"], Bool[Array, "b n"]]:
+    """`answer_correct` per segment of packed rows: (correct, present), indexed [row, segment id], n = seq_len + 1.
+
+    present[r, j]: segment j of row r has a loss-masked token; correct[r, j]: every one of them is the argmax of its
+    prediction. Ids run from 0 (padding, which has no loss-masked token) to at most seq_len (each segment holds a
+    token). Accuracy over examples = sum(correct & present) / sum(present).
+    """
+    s = tokens.shape[1] + 1
+    hits = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
+    target = loss_mask[:, 1:]
+    ids = segment_ids[:, 1:]
+    count = jax.vmap(lambda x, i: jax.ops.segment_sum(x, i, num_segments=s))
+    targets = count(target.astype(jnp.int32), ids)
+    wrong = count((target & ~hits).astype(jnp.int32), ids)
+    present = targets > 0
+    return present & (wrong == 0), present

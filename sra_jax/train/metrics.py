@@ -33,13 +33,20 @@ def count_params(params: Any) -> int:
 
 
 def train_flops(num_params: int, num_embed_params: int, positions: np.ndarray, *, num_layers: int, num_heads: int,
-                head_dim: int, mask_density: float = 1.0) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one batch.
+                head_dim: int, mask_density: float = 1.0, segment_ids: np.ndarray | None = None) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one batch, counting real tokens only (not padding).
 
     Matmuls: 6 * (non-embedding params) per token. Attention: 4 * head_dim * heads per visible (query, key) pair per
     layer in the forward pass, with causal pairs n (n + 1) / 2 per sequence scaled by the measured mask density.
+    With `segment_ids` (packed rows) each segment is a sequence.
     """
-    lengths = (np.asarray(positions) >= 0).reshape(-1, positions.shape[-1]).sum(-1).astype(np.float64)
+    valid = (np.asarray(positions) >= 0).reshape(-1, positions.shape[-1])
+    if segment_ids is None:
+        lengths = valid.sum(-1).astype(np.float64)
+    else:  # tokens per (row, segment id); padding (id 0) has no valid token
+        ids = np.asarray(segment_ids).reshape(valid.shape).astype(np.int64)
+        flat = np.arange(valid.shape[0])[:, None] * (valid.shape[1] + 1) + ids
+        lengths = np.bincount(flat[valid], minlength=1).astype(np.float64)
     tokens = lengths.sum()
     pairs = (lengths * (lengths + 1) / 2).sum() * mask_density
     return float(6 * (num_params - num_embed_params) * tokens + 3 * 4 * head_dim * num_heads * num_layers * pairs)

@@ -24,6 +24,7 @@ from sra_jax.train.config import LossConfig, TrainConfig
 from sra_jax.train.optimizer import make_optimizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUMMED_METRICS = ("tokens", "padded_tokens")  # counts: summed over micro-batches (the rest are averaged)
 
 
 # Fields are typed Any because the same containers also carry the NamedShardings of their arrays (jit in/out specs).
@@ -37,11 +38,13 @@ class TrainState:
 
 @struct.dataclass
 class Batch:
-    """A global batch split into micro-batches: int32 tokens / positions and bool loss_mask, [accum, batch, seq]."""
+    """A global batch split into micro-batches: int32 tokens / positions and bool loss_mask, [accum, batch, seq];
+    int32 segment_ids (1.. per packed example, 0 on padding) with data.pack, else None (one example per row)."""
 
     tokens: Any
     positions: Any
     loss_mask: Any
+    segment_ids: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +79,21 @@ class Trainer:
         return nnx.merge(self.graphdef, params, self.rest)
 
     def put_batch(self, arrays: dict[str, np.ndarray]) -> Batch:
-        """Global numpy batch [a, b, s] -> sharded Batch. Each process passes only its own rows (see `local_rows`)."""
+        """Global numpy batch [a, b, s] -> sharded Batch. Each process passes only its own rows (see `local_rows`).
+        "segment_ids" must be there exactly when data.pack is on."""
+        packed = self.batch_shardings.segment_ids is not None
+        if packed != ("segment_ids" in arrays):
+            raise ValueError(f"data.pack={str(packed).lower()} but the batch {'lacks' if packed else 'has'} "
+                             f"segment_ids (packed rows need them; unpacked rows must not have them)")
+
         def put(name):
             local = np.asarray(arrays[name])
             sh = getattr(self.batch_shardings, name)
             global_shape = (local.shape[0], local.shape[1] * jax.process_count(), local.shape[2])
             return jax.make_array_from_process_local_data(sh, local, global_shape)
 
-        return Batch(tokens=put("tokens"), positions=put("positions"), loss_mask=put("loss_mask"))
+        return Batch(tokens=put("tokens"), positions=put("positions"), loss_mask=put("loss_mask"),
+                     segment_ids=put("segment_ids") if packed else None)
 
 
 def local_rows(batch_size: int) -> slice:
@@ -128,7 +138,8 @@ def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState
                        rng=jax.device_put(rng, replicated))
     state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
     batch_sh = sharding.batch_sharding(mesh, 3, leading=1)
-    batch_shardings = Batch(tokens=batch_sh, positions=batch_sh, loss_mask=batch_sh)
+    batch_shardings = Batch(tokens=batch_sh, positions=batch_sh, loss_mask=batch_sh,
+                            segment_ids=batch_sh if config.data.pack else None)
     trainer = Trainer(config, graphdef, rest, tx, mesh, state_shardings, batch_shardings)
     return trainer, state
 
@@ -142,25 +153,39 @@ def _mean_over_layers(x: jax.Array, layers: tuple[int, ...] | None = None) -> ja
     return x.astype(jnp.float32).mean(axis=0)
 
 
-def loss_fn(params, tokens, positions, loss_mask, key, step, *, graphdef, rest, loss: LossConfig, has_sra: bool,
-            mesh: Mesh | None):
-    """Weighted sum of the configured losses on one micro-batch, and its metrics (scalars)."""
+def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *, graphdef, rest, loss: LossConfig,
+            has_sra: bool, mesh: Mesh | None):
+    """Weighted sum of the configured losses on one micro-batch, and its metrics (scalars).
+
+    `segment_ids` (packed rows) go to the model, so attention stays within each example; the CE is the same masked
+    mean over target tokens, and "accuracy" is over examples (segments) instead of rows. "tokens" counts real tokens,
+    "padded_tokens" every slot (real + padding)."""
     model = nnx.merge(graphdef, params, rest)
     group = loss.group_size if loss.uses_rl else 1
     if group > 1:
         tokens, positions, loss_mask = (jnp.repeat(x, group, axis=0) for x in (tokens, positions, loss_mask))
     tokens = sharding.constrain_batch(tokens, mesh)
     positions = sharding.constrain_batch(positions, mesh)
+    if segment_ids is not None:
+        if loss.uses_rl:
+            raise ValueError("packed rows (segment_ids) cannot train the router with RL: rewards are per row")
+        segment_ids = sharding.constrain_batch(segment_ids, mesh)
     tau = selection_temperature(loss, step)
-    logits, aux = model(tokens, positions, key=key if has_sra else None, tau=tau)
+    logits, aux = model(tokens, positions, segment_ids=segment_ids, key=key if has_sra else None, tau=tau)
     logits = sharding.constrain_batch(logits, mesh)
     ce = losses.cross_entropy(logits, tokens, loss_mask)
     correct = losses.answer_correct(logits, tokens, loss_mask)
+    if segment_ids is None:
+        accuracy = correct.mean()
+    else:
+        per_segment, present = losses.segment_answer_correct(logits, tokens, loss_mask, segment_ids)
+        accuracy = jnp.sum(per_segment) / jnp.maximum(jnp.sum(present), 1)
     selected = _mean_over_layers(aux.selected_fraction, aux.sra_layers)
     density = _mean_over_layers(aux.mask_density)
     total = jnp.zeros((), jnp.float32)
-    metrics = {"ce": ce, "accuracy": correct.mean(), "selected_fraction": selected.mean(),
-               "mask_density": density.mean(), "tokens": jnp.sum(positions >= 0).astype(jnp.float32)}
+    metrics = {"ce": ce, "accuracy": accuracy.astype(jnp.float32), "selected_fraction": selected.mean(),
+               "mask_density": density.mean(), "tokens": jnp.sum(positions >= 0).astype(jnp.float32),
+               "padded_tokens": jnp.asarray(positions.size, jnp.float32)}
     if has_sra:
         metrics["tau"] = jnp.asarray(model.sra.tau if tau is None else tau, jnp.float32)
     if loss.uses_sl:
@@ -208,7 +233,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: Los
     objective = functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
 
     def micro_loss(params, micro: Batch, key, step):
-        return objective(params, micro.tokens, micro.positions, micro.loss_mask, key, step)
+        return objective(params, micro.tokens, micro.positions, micro.loss_mask, key, step, micro.segment_ids)
 
     return apply_step(state, batch, micro_loss, tx=tx, only_router=loss.kind == "rl")
 
@@ -217,7 +242,8 @@ def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: boo
     """Gradient accumulation and the guarded update shared by every loss kind.
 
     `batch` is a pytree whose leaves have a leading micro-batch axis; `objective(params, micro_batch, key, step)`
-    returns (loss, metrics of scalars). Gradients and metrics are averaged over micro-batches ("tokens" summed); a
+    returns (loss, metrics of scalars). Gradients and metrics are averaged over micro-batches (the counts in
+    SUMMED_METRICS summed; "real_token_fraction" = tokens / padded_tokens is added when both are there); a
     non-finite loss or gradient leaves params and optimizer state untouched (`skipped` = 1).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -238,7 +264,9 @@ def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: boo
     metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
     grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = {k: (v if k == "tokens" else v / accum) for k, v in metrics.items()}
+    metrics = {k: (v if k in SUMMED_METRICS else v / accum) for k, v in metrics.items()}
+    if "tokens" in metrics and "padded_tokens" in metrics:
+        metrics["real_token_fraction"] = metrics["tokens"] / jnp.maximum(metrics["padded_tokens"], 1.0)
     if only_router:
         grads = _only_router(grads)
 

@@ -1,4 +1,6 @@
-"""Run in a subprocess with 8 fake CPU devices: 5 train steps on several meshes; prints JSON losses and specs."""
+"""Run in a subprocess with 8 fake CPU devices: 5 train steps on several meshes; prints JSON losses and specs.
+
+argv: mode ("dense", "sra" or "packed"), then meshes as "data,fsdp,tensor"."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def main(argv: list[str]) -> None:
     meshes = [tuple(int(x) for x in m.split(",")) for m in argv[1:]]
     overrides = OVERRIDES + (["sra={critical_fraction: 0.25, window: 8, num_global: 1, router_hidden: 16}",
                               "loss.kind=sl+rl", "loss.group_size=2"] if sra else [])
+    if argv[0] == "packed":  # dense, several examples per row with segment ids
+        overrides = [*overrides, "data.pack=true"]
     config = TrainConfig.load(None, overrides)
     stream = SyntheticStream(config.data, config.batch_size, config.grad_accum)
     out = {}
