@@ -94,7 +94,7 @@ class _Static:
         kwargs = dict(rule=self.rule, sm_scale=self.sm_scale, fields=self.fields, interpret=self.interpret)
         if self.backend == "triton":
             return gpu, {**kwargs, "config": self.config}
-        if self.backend == "mosaic_gpu":  # Mosaic GPU forward, Triton backward (mosaic.backward)
+        if self.backend == "mosaic_gpu":  # Mosaic GPU forward; mosaic.backward: Mosaic GPU, else Triton
             return mosaic, {**kwargs, "config": self.config, "mosaic_config": self.mosaic_config}
         from pallas_kernels.block_sparse import tpu  # Mosaic TPU imports only when that backend is used
 
@@ -158,7 +158,8 @@ def _check(q, k, v, layout: BlockLayout, backend: str):
 
 
 # What `auto` runs on a Hopper GPU when the Mosaic GPU forward supports the inputs (set from the measurements in
-# benchmarks/results/attention-mgpu-2026-11-23.json; the backward is the Triton one either way).
+# benchmarks/results/attention-mgpu-2026-11-23.json and attention-mgpu-bwd-2026-11-23.json: with it `auto` also runs
+# the Mosaic GPU backward).
 AUTO_GPU_FORWARD = "mosaic_gpu"
 
 
@@ -214,7 +215,7 @@ def block_sparse_attention(
     """Attention over the blocks the layout visits, with exact token masking inside them (see MaskRule: causal,
     window, num_global, segment ids, critical flags; positions < 0 are padding). q [b, sq, hq, d], k/v
     [b, sk, hkv, d] (GQA). Rows with nothing visible give zeros and zero gradients. Differentiable (custom_vjp).
-    backend: "triton" (GPU Pallas), "mosaic_gpu" (Hopper forward on Mosaic GPU, Triton backward), "tpu" (Mosaic
+    backend: "triton" (GPU Pallas), "mosaic_gpu" (Hopper forward and backward on Mosaic GPU), "tpu" (Mosaic
     TPU), "reference" (dense jnp), "auto" (by platform and measurement, see `resolve_backend`);
     interpret=True runs the Triton/TPU kernels in interpret mode (CPU tests)."""
     _check(q, k, v, layout, backend)

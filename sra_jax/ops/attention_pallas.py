@@ -36,7 +36,7 @@ def pallas_attention(
 ) -> Float[Array, "b sq hq d"]:
     """Exactly one of `spec` (an `sra_jax.ops.masks.SRAMaskSpec`) or `mask`, or neither (causal by index, the
     queries being the last sq keys). backend as in `pallas_kernels.block_sparse_attention` ("auto": on sm_90+ the
-    Mosaic GPU forward with the Triton backward, Triton on other GPUs, Mosaic on TPU, the dense reference elsewhere).
+    Mosaic GPU forward and backward, Triton on other GPUs, Mosaic on TPU, the dense reference elsewhere).
     compact: gather the critical tokens into a compact K/V buffer (`pallas_kernels.sra_compact_attention`: band
     kernel + K x K critical kernel, merged by log-sum-exp) instead of one block-sparse layout; None decides by
     `pallas_kernels.compact_is_cheaper` (needs spec.max_critical; compact when its estimated kernel blocks are
