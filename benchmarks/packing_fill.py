@@ -20,7 +20,7 @@ import numpy as np
 
 from sra_jax.data.packing import real_token_fraction
 from sra_jax.train.config import TrainConfig
-from sra_jax.train.data import SYNTHETIC_PACK_CHUNK, SyntheticStream, TextTaskStream, make_stream
+from sra_jax.train.data import SYNTHETIC_PACK_CHUNK, TextTaskStream, make_stream
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 LLAMA3 = ["model.vocab_size=128256", "model.max_position_embeddings=2048"]

@@ -39,7 +39,8 @@ def first_fit(lengths: Int[np.ndarray, " n"], capacity: int) -> list[Int[np.ndar
         raise ValueError(f"capacity={capacity} must be >= 1")
     if lengths.size and (lengths.min() < 1 or lengths.max() > capacity):
         bad = int(np.flatnonzero((lengths < 1) | (lengths > capacity))[0])
-        raise ValueError(f"item {bad} has length {int(lengths[bad])}; every length must lie in [1, capacity={capacity}]")
+        raise ValueError(f"item {bad} has length {int(lengths[bad])}; every length must lie in "
+                         f"[1, capacity={capacity}]")
     n = int(lengths.size)
     if n == 0:
         return []

@@ -37,9 +37,17 @@ def stream_rows(step: int, batch_size: int, grad_accum: int) -> list[list[int]]:
     return [[step * batch_size + a * micro + first + r for r in range(per_process)] for a in range(grad_accum)]
 
 
-class _Example(NamedTuple):
+class SyntheticExample(NamedTuple):
+    """One synthetic problem as `bos question sep target eos` ids, with the loss on target and eos."""
+
     tokens: np.ndarray
     loss_mask: np.ndarray
+
+
+def _packing_summary(plan: PackingPlan, lengths: np.ndarray, seq_len: int, unit: str) -> str:
+    rows = plan.epoch_start(1)
+    return (f"packed: {unit} 0 fills {rows} rows of {seq_len} ({lengths.sum() / (rows * seq_len):.1%} real tokens; "
+            f"one example per row would give {lengths.mean() / seq_len:.1%})")
 
 
 def _packed_batch(rows: list[list[list]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -69,14 +77,14 @@ class SyntheticStream:
     def tokenizer(self) -> synthetic.SyntheticTokenizer:
         return synthetic.SyntheticTokenizer()
 
-    def example(self, index: int) -> _Example:
+    def example(self, index: int) -> SyntheticExample:
         """Training problem `index` as `bos question sep target eos` with the loss on target and eos."""
         problem = synthetic.make_problem(self.data.synthetic, "train", self.data.seed, index)
         prompt = self.tokenizer.prompt_ids(problem)
         target = self.tokenizer.encode(problem.target(self.data.form)) + [self.tokenizer.eos_id]
         loss_mask = np.zeros(len(prompt) + len(target), bool)
         loss_mask[len(prompt):] = True
-        return _Example(np.asarray(prompt + target, np.int32), loss_mask)
+        return SyntheticExample(np.asarray(prompt + target, np.int32), loss_mask)
 
     @functools.cached_property
     def packing(self) -> PackingPlan | None:
@@ -90,6 +98,14 @@ class SyntheticStream:
             return ids, np.array([len(self.example(int(i)).tokens) for i in ids])
 
         return PackingPlan(chunk, self.data.seq_len)
+
+    def describe(self) -> str:
+        """One line for the run's log: what a row holds and, packed, how full rows are."""
+        head = f"data: synthetic {self.data.form!r} problems (train split, seed {self.data.seed})"
+        if self.packing is None:
+            return f"{head}, one per row of {self.data.seq_len}"
+        lengths = np.array([len(self.example(int(i)).tokens) for i in range(SYNTHETIC_PACK_CHUNK)])
+        return f"{head}, {_packing_summary(self.packing, lengths, self.data.seq_len, 'chunk')}"
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """Batch number `step`: problems [step * batch_size, (step + 1) * batch_size) of the training split, one per
@@ -190,6 +206,15 @@ class TextTaskStream:
             return order, lengths[order]
 
         return PackingPlan(epoch, self.data.seq_len)
+
+    def describe(self) -> str:
+        """One line for the run's log: examples kept / left out and, packed, how full rows are."""
+        head = (f"data: {self.data.task} train, {len(self.examples)} examples of <= {self.data.seq_len} tokens "
+                f"({self.skipped} longer ones left out)")
+        if self.packing is None:
+            return f"{head}, one per row"
+        lengths = np.array([len(e.tokens) for e in self.examples])
+        return f"{head}, {_packing_summary(self.packing, lengths, self.data.seq_len, 'epoch')}"
 
     def example_index(self, g: int) -> int:
         """Index into `examples` of stream example number `g`."""

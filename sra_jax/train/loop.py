@@ -89,6 +89,7 @@ def run(
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
     trainer, state = create_trainer(config, mesh)
     stream = make_stream(config)
+    console.print(stream.describe(), highlight=False, markup=False)
     checkpointer = Checkpointer(config.checkpoint.dir, config.checkpoint) if config.checkpoint.dir else None
     if checkpointer is not None:
         restored = checkpointer.restore_latest(state)

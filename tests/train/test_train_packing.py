@@ -16,11 +16,12 @@ import pytest
 from flax import nnx
 
 from sra_jax.config import LlamaConfig
-from sra_jax.data.packing import real_token_fraction
+from sra_jax.data.packing import pack_rows, real_token_fraction
 from sra_jax.nn import Llama
 from sra_jax.train import losses, sharding
 from sra_jax.train.config import DataConfig, TrainConfig
-from sra_jax.train.data import SYNTHETIC_PACK_CHUNK, SyntheticStream, TextTaskStream, make_stream
+from sra_jax.train.data import (SYNTHETIC_PACK_CHUNK, SyntheticExample, SyntheticStream, TextTaskStream,
+                                 make_stream)
 from sra_jax.train.metrics import train_flops
 from sra_jax.train.step import create_trainer, loss_fn
 
@@ -104,6 +105,11 @@ def test_gsm8k_packed_epochs_cover_every_kept_example_once_and_batches_depend_on
         np.testing.assert_array_equal(tokens, gsm8k.examples[int(i)].tokens)
         np.testing.assert_array_equal(mask, gsm8k.examples[int(i)].loss_mask)
     assert gsm8k.tokenizer.decode(_segments(gsm8k.batch(1))[0][0]).startswith("<|begin_of_text|>Question: ")
+    assert gsm8k.describe() == (f"data: gsm8k train, {n} examples of <= 256 tokens ({gsm8k.skipped} longer ones left "
+                                 f"out), packed: epoch 0 fills {plan.epoch_start(1)} rows of 256 "
+                                 f"({sum(len(e.tokens) for e in gsm8k.examples) / plan.epoch_start(1) / 256:.1%} real "
+                                 f"tokens; one example per row would give "
+                                 f"{np.mean([len(e.tokens) for e in gsm8k.examples]) / 256:.1%})")
 
 
 def _tiny_dense_model():
@@ -142,20 +148,30 @@ def test_packed_rows_give_every_token_the_log_prob_it_has_when_its_example_runs_
     assert leaked > 1e-3  # without segment ids, later examples attend to earlier ones (the test can fail)
 
 
+def _greedy_targets(model, examples, rows):
+    """Copies of `examples` whose targets, in the rows listed, are the model's own greedy continuation (so those
+    examples are answered right under teacher forcing and the accuracy check cannot pass by all being wrong)."""
+    examples = [SyntheticExample(e.tokens.copy(), e.loss_mask) for e in examples]
+    for _ in range(max(int(e.loss_mask.sum()) for e in examples)):
+        batch = pack_rows([[e] for e in examples], 48)
+        predicted = np.asarray(jnp.argmax(model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]))[0],
+                                          -1))
+        for r in rows:
+            target = np.flatnonzero(examples[r].loss_mask)
+            examples[r].tokens[target] = predicted[r, target - 1]
+    return examples
+
+
 def test_loss_fn_on_packed_rows_matches_the_same_examples_one_per_row():
     config = TrainConfig.load(None, PACKED)
     stream = make_stream(config)
-    packed = {k: v[0] for k, v in stream.batch(0).items()}
-    examples = [stream.example(int(i)) for r in range(8) for i in stream.packing.row(r)]
-    seq = config.data.seq_len
-    one_per_row = {"tokens": np.zeros((len(examples), seq), np.int32),
-                   "positions": np.full((len(examples), seq), -1, np.int32),
-                   "loss_mask": np.zeros((len(examples), seq), bool)}
-    for r, e in enumerate(examples):
-        one_per_row["tokens"][r, :len(e.tokens)] = e.tokens
-        one_per_row["positions"][r, :len(e.tokens)] = np.arange(len(e.tokens))
-        one_per_row["loss_mask"][r, :len(e.tokens)] = e.loss_mask
     model = _tiny_dense_model()
+    groups = [[stream.example(int(i)) for i in stream.packing.row(r)] for r in range(8)]
+    sizes = [len(g) for g in groups]
+    examples = _greedy_targets(model, [e for g in groups for e in g], rows=range(0, sum(sizes), 2))
+    regrouped = [examples[sum(sizes[:r]):sum(sizes[:r + 1])] for r in range(8)]
+    packed = pack_rows(regrouped, config.data.seq_len)
+    one_per_row = pack_rows([[e] for e in examples], config.data.seq_len)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     kw = dict(graphdef=graphdef, rest=rest, loss=config.loss, has_sra=False, mesh=None)
     _, m_packed = loss_fn(params, *(jnp.asarray(packed[k]) for k in ("tokens", "positions", "loss_mask")), None, 0,
@@ -164,12 +180,14 @@ def test_loss_fn_on_packed_rows_matches_the_same_examples_one_per_row():
                         0, **kw)
     np.testing.assert_allclose(m_packed["ce"], m_rows["ce"], rtol=1e-5)  # same tokens, same mean (f32 sums)
     assert float(m_packed["tokens"]) == float(m_rows["tokens"]) == sum(len(e.tokens) for e in examples)
-    assert float(m_packed["padded_tokens"]) == 8 * seq < float(m_rows["padded_tokens"])
-    # Accuracy is over examples, packed or not (a random model gets some direct answers right by chance or none).
-    per_row = losses.answer_correct(*model(jnp.asarray(one_per_row["tokens"]), jnp.asarray(one_per_row["positions"]))[:1],
-                                    jnp.asarray(one_per_row["tokens"]), jnp.asarray(one_per_row["loss_mask"]))
-    assert float(m_packed["accuracy"]) == pytest.approx(float(np.mean(per_row)), abs=1e-6)
-    assert float(m_rows["accuracy"]) == pytest.approx(float(np.mean(per_row)), abs=1e-6)
+    assert float(m_packed["padded_tokens"]) == 8 * config.data.seq_len < float(m_rows["padded_tokens"])
+    # Accuracy is over examples, packed or not: every other example was made right, the rest are random guesses.
+    logits = model(jnp.asarray(one_per_row["tokens"]), jnp.asarray(one_per_row["positions"]))[0]
+    per_row = np.asarray(losses.answer_correct(logits, jnp.asarray(one_per_row["tokens"]),
+                                               jnp.asarray(one_per_row["loss_mask"])))
+    assert per_row[::2].all() and 0.5 <= per_row.mean() < 1
+    assert float(m_packed["accuracy"]) == pytest.approx(float(per_row.mean()), abs=1e-6)
+    assert float(m_rows["accuracy"]) == pytest.approx(float(per_row.mean()), abs=1e-6)
 
 
 def test_segment_answer_correct_judges_each_example_of_a_row_on_its_own():
@@ -243,4 +261,5 @@ def test_packed_run_killed_with_9_resumes_bit_identically(tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
+    assert "data: synthetic 'direct' problems (train split, seed 0), packed: chunk 0 fills" in done.stderr
     assert losses_by_step(killed / "log") == expected  # exact float equality, every step
