@@ -81,6 +81,20 @@ def test_synthetic_packed_stream_is_a_pure_function_of_the_step_and_covers_each_
         unpacked.batch(0)["positions"])
 
 
+def test_each_process_feeds_its_own_slice_of_every_packed_micro_batch(monkeypatch):
+    """Two processes (simulated): their rows, side by side, are exactly the single-process batch."""
+    config = TrainConfig.load(None, [*PACKED, "grad_accum=2"])
+    whole = make_stream(config).batch(5)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    parts = []
+    for index in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        parts.append(SyntheticStream(config.data, config.batch_size, config.grad_accum).batch(5))
+    for name, value in whole.items():
+        assert parts[0][name].shape == (2, 2, 48)
+        np.testing.assert_array_equal(np.concatenate([parts[0][name], parts[1][name]], axis=1), value)
+
+
 @pytest.fixture(scope="module")
 def gsm8k(data_dir) -> TextTaskStream:
     return TextTaskStream(DataConfig(task="gsm8k", form="cot", seq_len=256, seed=2, path=str(data_dir), pack=True),
