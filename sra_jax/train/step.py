@@ -24,7 +24,9 @@ from sra_jax.train.config import LossConfig, TrainConfig
 from sra_jax.train.optimizer import make_optimizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SUMMED_METRICS = ("tokens", "padded_tokens")  # counts: summed over micro-batches (the rest are averaged)
+# Counts, summed over micro-batches (every other metric is averaged). "examples" / "examples_correct" (packed rows
+# only) make "accuracy" exact over the whole batch although micro-batches hold different numbers of examples.
+SUMMED_METRICS = ("tokens", "padded_tokens", "examples", "examples_correct")
 
 
 # Fields are typed Any because the same containers also carry the NamedShardings of their arrays (jit in/out specs).
@@ -175,17 +177,20 @@ def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *
     logits = sharding.constrain_batch(logits, mesh)
     ce = losses.cross_entropy(logits, tokens, loss_mask)
     correct = losses.answer_correct(logits, tokens, loss_mask)
+    counts = {}
     if segment_ids is None:
         accuracy = correct.mean()
     else:
         per_segment, present = losses.segment_answer_correct(logits, tokens, loss_mask, segment_ids)
-        accuracy = jnp.sum(per_segment) / jnp.maximum(jnp.sum(present), 1)
+        counts = {"examples": jnp.sum(present).astype(jnp.float32),
+                  "examples_correct": jnp.sum(per_segment & present).astype(jnp.float32)}
+        accuracy = counts["examples_correct"] / jnp.maximum(counts["examples"], 1.0)
     selected = _mean_over_layers(aux.selected_fraction, aux.sra_layers)
     density = _mean_over_layers(aux.mask_density)
     total = jnp.zeros((), jnp.float32)
     metrics = {"ce": ce, "accuracy": accuracy.astype(jnp.float32), "selected_fraction": selected.mean(),
                "mask_density": density.mean(), "tokens": jnp.sum(positions >= 0).astype(jnp.float32),
-               "padded_tokens": jnp.asarray(positions.size, jnp.float32)}
+               "padded_tokens": jnp.asarray(positions.size, jnp.float32), **counts}
     if has_sra:
         metrics["tau"] = jnp.asarray(model.sra.tau if tau is None else tau, jnp.float32)
     if loss.uses_sl:
@@ -243,7 +248,8 @@ def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: boo
 
     `batch` is a pytree whose leaves have a leading micro-batch axis; `objective(params, micro_batch, key, step)`
     returns (loss, metrics of scalars). Gradients and metrics are averaged over micro-batches (the counts in
-    SUMMED_METRICS summed; "real_token_fraction" = tokens / padded_tokens is added when both are there); a
+    SUMMED_METRICS summed; "real_token_fraction" = tokens / padded_tokens is added when both are there, and
+    "accuracy" = examples_correct / examples when the counts are there); a
     non-finite loss or gradient leaves params and optimizer state untouched (`skipped` = 1).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -265,6 +271,8 @@ def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: boo
     (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = {k: (v if k in SUMMED_METRICS else v / accum) for k, v in metrics.items()}
+    if "examples" in metrics:
+        metrics["accuracy"] = metrics["examples_correct"] / jnp.maximum(metrics["examples"], 1.0)
     if "tokens" in metrics and "padded_tokens" in metrics:
         metrics["real_token_fraction"] = metrics["tokens"] / jnp.maximum(metrics["padded_tokens"], 1.0)
     if only_router:

@@ -243,6 +243,9 @@ def test_trainer_takes_segment_ids_exactly_when_packing_and_reports_real_and_pad
     assert float(metrics["padded_tokens"]) == arrays["positions"].size
     assert float(metrics["real_token_fraction"]) == pytest.approx(real_token_fraction(arrays["positions"]))
     assert np.isfinite(float(metrics["loss"])) and 0 <= float(metrics["accuracy"]) <= 1
+    # Accuracy over all examples of both micro-batches (they hold different numbers of examples).
+    assert float(metrics["examples"]) == sum(int(row.max()) for row in arrays["segment_ids"].reshape(-1, 48))
+    assert float(metrics["accuracy"]) == pytest.approx(float(metrics["examples_correct"] / metrics["examples"]))
     unpacked_trainer = dataclasses.replace(trainer, batch_shardings=trainer.batch_shardings.replace(segment_ids=None))
     with pytest.raises(ValueError, match="data.pack=false but the batch has segment_ids"):
         unpacked_trainer.put_batch(arrays)
