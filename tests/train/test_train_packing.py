@@ -126,16 +126,17 @@ def test_gsm8k_packed_epochs_cover_every_kept_example_once_and_batches_depend_on
                                  f"{np.mean([len(e.tokens) for e in gsm8k.examples]) / 256:.1%})")
 
 
-def _tiny_dense_model():
+def _tiny_dense_model(attention_impl: str = "reference"):
     config = LlamaConfig.tiny(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return Llama(config, None, rngs=nnx.Rngs(0))
+    return Llama(config, None, rngs=nnx.Rngs(0), attention_impl=attention_impl)
 
 
-def test_packed_rows_give_every_token_the_log_prob_it_has_when_its_example_runs_alone():
+@pytest.mark.parametrize("attention_impl", ["reference", "xla"])  # xla: what experiments/configs/gsm8k_packed uses
+def test_packed_rows_give_every_token_the_log_prob_it_has_when_its_example_runs_alone(attention_impl):
     stream = make_stream(TrainConfig.load(None, PACKED))
     batch = {k: v[0] for k, v in stream.batch(0).items()}
-    model = _tiny_dense_model()
+    model = _tiny_dense_model(attention_impl)
     logits, _ = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
                       segment_ids=jnp.asarray(batch["segment_ids"]))
     packed = np.asarray(losses.shifted_token_log_probs(logits, jnp.asarray(batch["tokens"])))
