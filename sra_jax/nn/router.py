@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
@@ -66,7 +67,19 @@ class Selection(NamedTuple):
     log_prob: Float[Array, " b"]
 
 
+def critical_counts(sra: SRAConfig, valid: Bool[Array, "b s"]) -> Int[Array, " b"]:
+    """k_row of each row: `sra.num_critical(valid tokens of the row)` (ceil(critical_fraction * valid), clamped to
+    [1, valid]), 0 for a row with no valid token. Padding never inflates k. Exactly SRAConfig.num_critical's rounding:
+    a table of it over 0..s (float64, as the config computes) is indexed by the valid count."""
+    counts = np.arange(valid.shape[-1] + 1)
+    # Same float64 arithmetic as SRAConfig.num_critical (the tests compare the two on every count).
+    table = np.clip(np.ceil(sra.critical_fraction * counts - 1e-9), 1, np.maximum(counts, 1)).astype(np.int32)
+    table[0] = 0
+    return jnp.asarray(table)[valid.sum(-1)]
+
+
 def _indices_to_mask(indices: Int[Array, "b k"], n: int) -> Bool[Array, "b n"]:
+    """k-hot mask of `indices`; -1 entries (past a row's own count) select nothing."""
     return jnp.any(indices[..., :, None] == jnp.arange(n), axis=-2)
 
 
@@ -74,37 +87,52 @@ def _top_indices(logits: Float[Array, "b n"], k: int, valid: Bool[Array, "b n"])
     return jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k)[1]
 
 
+def _static_bound(k, n: int, k_max: int | None) -> int:
+    """Static top-k width: k itself for an int k, else k_max (default n)."""
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    return n if k_max is None else k_max
+
+
 def select(
     logits: Float[Array, "b s"],
-    k: int,
+    k: int | Int[Array, " b"],
     sra: SRAConfig,
     *,
     valid: Bool[Array, "b s"],
     key: jax.Array | None = None,
     tau: float | Float[Array, ""] | None = None,
+    k_max: int | None = None,
 ) -> Selection:
-    """Critical set of at most k tokens per row from router `logits` (only `valid` tokens can be chosen).
+    """Critical set of k tokens per row from router `logits` (only `valid` tokens can be chosen). `k` is an int, or
+    per-row counts (e.g. `critical_counts(sra, valid)`) under the static bound `k_max` (default s); the log-prob then
+    counts only each row's own k_row draws.
 
     gumbel_topk with a key: a Plackett-Luce sample (Gumbel top-k), gate = ops.selection.gumbel_topk (straight-through
     when sra.hard). sparsemax: the top-k of sparsemax(logits / tau) restricted to its support, gate = the hard set plus
     sparsemax's gradient. bernoulli: each valid token is critical with probability sigmoid(logit / tau), at most k
-    kept (the highest logits), gate = binary-concrete straight-through; without a key the cut logit > 0. Otherwise
-    (topk, or gumbel_topk without a key): deterministic top-k, constant gate. `tau` (may be traced, so annealing it
-    does not recompile) defaults to sra.tau.
+    kept (the highest logits; the cap is the static bound), gate = binary-concrete straight-through; without a key the
+    cut logit > 0. Otherwise (topk, or gumbel_topk without a key): deterministic top-k, constant gate. `tau` (may be
+    traced, so annealing it does not recompile) defaults to sra.tau.
     """
     n = logits.shape[-1]
     tau = sra.tau if tau is None else tau
+    size = _static_bound(k, n, k_max)
     if sra.selection == "bernoulli":
-        critical, gate = sel.bernoulli_select(logits, k, key=key, tau=tau, hard=sra.hard, valid=valid)
-        log_prob = sel.bernoulli_log_prob(logits, critical, k, tau=tau, valid=valid)
+        critical, gate = sel.bernoulli_select(logits, size, key=key, tau=tau, hard=sra.hard, valid=valid)
+        log_prob = sel.bernoulli_log_prob(logits, critical, size, tau=tau, valid=valid)
         return Selection(critical, gate.astype(jnp.float32), log_prob)
+    per_row = not isinstance(k, int)
+    bound = dict(k_max=size) if per_row else {}
     if sra.selection == "gumbel_topk" and key is not None:
-        indices = sel.gumbel_topk_indices(logits, k, key=key, valid=valid)
+        indices = sel.gumbel_topk_indices(logits, k, key=key, valid=valid, **bound)
         critical = _indices_to_mask(indices, n) & valid
-        relaxed = sel.gumbel_topk(logits, k, key=key, tau=tau, hard=sra.hard, valid=valid)
+        relaxed = sel.gumbel_topk(logits, k, key=key, tau=tau, hard=sra.hard, valid=valid, **bound)
         gate = relaxed.astype(jnp.float32)
     else:
-        indices = _top_indices(logits, k, valid)
+        indices = _top_indices(logits, size, valid)
+        if per_row:
+            indices = jnp.where(jnp.arange(size) < k[:, None], indices, -1)
         critical = _indices_to_mask(indices, n) & valid
         gate = critical.astype(jnp.float32)
         if sra.selection == "sparsemax":
@@ -127,8 +155,8 @@ def forced_selection(
 ) -> Selection:
     """A caller-given critical set (static masks, RL replay, tests). Its log-prob: for sra.selection == "bernoulli"
     the exact Bernoulli log-prob with cap k (`ops.selection.bernoulli_log_prob`); otherwise the Plackett-Luce
-    log-prob of the set ordered by the current logits (exact for the draw when each row has k critical tokens drawn
-    in descending-logit order)."""
+    log-prob of the set ordered by the current logits, over each row's own set size (at most k draws): exact for the
+    draw when the set was drawn in descending-logit order."""
     critical = critical & valid
     k = min(k, logits.shape[-1])
     if sra is not None and sra.selection == "bernoulli":
@@ -136,17 +164,20 @@ def forced_selection(
         log_prob = sel.bernoulli_log_prob(logits, critical, k, tau=tau, valid=valid)
         return Selection(critical, critical.astype(jnp.float32), log_prob)
     indices = jax.lax.top_k(jnp.where(critical, logits, -jnp.inf), k)[1]
-    log_prob = sel.topk_log_prob(logits, indices, valid=valid)
+    log_prob = sel.topk_log_prob(logits, indices, valid=valid, k=jnp.minimum(critical.sum(-1), k).astype(jnp.int32))
     return Selection(critical, critical.astype(jnp.float32), log_prob)
 
 
 def decode_threshold(
-    logits: Float[Array, "b s"], k: int, *, valid: Bool[Array, "b s"]
+    logits: Float[Array, "b s"], k: int | Int[Array, " b"], *, valid: Bool[Array, "b s"], k_max: int | None = None
 ) -> Float[Array, " b"]:
-    """Score cut-off fixed at prefill: the k-th largest valid router score of each row (the min(k, valid)-th when a
-    row has fewer than k valid tokens; +inf for an all-padding row), so a later token is critical iff score >= it."""
-    top = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k)[0]
+    """Score cut-off fixed at prefill: the k_row-th largest valid router score of each row (`k` an int or per-row
+    counts under the static bound `k_max`, default s; the min(k_row, valid)-th when a row has fewer valid tokens;
+    +inf for an all-padding row or k_row = 0), so a later token is critical iff score >= it."""
+    size = _static_bound(k, logits.shape[-1], k_max)
+    top = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), size)[0]
     num_valid = valid.sum(-1)
-    kth = jnp.clip(jnp.minimum(k, num_valid) - 1, 0, k - 1)
+    count = jnp.minimum(k, num_valid)
+    kth = jnp.clip(count - 1, 0, size - 1)
     threshold = jnp.take_along_axis(top, kth[:, None], axis=-1)[:, 0]
-    return jnp.where(num_valid > 0, threshold, jnp.inf)
+    return jnp.where(count > 0, threshold, jnp.inf)

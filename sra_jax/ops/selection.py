@@ -23,6 +23,25 @@ def _check_k(k: int, n: int) -> None:
         raise ValueError(f"k ({k}) must be in [1, n] where n ({n}) is the size of the last axis")
 
 
+def _resolve_k(k, logits: Array, k_max: int | None) -> tuple[int, Array | None]:
+    """(static size, per-row counts or None). A Python int k is one static size for every row; an integer array k
+    (one entry per row, shape logits.shape[:-1]) is a per-row count under the static bound `k_max` (default n),
+    clipped to [0, k_max] (a traced value cannot be checked)."""
+    n = logits.shape[-1]
+    if isinstance(k, int) and not isinstance(k, bool):
+        _check_k(k, n)
+        if k_max is not None and k_max != k:
+            raise ValueError(f"k_max ({k_max}) is only for a per-row k array; with an int k ({k}) leave it out")
+        return k, None
+    if not hasattr(k, "dtype") or not jnp.issubdtype(k.dtype, jnp.integer):
+        raise ValueError(f"k must be a Python int or an integer array of per-row counts, got {k!r}")
+    if k.shape != logits.shape[:-1]:
+        raise ValueError(f"per-row k shape {k.shape} must equal the logits' batch shape {logits.shape[:-1]}")
+    bound = n if k_max is None else k_max
+    _check_k(bound, n)
+    return bound, jnp.clip(k, 0, bound).astype(jnp.int32)
+
+
 def _valid_or_all(logits: Array, valid: Array | None) -> Array:
     if valid is None:
         return jnp.ones(logits.shape, bool)
@@ -32,10 +51,17 @@ def _valid_or_all(logits: Array, valid: Array | None) -> Array:
 
 
 def _indices_to_mask(indices: Int[Array, "*b k"], n: int) -> Bool[Array, "*b n"]:
-    """k-hot boolean mask of `indices` (scatter per row; O(n) memory per row, not O(n*k))."""
-    flat = indices.reshape(-1, indices.shape[-1])
+    """k-hot boolean mask of `indices`, -1 entries ignored (scatter per row; O(n) memory per row, not O(n*k))."""
+    flat = jnp.where(indices < 0, n, indices).reshape(-1, indices.shape[-1])
     rows = jax.vmap(lambda idx: jnp.zeros((n,), bool).at[idx].set(True, mode="drop"))(flat)
     return rows.reshape(*indices.shape[:-1], n)
+
+
+def _first_k(indices: Array, k_rows: Array | None) -> Array:
+    """`indices` with the entries at rank >= the row's count replaced by -1 (unchanged without per-row counts)."""
+    if k_rows is None:
+        return indices
+    return jnp.where(jnp.arange(indices.shape[-1]) < k_rows[..., None], indices, -1)
 
 
 def _masked_topk_indices(scores: Array, valid: Array, k: int) -> Array:
@@ -44,14 +70,25 @@ def _masked_topk_indices(scores: Array, valid: Array, k: int) -> Array:
     return indices
 
 
-@partial(jax.jit, static_argnames=("k",))
 def topk_mask(
-    logits: Float[Array, "*b n"], k: int, *, valid: Bool[Array, "*b n"] | None = None
+    logits: Float[Array, "*b n"],
+    k: int | Int[Array, "*b"],
+    *,
+    valid: Bool[Array, "*b n"] | None = None,
+    k_max: int | None = None,
 ) -> Bool[Array, "*b n"]:
-    """Deterministic top-k: True at the k largest valid logits (fewer when a row has fewer than k valid)."""
-    _check_k(k, logits.shape[-1])
-    valid = _valid_or_all(logits, valid)
-    return _indices_to_mask(_masked_topk_indices(logits, valid, k), logits.shape[-1]) & valid
+    """Deterministic top-k: True at the k largest valid logits (fewer when a row has fewer than k valid).
+
+    `k` is an int, or an integer array with one count per row (each row keeps its own k largest; the static
+    `k_max`, default n, bounds the counts so that shapes stay static)."""
+    size, k_rows = _resolve_k(k, logits, k_max)
+    return _topk_mask(logits, k_rows, _valid_or_all(logits, valid), size)
+
+
+@partial(jax.jit, static_argnames=("size",))
+def _topk_mask(logits: Array, k_rows: Array | None, valid: Array, size: int) -> Array:
+    indices = _first_k(_masked_topk_indices(logits, valid, size), k_rows)
+    return _indices_to_mask(indices, logits.shape[-1]) & valid
 
 
 def _gumbel_perturb(logits: Array, key: PRNGKeyArray) -> Array:
@@ -59,22 +96,33 @@ def _gumbel_perturb(logits: Array, key: PRNGKeyArray) -> Array:
     return logits + jax.random.gumbel(key, logits.shape, logits.dtype)
 
 
-@partial(jax.jit, static_argnames=("k",))
 def gumbel_topk_indices(
-    logits: Float[Array, "*b n"], k: int, *, key: PRNGKeyArray, valid: Bool[Array, "*b n"] | None = None
-) -> Int[Array, "*b k"]:
+    logits: Float[Array, "*b n"],
+    k: int | Int[Array, "*b"],
+    *,
+    key: PRNGKeyArray,
+    valid: Bool[Array, "*b n"] | None = None,
+    k_max: int | None = None,
+) -> Int[Array, "*b _"]:
     """An ordered Plackett-Luce draw of k items without replacement (Gumbel-top-k, Kool et al. 2019).
 
     Items come in descending perturbed score. If a row has fewer than k valid items, the tail holds invalid
-    indices, which `topk_log_prob` ignores.
+    indices, which `topk_log_prob` ignores. With per-row counts (`k` an integer array, `k_max` the static bound,
+    default n) the result has k_max columns and the entries after a row's own count are -1; the first k_row
+    entries are exactly that row's draw of k_row items (the first draws of a Plackett-Luce ordering).
     """
-    _check_k(k, logits.shape[-1])
-    valid = _valid_or_all(logits, valid)
-    return _masked_topk_indices(_gumbel_perturb(logits, key), valid, k)
+    size, k_rows = _resolve_k(k, logits, k_max)
+    return _gumbel_topk_indices(logits, k_rows, key, _valid_or_all(logits, valid), size)
 
 
-def _relaxed_topk(scores: Array, valid: Array, k: int, tau: float | Array) -> Array:
-    """Relaxed k-hot sigmoid((s - t) / tau), with the threshold t set so the entries sum to k.
+@partial(jax.jit, static_argnames=("size",))
+def _gumbel_topk_indices(logits: Array, k_rows: Array | None, key: Array, valid: Array, size: int) -> Array:
+    return _first_k(_masked_topk_indices(_gumbel_perturb(logits, key), valid, size), k_rows)
+
+
+def _relaxed_topk(scores: Array, valid: Array, k: int | Array, tau: float | Array) -> Array:
+    """Relaxed k-hot sigmoid((s - t) / tau), with the threshold t set so the entries sum to k (an int, or per-row
+    counts with a trailing axis of 1).
 
     Unlike successive softmaxes (Xie & Ermon 2019), whose entries can exceed 1, this stays in [0, 1] with sum
     exactly k, and tends to the hard top-k as tau -> 0. t is found by bisection without gradient, then one
@@ -107,55 +155,78 @@ def _relaxed_topk(scores: Array, valid: Array, k: int, tau: float | Array) -> Ar
     # the unused branch's gradient finite, since where() would turn its inf * 0 into NaN.
     threshold = threshold + (total - target) / jnp.where(slope > 1e-20, slope, 1.0)
     relaxed = soft_count(threshold)[0]
+    # A row asked for nothing (k_row = 0) selects nothing.
+    relaxed = jnp.where(target > 0, relaxed, 0.0)
     return jnp.where(target >= count, valid.astype(scores.dtype), relaxed)
 
 
-@partial(jax.jit, static_argnames=("k", "hard"))
 def gumbel_topk(
     logits: Float[Array, "*b n"],
-    k: int,
+    k: int | Int[Array, "*b"],
     *,
     key: PRNGKeyArray,
     tau: float | Float[Array, ""] = 1.0,
     hard: bool = True,
     valid: Bool[Array, "*b n"] | None = None,
+    k_max: int | None = None,
 ) -> Float[Array, "*b n"]:
     """Stochastic top-k selection of `logits + Gumbel noise`.
 
     soft (`hard=False`): a relaxed k-hot in [0, 1] summing to k (to the valid count if that is smaller).
     hard: forward is exactly the top-k of the perturbed logits among valid positions (k ones); the gradient
     is that of the soft relaxation (straight-through). Invalid positions are never selected.
+    `k` is an int or an integer array of per-row counts (bounded by the static `k_max`, default n).
     """
-    _check_k(k, logits.shape[-1])
+    size, k_rows = _resolve_k(k, logits, k_max)
     if isinstance(tau, (int, float)) and not tau > 0:  # tau may also be a traced (annealed) value
         raise ValueError(f"tau ({tau}) must be > 0")
-    valid = _valid_or_all(logits, valid)
+    return _gumbel_topk(logits, k_rows, key, tau, _valid_or_all(logits, valid), size, hard)
+
+
+@partial(jax.jit, static_argnames=("size", "hard"))
+def _gumbel_topk(logits, k_rows, key, tau, valid, size: int, hard: bool):
     scores = _gumbel_perturb(logits, key)
-    soft = _relaxed_topk(scores, valid, k, tau)
+    soft = _relaxed_topk(scores, valid, size if k_rows is None else k_rows[..., None], tau)
     if hard:
-        exact = topk_mask(jax.lax.stop_gradient(scores), k, valid=valid).astype(soft.dtype)
+        exact = _topk_mask(jax.lax.stop_gradient(scores), k_rows, valid, size).astype(soft.dtype)
         # Parenthesised so the forward value is exactly the 0/1 mask (soft - soft == 0, no rounding).
         soft = exact + (soft - jax.lax.stop_gradient(soft))
     return soft.astype(logits.dtype)
 
 
-@jax.jit
 def topk_log_prob(
-    logits: Float[Array, "*b n"], indices: Int[Array, "*b k"], *, valid: Bool[Array, "*b n"] | None = None
+    logits: Float[Array, "*b n"],
+    indices: Int[Array, "*b k"],
+    *,
+    valid: Bool[Array, "*b n"] | None = None,
+    k: int | Int[Array, "*b"] | None = None,
 ) -> Float[Array, "*b"]:
     """Plackett-Luce log-probability of drawing `indices` in that order without replacement from softmax(logits)
     restricted to valid items: sum_t [logit(i_t) - logsumexp(logits of valid items not drawn before t)].
 
-    Draws of invalid indices (the tail of a row with fewer than k valid items) contribute nothing.
+    Only the first `k` draws of each row count (`k`: an int or per-row counts; default all columns), so a
+    per-row draw padded to a static width is scored as the draw of its own k_row items. Draws of invalid indices
+    (the tail of a row with fewer than k valid items) and -1 entries contribute nothing.
     O(n + k): the normaliser at step t is logaddexp(items never drawn, draws t..k-1), a reverse cumulative
     logsumexp, so no subtraction of probabilities (which would cancel catastrophically) is needed.
     """
     n = logits.shape[-1]
     _check_k(indices.shape[-1], n)
-    valid = _valid_or_all(logits, valid)
+    if k is not None and not isinstance(k, int):
+        if not jnp.issubdtype(k.dtype, jnp.integer) or k.shape != logits.shape[:-1]:
+            raise ValueError(f"k must be an int or integer counts of shape {logits.shape[:-1]}, got {k!r}")
+    counts = indices.shape[-1] if k is None else k
+    return _topk_log_prob(logits, indices, _valid_or_all(logits, valid), jnp.asarray(counts, jnp.int32))
+
+
+@jax.jit
+def _topk_log_prob(logits: Array, indices: Array, valid: Array, counts: Array) -> Array:
+    n = logits.shape[-1]
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    drawn_valid = jnp.take_along_axis(valid, indices, axis=-1)
-    drawn = jnp.where(drawn_valid, jnp.take_along_axis(logits, indices, axis=-1), _MASKED)
+    safe = jnp.where(indices < 0, 0, indices)
+    counted = jnp.arange(indices.shape[-1]) < counts[..., None]
+    drawn_valid = (indices >= 0) & counted & jnp.take_along_axis(valid, safe, axis=-1)
+    drawn = jnp.where(drawn_valid, jnp.take_along_axis(logits, safe, axis=-1), _MASKED)
     never_drawn = valid & ~_indices_to_mask(jnp.where(drawn_valid, indices, n), n)
     rest = jax.nn.logsumexp(jnp.where(never_drawn, logits, _MASKED), axis=-1, keepdims=True)
     remaining = jnp.logaddexp(rest, jax.lax.cumlogsumexp(drawn, axis=drawn.ndim - 1, reverse=True))

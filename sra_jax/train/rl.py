@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from sra_jax.ops.selection import topk_log_prob
+
 
 def reward(
     correct: Bool[Array, " b"] | Float[Array, " b"],
@@ -40,18 +42,17 @@ def group_advantages(rewards: Float[Array, " b"], group_size: int, *, eps: float
 
 
 def plackett_luce_prefix_log_prob(
-    logits: Float[Array, "*b n"], order: Int[Array, "*b k"], length: Int[Array, "*b"]
+    logits: Float[Array, "*b n"],
+    order: Int[Array, "*b k"],
+    length: Int[Array, "*b"],
+    *,
+    valid: Bool[Array, "*b n"] | None = None,
 ) -> Float[Array, "*b"]:
-    """log P(the first `length` draws of a Plackett-Luce ordering are `order[..., :length]`), for a policy that
-    also picks how many items to keep (variable-size selections); `length = k` gives `ops.selection.topk_log_prob`."""
-    logits = logits.astype(jnp.float32)
-    k = order.shape[-1]
-    chosen = jnp.take_along_axis(logits, order, axis=-1)
-    drawn = jax.nn.one_hot(order, logits.shape[-1], dtype=bool)  # [*b k n]
-    before = jnp.cumsum(drawn, axis=-2) - drawn > 0  # items drawn before draw j
-    remaining = jax.nn.logsumexp(jnp.where(before, -jnp.inf, logits[..., None, :]), axis=-1)
-    in_prefix = jnp.arange(k) < length[..., None]
-    return jnp.sum(jnp.where(in_prefix, chosen - remaining, 0.0), axis=-1)
+    """log P(the first `length` draws of a Plackett-Luce ordering over the `valid` items are `order[..., :length]`),
+    for a policy that also picks how many items to keep (variable-size selections, or per-row k); only those draws
+    count, and entries after them (or -1 entries) are ignored. `length = k` gives `ops.selection.topk_log_prob`.
+    O(n + k) per row (it is `topk_log_prob` with per-row counts)."""
+    return topk_log_prob(logits, order, valid=valid, k=jnp.asarray(length, jnp.int32))
 
 
 def policy_gradient_loss(

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
+from jaxtyping import TypeCheckError
 
 from sra_jax.ops.selection import gumbel_topk, gumbel_topk_indices, sparsemax, topk_log_prob, topk_mask
 
@@ -278,3 +279,119 @@ def test_bernoulli_empty_selection_has_a_finite_log_prob_and_gradient():
     lp, grad = jax.value_and_grad(lambda x: bernoulli_log_prob(x, critical, 2, tau=0.1).sum())(logits)
     np.testing.assert_allclose(lp, 10 * np.log1p(-1 / (1 + np.exp(40.0))), rtol=1e-6)
     assert np.all(np.isfinite(grad))
+
+
+# --- per-row k: each row selects its own count (k_row = ceil(fraction * valid_row) in the model) --------------------
+
+
+@st.composite
+def ragged_rows(draw):
+    """(logits [b, n], valid [b, n], k_rows [b] in [0, valid_row], seed): rows with very different valid counts,
+    some all padding, as a left-padded batch has."""
+    b, n = 4, draw(st.sampled_from([6, 11]))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, n + 1, b)
+    counts[0] = n  # one full row, so the static bound (k_max = n) is reached by some row
+    valid = np.arange(n)[None, :] >= n - counts[:, None]  # left padding
+    k_rows = np.array([rng.integers(0 if c == 0 else 1, c + 1) for c in counts])
+    return _logits(seed, (b, n)), jnp.asarray(valid), jnp.asarray(k_rows, jnp.int32), seed
+
+
+@settings(max_examples=15, deadline=None)
+@given(ragged_rows())
+def test_per_row_k_selects_exactly_k_row_valid_tokens_in_every_mode(case):
+    logits, valid, k_rows, seed = case
+    key = jax.random.key(seed)
+    hard = np.asarray(gumbel_topk(logits, k_rows, key=key, valid=valid))
+    top = np.asarray(topk_mask(logits, k_rows, valid=valid))
+    indices = np.asarray(gumbel_topk_indices(logits, k_rows, key=key, valid=valid))
+    soft = np.asarray(gumbel_topk(logits, k_rows, key=key, valid=valid, hard=False, tau=0.5))
+    for row in range(logits.shape[0]):
+        k, row_valid = int(k_rows[row]), np.asarray(valid[row])
+        assert hard[row].sum() == k and top[row].sum() == k
+        assert not hard[row][~row_valid].any() and not top[row][~row_valid].any()
+        # plain top-k: the k largest valid logits
+        masked = np.where(row_valid, np.asarray(logits[row]), -np.inf)
+        np.testing.assert_array_equal(np.flatnonzero(top[row]), np.sort(np.argsort(-masked, kind="stable")[:k]))
+        # the ordered draw: k distinct valid indices, then -1; the same set as the hard mask of the same key
+        drawn = indices[row, :k]
+        assert len(set(drawn)) == k and row_valid[drawn].all() and np.all(indices[row, k:] == -1)
+        np.testing.assert_array_equal(np.sort(drawn), np.flatnonzero(hard[row]))
+        # relaxed: in [0, 1], summing to k_row (1e-4: ~100 float32 ulps of k after the Newton-refined threshold)
+        assert np.all((soft[row] >= 0) & (soft[row] <= 1)) and not soft[row][~row_valid].any()
+        np.testing.assert_allclose(soft[row].sum(), k, atol=1e-4)
+
+
+def test_per_row_k_equal_to_an_int_gives_the_int_result():
+    logits, valid = _logits(5, (3, 9)), jnp.asarray(np.random.default_rng(5).random((3, 9)) < 0.8).at[:, :4].set(True)
+    key = jax.random.key(2)
+    same = jnp.full((3,), 3, jnp.int32)
+    np.testing.assert_array_equal(topk_mask(logits, same, valid=valid, k_max=3), topk_mask(logits, 3, valid=valid))
+    np.testing.assert_array_equal(gumbel_topk(logits, same, key=key, valid=valid, k_max=4),
+                                  gumbel_topk(logits, 3, key=key, valid=valid))
+    np.testing.assert_array_equal(gumbel_topk_indices(logits, same, key=key, valid=valid, k_max=3),
+                                  gumbel_topk_indices(logits, 3, key=key, valid=valid))
+
+
+def test_per_row_k_straight_through_gradient_flows_only_to_rows_that_select():
+    logits, key = _logits(8, (3, 7)), jax.random.key(1)
+    valid = jnp.ones((3, 7), bool).at[2].set(False)  # row 2 is all padding: k_row = 0
+    k_rows = jnp.array([1, 5, 0], jnp.int32)
+    weights = jnp.asarray(np.random.default_rng(8).standard_normal((3, 7)), jnp.float32)
+    grad = np.asarray(jax.grad(lambda x: (gumbel_topk(x, k_rows, key=key, valid=valid, tau=0.7) * weights).sum())(logits))
+    assert np.all(np.isfinite(grad))
+    assert np.abs(grad[0]).sum() > 0 and np.abs(grad[1]).sum() > 0
+    np.testing.assert_array_equal(grad[2], 0.0)
+    # The relaxed k-hot keeps sum = k_row, so its Jacobian rows sum to zero: d(sum gate)/d logits = 0 per row.
+    row_sum_grad = jax.grad(lambda x: gumbel_topk(x, k_rows, key=key, valid=valid, tau=0.7).sum())(logits)
+    np.testing.assert_allclose(row_sum_grad, 0.0, atol=1e-5)
+
+
+def test_per_row_k_outside_its_contract_is_rejected():
+    logits = jnp.zeros((2, 5))
+    # Wrong shape / dtype: the ValueError, or under the test suite's jaxtyping hook its annotation check first.
+    with pytest.raises((ValueError, TypeCheckError)):
+        topk_mask(logits, jnp.array([1, 2, 3]))
+    with pytest.raises((ValueError, TypeCheckError)):
+        topk_mask(logits, jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"k \(6\) must be in \[1, n\]"):
+        topk_mask(logits, jnp.array([1, 2]), k_max=6)
+    with pytest.raises(ValueError, match="only for a per-row k"):
+        gumbel_topk(logits, 2, key=jax.random.key(0), k_max=3)
+    with pytest.raises((ValueError, TypeCheckError)):
+        topk_log_prob(logits, jnp.zeros((2, 2), jnp.int32), k=jnp.array([1.0, 1.0]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(ragged_rows())
+def test_per_row_log_prob_counts_only_the_first_k_row_draws(case):
+    """vs a hand computation in float64: prod over the first k_row draws of p(item | not drawn yet), over valid
+    items; whatever follows (-1 padding, or the rest of a longer ordering) is ignored."""
+    logits, valid, k_rows, seed = case
+    full = gumbel_topk_indices(logits, logits.shape[-1], key=jax.random.key(seed), valid=valid)
+    padded = gumbel_topk_indices(logits, k_rows, key=jax.random.key(seed), valid=valid)
+    from_full = np.asarray(topk_log_prob(logits, full, valid=valid, k=k_rows))
+    from_padded = np.asarray(topk_log_prob(logits, padded, valid=valid))
+    for row in range(logits.shape[0]):
+        k = int(k_rows[row])
+        want = _brute_force_log_prob(np.asarray(logits[row]), tuple(np.asarray(full[row, :k])), np.asarray(valid[row]))
+        # float32 logsumexp per term over <= 11 terms: 1e-5 relative.
+        np.testing.assert_allclose([from_full[row], from_padded[row]], [want, want], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_rows", [(1, 2, 3, 0), (3, 1, 2, 2)])
+def test_per_row_log_probs_of_all_draws_of_each_rows_size_sum_to_one(k_rows):
+    """Enumeration on tiny n: for each row, every ordered draw of k_row of its valid items (padded to the static
+    width with -1) has a probability, and they sum to 1 (k_row = 0: the empty draw, probability 1)."""
+    n, width = 5, 3
+    valid = np.array([[True] * 5, [False, True, True, True, True], [False, False, True, True, True], [False] * 5])
+    if k_rows[3]:
+        valid[3, 2:] = True
+    logits = _logits(21, (4, n))
+    for row, k in enumerate(k_rows):
+        draws = [list(p) + [-1] * (width - k) for p in itertools.permutations(np.flatnonzero(valid[row]), k)]
+        m = len(draws)
+        log_probs = topk_log_prob(jnp.broadcast_to(logits[row], (m, n)), jnp.asarray(draws, jnp.int32),
+                                  valid=jnp.broadcast_to(valid[row], (m, n)), k=jnp.full((m,), k, jnp.int32))
+        np.testing.assert_allclose(np.exp(np.asarray(log_probs, np.float64)).sum(), 1.0, rtol=1e-5)

@@ -219,3 +219,30 @@ def test_train_step_anneals_tau_without_recompiling_and_logs_it():
         taus.append(float(metrics["tau"]))
     np.testing.assert_allclose(taus, [2.0, 1.25, 0.5], rtol=1e-6)  # cosine from 2 to 0.5 over 2 steps
     assert trainer.step_fn._cache_size() == 1
+
+
+def test_prefix_log_prob_over_valid_items_counts_only_each_rows_prefix():
+    """Per-row prefixes of a padded batch: hand computation in float64 over the valid items, and the tail after
+    a row's prefix (real indices or -1) changes nothing."""
+    logits = jnp.array([[0.3, -1.0, 2.0, 0.5, 1.5], [1.0, 0.2, -0.7, 0.9, 0.0]])
+    valid = jnp.array([[True, True, True, True, True], [False, False, True, True, True]])
+    order = jnp.array([[2, 4, 0, 3, 1], [3, 4, -1, -1, -1]])
+    length = jnp.array([3, 1])
+
+    def hand(row, items):
+        scores, remaining, total = np.asarray(logits[row], np.float64), np.asarray(valid[row]).copy(), 0.0
+        for item in items:
+            total += scores[item] - np.log(np.exp(scores[remaining]).sum())
+            remaining[item] = False
+        return total
+
+    got = rl.plackett_luce_prefix_log_prob(logits, order, length, valid=valid)
+    np.testing.assert_allclose(got, [hand(0, [2, 4, 0]), hand(1, [3])], rtol=1e-5)
+    other_tail = order.at[0, 3:].set(jnp.array([1, 3]))
+    np.testing.assert_allclose(rl.plackett_luce_prefix_log_prob(logits, other_tail, length, valid=valid), got)
+    # enumeration over the valid items of row 1: all ordered prefixes of length 2 sum to probability 1
+    prefixes = jnp.asarray([list(p) + [-1] * 3 for p in itertools.permutations([2, 3, 4], 2)])
+    m = prefixes.shape[0]
+    total = jnp.exp(rl.plackett_luce_prefix_log_prob(jnp.broadcast_to(logits[1], (m, 5)), prefixes,
+                                                     jnp.full((m,), 2), valid=jnp.broadcast_to(valid[1], (m, 5)))).sum()
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
