@@ -6,8 +6,8 @@ read straight from `critical_indices`. The list is split over programs (flash-de
 fills the GPU; the query heads of a kv group share each K/V load as rows of one tile; a logsumexp-weighted combine
 merges the splits. Every slot is shown to a query by exactly one part: the band shows the slots in its window, the
 sinks and critical indices only slots outside it, and a critical index repeated in a row is skipped by comparing
-it with its neighbour in the (sorted) row. Loads of slots nobody sees are masked off, so padding (-1) costs no
-HBM traffic, and a critical tile with no visible slot skips its dots too.
+it with its neighbour in the sorted row. Loads of slots nobody sees are masked off (no HBM traffic), and the
+tiles of the sorted critical row past its last live entry are not visited at all.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 
 LOG2E = math.log2(math.e)
 NEG = -1e30
-TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
+TARGET_PROGRAMS = 528  # about four programs per SM of an H100 (132 SMs)
 
 
 def sort_critical(critical_indices: Int[Array, "b c"]) -> Int[Array, "b c"]:
@@ -89,23 +89,22 @@ def _decode_kernel(
     num_crit,
     window,
     num_global,
-    skip_empty,
     dot_kw,
 ):
     h, split = pl.program_id(1), pl.program_id(2)
     length = len_ref[...]
     start = jnp.maximum(start_ref[...], 0)
-    r = jnp.arange(rows)
-    real = r < t * group
+    # Tile row r serves query row r % (t * group) (token-major, then the heads of the group): rows past the
+    # real ones (the dots need >= 16) repeat real rows, compute identical values and store them to the same place.
+    r = jnp.arange(rows) % (t * group)
     tok = r // group
-    q = q_ref[jnp.where(real, tok * hq + h * group + r % group, 0), :]
+    q = q_ref[tok * hq + h * group + r % group, :]
     q_pos = length - t + tok
-    # Padding rows and new tokens that sit before the first valid slot (left padding) see nothing.
-    q_pos = jnp.where(real & (q_pos >= start), q_pos, -1)
+    q_pos = jnp.where(q_pos >= start, q_pos, -1)  # a new token in the left padding sees nothing
     first = split * units_per_split
     last = first + units_per_split
     lane = jnp.arange(tile)
-    # Masked loads index every dimension with an array (interpret mode needs that form).
+    # Masked loads and stores index every dimension with an array (interpret mode needs that form).
     cols = jnp.arange(q.shape[1])[None, :]
 
     def attend(carry, slots, slot_ok, vis):
@@ -148,11 +147,7 @@ def _decode_kernel(
         prev = jnp.where(listed & (pos > 0), crit_ref[jnp.maximum(at - 1, 0)], -1)
         slot_ok = (slots >= start + num_global) & (slots < length - window) & (slots != prev)
         vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
-        if not skip_empty:
-            return attend(carry, slots, slot_ok, vis)
-        return jax.lax.cond(
-            slot_ok.astype(jnp.int32).max() > 0, lambda c: attend(c, slots, slot_ok, vis), lambda c: c, carry
-        )
+        return attend(carry, slots, slot_ok, vis)
 
     carry = (
         jnp.full((rows,), NEG, jnp.float32),
@@ -161,17 +156,57 @@ def _decode_kernel(
     )
     bounds = (0, n_band, n_band + n_sink, n_band + n_sink + n_crit)
     for body, lo_u, hi_u in zip((band, sink, critical), bounds[:-1], bounds[1:]):
-        if hi_u > lo_u:
-            carry = jax.lax.fori_loop(
-                jnp.clip(first, lo_u, hi_u), jnp.clip(last, lo_u, hi_u), body, carry
-            )
+        if hi_u == lo_u:
+            continue
+        begin, end = jnp.clip(first, lo_u, hi_u), jnp.clip(last, lo_u, hi_u)
+        if body is critical:
+            # Rows are ascending with the padding at the end, so the tiles with a visible slot are a prefix of
+            # this split's tiles: a tile whose first entry is padding or too late for every query is dead, and
+            # so is every tile after it. One gather of the first entries bounds the loop.
+            j = begin + jnp.arange(max(2, pl.next_power_of_2(units_per_split)))
+            head = jnp.minimum((j - n_band - n_sink) * tile, num_crit - 1)
+            head_slot = crit_ref[jnp.where(j < end, head, 0)]
+            live = (j < end) & (head_slot >= 0) & (head_slot < length - window)
+            end = begin + live.astype(jnp.int32).sum()
+        carry = jax.lax.fori_loop(begin, end, body, carry)
     m, l, acc = carry
     nonempty = l > 0
-    o_ref[...] = acc / jnp.where(nonempty, l, 1.0)[:, None]
-    lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+    plgpu.store(o_ref.at[r[:, None], cols], acc / jnp.where(nonempty, l, 1.0)[:, None])
+    plgpu.store(lse_ref.at[r], jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), -jnp.inf))
 
 
-def _combine(o, lse):
+def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits, chunk, t, group, hq, tg_pad, d):
+    """Merge the splits of one (row, kv head) and write its query rows of out [t * hq, d] in place."""
+    h = pl.program_id(1)
+    r = jnp.arange(tg_pad) % (t * group)
+    cols = jnp.arange(d)
+    m = jnp.full((tg_pad,), NEG, jnp.float32)
+    total = jnp.zeros((tg_pad,), jnp.float32)
+    acc = jnp.zeros((tg_pad, d), jnp.float32)
+
+    def body(c, carry):
+        m, total, acc = carry
+        split = c * chunk + jnp.arange(chunk)
+        ok = split < num_splits
+        safe = jnp.where(ok, split, 0)
+        lse = plgpu.load(lse_ref.at[safe[:, None], r[None, :]], mask=ok[:, None], other=-jnp.inf)
+        o = plgpu.load(
+            o_ref.at[safe[:, None, None], r[None, :, None], cols[None, None, :]], mask=ok[:, None, None], other=0.0
+        )
+        m_new = jnp.maximum(m, lse.max(axis=0))
+        alpha = jnp.exp2(m - m_new)
+        w = jnp.exp2(lse - m_new[None, :])  # lse = -inf (nothing visible, or past the last split) gives 0
+        total = total * alpha + w.sum(axis=0)
+        acc = acc * alpha[:, None] + (w[:, :, None] * o).sum(axis=0)
+        return m_new, total, acc
+
+    m, total, acc = jax.lax.fori_loop(0, -(-num_splits // chunk), body, (m, total, acc))
+    out = acc / jnp.where(total > 0, total, 1.0)[:, None]
+    row = (r // group) * hq + h * group + r % group
+    plgpu.store(out_ref.at[row[:, None], cols[None, :]], out.astype(out_ref.dtype))
+
+
+def _combine(o, lse):  # XLA form of _combine_kernel
     """Merge the splits (axis 2): weights 2^(lse_s - max); a split with nothing visible has lse = -inf, weight 0."""
     m = lse.max(axis=2, keepdims=True)
     w = jnp.where(jnp.isfinite(lse), jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
@@ -196,7 +231,7 @@ def sparse_decode_attention(
     tile: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    skip_empty: bool = True,
+    combine: str = "pallas",
     interpret: bool = False,
 ) -> Float[Array, "b t hq d"]:
     """Attention of t new tokens per sequence against a KV cache, reading only the slots each token can see.
@@ -207,15 +242,17 @@ def sparse_decode_attention(
     slot j iff kv_start <= j <= s and (s - j < window, or j < kv_start + num_global (the global sinks), or j is
     one of the row's `critical_indices`). A new token in a slot before kv_start sees nothing (output zeros).
 
-    critical_indices: cache slots (not positions), any order, any static capacity c. Entries < kv_start or
-    >= lengths (e.g. -1 padding) are ignored and cost no HBM reads; a tile of them costs no dots either.
-    Repeats count once. critical_sorted=True promises that equal entries in a row are adjacent (ascending rows,
-    e.g. from jnp.nonzero(mask, size=c, fill_value=-1), or rows with no repeats such as top-k indices) and skips
-    the sort used otherwise (one XLA sort of [b, c] per call); ascending rows also gather with better locality.
+    critical_indices: cache slots (not positions), any order, any static capacity c. Repeats count once;
+    entries < kv_start + num_global (sinks are seen anyway) or >= lengths, e.g. -1 padding, are ignored. By
+    default each call sorts the rows (one XLA sort of [b, c], about 1.5 us on an H100 plus a launch).
+    critical_sorted=True promises rows that are already ascending with any negative padding only at the end,
+    exactly what jnp.nonzero(mask, size=c, fill_value=-1)[0] gives, and skips that sort. On sorted rows the
+    padding tail costs neither HBM reads nor compute (each program bounds its loop by its live tiles).
 
     backend: "triton", "reference" (dense masked softmax, any device) or "auto" (triton on GPU). Tuning:
-    num_splits (programs per (row, kv head); default about 264 programs in all), tile (slots per step, a power
-    of two >= 16), num_warps, num_stages, skip_empty (skip the dots of critical tiles with nothing visible)."""
+    num_splits (programs per (row, kv head); default: about 528 programs in all), tile (slots per step, a power
+    of two >= 16), num_warps, num_stages, combine ("pallas": a second small kernel merges the splits; "xla":
+    the same math as XLA ops)."""
     b, t, hq, d = q.shape
     L, hkv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d:
@@ -254,24 +291,43 @@ def sparse_decode_attention(
         raise ValueError(f"{tile=} must be a power of two >= 16")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"{num_splits=} must be >= 1")
-    scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
-    group = hq // hkv
-    rows = max(16, pl.next_power_of_2(t * group))
-    lengths = lengths.astype(jnp.int32)
-    kv_start = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start.astype(jnp.int32)
-    num_crit = 0 if critical_indices is None else critical_indices.shape[1]
-    if num_crit == 0:
-        crit = jnp.full((b, 1), -1, jnp.int32)
-    else:
+    if combine not in ("pallas", "xla"):
+        raise ValueError(f"combine {combine!r} not in ('pallas', 'xla')")
+    kv_start = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start
+    crit = None
+    if critical_indices is not None and critical_indices.shape[1] > 0:
         crit = critical_indices.astype(jnp.int32)
         crit = crit if critical_sorted else sort_critical(crit)
+    tuning = dict(num_splits=num_splits, tile=tile, num_warps=num_warps, num_stages=num_stages)
+    o, lse = decode_partials(
+        q, k_cache, v_cache, lengths, kv_start, crit, window=window, num_global=num_global, sm_scale=sm_scale,
+        interpret=interpret, **tuning
+    )
+    return combine_splits(o, lse, q.shape, q.dtype, combine=combine, interpret=interpret)
+
+
+def decode_partials(
+    q, k_cache, v_cache, lengths, kv_start, crit, *, window, num_global, sm_scale, num_splits, tile, num_warps,
+    num_stages, interpret
+):
+    """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2).
+    `crit` ([b, c] with equal entries adjacent, or None) is read as given."""
+    b, t, hq, d = q.shape
+    L, hkv = k_cache.shape[1], k_cache.shape[2]
+    scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
+    group = hq // hkv
+    tg = t * group
+    rows = max(16, pl.next_power_of_2(tg))
+    num_crit = 0 if crit is None else crit.shape[1]
+    crit = jnp.full((b, 1), -1, jnp.int32) if crit is None else crit
     n_band = -(-min(window + t - 1, L) // tile)
     n_sink = -(-min(num_global, L) // tile)
     n_crit = -(-num_crit // tile)
     units = n_band + n_sink + n_crit
     if num_splits is None:
-        num_splits = -(-TARGET_PROGRAMS // (b * hkv))
-    units_per_split = -(-units // min(num_splits, units))
+        units_per_split = max(1, round(units * b * hkv / TARGET_PROGRAMS))
+    else:
+        units_per_split = -(-units // min(num_splits, units))
     num_splits = -(-units // units_per_split)
     kernel = functools.partial(
         _decode_kernel,
@@ -288,11 +344,9 @@ def sparse_decode_attention(
         num_crit=num_crit,
         window=window,
         num_global=num_global,
-        skip_empty=skip_empty,
         dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {},
     )
-    tg = t * group
-    o, lse = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
         in_specs=[
@@ -304,17 +358,42 @@ def sparse_decode_attention(
             pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, d), lambda bi, h, s: (bi, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda bi, h, s: (bi, h, s, 0)),
+            pl.BlockSpec((None, None, None, tg, d), lambda bi, h, s: (bi, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, tg), lambda bi, h, s: (bi, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, num_splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, num_splits, tg, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, num_splits, tg), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_decode",
-    )(lengths, kv_start, crit, q.reshape(b, t * hq, d), k_cache, v_cache)
-    # Rows of a kv head's tile are token-major, then the query heads of the group.
-    out = _combine(o[:, :, :, :tg], lse[:, :, :, :tg]).reshape(b, hkv, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
-    return out.astype(q.dtype)
+    )(lengths.astype(jnp.int32), kv_start.astype(jnp.int32), crit, q.reshape(b, t * hq, d), k_cache, v_cache)
+
+
+def combine_splits(o, lse, q_shape, dtype, *, combine: str = "pallas", interpret: bool = False):
+    """[b, t, hq, d] output from the kernel's partials: one small Pallas kernel, or the same math in XLA."""
+    b, t, hq, d = q_shape
+    _, hkv, num_splits, tg, _ = o.shape
+    group = hq // hkv
+    if combine == "xla":
+        out = _combine(o, lse).reshape(b, hkv, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
+        return out.astype(dtype)
+    tg_pad = pl.next_power_of_2(tg)
+    chunk = max(1, min(pl.next_power_of_2(num_splits), 8192 // (tg_pad * d)))
+    out = pl.pallas_call(
+        functools.partial(
+            _combine_kernel, num_splits=num_splits, chunk=chunk, t=t, group=group, hq=hq, tg_pad=tg_pad, d=d
+        ),
+        grid=(b, hkv),
+        in_specs=[
+            pl.BlockSpec((None, None, num_splits, tg, d), lambda bi, h: (bi, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, num_splits, tg), lambda bi, h: (bi, h, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, t * hq, d), lambda bi, h: (bi, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, t * hq, d), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="sparse_decode_combine",
+    )(o, lse)
+    return out.reshape(b, t, hq, d)
