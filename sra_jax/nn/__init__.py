@@ -4,7 +4,7 @@ from sra_jax.nn.attention import SparseReasoningAttention
 from sra_jax.nn.cache import KVCache
 from sra_jax.nn.layers import MLP, RMSNorm
 from sra_jax.nn.llama import DecoderLayer, Llama, ModelAux, attention_flops, router_flops
-from sra_jax.nn.router import Router, Selection, select
+from sra_jax.nn.router import Router, Selection, critical_counts, select
 
 __all__ = [
     "MLP",
@@ -17,6 +17,7 @@ __all__ = [
     "Selection",
     "SparseReasoningAttention",
     "attention_flops",
+    "critical_counts",
     "router_flops",
     "select",
 ]

@@ -10,9 +10,10 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.nn import decode
 from sra_jax.nn.cache import KVCache
 from sra_jax.nn.layers import linear
-from sra_jax.nn.router import Router, Selection, decode_threshold, forced_selection, select
+from sra_jax.nn.router import Router, Selection, critical_counts, decode_threshold, forced_selection, select
 from sra_jax.ops import attention as attention_ops
 from sra_jax.ops import masks, rope
 
@@ -41,6 +42,9 @@ class SparseReasoningAttention(nnx.Module):
 
     With SRA off this is exactly causal attention (by position, padding and segments respected). `selects=False`
     makes an SRA layer reuse the critical set of an earlier layer (static masks) and gives it no router.
+    `decode_kernel` (with attention_impl="pallas"): decode steps run `pallas_kernels.sparse_decode_attention` with
+    this backend ("auto", "triton", "reference", or "interpret" for CPU tests); "off" keeps the block-sparse kernel
+    over the whole cache. It is a plain attribute: set it on a built model to switch (see sra_jax.nn.decode).
     """
 
     def __init__(
@@ -53,9 +57,12 @@ class SparseReasoningAttention(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         attention_impl: str = "reference",
+        decode_kernel: str = "auto",
         rngs: nnx.Rngs,
     ):
+        decode.check_decode_kernel(decode_kernel)
         self.config = config
+        self.decode_kernel = decode_kernel
         self.sra = sra if sra is not None and sra.applies_to(layer) else None
         self.layer = layer
         self.dtype = dtype
@@ -144,7 +151,10 @@ class SparseReasoningAttention(nnx.Module):
                 k_critical=cache.critical[self.layer],
                 **rule,
             )
-        out = attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
+        if self._uses_decode_kernel(s, cache):
+            out = self._decode_attention(q, k, v, spec, cache, chosen.critical)
+        else:
+            out = attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
         out = self.o_proj(out.reshape(b, s, hq * hd))
 
         causal = spec.dense_mask().sum((1, 2), dtype=jnp.float32)
@@ -159,6 +169,49 @@ class SparseReasoningAttention(nnx.Module):
             causal_pairs=causal,
         )
         return out, stats, shared_out, cache
+
+    def _uses_decode_kernel(self, s: int, cache: KVCache | None) -> bool:
+        """Static: a decode step (cache given, at most MAX_DECODE_TOKENS new tokens) of a "pallas" layer."""
+        return (
+            cache is not None
+            and self.attention_impl == "pallas"
+            and self.decode_kernel != "off"
+            and s <= decode.MAX_DECODE_TOKENS
+        )
+
+    def _decode_attention(
+        self,
+        q: Float[Array, "b s h d"],
+        k: Float[Array, "b n kv d"],
+        v: Float[Array, "b n kv d"],
+        spec: masks.SRAMaskSpec,
+        cache: KVCache,
+        q_critical: Bool[Array, "b s"],
+    ) -> Float[Array, "b s h d"]:
+        """The sparse decode kernel when the cache has the left-padded layout it reads (checked at run time on the
+        positions), else the general path (see sra_jax.nn.decode)."""
+        lengths = cache.index + q.shape[1]
+        kv_start, ok = decode.left_padded_layout(cache.positions, lengths)
+        if self.sra is None:
+            rule = dict(window=cache.max_len, num_global=0, k_critical=None, queries="all")
+        else:
+            rule = dict(
+                window=self.sra.window,
+                num_global=self.sra.num_global,
+                k_critical=cache.critical[self.layer],
+                queries=self.sra.queries,
+            )
+
+        def kernel():
+            return decode.sparse_decode(
+                q, k, v, lengths=lengths, kv_start=kv_start, q_critical=q_critical,
+                decode_kernel=self.decode_kernel, **rule,
+            )
+
+        def general():
+            return attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
+
+        return jax.lax.cond(ok, kernel, general)
 
     def _select(
         self,
@@ -177,11 +230,14 @@ class SparseReasoningAttention(nnx.Module):
         In the "bernoulli" mode the cut is fixed, not taken from the prompt: a decoded token is critical iff its
         score > 0 (the stored threshold is 0), the rule prefill itself applies without a key (there capped at k).
         """
+        # k_row = num_critical(valid tokens of the row), so padding does not inflate a row's share; the padded
+        # length's k is the static bound (shapes stay static) and the Bernoulli cap.
         k = self.sra.num_critical(router_logits.shape[-1])
+        k_rows = critical_counts(self.sra, valid)
         if critical is not None:
             chosen = forced_selection(router_logits, critical, k, valid=valid, sra=self.sra, tau=tau)
         else:
-            chosen = select(router_logits, k, self.sra, valid=valid, key=key, tau=tau)
+            chosen = select(router_logits, k_rows, self.sra, valid=valid, key=key, tau=tau, k_max=k)
         if cache is None:
             return chosen, None
         prefill = cache.index == 0
@@ -190,7 +246,7 @@ class SparseReasoningAttention(nnx.Module):
             threshold = jnp.zeros(router_logits.shape[:1], jnp.float32)
         else:
             threshold = jnp.where(
-                prefill, decode_threshold(router_logits, k, valid=valid), cache.threshold[self.layer]
+                prefill, decode_threshold(router_logits, k_rows, valid=valid, k_max=k), cache.threshold[self.layer]
             )
         if critical is None:
             above = router_logits > threshold[:, None] if bernoulli else router_logits >= threshold[:, None]

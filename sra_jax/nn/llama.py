@@ -14,6 +14,7 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.nn import decode
 from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
 from sra_jax.nn.cache import KVCache
 from sra_jax.nn.layers import MLP, RMSNorm, partitioned
@@ -62,6 +63,7 @@ class DecoderLayer(nnx.Module):
         dtype,
         param_dtype,
         attention_impl: str,
+        decode_kernel: str = "auto",
         rngs: nnx.Rngs,
     ):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -74,6 +76,7 @@ class DecoderLayer(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             attention_impl=attention_impl,
+            decode_kernel=decode_kernel,
             rngs=rngs,
         )
         self.post_attention_norm = RMSNorm(config.hidden_size, **norm)
@@ -87,7 +90,10 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Llama 3 decoder with optional SRA layers. `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+    """Llama 3 decoder with optional SRA layers. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    With attention_impl="pallas", decode steps (a cache and at most `sra_jax.nn.decode.MAX_DECODE_TOKENS` new tokens)
+    run the sparse decode kernel (window + globals + critical slots only); `decode_kernel` picks its backend, "off"
+    keeps the block-sparse kernel (see `set_decode_kernel`)."""
 
     def __init__(
         self,
@@ -98,6 +104,7 @@ class Llama(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         attention_impl: str = "reference",
+        decode_kernel: str = "auto",
     ):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r} must be one of {ATTENTION_IMPLS}")
@@ -123,6 +130,7 @@ class Llama(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     attention_impl=attention_impl,
+                    decode_kernel=decode_kernel,
                     rngs=rngs,
                 )
                 for i in range(config.num_hidden_layers)
@@ -250,6 +258,12 @@ class Llama(nnx.Module):
             raise ValueError(
                 f"cache holds {int(cache.index)} tokens; {tokens.shape[1]} more exceed max_len={cache.max_len}"
             )
+
+    def set_decode_kernel(self, decode_kernel: str) -> None:
+        """Switch every layer's decode path (e.g. "off" for the block-sparse kernel) on a built model."""
+        decode.check_decode_kernel(decode_kernel)
+        for layer in self.layers:
+            layer.attn.decode_kernel = decode_kernel
 
     def router_flops_per_token(self) -> int:
         """FLOPs all routers spend on one token."""
