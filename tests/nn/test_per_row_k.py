@@ -144,3 +144,19 @@ def test_gumbel_router_gradient_flows_on_a_ragged_batch():
     grads = nnx.jit(nnx.grad(loss))(model)
     router = [np.asarray(v[...]) for p, v in nnx.to_flat_state(grads) if "router" in p]
     assert router and all(np.all(np.isfinite(g)) and np.abs(g).sum() > 0 for g in router)
+
+
+def test_forced_sets_of_different_sizes_get_the_log_prob_of_their_own_size():
+    """A forced row with fewer critical tokens than the static k counts only its own draws (not extra non-critical
+    ones), ordered by the current logits."""
+    from sra_jax.nn.router import forced_selection
+
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8)), jnp.float32)
+    valid = jnp.ones((2, 8), bool).at[1, :3].set(False)
+    critical = jnp.zeros((2, 8), bool).at[0, jnp.array([1, 4, 6])].set(True).at[1, 5].set(True)
+    chosen = forced_selection(logits, critical, 3, valid=valid, sra=SRAConfig(selection="topk"))
+    for row in range(2):
+        members = np.flatnonzero(np.asarray(critical[row]))
+        order = members[np.argsort(-np.asarray(logits[row])[members], kind="stable")]
+        scores = np.where(np.asarray(valid[row]), np.asarray(logits[row]), -np.inf)
+        np.testing.assert_allclose(chosen.log_prob[row], _hand_log_prob(scores, order), rtol=1e-5)
