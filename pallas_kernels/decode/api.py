@@ -6,8 +6,8 @@ read straight from `critical_indices`. The list is split over programs (flash-de
 fills the GPU; the query heads of a kv group share each K/V load as rows of one tile; a logsumexp-weighted combine
 merges the splits. Every slot is shown to a query by exactly one part: the band shows the slots in its window, the
 sinks and critical indices only slots outside it, and a critical index repeated in a row is skipped by comparing
-it with its neighbour in the sorted row. Loads of slots nobody sees are masked off (no HBM traffic), and the
-tiles of the sorted critical row past its last live entry are not visited at all.
+it with its neighbour in the sorted row. Loads of slots nobody sees are masked off (no HBM traffic), and a
+critical tile with no live entry skips its dots.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 
 LOG2E = math.log2(math.e)
 NEG = -1e30
-TARGET_PROGRAMS = 528  # about four programs per SM of an H100 (132 SMs)
+TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 
 
 def sort_critical(critical_indices: Int[Array, "b c"]) -> Int[Array, "b c"]:
@@ -89,6 +89,7 @@ def _decode_kernel(
     num_crit,
     window,
     num_global,
+    skip_empty,
     dot_kw,
 ):
     h, split = pl.program_id(1), pl.program_id(2)
@@ -147,7 +148,11 @@ def _decode_kernel(
         prev = jnp.where(listed & (pos > 0), crit_ref[jnp.maximum(at - 1, 0)], -1)
         slot_ok = (slots >= start + num_global) & (slots < length - window) & (slots != prev)
         vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
-        return attend(carry, slots, slot_ok, vis)
+        if not skip_empty:
+            return attend(carry, slots, slot_ok, vis)
+        return jax.lax.cond(
+            slot_ok.astype(jnp.int32).max() > 0, lambda c: attend(c, slots, slot_ok, vis), lambda c: c, carry
+        )
 
     carry = (
         jnp.full((rows,), NEG, jnp.float32),
@@ -159,15 +164,6 @@ def _decode_kernel(
         if hi_u == lo_u:
             continue
         begin, end = jnp.clip(first, lo_u, hi_u), jnp.clip(last, lo_u, hi_u)
-        if body is critical:
-            # Rows are ascending with the padding at the end, so the tiles with a visible slot are a prefix of
-            # this split's tiles: a tile whose first entry is padding or too late for every query is dead, and
-            # so is every tile after it. One gather of the first entries bounds the loop.
-            j = begin + jnp.arange(max(2, pl.next_power_of_2(units_per_split)))
-            head = jnp.minimum((j - n_band - n_sink) * tile, num_crit - 1)
-            head_slot = crit_ref[jnp.where(j < end, head, 0)]
-            live = (j < end) & (head_slot >= 0) & (head_slot < length - window)
-            end = begin + live.astype(jnp.int32).sum()
         carry = jax.lax.fori_loop(begin, end, body, carry)
     m, l, acc = carry
     nonempty = l > 0
@@ -231,6 +227,7 @@ def sparse_decode_attention(
     tile: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    skip_empty: bool = True,
     combine: str = "pallas",
     interpret: bool = False,
 ) -> Float[Array, "b t hq d"]:
@@ -243,16 +240,17 @@ def sparse_decode_attention(
     one of the row's `critical_indices`). A new token in a slot before kv_start sees nothing (output zeros).
 
     critical_indices: cache slots (not positions), any order, any static capacity c. Repeats count once;
-    entries < kv_start + num_global (sinks are seen anyway) or >= lengths, e.g. -1 padding, are ignored. By
-    default each call sorts the rows (one XLA sort of [b, c], about 1.5 us on an H100 plus a launch).
-    critical_sorted=True promises rows that are already ascending with any negative padding only at the end,
-    exactly what jnp.nonzero(mask, size=c, fill_value=-1)[0] gives, and skips that sort. On sorted rows the
-    padding tail costs neither HBM reads nor compute (each program bounds its loop by its live tiles).
+    entries < kv_start + num_global (the sinks are seen anyway) or >= lengths, e.g. -1 padding, are ignored:
+    their K/V loads are masked off (no HBM traffic) and a tile with no live entry skips its dots (skip_empty).
+    By default each call sorts the rows (one XLA sort of [b, c]: ~1.5 us of device time on an H100, but a
+    launch of its own). critical_sorted=True skips that sort; it promises that equal entries of a row are
+    adjacent: ascending rows (e.g. jnp.nonzero(mask, size=c, fill_value=-1)[0]; put the padding at the end so
+    that dead tiles are contiguous) or rows without repeats. Ascending rows also gather with better locality.
 
     backend: "triton", "reference" (dense masked softmax, any device) or "auto" (triton on GPU). Tuning:
-    num_splits (programs per (row, kv head); default: about 528 programs in all), tile (slots per step, a power
-    of two >= 16), num_warps, num_stages, combine ("pallas": a second small kernel merges the splits; "xla":
-    the same math as XLA ops)."""
+    num_splits (programs per (row, kv head); default: about 264 programs in all), tile (slots per step, a power
+    of two >= 16), num_warps, num_stages, skip_empty, combine ("pallas": a second small kernel merges the
+    splits; "xla": the same math as XLA ops)."""
     b, t, hq, d = q.shape
     L, hkv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d:
@@ -301,14 +299,14 @@ def sparse_decode_attention(
     tuning = dict(num_splits=num_splits, tile=tile, num_warps=num_warps, num_stages=num_stages)
     o, lse = decode_partials(
         q, k_cache, v_cache, lengths, kv_start, crit, window=window, num_global=num_global, sm_scale=sm_scale,
-        interpret=interpret, **tuning
+        skip_empty=skip_empty, interpret=interpret, **tuning
     )
     return combine_splits(o, lse, q.shape, q.dtype, combine=combine, interpret=interpret)
 
 
 def decode_partials(
     q, k_cache, v_cache, lengths, kv_start, crit, *, window, num_global, sm_scale, num_splits, tile, num_warps,
-    num_stages, interpret
+    num_stages, skip_empty, interpret
 ):
     """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2).
     `crit` ([b, c] with equal entries adjacent, or None) is read as given."""
@@ -325,9 +323,8 @@ def decode_partials(
     n_crit = -(-num_crit // tile)
     units = n_band + n_sink + n_crit
     if num_splits is None:
-        units_per_split = max(1, round(units * b * hkv / TARGET_PROGRAMS))
-    else:
-        units_per_split = -(-units // min(num_splits, units))
+        num_splits = -(-TARGET_PROGRAMS // (b * hkv))
+    units_per_split = -(-units // min(num_splits, units))
     num_splits = -(-units // units_per_split)
     kernel = functools.partial(
         _decode_kernel,
@@ -344,6 +341,7 @@ def decode_partials(
         num_crit=num_crit,
         window=window,
         num_global=num_global,
+        skip_empty=skip_empty,
         dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {},
     )
     return pl.pallas_call(

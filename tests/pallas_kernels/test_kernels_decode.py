@@ -21,13 +21,13 @@ L, D = 64, 32
 
 @functools.partial(
     jax.jit,
-    static_argnames=("window", "num_global", "critical_sorted", "num_splits", "combine", "backend"),
+    static_argnames=("window", "num_global", "critical_sorted", "num_splits", "skip_empty", "combine", "backend"),
 )
-def _decode(q, kc, vc, lengths, critical, kv_start, *, window, num_global, critical_sorted, num_splits, combine,
-            backend):
+def _decode(q, kc, vc, lengths, critical, kv_start, *, window, num_global, critical_sorted, num_splits, skip_empty,
+            combine, backend):
     extra = (
         {"interpret": True, "num_splits": num_splits, "tile": 16, "critical_sorted": critical_sorted,
-         "combine": combine}
+         "skip_empty": skip_empty, "combine": combine}
         if backend == "triton"
         else {}
     )
@@ -66,7 +66,7 @@ def _oracle(q, kc, vc, lengths, critical, kv_start, window, num_global):
 def _critical(rng, b, capacity, lengths, sorted_rows):
     """Indices anywhere in the cache (some past the length, some in the window or among the sinks), repeats,
     -1 padding at the tail and scattered in between; sorted rows are ascending with the -1 entries at the end
-    (the critical_sorted=True contract)."""
+    (as jnp.nonzero(..., fill_value=-1) gives)."""
     rows = []
     for i in range(b):
         row = rng.integers(0, max(int(lengths[i]), 1) + 8, capacity)
@@ -101,8 +101,9 @@ def test_sparse_decode_matches_reference(group, t, window, num_global, capacity,
     args = (q, kc, vc, jnp.asarray(lengths, jnp.int32), None if critical is None else jnp.asarray(critical),
             jnp.asarray(kv_start, jnp.int32))
     kw = dict(window=window, num_global=num_global, critical_sorted=critical_sorted, num_splits=num_splits)
-    out = _decode(*args, **kw, combine=("pallas", "xla")[seed % 3 == 0], backend="triton")
-    ref = _decode(*args, **kw, combine="pallas", backend="reference")
+    variant = dict(skip_empty=bool(seed % 2), combine=("pallas", "xla")[seed % 3 == 0])
+    out = _decode(*args, **kw, **variant, backend="triton")
+    ref = _decode(*args, **kw, skip_empty=True, combine="pallas", backend="reference")
     assert rel_err(out, ref) < TOL[jnp.float32]
     oracle = _oracle(q, kc, vc, lengths, critical, kv_start, window, num_global)
     assert rel_err(ref, oracle) < TOL[jnp.float32]
