@@ -183,3 +183,17 @@ def test_bad_arguments_name_the_problem(kwargs, match):
     q, kc, vc = qkv(jax.random.PRNGKey(0), 1, 1, 16, 2, 1, D, jnp.float32)
     with pytest.raises(ValueError, match=match):
         pk.sparse_decode_attention(q, kc, vc, jnp.array([16]), **kwargs)
+
+
+def test_empty_critical_lists_match_no_list():
+    """No list, a [b, 0] list and an all -1 list are the same problem (window + sinks only)."""
+    b, t, hq, hkv = 2, 2, 4, 2
+    q, kc, vc = qkv(jax.random.PRNGKey(11), b, t, L, hq, hkv, D, jnp.float32)
+    lengths, kv_start = jnp.array([L, 30]), jnp.array([0, 4])
+    kw = dict(window=5, num_global=2, kv_start=kv_start)
+    want = pk.sparse_decode_attention(q, kc, vc, lengths, backend="reference", **kw)
+    for crit in (None, jnp.zeros((b, 0), jnp.int32), jnp.full((b, 20), -1, jnp.int32)):
+        got = pk.sparse_decode_attention(
+            q, kc, vc, lengths, critical_indices=crit, backend="triton", interpret=True, tile=16, num_splits=2, **kw
+        )
+        assert rel_err(got, want) < TOL[jnp.float32]
