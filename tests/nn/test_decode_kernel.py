@@ -25,7 +25,8 @@ CASES = {
     "topk-critical": SRAConfig(**SPARSE, selection="topk", queries="critical"),
     # layer 0 dense (SRA off), layer 1 SRA: both kinds of layer in one model
     "gumbel-all-mixed": SRAConfig(**SPARSE, selection="gumbel_topk", queries="all", layers=(1,)),
-    "bernoulli-critical": SRAConfig(**{**SPARSE, "critical_fraction": 1.0}, selection="bernoulli"),
+    # static mask: layer 1 reuses layer 0's critical flags from the cache
+    "bernoulli-critical-static": SRAConfig(**{**SPARSE, "critical_fraction": 1.0}, selection="bernoulli", mask="static"),
 }
 PROMPT_LENGTHS = [3, 8, 5]  # ragged: left-padded into 8 slots
 STEPS = 5

@@ -160,3 +160,29 @@ def test_forced_sets_of_different_sizes_get_the_log_prob_of_their_own_size():
         order = members[np.argsort(-np.asarray(logits[row])[members], kind="stable")]
         scores = np.where(np.asarray(valid[row]), np.asarray(logits[row]), -np.inf)
         np.testing.assert_allclose(chosen.log_prob[row], _hand_log_prob(scores, order), rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([0.1, 0.25, 0.5]), st.sampled_from(["topk", "gumbel_topk", "sparsemax"]),
+       st.integers(0, 2**16))
+def test_select_with_per_row_counts_over_random_ragged_rows(fraction, selection, seed):
+    """Any padding pattern (left, right, holes, all padding): exactly k_row valid tokens per row (at most k_row for
+    sparsemax), and the log-prob of the fixed-k modes is the Plackett-Luce probability of the row's own draw."""
+    rng = np.random.default_rng(seed)
+    sra = SRAConfig(critical_fraction=fraction, selection=selection, tau=0.5)
+    logits = jnp.asarray(rng.normal(size=(4, 12)), jnp.float32)
+    valid = rng.random((4, 12)) < rng.random((4, 1))
+    valid[0] = True
+    k_rows = critical_counts(sra, jnp.asarray(valid))
+    chosen = select(logits, k_rows, sra, valid=jnp.asarray(valid), key=jax.random.key(seed), k_max=sra.num_critical(12))
+    counts, k_rows = np.asarray(chosen.critical).sum(-1), np.asarray(k_rows)
+    assert not np.asarray(chosen.critical)[~valid].any()
+    if selection == "sparsemax":
+        assert np.all((counts <= k_rows) & (counts >= np.minimum(k_rows, 1)))
+    else:
+        np.testing.assert_array_equal(counts, k_rows)
+    if selection == "topk":
+        for row in range(4):
+            scores = np.where(valid[row], np.asarray(logits[row]), -np.inf)
+            order = np.argsort(-scores, kind="stable")[: k_rows[row]]
+            np.testing.assert_allclose(chosen.log_prob[row], _hand_log_prob(scores, order), rtol=1e-5, atol=1e-6)
