@@ -217,8 +217,9 @@ def header() -> dict:
     return {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(), "versions": versions}
 
 
-def variants(length: int, batch: int, tune: bool) -> list[tuple]:
-    """(impl name, op, sparse?, critical capacity) rows for one shape; `tune` adds the tuning variants."""
+def variants(length: int, batch: int, tune: bool, only: list[str] | None = None) -> list[tuple]:
+    """(impl name, op, sparse?, critical capacity) rows for one shape; `tune` adds the tuning variants (all of them,
+    or those named in `only`, e.g. ["noskip", "splits8"])."""
     sorted_ = {"critical_sorted": True}
     rows = [
         ("sparse_sorted", sparse_op(**sorted_), True, None),
@@ -236,7 +237,8 @@ def variants(length: int, batch: int, tune: bool) -> list[tuple]:
             if batch == 1
             else {"splits2": {"num_splits": 2}, "splits8": {"num_splits": 8}}
         )
-        rows += [(f"sparse_sorted_{k}", sparse_op(**sorted_, **kw), True, None) for k, kw in extra.items()]
+        rows += [(f"sparse_sorted_{k}", sparse_op(**sorted_, **kw), True, None) for k, kw in extra.items()
+                 if only is None or k in only]
     return rows
 
 
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode-bench.json"))
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--tune", action="store_true", help="also time tile / split / warp / stage / combine variants")
+    p.add_argument("--only", nargs="*", default=None, help="with --tune: just these variants (e.g. noskip splits8)")
     p.add_argument("--check", action="store_true", help="first compare kernel and reference on small problems")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke run; times meaningless)")
     p.add_argument("--check-configs", type=int, default=8)
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     save({"op": "hbm_copy", "gbps": copy})
     for length in args.lengths:
         for batch in args.batches:
-            for name, op, sparse, cap in variants(length, batch, args.tune):
+            for name, op, sparse, cap in variants(length, batch, args.tune, args.only):
                 save(bench_row(name, op, length, batch, copy, sparse=sparse, capacity=cap, profile=not args.no_profile))
     return 0
 
