@@ -212,8 +212,8 @@ def _combine(o, lse):  # XLA form of _combine_kernel
 
 def sparse_decode_attention(
     q: Float[Array, "b t hq d"],
-    k_cache: Float[Array, "b L hkv d"],
-    v_cache: Float[Array, "b L hkv d"],
+    k_cache: Float[Array, "*layers b L hkv d"],
+    v_cache: Float[Array, "*layers b L hkv d"],
     lengths: Int[Array, " b"],
     *,
     window: int,
@@ -229,6 +229,7 @@ def sparse_decode_attention(
     num_stages: int = 2,
     skip_empty: bool = True,
     combine: str = "pallas",
+    layer: int | None = None,
     interpret: bool = False,
 ) -> Float[Array, "b t hq d"]:
     """Attention of t new tokens per sequence against a KV cache, reading only the slots each token can see.
@@ -251,10 +252,20 @@ def sparse_decode_attention(
     backend: "triton", "reference" (dense masked softmax, any device) or "auto" (triton on GPU). Tuning:
     num_splits (programs per (row, kv head); default: about 264 programs in all), tile (slots per step, a power
     of two >= 16), num_warps, num_stages, skip_empty, combine ("pallas": a second small kernel merges the
-    splits; "xla": the same math as XLA ops)."""
+    splits; "xla": the same math as XLA ops).
+
+    layer: with a stacked cache k_cache / v_cache [layers, b, L, hkv, d] (a model's cache), the layer to read.
+    The kernel then indexes that layer itself: slicing cache[layer] outside would make XLA copy the whole layer's
+    K/V (every slot, not just the visible ones) before the kernel on every decode step."""
     b, t, hq, d = q.shape
-    L, hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d:
+    if layer is not None:
+        if k_cache.ndim != 5 or not 0 <= layer < k_cache.shape[0]:
+            raise ValueError(f"layer={layer} needs a stacked cache [layers, b, L, hkv, d] holding that layer, got "
+                             f"k_cache {k_cache.shape}")
+    elif k_cache.ndim != 4:
+        raise ValueError(f"k_cache {k_cache.shape} must be [b, L, hkv, d] (or [layers, b, L, hkv, d] with layer=)")
+    L, hkv = k_cache.shape[-3], k_cache.shape[-2]
+    if k_cache.shape != v_cache.shape or k_cache.shape[-4] != b or k_cache.shape[-1] != d:
         raise ValueError(f"k_cache {k_cache.shape} / v_cache {v_cache.shape} do not fit q {q.shape}")
     if hq % hkv:
         raise ValueError(f"kv heads ({hkv}) must divide query heads ({hq})")
@@ -275,8 +286,8 @@ def sparse_decode_attention(
 
         return reference.sparse_decode_attention(
             q,
-            k_cache,
-            v_cache,
+            k_cache if layer is None else k_cache[layer],
+            v_cache if layer is None else v_cache[layer],
             lengths,
             window=window,
             num_global=num_global,
@@ -300,19 +311,23 @@ def sparse_decode_attention(
     tuning = dict(num_splits=num_splits, tile=tile, num_warps=num_warps, num_stages=num_stages)
     o, lse = decode_partials(
         q, k_cache, v_cache, lengths, kv_start, crit, window=window, num_global=num_global, sm_scale=sm_scale,
-        skip_empty=skip_empty, interpret=interpret, **tuning
+        skip_empty=skip_empty, layer=layer, interpret=interpret, **tuning
     )
     return combine_splits(o, lse, q.shape, q.dtype, combine=combine, interpret=interpret)
 
 
 def decode_partials(
     q, k_cache, v_cache, lengths, kv_start, crit, *, window, num_global, sm_scale, num_splits, tile, num_warps,
-    num_stages, skip_empty, interpret
+    num_stages, skip_empty, interpret, layer=None
 ):
     """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2).
-    `crit` ([b, c] with equal entries adjacent, or None) is read as given."""
+    `crit` ([b, c] with equal entries adjacent, or None) is read as given; `layer` indexes a stacked cache."""
     b, t, hq, d = q.shape
-    L, hkv = k_cache.shape[1], k_cache.shape[2]
+    L, hkv = k_cache.shape[-3], k_cache.shape[-2]
+    if layer is None:
+        kv_spec = pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, L, None, d), lambda bi, h, s: (layer, bi, 0, h, 0))
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
     group = hq // hkv
     tg = t * group
@@ -353,8 +368,8 @@ def decode_partials(
             pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
             pl.BlockSpec((None, crit.shape[1]), lambda bi, h, s: (bi, 0)),
             pl.BlockSpec((None, t * hq, d), lambda bi, h, s: (bi, 0, 0)),
-            pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0)),
-            pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0)),
+            kv_spec,
+            kv_spec,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, tg, d), lambda bi, h, s: (bi, h, s, 0, 0)),

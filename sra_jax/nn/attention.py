@@ -142,8 +142,6 @@ class SparseReasoningAttention(nnx.Module):
             spec = masks.SRAMaskSpec.create(positions, chosen.critical, segment_ids=segment_ids, **rule)
         else:
             cache = self._write_cache(cache, k, v, chosen.critical, threshold)
-            k = cache.k[self.layer].astype(q.dtype)
-            v = cache.v[self.layer].astype(q.dtype)
             spec = masks.SRAMaskSpec.create(
                 positions,
                 chosen.critical,
@@ -152,8 +150,10 @@ class SparseReasoningAttention(nnx.Module):
                 **rule,
             )
         if self._uses_decode_kernel(s, cache):
-            out = self._decode_attention(q, k, v, spec, cache, chosen.critical)
+            out = self._decode_attention(q, spec, cache, chosen.critical)
         else:
+            if cache is not None:  # this layer's keys: a slice of the stacked cache (the decode kernel needs none)
+                k, v = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype)
             out = attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
         out = self.o_proj(out.reshape(b, s, hq * hd))
 
@@ -182,14 +182,13 @@ class SparseReasoningAttention(nnx.Module):
     def _decode_attention(
         self,
         q: Float[Array, "b s h d"],
-        k: Float[Array, "b n kv d"],
-        v: Float[Array, "b n kv d"],
         spec: masks.SRAMaskSpec,
         cache: KVCache,
         q_critical: Bool[Array, "b s"],
     ) -> Float[Array, "b s h d"]:
         """The sparse decode kernel when the cache has the left-padded layout it reads (checked at run time on the
-        positions), else the general path (see sra_jax.nn.decode)."""
+        positions), else the general path (see sra_jax.nn.decode). The kernel reads this layer straight from the
+        stacked cache (no per-step copy of the layer's K/V); the general path slices it inside its branch."""
         lengths = cache.index + q.shape[1]
         kv_start, ok = decode.left_padded_layout(cache.positions, lengths)
         if self.sra is None:
@@ -203,12 +202,17 @@ class SparseReasoningAttention(nnx.Module):
             )
 
         def kernel():
+            if cache.k.dtype == q.dtype:
+                k, v, layer = cache.k, cache.v, self.layer
+            else:  # the kernel's dots want one dtype: convert (and copy) this layer
+                k, v, layer = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype), None
             return decode.sparse_decode(
-                q, k, v, lengths=lengths, kv_start=kv_start, q_critical=q_critical,
+                q, k, v, layer=layer, lengths=lengths, kv_start=kv_start, q_critical=q_critical,
                 decode_kernel=self.decode_kernel, **rule,
             )
 
         def general():
+            k, v = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype)
             return attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
 
         return jax.lax.cond(ok, kernel, general)

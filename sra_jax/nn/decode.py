@@ -55,9 +55,10 @@ def critical_slots(critical: Bool[Array, "b n"]) -> Int[Array, "b n"]:
 
 def sparse_decode(
     q: Float[Array, "b t hq d"],
-    k: Float[Array, "b n hkv d"],
-    v: Float[Array, "b n hkv d"],
+    k: Float[Array, "*layers b n hkv d"],
+    v: Float[Array, "*layers b n hkv d"],
     *,
+    layer: int | None = None,
     lengths: Int[Array, ""],
     kv_start: Int[Array, " b"],
     window: int,
@@ -69,7 +70,8 @@ def sparse_decode(
 ) -> Float[Array, "b t hq d"]:
     """SRA attention of the t new tokens (already in the cache, slots lengths - t .. lengths - 1) through the sparse
     decode kernel. `k_critical` None means no critical slots (dense layers pass window = cache length);
-    `q_critical` is the new tokens' flags, used when queries == "critical"."""
+    `q_critical` is the new tokens' flags, used when queries == "critical". With `layer`, k / v are the model's
+    stacked cache [layers, b, n, hkv, d] and the kernel reads that layer in place."""
     import pallas_kernels
 
     b, t = q.shape[:2]
@@ -78,6 +80,7 @@ def sparse_decode(
         window=window,
         num_global=num_global,
         kv_start=kv_start,
+        layer=layer,
         backend=backend,
         interpret=decode_kernel == "interpret",
     )

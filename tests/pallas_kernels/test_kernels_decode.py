@@ -197,3 +197,28 @@ def test_empty_critical_lists_match_no_list():
             q, kc, vc, lengths, critical_indices=crit, backend="triton", interpret=True, tile=16, num_splits=2, **kw
         )
         assert rel_err(got, want) < TOL[jnp.float32]
+
+
+def test_stacked_cache_layer_reads_that_layer():
+    """layer= on a [layers, b, L, hkv, d] cache equals the same call on cache[layer] (kernel and reference), and a
+    different layer gives a different answer (the index really selects)."""
+    b, t, hq, hkv, layers = 2, 1, 4, 2, 3
+    keys = jax.random.split(jax.random.PRNGKey(12), layers)
+    q = qkv(keys[0], b, t, L, hq, hkv, D, jnp.float32)[0]
+    kcs, vcs = zip(*(qkv(key, b, t, L, hq, hkv, D, jnp.float32)[1:] for key in keys))
+    kc, vc = jnp.stack(kcs), jnp.stack(vcs)
+    crit = jnp.array([[3, 9, 20, -1], [5, 7, -1, -1]])
+    kw = dict(window=6, num_global=1, critical_indices=crit, kv_start=jnp.array([0, 2]), critical_sorted=True)
+    lengths = jnp.array([L, 40])
+    run = dict(backend="triton", interpret=True, tile=16, num_splits=2)
+    for layer in (0, 2):
+        want = pk.sparse_decode_attention(q, kc[layer], vc[layer], lengths, backend="reference", **kw)
+        for backend_kw in (run, dict(backend="reference")):
+            got = pk.sparse_decode_attention(q, kc, vc, lengths, layer=layer, **kw, **backend_kw)
+            assert rel_err(got, want) < TOL[jnp.float32]
+    other = pk.sparse_decode_attention(q, kc[1], vc[1], lengths, backend="reference", **kw)
+    assert rel_err(other, want) > 1e-2
+    with pytest.raises(ValueError, match="layer=3"):
+        pk.sparse_decode_attention(q, kc, vc, lengths, layer=3, **kw)
+    with pytest.raises(ValueError, match=r"\[b, L, hkv, d\]"):
+        pk.sparse_decode_attention(q, kc, vc, lengths, **kw)
