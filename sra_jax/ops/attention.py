@@ -224,7 +224,7 @@ def attention(
             return _causal_prefix(q, k, v, causal, sm_scale, impl)
         if spec is not None and _may_be_prefix_causal(spec):
             return jax.lax.cond(
-                _is_prefix_causal(spec.q_positions),
+                _is_prefix_causal(spec),
                 lambda: _causal_prefix(q, k, v, spec.q_positions, sm_scale, impl),
                 lambda: _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl),
             )
@@ -236,28 +236,44 @@ def attention(
 
 
 def _may_be_prefix_causal(spec: SRAMaskSpec) -> bool:
-    """Static part: self-attention, no segments, and a window that covers every pair of a sequence of this length
-    (so critical and global keys add nothing and the rule is plain causal by position)."""
-    return spec.keys_are_queries and spec.q_segment_ids is None and spec.window >= spec.shape[1]
+    """Static part: no segments, at least as many key slots as queries, and a window that covers every pair (so
+    critical and global keys add nothing and the rule is plain causal by position). Keys are the queries
+    (self-attention) or a cache whose first slots the queries were just written to (prefill)."""
+    _, sq, sk = spec.shape
+    return (
+        spec.q_segment_ids is None
+        and spec.k_segment_ids is None
+        and sq <= sk
+        and spec.window >= sk
+    )
 
 
-def _is_prefix_causal(positions: Int[Array, "b s"]) -> Bool[Array, ""]:
-    """Runtime part: every valid position equals its index and the valid tokens of each row form a prefix."""
+def _is_prefix_causal(spec: SRAMaskSpec) -> Bool[Array, ""]:
+    """Runtime part: every valid query position equals its index, the valid queries of each row form a prefix,
+    and key slot j holds query j's position (keys beyond the queries are empty), e.g. a prefill from slot 0."""
+    positions = spec.q_positions
     valid = positions >= 0
     in_order = jnp.all(jnp.where(valid, positions == jnp.arange(positions.shape[1]), True))
-    return in_order & jnp.all(valid[:, 1:] <= valid[:, :-1])
+    ok = in_order & jnp.all(valid[:, 1:] <= valid[:, :-1])
+    if spec.keys_are_queries:
+        return ok
+    sq = positions.shape[1]
+    same = jnp.all(spec.k_positions[:, :sq] == positions) & jnp.all(spec.k_positions[:, sq:] < 0)
+    return ok & same
 
 
 @partial(jax.jit, static_argnames=("sm_scale", "implementation"))
 def _causal_prefix(
     q: Float[Array, "b s hq d"],
-    k: Float[Array, "b s hkv d"],
-    v: Float[Array, "b s hkv d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
     positions: Int[Array, "b s"],
     sm_scale: float,
     implementation: str,
 ) -> Float[Array, "b s hq d"]:
-    """Causal attention over the first `lengths` tokens of each row; padding rows return 0 (zero gradient)."""
+    """Causal attention over the first `lengths` tokens of each row; padding rows return 0 (zero gradient).
+    With more key slots than queries (a cache), query i sees slots j <= i (top-left causal, as jax's xla and
+    cuDNN paths both align it) within the row's length."""
     _check_cudnn_backend(implementation)
     valid = positions >= 0
     lengths = valid.sum(-1, dtype=jnp.int32)

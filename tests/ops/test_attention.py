@@ -244,8 +244,45 @@ def test_dense_causal_spec_fast_path_matches_the_mask_path(positions, fast):
     positions = jnp.asarray(positions, jnp.int32)
     spec = SRAMaskSpec.create(positions, jnp.zeros((B, S), bool), window=2**30, num_global=0, max_critical=0)
     assert _may_be_prefix_causal(spec)
-    assert bool(_is_prefix_causal(positions)) == fast
+    assert bool(_is_prefix_causal(spec)) == fast
     q, k, v = qkv(11, B, S, S, HQ, HKV)
+    want = naive_attention(q, k, v, spec.to_mask())
+    np.testing.assert_allclose(attention(q, k, v, spec=spec, impl="xla"), want, **TOL)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, spec=spec, impl=impl)))
+
+    got = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, **TOL)
+
+
+@pytest.mark.parametrize(
+    "q_positions, k_positions, fast",
+    [
+        ([[0, 1, 2, 3], [0, 1, -1, -1]], [[0, 1, 2, 3, -1, -1, -1, -1], [0, 1, -1, -1, -1, -1, -1, -1]], True),
+        # the cache already holds earlier tokens: the queries are not the first slots
+        ([[2, 3, 4, 5], [2, 3, 4, 5]], [[0, 1, 2, 3, 4, 5, -1, -1], [0, 1, 2, 3, 4, 5, -1, -1]], False),
+        # a stale entry after the prefill slots
+        ([[0, 1, 2, 3], [0, 1, 2, 3]], [[0, 1, 2, 3, -1, -1, -1, -1], [0, 1, 2, 3, 7, -1, -1, -1]], False),
+        # left-padded prompts (what generate builds): the mask path
+        ([[0, 1, 2, 3], [-1, -1, 0, 1]], [[0, 1, 2, 3, -1, -1, -1, -1], [-1, -1, 0, 1, -1, -1, -1, -1]], False),
+    ],
+)
+def test_prefill_into_a_cache_takes_the_fused_causal_path_only_when_it_is_plain_causal(q_positions, k_positions,
+                                                                                        fast):
+    """A dense prefill writes its tokens to the first cache slots and attends over the whole cache: the fused causal
+    kernel (top-left causal over the row's length) is exact then, and every other layout takes the mask path."""
+    from sra_jax.ops.attention import _is_prefix_causal, _may_be_prefix_causal
+
+    q_pos, k_pos = jnp.asarray(q_positions, jnp.int32), jnp.asarray(k_positions, jnp.int32)
+    sq, sk = q_pos.shape[1], k_pos.shape[1]
+    spec = SRAMaskSpec.create(q_pos, jnp.zeros((B, sq), bool), k_positions=k_pos, k_critical=jnp.zeros((B, sk), bool),
+                              window=2**30, num_global=0)
+    assert _may_be_prefix_causal(spec)
+    assert bool(_is_prefix_causal(spec)) == fast
+    q, k, v = qkv(13, B, sq, sk, HQ, HKV)
     want = naive_attention(q, k, v, spec.to_mask())
     np.testing.assert_allclose(attention(q, k, v, spec=spec, impl="xla"), want, **TOL)
 
