@@ -116,7 +116,9 @@ class SparseReasoningAttention(nnx.Module):
             shared_out = shared
         else:
             router_logits = self.router(x)
-            chosen, threshold = self._select(router_logits, valid, key=key, critical=critical, cache=cache, tau=tau)
+            chosen, threshold = self._select(
+                router_logits, valid, key=key, critical=critical, cache=cache, tau=tau, segment_ids=segment_ids
+            )
             shared_out = SharedSelection(router_logits, chosen, threshold)
         if self.sra is not None:
             # Identity in the forward pass; carries d loss / d gate to the router (see sra_jax.nn.router).
@@ -130,8 +132,9 @@ class SparseReasoningAttention(nnx.Module):
             window = num_slots if self.attention_impl in ("gather", "pallas") else _UNBOUNDED_WINDOW
             rule = dict(window=window, num_global=0, max_critical=0)
         else:
-            # At most k critical keys per row, unless the caller forced the sets or a cache holds earlier ones.
-            bounded = critical is None and cache is None
+            # At most k critical keys per row, unless the caller forced the sets or a cache holds earlier ones, or the
+            # row is packed (each segment takes num_critical(its length); the sum of those can exceed the row's k).
+            bounded = critical is None and cache is None and segment_ids is None
             rule = dict(
                 window=self.sra.window,
                 num_global=self.sra.num_global,
@@ -226,11 +229,13 @@ class SparseReasoningAttention(nnx.Module):
         critical: Bool[Array, "b s"] | None,
         cache: KVCache | None,
         tau: float | Float[Array, ""] | None = None,
+        segment_ids: Int[Array, "b s"] | None = None,
     ) -> tuple[Selection, Float[Array, " b"] | None]:
         """The critical set of this call's tokens and, with a cache, the decode threshold.
 
         On an empty cache (prefill) the set is the router's top-k selection and the threshold becomes its k-th largest
         score; on later calls a token is critical iff its score >= the stored threshold. `critical` overrides both.
+        With `segment_ids` (packed rows, never with a cache) each segment selects its own num_critical(length) tokens.
         In the "bernoulli" mode the cut is fixed, not taken from the prompt: a decoded token is critical iff its
         score > 0 (the stored threshold is 0), the rule prefill itself applies without a key (there capped at k).
         """
@@ -239,9 +244,13 @@ class SparseReasoningAttention(nnx.Module):
         k = self.sra.num_critical(router_logits.shape[-1])
         k_rows = critical_counts(self.sra, valid)
         if critical is not None:
-            chosen = forced_selection(router_logits, critical, k, valid=valid, sra=self.sra, tau=tau)
+            chosen = forced_selection(
+                router_logits, critical, k, valid=valid, sra=self.sra, tau=tau, segment_ids=segment_ids
+            )
         else:
-            chosen = select(router_logits, k_rows, self.sra, valid=valid, key=key, tau=tau, k_max=k)
+            chosen = select(
+                router_logits, k_rows, self.sra, valid=valid, key=key, tau=tau, k_max=k, segment_ids=segment_ids
+            )
         if cache is None:
             return chosen, None
         prefill = cache.index == 0

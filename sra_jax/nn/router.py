@@ -71,11 +71,16 @@ def critical_counts(sra: SRAConfig, valid: Bool[Array, "b s"]) -> Int[Array, " b
     """k_row of each row: `sra.num_critical(valid tokens of the row)` (ceil(critical_fraction * valid), clamped to
     [1, valid]), 0 for a row with no valid token. Padding never inflates k. Exactly SRAConfig.num_critical's rounding:
     a table of it over 0..s (float64, as the config computes) is indexed by the valid count."""
-    counts = np.arange(valid.shape[-1] + 1)
+    return count_table(sra, valid.shape[-1])[valid.sum(-1)]
+
+
+def count_table(sra: SRAConfig, n: int) -> Int[Array, " m"]:
+    """`sra.num_critical(length)` for every length 0..n (0 for length 0): the count of a row or packed segment."""
+    counts = np.arange(n + 1)
     # Same float64 arithmetic as SRAConfig.num_critical (the tests compare the two on every count).
     table = np.clip(np.ceil(sra.critical_fraction * counts - 1e-9), 1, np.maximum(counts, 1)).astype(np.int32)
     table[0] = 0
-    return jnp.asarray(table)[valid.sum(-1)]
+    return jnp.asarray(table)
 
 
 def _indices_to_mask(indices: Int[Array, "b k"], n: int) -> Bool[Array, "b n"]:
@@ -103,6 +108,7 @@ def select(
     key: jax.Array | None = None,
     tau: float | Float[Array, ""] | None = None,
     k_max: int | None = None,
+    segment_ids: Int[Array, "b s"] | None = None,
 ) -> Selection:
     """Critical set of k tokens per row from router `logits` (only `valid` tokens can be chosen). `k` is an int, or
     per-row counts (e.g. `critical_counts(sra, valid)`) under the static bound `k_max` (default s); the log-prob then
@@ -114,9 +120,14 @@ def select(
     kept (the highest logits; the cap is the static bound), gate = binary-concrete straight-through; without a key the
     cut logit > 0. Otherwise (topk, or gumbel_topk without a key): deterministic top-k, constant gate. `tau` (may be
     traced, so annealing it does not recompile) defaults to sra.tau.
+
+    `segment_ids` (packed rows): each segment selects num_critical(its valid tokens) of its own tokens instead (`k`
+    and `k_max` are then unused), see `segment_select`.
     """
     n = logits.shape[-1]
     tau = sra.tau if tau is None else tau
+    if segment_ids is not None:
+        return segment_select(logits, segment_ids, sra, valid=valid, key=key, tau=tau)
     size = _static_bound(k, n, k_max)
     if sra.selection == "bernoulli":
         critical, gate = sel.bernoulli_select(logits, size, key=key, tau=tau, hard=sra.hard, valid=valid)
@@ -144,6 +155,43 @@ def select(
     return Selection(critical, gate, log_prob)
 
 
+def _check_segment_mode(sra: SRAConfig) -> None:
+    if sra.selection not in ("topk", "gumbel_topk"):
+        raise ValueError(f"per-segment selection (packed rows, segment_ids given) supports sra.selection 'topk' and "
+                         f"'gumbel_topk', not {sra.selection!r}: its set is not a per-segment top-k (bernoulli caps "
+                         f"a row, sparsemax normalises over a row); use one example per row")
+
+
+def segment_select(
+    logits: Float[Array, "b s"],
+    segment_ids: Int[Array, "b s"],
+    sra: SRAConfig,
+    *,
+    valid: Bool[Array, "b s"],
+    key: jax.Array | None = None,
+    tau: float | Float[Array, ""] | None = None,
+) -> Selection:
+    """Per-segment selection for packed rows: segment g of a row selects k_g = sra.num_critical(its valid tokens) of
+    its own tokens, ranked only against them, exactly as if its example ran alone in its row: gumbel_topk with a key
+    draws each segment independently (critical set, straight-through gate and Plackett-Luce log-prob those of
+    `select` on the segment alone, given the same per-token Gumbel noise); topk (or no key) takes each segment's
+    top-k_g. The log-prob of a row is the sum over its segments. topk and gumbel_topk only (others raise)."""
+    _check_segment_mode(sra)
+    tau = sra.tau if tau is None else tau
+    counts = count_table(sra, logits.shape[-1])
+    if sra.selection == "gumbel_topk" and key is not None:
+        scores = logits + jax.random.gumbel(key, logits.shape, jnp.float32)
+        critical = sel.segment_topk_mask(jax.lax.stop_gradient(scores), segment_ids, counts, valid=valid)
+        gate = sel.segment_relaxed_topk(scores, segment_ids, counts, tau=tau, valid=valid)
+        if sra.hard:
+            gate = critical.astype(gate.dtype) + (gate - jax.lax.stop_gradient(gate))
+        log_prob = sel.segment_topk_log_prob(logits, critical, segment_ids, order=scores, valid=valid)
+        return Selection(critical, gate.astype(jnp.float32), log_prob)
+    critical = sel.segment_topk_mask(logits, segment_ids, counts, valid=valid)
+    log_prob = sel.segment_topk_log_prob(logits, critical, segment_ids, valid=valid)
+    return Selection(critical, critical.astype(jnp.float32), log_prob)
+
+
 def forced_selection(
     logits: Float[Array, "b s"],
     critical: Bool[Array, "b s"],
@@ -152,12 +200,19 @@ def forced_selection(
     valid: Bool[Array, "b s"],
     sra: SRAConfig | None = None,
     tau: float | Float[Array, ""] | None = None,
+    segment_ids: Int[Array, "b s"] | None = None,
 ) -> Selection:
     """A caller-given critical set (static masks, RL replay, tests). Its log-prob: for sra.selection == "bernoulli"
     the exact Bernoulli log-prob with cap k (`ops.selection.bernoulli_log_prob`); otherwise the Plackett-Luce
     log-prob of the set ordered by the current logits, over each row's own set size (at most k draws): exact for the
-    draw when the set was drawn in descending-logit order."""
+    draw when the set was drawn in descending-logit order. With `segment_ids` (packed rows): the sum over segments of
+    each segment's own Plackett-Luce log-prob (topk / gumbel_topk only)."""
     critical = critical & valid
+    if segment_ids is not None:
+        if sra is not None:
+            _check_segment_mode(sra)
+        log_prob = sel.segment_topk_log_prob(logits, critical, segment_ids, valid=valid)
+        return Selection(critical, critical.astype(jnp.float32), log_prob)
     k = min(k, logits.shape[-1])
     if sra is not None and sra.selection == "bernoulli":
         tau = sra.tau if tau is None else tau

@@ -7,6 +7,7 @@ All math runs in float32 (or wider); results come back in the logits' dtype.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,12 @@ def _gumbel_topk_indices(logits: Array, k_rows: Array | None, key: Array, valid:
     return _first_k(_masked_topk_indices(_gumbel_perturb(logits, key), valid, size), k_rows)
 
 
-def _relaxed_topk(scores: Array, valid: Array, k: int | Array, tau: float | Array) -> Array:
+def _row_reduce(x: Array, op: str) -> Array:
+    """Reduce over the last axis, keeping it (size 1): the group of a token is its whole row."""
+    return getattr(jnp, op)(x, axis=-1, keepdims=True)
+
+
+def _relaxed_topk(scores: Array, valid: Array, k: int | Array, tau: float | Array, reduce=_row_reduce) -> Array:
     """Relaxed k-hot sigmoid((s - t) / tau), with the threshold t set so the entries sum to k (an int, or per-row
     counts with a trailing axis of 1).
 
@@ -128,18 +134,20 @@ def _relaxed_topk(scores: Array, valid: Array, k: int | Array, tau: float | Arra
     exactly k, and tends to the hard top-k as tau -> 0. t is found by bisection without gradient, then one
     Newton step on sum(sigmoid) = k is taken with gradient: at the root that step carries the implicit-function
     gradient dt/ds_i = sigmoid'_i / sum_j sigmoid'_j, so the relaxation's Jacobian respects the sum constraint.
+    `reduce(x, op)` ("sum" / "min" / "max") gives each token the reduction over its group (default: its row;
+    per packed segment see `segment_relaxed_topk`), so each group gets its own threshold.
     """
-    count = jnp.sum(valid, axis=-1, keepdims=True)
+    count = reduce(valid.astype(jnp.int32), "sum")
     target = jnp.minimum(k, count).astype(scores.dtype)
-    lowest = jnp.min(jnp.where(valid, scores, jnp.inf), axis=-1, keepdims=True)
-    highest = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=-1, keepdims=True)
+    lowest = reduce(jnp.where(valid, scores, jnp.inf), "min")
+    highest = reduce(jnp.where(valid, scores, -jnp.inf), "max")
     # sigmoid(+-40) is 1 / 0 in float32, so the root lies within 40 tau beyond the extreme scores.
     bounds = (lowest - 40.0 * tau, highest + 40.0 * tau)
     bounds = tuple(jnp.where(count > 0, bound, 0.0) for bound in jax.lax.stop_gradient(bounds))
 
     def soft_count(threshold):
         z = jnp.where(valid, (scores - threshold) / tau, -jnp.inf)
-        return jax.nn.sigmoid(z), jnp.sum(jax.nn.sigmoid(z), axis=-1, keepdims=True)
+        return jax.nn.sigmoid(z), reduce(jax.nn.sigmoid(z), "sum")
 
     def bisect(_, interval):
         low, high = interval
@@ -150,7 +158,7 @@ def _relaxed_topk(scores: Array, valid: Array, k: int | Array, tau: float | Arra
     low, high = jax.lax.fori_loop(0, 60, bisect, jax.lax.stop_gradient(bounds))
     threshold = jax.lax.stop_gradient(0.5 * (low + high))
     probs, total = soft_count(threshold)
-    slope = jnp.sum(probs * (1.0 - probs), axis=-1, keepdims=True) / tau
+    slope = reduce(probs * (1.0 - probs), "sum") / tau
     # A flat slope means every valid entry is saturated (k >= count, handled below); dividing by 1 there keeps
     # the unused branch's gradient finite, since where() would turn its inf * 0 into NaN.
     threshold = threshold + (total - target) / jnp.where(slope > 1e-20, slope, 1.0)
@@ -345,3 +353,178 @@ def bernoulli_log_prob(
     full = critical.sum(-1, keepdims=True) < k_max
     counted = valid & ~critical & (full | _rank_above(logits, critical))
     return jnp.sum(jnp.where(critical, log_p, 0.0) + jnp.where(counted, log_not_p, 0.0), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-segment selection (sequence packing): a row holds several examples told apart by segment ids; each segment g
+# selects counts[len_g] of its own valid tokens, ranked only against them, exactly as if it were alone in its row.
+#
+# Design: one stable sort of each row by (invalid last, segment id, ranking score descending, index ascending) puts
+# every segment's tokens next to each other in the order `jax.lax.top_k` would draw them alone (it breaks ties by the
+# lower index); a token's rank within its segment is its sorted position minus its segment's first position. Group
+# reductions (sizes, the relaxed top-k's threshold, min / max) are segment sums over that first position, and the
+# Plackett-Luce normalisers are a reverse cumulative logsumexp that restarts at each segment. O(n log n) per row and
+# no static bound on the number of segments (ids may be any integers; a segment need not be contiguous).
+
+
+class _Layout(NamedTuple):
+    order: Array  # [*b, n] sorted position -> token index
+    inverse: Array  # [*b, n] token index -> sorted position
+    first: Array  # [*b, n] (sorted layout) position of the first token of the same group; groups are segments
+    group: Array  # [*b, n] (token layout) group slot in [0, n) of a valid token, n for an invalid one
+
+
+def _segment_layout(rank_by: Array, valid: Array, segment_ids: Array, drawn_first: Array | None = None) -> _Layout:
+    """Sort each row by (invalid last, segment id, not drawn (when given), rank_by descending, index)."""
+    n = rank_by.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), rank_by.shape)
+    invalid = (~valid).astype(jnp.int32)
+    keys = [invalid, segment_ids.astype(jnp.int32)]
+    if drawn_first is not None:
+        keys.append((~drawn_first).astype(jnp.int32))
+    keys += [-rank_by, index]
+    order = jax.lax.sort(tuple(keys), dimension=-1, num_keys=len(keys))[-1]
+    inverse = jnp.argsort(order, axis=-1)
+    sorted_invalid = jnp.take_along_axis(invalid, order, axis=-1)
+    sorted_segment = jnp.take_along_axis(segment_ids, order, axis=-1)
+    changes = (sorted_invalid[..., 1:] != sorted_invalid[..., :-1]) | (sorted_segment[..., 1:] != sorted_segment[..., :-1])
+    starts = jnp.concatenate([jnp.ones_like(changes[..., :1]), changes], axis=-1)
+    position = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), rank_by.shape)
+    first = jax.lax.cummax(jnp.where(starts, position, 0), axis=position.ndim - 1)
+    group = jnp.where(valid, jnp.take_along_axis(first, inverse, axis=-1), n)
+    return _Layout(order, inverse, first, group)
+
+
+def _group_reduce(group: Array):
+    """`reduce(x, op)` for `_relaxed_topk`: each token gets the op-reduction of x over its group (slot n = invalid)."""
+    n = group.shape[-1]
+    flat_group = group.reshape(-1, n)
+    ops = dict(sum=jax.ops.segment_sum, min=jax.ops.segment_min, max=jax.ops.segment_max)
+
+    def reduce(x: Array, op: str) -> Array:
+        per_group = jax.vmap(lambda v, g: ops[op](v, g, num_segments=n + 1))(x.reshape(-1, n), flat_group)
+        return jnp.take_along_axis(per_group, flat_group, axis=-1).reshape(x.shape)
+
+    return reduce
+
+
+def _check_segments(logits: Array, segment_ids: Array, counts: Array) -> None:
+    if segment_ids.shape != logits.shape:
+        raise ValueError(f"segment_ids shape {segment_ids.shape} must equal logits shape {logits.shape}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers, got dtype {segment_ids.dtype}")
+    if counts.ndim != 1 or counts.shape[0] != logits.shape[-1] + 1 or not jnp.issubdtype(counts.dtype, jnp.integer):
+        raise ValueError(f"counts must be integers of shape ({logits.shape[-1] + 1},) (the count of a segment of "
+                         f"each length 0..n), got shape {counts.shape} dtype {counts.dtype}")
+
+
+def _segment_counts(layout: _Layout, valid: Array, counts: Array) -> Array:
+    """counts[valid length of the token's segment], per token (token layout)."""
+    length = _group_reduce(layout.group)(valid.astype(jnp.int32), "sum")
+    return counts[length]
+
+
+def segment_topk_mask(
+    scores: Float[Array, "*b n"],
+    segment_ids: Int[Array, "*b n"],
+    counts: Int[Array, " m"],
+    *,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> Bool[Array, "*b n"]:
+    """Per-segment top-k: True at the counts[len_g] largest valid scores of each segment g (len_g its valid tokens),
+    ties broken by the lower index as `jax.lax.top_k` does, i.e. `topk_mask` of each segment run alone in its row.
+    `counts` has n + 1 entries (the count for each segment length 0..n). Pass Gumbel-perturbed scores for a draw."""
+    _check_segments(scores, segment_ids, counts)
+    return _segment_topk_mask(scores, segment_ids, counts, _valid_or_all(scores, valid))
+
+
+@jax.jit
+def _segment_topk_mask(scores: Array, segment_ids: Array, counts: Array, valid: Array) -> Array:
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    layout = _segment_layout(scores, valid, segment_ids)
+    n = scores.shape[-1]
+    rank = jnp.take_along_axis(jnp.arange(n) - layout.first, layout.inverse, axis=-1)
+    return valid & (rank < _segment_counts(layout, valid, counts))
+
+
+def segment_relaxed_topk(
+    scores: Float[Array, "*b n"],
+    segment_ids: Int[Array, "*b n"],
+    counts: Int[Array, " m"],
+    *,
+    tau: float | Float[Array, ""] = 1.0,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> Float[Array, "*b n"]:
+    """The relaxed k-hot of `relaxed_topk` per segment: each segment g gets its own threshold, its entries sum to
+    counts[len_g], and values and gradients equal those of the segment run alone in its row."""
+    _check_segments(scores, segment_ids, counts)
+    _check_tau(tau)
+    return _segment_relaxed_topk(scores, segment_ids, counts, tau, _valid_or_all(scores, valid))
+
+
+@jax.jit
+def _segment_relaxed_topk(scores, segment_ids, counts, tau, valid):
+    dtype = scores.dtype
+    scores = scores.astype(jnp.promote_types(dtype, jnp.float32))
+    layout = _segment_layout(jax.lax.stop_gradient(scores), valid, segment_ids)
+    k = _segment_counts(layout, valid, counts)
+    return _relaxed_topk(scores, valid, k, tau, reduce=_group_reduce(layout.group)).astype(dtype)
+
+
+def relaxed_topk(
+    scores: Float[Array, "*b n"],
+    k: int | Int[Array, "*b"],
+    *,
+    tau: float | Float[Array, ""] = 1.0,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> Float[Array, "*b n"]:
+    """The soft relaxation `gumbel_topk(hard=False)` computes, of given (already perturbed) scores: values in [0, 1]
+    summing to k per row (to the valid count if smaller). `k` an int or per-row counts."""
+    _check_tau(tau)
+    size, k_rows = _resolve_k(k, scores, None)
+    valid = _valid_or_all(scores, valid)
+    dtype = scores.dtype
+    scores = scores.astype(jnp.promote_types(dtype, jnp.float32))
+    return _relaxed_topk(scores, valid, size if k_rows is None else k_rows[..., None], tau).astype(dtype)
+
+
+def segment_topk_log_prob(
+    logits: Float[Array, "*b n"],
+    drawn: Bool[Array, "*b n"],
+    segment_ids: Int[Array, "*b n"],
+    *,
+    order: Float[Array, "*b n"] | None = None,
+    valid: Bool[Array, "*b n"] | None = None,
+) -> Float[Array, "*b"]:
+    """Sum over segments of the Plackett-Luce log-probability (`topk_log_prob`) of drawing the segment's `drawn`
+    tokens, in descending `order` (default: the logits; for a Gumbel draw its perturbed scores, ties by the lower
+    index), from softmax(logits) over the segment's valid tokens: the log-prob of independent per-segment draws.
+    Invalid tokens are never drawn and never in a normaliser."""
+    counts = jnp.zeros((logits.shape[-1] + 1,), jnp.int32)
+    _check_segments(logits, segment_ids, counts)
+    valid = _valid_or_all(logits, valid)
+    order = logits if order is None else order
+    if order.shape != logits.shape:
+        raise ValueError(f"order shape {order.shape} must equal logits shape {logits.shape}")
+    return _segment_topk_log_prob(logits, drawn & valid, segment_ids, order, valid)
+
+
+@jax.jit
+def _segment_topk_log_prob(logits, drawn, segment_ids, order, valid):
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    order = jax.lax.stop_gradient(order.astype(logits.dtype))
+    layout = _segment_layout(order, valid, segment_ids, drawn_first=drawn)
+    sorted_logits = jnp.take_along_axis(jnp.where(valid, logits, _MASKED), layout.order, axis=-1)
+    sorted_drawn = jnp.take_along_axis(drawn, layout.order, axis=-1)
+    n = logits.shape[-1]
+    # Position p is the last of its segment iff p + 1 starts another one (or p is the row's last position).
+    last = jnp.concatenate([layout.first[..., 1:] != layout.first[..., :-1], jnp.ones_like(drawn[..., :1])], axis=-1)
+
+    def combine(later, earlier):  # reverse scan: `later` accumulates positions above `earlier`
+        later_value, later_flag = later
+        value, flag = earlier
+        return jnp.where(flag, value, jnp.logaddexp(later_value, value)), later_flag | flag
+
+    # At drawn position p the tokens not yet drawn are exactly those at positions >= p of its segment.
+    remaining, _ = jax.lax.associative_scan(combine, (sorted_logits, last), reverse=True, axis=logits.ndim - 1)
+    return jnp.sum(jnp.where(sorted_drawn, sorted_logits - remaining, 0.0), axis=-1)

@@ -162,8 +162,9 @@ class DataConfig:
 
     pack: several whole examples per row of seq_len (first-fit over each epoch's order; for the endless synthetic
         task over chunks of 1024 problems), told apart by segment ids: attention never crosses examples and
-        positions restart at 0 in each. Supervised dense training only (see `TrainConfig` for why RL and SRA refuse
-        it). False: one example per row, right-padded.
+        positions restart at 0 in each. Supervised training only (loss.kind='sl': rewards are per row); with
+        `sra` the router selects per example (sra.selection 'topk' or 'gumbel_topk'). False: one example per row,
+        right-padded.
     """
 
     task: str = "synthetic"
@@ -270,12 +271,12 @@ class TrainConfig:
                              f"log-prob, the reward and its group advantage are one per row (GRPO also samples one "
                              f"prompt per row), so a packed row would give all its examples one shared reward; use "
                              f"loss.kind='sl' or data.pack=false")
-        if self.data.pack and self.sra is not None:
-            raise ValueError("data.pack=true cannot train with `sra` set: the router picks critical tokens by a "
-                             "per-row top-k (k = sra.critical_fraction * data.seq_len; every selection mode, "
-                             "bernoulli included, caps the row at k), so packed examples would compete for one "
-                             "budget and each one's critical set would depend on its row-mates; per-segment "
-                             "selection is not implemented. Set sra=null (dense) or data.pack=false")
+        if self.data.pack and self.sra is not None and self.sra.selection not in ("topk", "gumbel_topk"):
+            raise ValueError(f"data.pack=true cannot train with sra.selection={self.sra.selection!r}: packed rows "
+                             f"select per segment (each example takes sra.num_critical(its length) of its own "
+                             f"tokens, as if alone in its row), which only the fixed-k modes 'topk' and "
+                             f"'gumbel_topk' do (bernoulli caps a whole row, sparsemax normalises over a row); use one "
+                             f"of those or data.pack=false")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings}")

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 from jaxtyping import TypeCheckError
 
-from sra_jax.ops.selection import gumbel_topk, gumbel_topk_indices, sparsemax, topk_log_prob, topk_mask
+from sra_jax.ops.selection import (gumbel_topk, gumbel_topk_indices, relaxed_topk, segment_relaxed_topk,
+                                   segment_topk_log_prob, segment_topk_mask, sparsemax, topk_log_prob, topk_mask)
 
 
 def _logits(seed: int, shape: tuple[int, ...]) -> jax.Array:
@@ -395,3 +396,107 @@ def test_per_row_log_probs_of_all_draws_of_each_rows_size_sum_to_one(k_rows):
         log_probs = topk_log_prob(jnp.broadcast_to(logits[row], (m, n)), jnp.asarray(draws, jnp.int32),
                                   valid=jnp.broadcast_to(valid[row], (m, n)), k=jnp.full((m,), k, jnp.int32))
         np.testing.assert_allclose(np.exp(np.asarray(log_probs, np.float64)).sum(), 1.0, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-segment selection (packed rows): each segment behaves exactly like its example alone in a row.
+
+
+def _count_table(fraction: float, n: int) -> jnp.ndarray:
+    table = np.clip(np.ceil(fraction * np.arange(n + 1) - 1e-9), 1, None).astype(np.int32)
+    table[0] = 0
+    return jnp.asarray(table)
+
+
+@st.composite
+def packed_rows(draw):
+    """(scores, logits, segment_ids, valid, counts): rows of 1-4 segments (ids 1.. in order, any id per row may be
+    shuffled so segments need not be contiguous) then padding; scores on a coarse grid half the time (ties)."""
+    b, n = draw(st.integers(1, 3)), draw(st.integers(2, 14))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    segment_ids = np.zeros((b, n), np.int32)
+    for r in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, n + 1), size=min(n, draw(st.integers(1, 4))), replace=False))
+        start = 0
+        for g, end in enumerate(cuts, start=1):
+            segment_ids[r, start:end] = g
+            start = end
+        if draw(st.booleans()):
+            segment_ids[r] = rng.permutation(segment_ids[r])
+    valid = segment_ids > 0
+    scale = 0.5 if draw(st.booleans()) else 0.0
+    logits = rng.normal(size=(b, n)).astype(np.float32)
+    scores = logits + rng.gumbel(size=(b, n)).astype(np.float32)
+    if scale:
+        logits, scores = np.round(logits / scale) * scale, np.round(scores / scale) * scale
+    counts = _count_table(draw(st.sampled_from([0.1, 0.3, 0.5, 1.0])), n)
+    return jnp.asarray(scores), jnp.asarray(logits), jnp.asarray(segment_ids), jnp.asarray(valid), counts
+
+
+def _alone(segment_ids):
+    return [(r, np.flatnonzero(np.asarray(segment_ids)[r] == g))
+            for r in range(segment_ids.shape[0]) for g in np.unique(np.asarray(segment_ids)[r]) if g > 0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(packed_rows())
+def test_each_segment_selects_what_its_example_selects_alone_in_a_row(case):
+    scores, logits, segment_ids, valid, counts = case
+    mask = np.asarray(segment_topk_mask(scores, segment_ids, counts, valid=valid))
+    soft = np.asarray(segment_relaxed_topk(scores, segment_ids, counts, tau=0.5, valid=valid))
+    log_prob = np.asarray(segment_topk_log_prob(logits, jnp.asarray(mask), segment_ids, order=scores, valid=valid))
+    want_log_prob = np.zeros(scores.shape[0])
+    for r, where in _alone(segment_ids):
+        k = int(counts[where.size])
+        alone_scores, alone_logits = scores[r, where][None], logits[r, where][None]
+        np.testing.assert_array_equal(mask[r, where], np.asarray(topk_mask(alone_scores, k))[0])
+        # The same float32 ops on the same values; only the group sums' order may differ: a few ulps.
+        np.testing.assert_allclose(soft[r, where], np.asarray(relaxed_topk(alone_scores, k, tau=0.5))[0], atol=1e-5)
+        indices = jax.lax.top_k(alone_scores, k)[1]
+        want_log_prob[r] += float(topk_log_prob(alone_logits, indices)[0])
+    assert not mask[~np.asarray(valid)].any() and (soft[~np.asarray(valid)] == 0).all()
+    # f32 sums over up to 14 terms of magnitude < ~30: rtol 1e-5 with a small absolute floor.
+    np.testing.assert_allclose(log_prob, want_log_prob, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_relaxation_gradient_is_that_of_each_segment_alone():
+    rng = np.random.default_rng(3)
+    scores = jnp.asarray(rng.normal(size=(1, 11)), jnp.float32)
+    segment_ids = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0]])
+    weights = jnp.asarray(rng.normal(size=(1, 11)), jnp.float32)
+    counts = _count_table(0.3, 11)
+    packed = jax.grad(lambda s: jnp.sum(weights * segment_relaxed_topk(s, segment_ids, counts, tau=0.7,
+                                                                        valid=segment_ids > 0)))(scores)
+    for where in (np.arange(4), np.arange(4, 10)):
+        k = int(counts[where.size])
+        alone = jax.grad(lambda s: jnp.sum(weights[:, where] * relaxed_topk(s, k, tau=0.7)))(scores[:, where])
+        np.testing.assert_allclose(packed[:, where], alone, atol=1e-6)
+        assert np.abs(np.asarray(alone)).max() > 1e-3  # a real gradient, not two zeros
+    assert packed[0, 10] == 0
+
+
+def test_segment_log_prob_differs_from_one_top_k_over_the_whole_row():
+    # Segment 1 holds the row's two largest logits: a row top-2 takes both, per-segment top-1 takes one from each.
+    logits = jnp.asarray([[5.0, 4.0, 0.0, -1.0]])
+    segment_ids = jnp.asarray([[1, 1, 2, 2]])
+    counts = jnp.asarray([0, 1, 1, 2, 2], jnp.int32)
+    mask = segment_topk_mask(logits, segment_ids, counts)
+    np.testing.assert_array_equal(mask, [[True, False, True, False]])
+    want = jax.nn.log_softmax(logits[0, :2])[0] + jax.nn.log_softmax(logits[0, 2:])[0]
+    np.testing.assert_allclose(segment_topk_log_prob(logits, mask, segment_ids), [want], rtol=1e-6)
+
+
+def test_segment_selection_rejects_bad_input():
+    logits = jnp.zeros((2, 5))
+    segment_ids = jnp.ones((2, 5), jnp.int32)
+    counts = _count_table(0.5, 5)
+    # Wrong shape / dtype: the ValueError, or under the test suite's jaxtyping hook its annotation check first.
+    with pytest.raises((ValueError, TypeCheckError)):
+        segment_topk_mask(logits, segment_ids[:, :4], counts)
+    with pytest.raises((ValueError, TypeCheckError)):
+        segment_topk_mask(logits, segment_ids.astype(jnp.float32), counts)
+    with pytest.raises(ValueError, match=r"counts must be integers of shape \(6,\)"):
+        segment_relaxed_topk(logits, segment_ids, counts[:5])
+    with pytest.raises(ValueError, match=r"tau \(0.0\) must be > 0"):
+        segment_relaxed_topk(logits, segment_ids, counts, tau=0.0)

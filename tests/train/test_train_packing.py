@@ -46,8 +46,8 @@ def _segments(batch):
         (["loss.kind=sl+rl", "sra={}"], r"data\.pack=true cannot train loss\.kind='sl\+rl'.*one per row"),
         (["loss.kind=rl", "sra={}"], r"loss\.kind='rl'"),
         (["loss.kind=grpo"], r"loss\.kind='grpo'.*shared reward"),
-        (["sra={}"], r"data\.pack=true cannot train with `sra` set: .*per-row top-k"),
-        (["sra={selection: bernoulli}"], r"bernoulli included"),
+        (["sra={selection: bernoulli}"], r"data\.pack=true cannot train with sra\.selection='bernoulli': .*per segment"),
+        (["sra={selection: sparsemax}"], r"sra\.selection='sparsemax'.*'topk' and 'gumbel_topk'"),
         (["data.pack=3"], r"data\.pack=3 must be true or false"),
     ],
 )
@@ -250,6 +250,34 @@ def test_trainer_takes_segment_ids_exactly_when_packing_and_reports_real_and_pad
     unpacked_trainer = dataclasses.replace(trainer, batch_shardings=trainer.batch_shardings.replace(segment_ids=None))
     with pytest.raises(ValueError, match="data.pack=false but the batch has segment_ids"):
         unpacked_trainer.put_batch(arrays)
+
+
+@pytest.mark.parametrize("selection", ["gumbel_topk", "topk"])
+def test_packed_sra_training_step_selects_per_example_and_trains_the_router(selection):
+    config = TrainConfig.load(None, [*PACKED, f"sra={{selection: {selection}, critical_fraction: 0.25, window: 2}}",
+                                     "optim.warmup_steps=0"])  # a nonzero first learning rate
+    trainer, state = create_trainer(config, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    arrays = make_stream(config).batch(0)
+
+    def router_leaves(params):
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        return [np.asarray(leaf) for path, leaf in flat if "router" in jax.tree_util.keystr(path)]
+
+    before = router_leaves(state.params)
+    state, metrics = trainer.step_fn(state, trainer.put_batch(arrays))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+    # Every example takes num_critical(its own length); a row's share is the sum over its examples / its tokens
+    # (one per-row top-k would give num_critical(row tokens) / row tokens instead).
+    seg = arrays["segment_ids"].reshape(-1, arrays["segment_ids"].shape[-1])
+    shares = [sum(config.sra.num_critical(int((row == g).sum())) for g in range(1, row.max() + 1)) / (row > 0).sum()
+              for row in seg]
+    assert float(metrics["selected_fraction"]) == pytest.approx(float(np.mean(shares)), rel=1e-5)
+    per_row = [config.sra.num_critical(int((row > 0).sum())) / (row > 0).sum() for row in seg]
+    assert abs(np.mean(shares) - np.mean(per_row)) > 1e-3  # the check can tell the two apart
+    after = router_leaves(state.params)
+    assert before and len(before) == len(after)
+    if selection == "gumbel_topk":  # the straight-through gate carries the CE gradient to the router
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
 def test_packed_batches_on_a_2x2x2_mesh_match_one_device():
