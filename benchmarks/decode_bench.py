@@ -39,24 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from benchmarks.attention_bench import time_jax
 
 HEADS, KV_HEADS, D, WINDOW, NUM_GLOBAL, CRITICAL = 16, 8, 128, 1024, 4, 0.1
 KERNEL_KW: dict = {}  # {"interpret": True} for a CPU smoke run (--interpret)
 
 
 def wall_ms(fn, *args, reps: int = 7, inner: int = 1) -> float:
-    """Median over `reps` of the mean wall time of `inner` back-to-back calls (the last one waited for), after two
-    warm-up calls (compile, autotune, allocation)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) * 1e3 / inner)
-    return statistics.median(times)
+    """Median over `reps` of the mean wall time of `inner` back-to-back calls, after two warm-up calls."""
+    return time_jax(fn, *args, reps=reps, inner=inner)
 
 
 def hbm_copy_gbps() -> float:

@@ -227,6 +227,20 @@ def test_gather_never_builds_a_query_by_key_array():
     assert largest <= s * (16 + 4 + 8) * 2 * 8  # [s, window + globals + critical, heads, head_dim]
 
 
+def _assert_xla_matches_textbook(spec, q, k, v):
+    """impl="xla" (whichever branch it takes) against the textbook softmax, forward and gradients vs the reference."""
+    want = naive_attention(q, k, v, spec.to_mask())
+    np.testing.assert_allclose(attention(q, k, v, spec=spec, impl="xla"), want, **TOL)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, spec=spec, impl=impl)))
+
+    got = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, **TOL)
+
+
 @pytest.mark.parametrize(
     "positions, fast",
     [
@@ -245,17 +259,7 @@ def test_dense_causal_spec_fast_path_matches_the_mask_path(positions, fast):
     spec = SRAMaskSpec.create(positions, jnp.zeros((B, S), bool), window=2**30, num_global=0, max_critical=0)
     assert _may_be_prefix_causal(spec)
     assert bool(_is_prefix_causal(spec)) == fast
-    q, k, v = qkv(11, B, S, S, HQ, HKV)
-    want = naive_attention(q, k, v, spec.to_mask())
-    np.testing.assert_allclose(attention(q, k, v, spec=spec, impl="xla"), want, **TOL)
-
-    def loss(impl):
-        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, spec=spec, impl=impl)))
-
-    got = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, **TOL)
+    _assert_xla_matches_textbook(spec, *qkv(11, B, S, S, HQ, HKV))
 
 
 @pytest.mark.parametrize(
@@ -282,17 +286,7 @@ def test_prefill_into_a_cache_takes_the_fused_causal_path_only_when_it_is_plain_
                               window=2**30, num_global=0)
     assert _may_be_prefix_causal(spec)
     assert bool(_is_prefix_causal(spec)) == fast
-    q, k, v = qkv(13, B, sq, sk, HQ, HKV)
-    want = naive_attention(q, k, v, spec.to_mask())
-    np.testing.assert_allclose(attention(q, k, v, spec=spec, impl="xla"), want, **TOL)
-
-    def loss(impl):
-        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, spec=spec, impl=impl)))
-
-    got = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, **TOL)
+    _assert_xla_matches_textbook(spec, *qkv(13, B, sq, sk, HQ, HKV))
 
 
 def test_causal_by_index_without_mask_uses_the_fused_path_and_agrees():
