@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/sra-jax demo
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25
 
 bench: setup
 	$(PY) -m benchmarks.attention_bench
