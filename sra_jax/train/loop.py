@@ -172,15 +172,18 @@ def run(
                 break
             pending = current
             last = step + 1 == config.steps
-            save_now = checkpointer is not None and (bool(stop) or last or checkpointer.due(step + 1))
-            if not (save_now or bad_steps or stop or last):
+            # Read the flag once per step: a signal landing between two reads would log this step, skip its save
+            # and still exit as "preempted". One that lands after this read is handled at the next step.
+            stopping = bool(stop)
+            save_now = checkpointer is not None and (stopping or last or checkpointer.due(step + 1))
+            if not (save_now or bad_steps or stopping or last):
                 continue
             pending = None
             if not record(current):
                 break
             if save_now:
-                checkpointer.save(state, step=step + 1, force=bool(stop) or last)
-            if stop:
+                checkpointer.save(state, step=step + 1, force=stopping or last)
+            if stopping:
                 console.print(f"signal {stop.signal}: checkpoint at step {step + 1} saved; exiting")
                 reason = "preempted"
                 break

@@ -3,6 +3,7 @@ non-finite steps are skipped and, repeated, stop the run with finite checkpoints
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -87,6 +88,33 @@ def test_throughput_benchmark_variants_parse_and_bad_options_fail():
         parse_variant("x: bench.mode=fast")
     with pytest.raises(ValueError, match="key=value"):
         parse_variant("x: sra")
+
+
+def test_a_signal_between_the_loops_reads_of_the_flag_still_checkpoints_the_last_logged_step(tmp_path):
+    """A SIGTERM can land at any instruction. A flag that turns true between two reads within one step (what a real
+    signal did in CI: step 10 logged, no checkpoint at 10) must not let the run exit without saving what it logged."""
+    from sra_jax.train.loop import StopFlag
+
+    class SetWhileRead(StopFlag):
+        def __init__(self, reads_before_set):
+            super().__init__()
+            self.reads = 0
+            self.reads_before_set = reads_before_set
+
+        def __bool__(self):  # the signal "arrives" right after read number `reads_before_set`
+            self.reads += 1
+            if self.reads > self.reads_before_set:
+                self.signal = signal.SIGTERM
+            return super().__bool__()
+
+    config = TrainConfig.load(None, [*TINY, "steps=50", "checkpoint.every=1000", f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    for reads_before_set in (5, 6, 7):  # the flip lands on different reads within a step
+        ckpt = tmp_path / f"ckpt{reads_before_set}"
+        result = run(dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, dir=str(ckpt))),
+                     stop=SetWhileRead(reads_before_set))
+        assert result.exit_code == 0 and result.reason == "preempted"
+        with Checkpointer(ckpt, config.checkpoint) as checkpointer:
+            assert checkpointer.latest_step() == len(result.history)
 
 
 def test_a_stop_flag_passed_in_and_set_later_stops_the_run(tmp_path):
