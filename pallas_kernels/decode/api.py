@@ -1,4 +1,4 @@
-"""Sparse decode: the new tokens read only the cache slots they can see, gathered inside one Triton kernel.
+"""Sparse decode: the new tokens read only the cache slots they can see, gathered inside one kernel (Triton: gpu.py).
 
 The work of one (sequence, kv head) is a static list of tiles: the window band (contiguous; its slots come from
 `lengths` inside the kernel, so no slot list is built in HBM), then the global sinks, then the critical indices,
@@ -12,18 +12,9 @@ critical tile with no live entry skips its dots.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
-
-LOG2E = math.log2(math.e)
-NEG = -1e30
-TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 
 
 def sort_critical(critical_indices: Int[Array, "b c"]) -> Int[Array, "b c"]:
@@ -64,151 +55,6 @@ def decode_slots(
     sticky_pad = -(-sticky.shape[1] // tile) * tile
     sticky = jnp.pad(sticky, ((0, 0), (0, sticky_pad - sticky.shape[1])), constant_values=-1)
     return jnp.concatenate([window_slots.astype(jnp.int32), sticky], axis=1), band_pad // tile
-
-
-def _decode_kernel(
-    len_ref,
-    start_ref,
-    crit_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    o_ref,
-    lse_ref,
-    *,
-    scale,
-    t,
-    group,
-    hq,
-    rows,
-    tile,
-    units_per_split,
-    n_band,
-    n_sink,
-    n_crit,
-    num_crit,
-    window,
-    num_global,
-    skip_empty,
-    dot_kw,
-):
-    h, split = pl.program_id(1), pl.program_id(2)
-    length = len_ref[...]
-    start = jnp.maximum(start_ref[...], 0)
-    # Tile row r serves query row r % (t * group) (token-major, then the heads of the group): rows past the
-    # real ones (the dots need >= 16) repeat real rows, compute identical values and store them to the same place.
-    r = jnp.arange(rows) % (t * group)
-    tok = r // group
-    q = q_ref[tok * hq + h * group + r % group, :]
-    q_pos = length - t + tok
-    q_pos = jnp.where(q_pos >= start, q_pos, -1)  # a new token in the left padding sees nothing
-    first = split * units_per_split
-    last = first + units_per_split
-    lane = jnp.arange(tile)
-    # Masked loads and stores index every dimension with an array (interpret mode needs that form).
-    cols = jnp.arange(q.shape[1])[None, :]
-
-    def attend(carry, slots, slot_ok, vis):
-        m, l, acc = carry
-        safe = jnp.where(slot_ok, slots, 0)
-        k = plgpu.load(k_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
-        v = plgpu.load(v_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
-        s = plgpu.dot(q, k, trans_b=True, **dot_kw) * scale
-        s = jnp.where(vis, s, NEG)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
-        l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, **dot_kw)
-        return m_new, l, acc
-
-    # Band: slots lo .. length - 1, seen by a query iff within its window (and not after it).
-    lo = jnp.maximum(start, length - t - window + 1)
-
-    def band(j, carry):
-        slots = lo + j * tile + lane
-        slot_ok = slots < length
-        dist = q_pos[:, None] - slots[None, :]
-        vis = slot_ok[None, :] & (dist >= 0) & (dist < window)
-        return attend(carry, slots, slot_ok, vis)
-
-    # A sticky slot (sink or critical) is read only if some query sees it outside its window: the last new
-    # token (position length - 1) is the most permissive, so slot < length - window.
-    def sink(j, carry):
-        slots = start + (j - n_band) * tile + lane
-        slot_ok = (slots < start + num_global) & (slots < length - window)
-        vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
-        return attend(carry, slots, slot_ok, vis)
-
-    def critical(j, carry):
-        pos = (j - n_band - n_sink) * tile + lane
-        listed = pos < num_crit
-        at = jnp.minimum(pos, num_crit - 1)
-        slots = jnp.where(listed, crit_ref[at], -1)
-        prev = jnp.where(listed & (pos > 0), crit_ref[jnp.maximum(at - 1, 0)], -1)
-        slot_ok = (slots >= start + num_global) & (slots < length - window) & (slots != prev)
-        vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
-        if not skip_empty:
-            return attend(carry, slots, slot_ok, vis)
-        return jax.lax.cond(
-            slot_ok.astype(jnp.int32).max() > 0, lambda c: attend(c, slots, slot_ok, vis), lambda c: c, carry
-        )
-
-    carry = (
-        jnp.full((rows,), NEG, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, q.shape[1]), jnp.float32),
-    )
-    bounds = (0, n_band, n_band + n_sink, n_band + n_sink + n_crit)
-    for body, lo_u, hi_u in zip((band, sink, critical), bounds[:-1], bounds[1:]):
-        if hi_u == lo_u:
-            continue
-        begin, end = jnp.clip(first, lo_u, hi_u), jnp.clip(last, lo_u, hi_u)
-        carry = jax.lax.fori_loop(begin, end, body, carry)
-    m, l, acc = carry
-    nonempty = l > 0
-    plgpu.store(o_ref.at[r[:, None], cols], acc / jnp.where(nonempty, l, 1.0)[:, None])
-    plgpu.store(lse_ref.at[r], jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), -jnp.inf))
-
-
-def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits, chunk, t, group, hq, tg_pad, d):
-    """Merge the splits of one (row, kv head) and write its query rows of out [t * hq, d] in place."""
-    h = pl.program_id(1)
-    r = jnp.arange(tg_pad) % (t * group)
-    cols = jnp.arange(d)
-    m = jnp.full((tg_pad,), NEG, jnp.float32)
-    total = jnp.zeros((tg_pad,), jnp.float32)
-    acc = jnp.zeros((tg_pad, d), jnp.float32)
-
-    def body(c, carry):
-        m, total, acc = carry
-        split = c * chunk + jnp.arange(chunk)
-        ok = split < num_splits
-        safe = jnp.where(ok, split, 0)
-        lse = plgpu.load(lse_ref.at[safe[:, None], r[None, :]], mask=ok[:, None], other=-jnp.inf)
-        o = plgpu.load(
-            o_ref.at[safe[:, None, None], r[None, :, None], cols[None, None, :]], mask=ok[:, None, None], other=0.0
-        )
-        m_new = jnp.maximum(m, lse.max(axis=0))
-        alpha = jnp.exp2(m - m_new)
-        w = jnp.exp2(lse - m_new[None, :])  # lse = -inf (nothing visible, or past the last split) gives 0
-        total = total * alpha + w.sum(axis=0)
-        acc = acc * alpha[:, None] + (w[:, :, None] * o).sum(axis=0)
-        return m_new, total, acc
-
-    m, total, acc = jax.lax.fori_loop(0, -(-num_splits // chunk), body, (m, total, acc))
-    out = acc / jnp.where(total > 0, total, 1.0)[:, None]
-    row = (r // group) * hq + h * group + r % group
-    plgpu.store(out_ref.at[row[:, None], cols[None, :]], out.astype(out_ref.dtype))
-
-
-def _combine(o, lse):  # XLA form of _combine_kernel
-    """Merge the splits (axis 2): weights 2^(lse_s - max); a split with nothing visible has lse = -inf, weight 0."""
-    m = lse.max(axis=2, keepdims=True)
-    w = jnp.where(jnp.isfinite(lse), jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    total = w.sum(axis=2)
-    return (o * w[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-
 
 def sparse_decode_attention(
     q: Float[Array, "b t hq d"],
@@ -309,105 +155,30 @@ def sparse_decode_attention(
         crit = critical_indices.astype(jnp.int32)
         crit = crit if critical_sorted else sort_critical(crit)
     tuning = dict(num_splits=num_splits, tile=tile, num_warps=num_warps, num_stages=num_stages)
-    o, lse = decode_partials(
+    from pallas_kernels.decode import gpu
+
+    o, lse = gpu.decode_partials(
         q, k_cache, v_cache, lengths, kv_start, crit, window=window, num_global=num_global, sm_scale=sm_scale,
         skip_empty=skip_empty, layer=layer, interpret=interpret, **tuning
     )
     return combine_splits(o, lse, q.shape, q.dtype, combine=combine, interpret=interpret)
 
 
-def decode_partials(
-    q, k_cache, v_cache, lengths, kv_start, crit, *, window, num_global, sm_scale, num_splits, tile, num_warps,
-    num_stages, skip_empty, interpret, layer=None
-):
-    """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2).
-    `crit` ([b, c] with equal entries adjacent, or None) is read as given; `layer` indexes a stacked cache."""
-    b, t, hq, d = q.shape
-    L, hkv = k_cache.shape[-3], k_cache.shape[-2]
-    if layer is None:
-        kv_spec = pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0))
-    else:
-        kv_spec = pl.BlockSpec((None, None, L, None, d), lambda bi, h, s: (layer, bi, 0, h, 0))
-    scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
-    group = hq // hkv
-    tg = t * group
-    rows = max(16, pl.next_power_of_2(tg))
-    num_crit = 0 if crit is None else crit.shape[1]
-    crit = jnp.full((b, 1), -1, jnp.int32) if crit is None else crit
-    n_band = -(-min(window + t - 1, L) // tile)
-    n_sink = -(-min(num_global, L) // tile)
-    n_crit = -(-num_crit // tile)
-    units = n_band + n_sink + n_crit
-    if num_splits is None:
-        num_splits = -(-TARGET_PROGRAMS // (b * hkv))
-    units_per_split = -(-units // min(num_splits, units))
-    num_splits = -(-units // units_per_split)
-    kernel = functools.partial(
-        _decode_kernel,
-        scale=scale,
-        t=t,
-        group=group,
-        hq=hq,
-        rows=rows,
-        tile=tile,
-        units_per_split=units_per_split,
-        n_band=n_band,
-        n_sink=n_sink,
-        n_crit=n_crit,
-        num_crit=num_crit,
-        window=window,
-        num_global=num_global,
-        skip_empty=skip_empty,
-        dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {},
-    )
-    return pl.pallas_call(
-        kernel,
-        grid=(b, hkv, num_splits),
-        in_specs=[
-            pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
-            pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
-            pl.BlockSpec((None, crit.shape[1]), lambda bi, h, s: (bi, 0)),
-            pl.BlockSpec((None, t * hq, d), lambda bi, h, s: (bi, 0, 0)),
-            kv_spec,
-            kv_spec,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, tg, d), lambda bi, h, s: (bi, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, tg), lambda bi, h, s: (bi, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, num_splits, tg, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, num_splits, tg), jnp.float32),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="sparse_decode",
-    )(lengths.astype(jnp.int32), kv_start.astype(jnp.int32), crit, q.reshape(b, t * hq, d), k_cache, v_cache)
+def _combine(o, lse):  # XLA form of gpu._combine_kernel
+    """Merge the splits (axis 2): weights 2^(lse_s - max); a split with nothing visible has lse = -inf, weight 0."""
+    m = lse.max(axis=2, keepdims=True)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    total = w.sum(axis=2)
+    return (o * w[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def combine_splits(o, lse, q_shape, dtype, *, combine: str = "pallas", interpret: bool = False):
-    """[b, t, hq, d] output from the kernel's partials: one small Pallas kernel, or the same math in XLA."""
+    """[b, t, hq, d] output from a kernel's partials: one small Pallas (Triton) kernel, or the same math in XLA."""
+    if combine == "pallas":
+        from pallas_kernels.decode import gpu
+
+        return gpu.combine_partials(o, lse, q_shape, dtype, interpret=interpret)
     b, t, hq, d = q_shape
-    _, hkv, num_splits, tg, _ = o.shape
-    group = hq // hkv
-    if combine == "xla":
-        out = _combine(o, lse).reshape(b, hkv, t, group, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
-        return out.astype(dtype)
-    tg_pad = pl.next_power_of_2(tg)
-    chunk = max(1, min(pl.next_power_of_2(num_splits), 8192 // (tg_pad * d)))
-    out = pl.pallas_call(
-        functools.partial(
-            _combine_kernel, num_splits=num_splits, chunk=chunk, t=t, group=group, hq=hq, tg_pad=tg_pad, d=d
-        ),
-        grid=(b, hkv),
-        in_specs=[
-            pl.BlockSpec((None, None, num_splits, tg, d), lambda bi, h: (bi, h, 0, 0, 0)),
-            pl.BlockSpec((None, None, num_splits, tg), lambda bi, h: (bi, h, 0, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, t * hq, d), lambda bi, h: (bi, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, t * hq, d), dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="sparse_decode_combine",
-    )(o, lse)
-    return out.reshape(b, t, hq, d)
+    hkv = o.shape[1]
+    out = _combine(o, lse).reshape(b, hkv, t, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hq, d)
+    return out.astype(dtype)
