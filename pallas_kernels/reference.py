@@ -105,10 +105,14 @@ def sparse_decode_attention(
     window: int,
     num_global: int = 0,
     critical_indices: Int[Array, "b c"] | None = None,
+    critical_counts: Int[Array, " b"] | None = None,
     kv_start: Int[Array, " b"] | None = None,
     sm_scale: float | None = None,
 ) -> Float[Array, "b t hq d"]:
     """Reference of `pallas_kernels.sparse_decode_attention` (same arguments)."""
+    if critical_counts is not None:
+        used = jnp.arange(critical_indices.shape[1])[None, :] < critical_counts[:, None]
+        critical_indices = jnp.where(used, critical_indices, -1)
     mask = decode_visible(
         lengths,
         q.shape[1],

@@ -65,6 +65,7 @@ def sparse_decode_attention(
     window: int,
     num_global: int = 0,
     critical_indices: Int[Array, "b c"] | None = None,
+    critical_counts: Int[Array, " b"] | None = None,
     kv_start: Int[Array, " b"] | None = None,
     critical_sorted: bool = False,
     sm_scale: float | None = None,
@@ -73,7 +74,7 @@ def sparse_decode_attention(
     tile: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    skip_empty: bool = True,
+    skip_empty: bool | None = None,
     combine: str = "pallas",
     layer: int | None = None,
     interpret: bool = False,
@@ -95,10 +96,17 @@ def sparse_decode_attention(
     jnp.nonzero(mask, size=c, fill_value=-1)[0] gives; keep the padding at the end so that dead tiles are
     contiguous) or rows without repeats. Ascending rows also gather with better locality.
 
-    backend: "triton", "reference" (dense masked softmax, any device) or "auto" (triton on GPU). Tuning:
-    num_splits (programs per (row, kv head); default: about 264 programs in all), tile (slots per step, a power
-    of two >= 16), num_warps, num_stages, skip_empty, combine ("pallas": a second small kernel merges the
-    splits; "xla": the same math as XLA ops).
+    critical_counts: [b] number of entries of each row's critical_indices to use (a model's growing list: its
+    first counts[i] entries, the rest not even read). The kernel's programs then share only the live tiles (the
+    loop bound is dynamic), so a list of capacity L with 10% live costs what a list of capacity 0.1 L costs.
+
+    backend: "triton", "tpu" (Pallas Mosaic: decode/tpu.py), "reference" (dense masked softmax, any device) or
+    "auto" (triton on GPU, tpu on TPU). With "tpu" the XLA combine always merges the splits (combine="pallas"
+    maps to it), num_splits defaults to 1, and num_warps / num_stages / skip_empty do not apply. Tuning:
+    num_splits (programs per (row, kv head); program s takes tiles s, s + num_splits, ...; default: about
+    TARGET_PROGRAMS in all), tile (slots per step, a power of two >= 16), num_warps, num_stages, skip_empty (a
+    tile with no live slot skips its dots behind a branch; default: on without critical_counts, off with them),
+    combine ("pallas": a second small kernel merges the splits; "xla": the same math as XLA ops).
 
     layer: with a stacked cache k_cache / v_cache [layers, b, L, hkv, d] (a model's cache), the layer to read.
     The kernel then indexes that layer itself: slicing cache[layer] outside would make XLA copy the whole layer's
@@ -125,8 +133,13 @@ def sparse_decode_attention(
         raise ValueError(f"kv_start {kv_start.shape} must be [batch={b}]")
     if critical_indices is not None and (critical_indices.ndim != 2 or critical_indices.shape[0] != b):
         raise ValueError(f"critical_indices {critical_indices.shape} must be [batch={b}, capacity]")
+    if critical_counts is not None:
+        if critical_indices is None:
+            raise ValueError("critical_counts given without critical_indices")
+        if critical_counts.shape != (b,):
+            raise ValueError(f"critical_counts {critical_counts.shape} must be [batch={b}]")
     if backend == "auto":
-        backend = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
+        backend = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(jax.default_backend(), "reference")
     if backend == "reference":
         from pallas_kernels import reference
 
@@ -138,11 +151,12 @@ def sparse_decode_attention(
             window=window,
             num_global=num_global,
             critical_indices=critical_indices,
+            critical_counts=critical_counts,
             kv_start=kv_start,
             sm_scale=sm_scale,
         )
-    if backend != "triton":
-        raise ValueError(f"backend {backend!r} not in ('auto', 'triton', 'reference')")
+    if backend not in ("triton", "tpu"):
+        raise ValueError(f"backend {backend!r} not in ('auto', 'triton', 'tpu', 'reference')")
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"{tile=} must be a power of two >= 16")
     if num_splits is not None and num_splits < 1:
@@ -150,15 +164,28 @@ def sparse_decode_attention(
     if combine not in ("pallas", "xla"):
         raise ValueError(f"combine {combine!r} not in ('pallas', 'xla')")
     kv_start = jnp.zeros((b,), jnp.int32) if kv_start is None else kv_start
-    crit = None
+    crit = counts = None
     if critical_indices is not None and critical_indices.shape[1] > 0:
         crit = critical_indices.astype(jnp.int32)
+        if critical_counts is not None:
+            counts = critical_counts.astype(jnp.int32)
+            if not critical_sorted:  # the sort moves the dropped entries (-1) behind the live ones: counts still bound
+                crit = jnp.where(jnp.arange(crit.shape[1])[None, :] < counts[:, None], crit, -1)
         crit = crit if critical_sorted else sort_critical(crit)
+    if backend == "tpu":
+        from pallas_kernels.decode import tpu
+
+        o, lse = tpu.decode_partials(
+            q, k_cache, v_cache, lengths, kv_start, crit, counts, window=window, num_global=num_global,
+            sm_scale=sm_scale, num_splits=num_splits, tile=tile, layer=layer, interpret=interpret
+        )
+        return combine_splits(o, lse, q.shape, q.dtype, combine="xla")
+    skip_empty = critical_counts is None if skip_empty is None else skip_empty
     tuning = dict(num_splits=num_splits, tile=tile, num_warps=num_warps, num_stages=num_stages)
     from pallas_kernels.decode import gpu
 
     o, lse = gpu.decode_partials(
-        q, k_cache, v_cache, lengths, kv_start, crit, window=window, num_global=num_global, sm_scale=sm_scale,
+        q, k_cache, v_cache, lengths, kv_start, crit, counts, window=window, num_global=num_global, sm_scale=sm_scale,
         skip_empty=skip_empty, layer=layer, interpret=interpret, **tuning
     )
     return combine_splits(o, lse, q.shape, q.dtype, combine=combine, interpret=interpret)

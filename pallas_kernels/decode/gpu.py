@@ -20,6 +20,7 @@ TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
 def _decode_kernel(
     len_ref,
     start_ref,
+    count_ref,
     crit_ref,
     q_ref,
     k_ref,
@@ -33,19 +34,25 @@ def _decode_kernel(
     hq,
     rows,
     tile,
-    units_per_split,
+    num_splits,
     n_band,
     n_sink,
-    n_crit,
     num_crit,
+    has_counts,
     window,
     num_global,
     skip_empty,
     dot_kw,
 ):
+    """One program: units split, split + num_splits, ... of its (row, kv head) while they are live.
+
+    Unit u < n_band is a tile of the window band, then n_sink tiles of sinks, then the tiles of the critical list
+    up to the row's live count: the loop bound is dynamic, so a short list (or the -1 tail past `counts`) costs no
+    iterations, and the strided assignment keeps every program's share within one unit of the others'."""
     h, split = pl.program_id(1), pl.program_id(2)
     length = len_ref[...]
     start = jnp.maximum(start_ref[...], 0)
+    count = jnp.clip(count_ref[...], 0, num_crit) if has_counts else num_crit
     # Tile row r serves query row r % (t * group) (token-major, then the heads of the group): rows past the
     # real ones (the dots need >= 16) repeat real rows, compute identical values and store them to the same place.
     r = jnp.arange(rows) % (t * group)
@@ -53,11 +60,10 @@ def _decode_kernel(
     q = q_ref[tok * hq + h * group + r % group, :]
     q_pos = length - t + tok
     q_pos = jnp.where(q_pos >= start, q_pos, -1)  # a new token in the left padding sees nothing
-    first = split * units_per_split
-    last = first + units_per_split
     lane = jnp.arange(tile)
     # Masked loads and stores index every dimension with an array (interpret mode needs that form).
     cols = jnp.arange(q.shape[1])[None, :]
+    lo = jnp.maximum(start, length - t - window + 1)  # first band slot
 
     def attend(carry, slots, slot_ok, vis):
         m, l, acc = carry
@@ -73,32 +79,27 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, **dot_kw)
         return m_new, l, acc
 
-    # Band: slots lo .. length - 1, seen by a query iff within its window (and not after it).
-    lo = jnp.maximum(start, length - t - window + 1)
-
-    def band(j, carry):
-        slots = lo + j * tile + lane
-        slot_ok = slots < length
+    def unit(i, carry):
+        u = split + i * num_splits
+        is_band, is_crit = u < n_band, u >= n_band + n_sink
+        # Band: slots lo .. length - 1, each seen by a query iff within its window (and not after it).
+        band_slots = lo + u * tile + lane
+        # Sinks and critical slots are read only if some query sees them outside its window: the last new token
+        # (position length - 1) is the most permissive, so slot < length - window.
+        sink_slots = start + (u - n_band) * tile + lane
+        pos = (u - n_band - n_sink) * tile + lane
+        listed = is_crit & (pos < count)
+        at = jnp.clip(pos, 0, max(num_crit - 1, 0))
+        crit_slots = plgpu.load(crit_ref.at[at], mask=listed, other=-1)
+        # A repeat is skipped by comparing with the previous entry (equal entries are adjacent).
+        prev = plgpu.load(crit_ref.at[jnp.maximum(at - 1, 0)], mask=listed & (pos > 0), other=-1)
+        slots = jnp.where(is_band, band_slots, jnp.where(is_crit, crit_slots, sink_slots))
+        sticky_ok = slots < length - window
+        sink_ok = sticky_ok & (slots < start + num_global)
+        crit_ok = sticky_ok & listed & (slots >= start + num_global) & (slots != prev)
+        slot_ok = jnp.where(is_band, slots < length, jnp.where(is_crit, crit_ok, sink_ok))
         dist = q_pos[:, None] - slots[None, :]
-        vis = slot_ok[None, :] & (dist >= 0) & (dist < window)
-        return attend(carry, slots, slot_ok, vis)
-
-    # A sticky slot (sink or critical) is read only if some query sees it outside its window: the last new
-    # token (position length - 1) is the most permissive, so slot < length - window.
-    def sink(j, carry):
-        slots = start + (j - n_band) * tile + lane
-        slot_ok = (slots < start + num_global) & (slots < length - window)
-        vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
-        return attend(carry, slots, slot_ok, vis)
-
-    def critical(j, carry):
-        pos = (j - n_band - n_sink) * tile + lane
-        listed = pos < num_crit
-        at = jnp.minimum(pos, num_crit - 1)
-        slots = jnp.where(listed, crit_ref[at], -1)
-        prev = jnp.where(listed & (pos > 0), crit_ref[jnp.maximum(at - 1, 0)], -1)
-        slot_ok = (slots >= start + num_global) & (slots < length - window) & (slots != prev)
-        vis = slot_ok[None, :] & (q_pos[:, None] - slots[None, :] >= window)
+        vis = slot_ok[None, :] & jnp.where(is_band, (dist >= 0) & (dist < window), dist >= window)
         if not skip_empty:
             return attend(carry, slots, slot_ok, vis)
         return jax.lax.cond(
@@ -110,12 +111,8 @@ def _decode_kernel(
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, q.shape[1]), jnp.float32),
     )
-    bounds = (0, n_band, n_band + n_sink, n_band + n_sink + n_crit)
-    for body, lo_u, hi_u in zip((band, sink, critical), bounds[:-1], bounds[1:]):
-        if hi_u == lo_u:
-            continue
-        begin, end = jnp.clip(first, lo_u, hi_u), jnp.clip(last, lo_u, hi_u)
-        carry = jax.lax.fori_loop(begin, end, body, carry)
+    units = n_band + n_sink + (count + tile - 1) // tile
+    carry = jax.lax.fori_loop(0, jnp.maximum(units - split + num_splits - 1, 0) // num_splits, unit, carry)
     m, l, acc = carry
     nonempty = l > 0
     plgpu.store(o_ref.at[r[:, None], cols], acc / jnp.where(nonempty, l, 1.0)[:, None])
@@ -154,11 +151,12 @@ def _combine_kernel(o_ref, lse_ref, out_ref, *, num_splits, chunk, t, group, hq,
 
 
 def decode_partials(
-    q, k_cache, v_cache, lengths, kv_start, crit, *, window, num_global, sm_scale, num_splits, tile, num_warps,
+    q, k_cache, v_cache, lengths, kv_start, crit, counts, *, window, num_global, sm_scale, num_splits, tile, num_warps,
     num_stages, skip_empty, interpret, layer=None
 ):
     """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2).
-    `crit` ([b, c] with equal entries adjacent, or None) is read as given; `layer` indexes a stacked cache."""
+    `crit` ([b, c] with equal entries adjacent, or None) is read as given, up to `counts` ([b] or None: all c);
+    `layer` indexes a stacked cache."""
     b, t, hq, d = q.shape
     L, hkv = k_cache.shape[-3], k_cache.shape[-2]
     if layer is None:
@@ -171,14 +169,14 @@ def decode_partials(
     rows = max(16, pl.next_power_of_2(tg))
     num_crit = 0 if crit is None else crit.shape[1]
     crit = jnp.full((b, 1), -1, jnp.int32) if crit is None else crit
+    has_counts = counts is not None and num_crit > 0
+    counts = jnp.zeros((b,), jnp.int32) if counts is None else counts.astype(jnp.int32)
     n_band = -(-min(window + t - 1, L) // tile)
     n_sink = -(-min(num_global, L) // tile)
-    n_crit = -(-num_crit // tile)
-    units = n_band + n_sink + n_crit
+    max_units = n_band + n_sink + -(-num_crit // tile)
     if num_splits is None:
         num_splits = -(-TARGET_PROGRAMS // (b * hkv))
-    units_per_split = -(-units // min(num_splits, units))
-    num_splits = -(-units // units_per_split)
+    num_splits = min(num_splits, max_units)
     kernel = functools.partial(
         _decode_kernel,
         scale=scale,
@@ -187,11 +185,11 @@ def decode_partials(
         hq=hq,
         rows=rows,
         tile=tile,
-        units_per_split=units_per_split,
+        num_splits=num_splits,
         n_band=n_band,
         n_sink=n_sink,
-        n_crit=n_crit,
         num_crit=num_crit,
+        has_counts=has_counts,
         window=window,
         num_global=num_global,
         skip_empty=skip_empty,
@@ -201,6 +199,7 @@ def decode_partials(
         kernel,
         grid=(b, hkv, num_splits),
         in_specs=[
+            pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
             pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
             pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
             pl.BlockSpec((None, crit.shape[1]), lambda bi, h, s: (bi, 0)),
@@ -219,7 +218,7 @@ def decode_partials(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_decode",
-    )(lengths.astype(jnp.int32), kv_start.astype(jnp.int32), crit, q.reshape(b, t * hq, d), k_cache, v_cache)
+    )(lengths.astype(jnp.int32), kv_start.astype(jnp.int32), counts, crit, q.reshape(b, t * hq, d), k_cache, v_cache)
 
 
 def combine_partials(o, lse, q_shape, dtype, *, interpret: bool = False):

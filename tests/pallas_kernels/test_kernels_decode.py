@@ -23,8 +23,8 @@ L, D = 64, 32
     jax.jit,
     static_argnames=("window", "num_global", "critical_sorted", "num_splits", "skip_empty", "combine", "backend"),
 )
-def _decode(q, kc, vc, lengths, critical, kv_start, *, window, num_global, critical_sorted, num_splits, skip_empty,
-            combine, backend):
+def _decode(q, kc, vc, lengths, critical, kv_start, counts=None, *, window, num_global, critical_sorted, num_splits,
+            skip_empty, combine, backend):
     extra = (
         {"interpret": True, "num_splits": num_splits, "tile": 16, "critical_sorted": critical_sorted,
          "skip_empty": skip_empty, "combine": combine}
@@ -33,7 +33,7 @@ def _decode(q, kc, vc, lengths, critical, kv_start, *, window, num_global, criti
     )
     return pk.sparse_decode_attention(
         q, kc, vc, lengths, window=window, num_global=num_global, critical_indices=critical, kv_start=kv_start,
-        backend=backend, **extra
+        critical_counts=counts, backend=backend, **extra
     )
 
 
@@ -87,10 +87,15 @@ def _critical(rng, b, capacity, lengths, sorted_rows):
     num_global=st.integers(0, 3),
     capacity=st.sampled_from([0, 7, 24]),
     critical_sorted=st.booleans(),
-    num_splits=st.integers(1, 4),
+    num_splits=st.integers(1, 6),
+    counted=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_sparse_decode_matches_reference(group, t, window, num_global, capacity, critical_sorted, num_splits, seed):
+def test_sparse_decode_matches_reference(
+    group, t, window, num_global, capacity, critical_sorted, num_splits, counted, seed
+):
+    """counted: only a prefix of each critical row is live (critical_counts); the entries past it hold live-looking
+    slots, so reading them would change the output."""
     b, hkv = 2, 2 if group < 8 else 1
     rng = np.random.default_rng(seed)
     lengths = rng.integers(t, L + 1, b)
@@ -98,14 +103,21 @@ def test_sparse_decode_matches_reference(group, t, window, num_global, capacity,
     kv_start[0] = 0
     q, kc, vc = qkv(jax.random.PRNGKey(seed), b, t, L, group * hkv, hkv, D, jnp.float32)
     critical = None if capacity == 0 else _critical(rng, b, capacity, lengths, critical_sorted)
+    counts = None
+    if counted and critical is not None:
+        counts = rng.integers(0, capacity + 1, b).astype(np.int32)
+        tail = np.arange(capacity)[None, :] >= counts[:, None]
+        live_looking = np.sort(rng.integers(0, int(lengths.max()), (b, capacity)), axis=1)
+        critical = np.where(tail, live_looking, critical).astype(np.int32)  # never read: past the counts
     args = (q, kc, vc, jnp.asarray(lengths, jnp.int32), None if critical is None else jnp.asarray(critical),
-            jnp.asarray(kv_start, jnp.int32))
+            jnp.asarray(kv_start, jnp.int32), None if counts is None else jnp.asarray(counts))
     kw = dict(window=window, num_global=num_global, critical_sorted=critical_sorted, num_splits=num_splits)
-    variant = dict(skip_empty=bool(seed % 2), combine=("pallas", "xla")[seed % 3 == 0])
+    variant = dict(skip_empty=(None, True, False)[seed % 3], combine=("pallas", "xla")[seed % 2 == 0])
     out = _decode(*args, **kw, **variant, backend="triton")
     ref = _decode(*args, **kw, skip_empty=True, combine="pallas", backend="reference")
     assert rel_err(out, ref) < TOL[jnp.float32]
-    oracle = _oracle(q, kc, vc, lengths, critical, kv_start, window, num_global)
+    used = critical if counts is None else np.where(np.arange(capacity)[None, :] < counts[:, None], critical, -1)
+    oracle = _oracle(q, kc, vc, lengths, used, kv_start, window, num_global)
     assert rel_err(ref, oracle) < TOL[jnp.float32]
 
 
@@ -177,6 +189,7 @@ def test_decode_slots_list_each_read_slot_once():
         (dict(window=4, num_global=-1), "num_global"),
         (dict(window=4, num_splits=0, backend="triton"), "num_splits"),
         (dict(window=4, backend="cuda"), "backend"),
+        (dict(window=4, critical_counts=jnp.array([1])), "without critical_indices"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
