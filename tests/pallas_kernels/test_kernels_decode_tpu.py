@@ -1,0 +1,206 @@
+"""Sparse decode, TPU backend (Pallas Mosaic, decode/tpu.py) in TPU interpret mode on CPU against the dense reference
+and a float64 oracle: GQA 1/4/8, 1-4 new tokens, ragged lengths, left padding, repeated / out-of-range / -1 critical
+entries, empty lists, critical_counts, windows longer than the cache, splits; bf16 with a stacked cache (layer=);
+a race-detector run of the double-buffered DMAs; and lowering for the TPU platform on CPU.
+
+TPU interpret mode fills fresh VMEM with NaN and performs a DMA only when it is waited on, so a read of an unfilled
+buffer row or a missing wait shows up as NaN or stale values. Each compile costs ~7 s here: the hypothesis test
+draws the static shape per example and several dynamic cases (lengths, kv_start, lists, counts) per compile."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+from kernel_testing import TOL, qkv, rel_err
+
+import pallas_kernels as pk
+from pallas_kernels.decode import api, tpu
+
+L, D = 64, 64
+
+
+@functools.partial(jax.jit, static_argnames=("window", "num_global", "critical_sorted", "num_splits", "backend"))
+def _decode(q, kc, vc, lengths, critical, kv_start, counts, *, window, num_global, critical_sorted, num_splits,
+            backend):
+    extra = {"interpret": True, "num_splits": num_splits, "tile": 16} if backend == "tpu" else {}
+    return pk.sparse_decode_attention(
+        q, kc, vc, lengths, window=window, num_global=num_global, critical_indices=critical, kv_start=kv_start,
+        critical_counts=counts, critical_sorted=critical_sorted, backend=backend, **extra
+    )
+
+
+def _oracle(q, kc, vc, lengths, critical, counts, kv_start, window, num_global):
+    """float64 numpy decode written from the rule, one (row, token, head) at a time."""
+    q, kc, vc = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, kc, vc))
+    b, t, hq, d = q.shape
+    group = hq // kc.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        used = [] if critical is None else critical[i][: None if counts is None else int(counts[i])]
+        crit = {int(c) for c in used}
+        start = int(kv_start[i])
+        for n in range(t):
+            s = int(lengths[i]) - t + n
+            seen = [j for j in range(start, s + 1) if s - j < window or j < start + num_global or j in crit]
+            for h in range(hq if seen else 0):
+                k, v = kc[i, seen, h // group], vc[i, seen, h // group]
+                logits = k @ q[i, n, h] / np.sqrt(d)
+                p = np.exp(logits - logits.max())
+                out[i, n, h] = p @ v / p.sum()
+    return out
+
+
+def _case(rng, b, t, capacity, critical_sorted, counted):
+    """Dynamic inputs: lengths, kv_start (row 0 unpadded; a padded row may put early new tokens in the padding),
+    critical rows with entries anywhere (past the length, in the window, among the sinks), repeats and -1 padding;
+    with counts, the entries past a row's count look live (reading them would change the output)."""
+    lengths = rng.integers(t, L + 1, b)
+    kv_start = np.minimum(rng.integers(0, 12, b), lengths - 1)
+    kv_start[0] = 0
+    if capacity == 0:
+        return lengths, kv_start, None, None
+    rows = []
+    for i in range(b):
+        row = rng.integers(0, int(lengths[i]) + 8, capacity)
+        row = np.where(rng.random(capacity) < 0.25, row[rng.integers(0, capacity, capacity)], row)  # repeats
+        row = np.where(rng.random(capacity) < 0.15, -1, row)
+        row[rng.integers(capacity // 2, capacity + 1):] = -1
+        if critical_sorted:
+            row = np.concatenate([np.sort(row[row >= 0]), row[row < 0]])
+        rows.append(row)
+    critical = np.stack(rows).astype(np.int32)
+    counts = None
+    if counted:
+        counts = rng.integers(0, capacity + 1, b).astype(np.int32)
+        tail = np.arange(capacity)[None, :] >= counts[:, None]
+        live_looking = np.sort(rng.integers(0, int(lengths.max()), (b, capacity)), axis=1)
+        critical = np.where(tail, live_looking, critical).astype(np.int32)
+    return lengths, kv_start, critical, counts
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    group=st.sampled_from([1, 4, 8]),
+    t=st.integers(1, 4),
+    window=st.sampled_from([1, 5, 16, 100]),
+    num_global=st.integers(0, 3),
+    capacity=st.sampled_from([0, 7, 40]),
+    critical_sorted=st.booleans(),
+    num_splits=st.integers(1, 3),
+    counted=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_tpu_decode_matches_reference_and_float64_oracle(
+    group, t, window, num_global, capacity, critical_sorted, num_splits, counted, seed
+):
+    b, hkv = 2, 2 if group < 8 else 1
+    rng = np.random.default_rng(seed)
+    q, kc, vc = qkv(jax.random.PRNGKey(seed), b, t, L, group * hkv, hkv, D, jnp.float32)
+    kw = dict(window=window, num_global=num_global, critical_sorted=critical_sorted, num_splits=num_splits)
+    for _ in range(2):  # same shapes: one compile, two dynamic cases
+        lengths, kv_start, critical, counts = _case(rng, b, t, capacity, critical_sorted, counted and capacity > 0)
+        ints = (None if x is None else jnp.asarray(x, jnp.int32) for x in (lengths, critical, kv_start, counts))
+        args = (q, kc, vc, *ints)
+        out = _decode(*args, **kw, backend="tpu")
+        ref = _decode(*args, **kw, backend="reference")
+        assert rel_err(out, ref) < TOL[jnp.float32]
+        oracle = _oracle(q, kc, vc, lengths, critical, counts, kv_start, window, num_global)
+        assert rel_err(out, oracle) < TOL[jnp.float32]
+
+
+def test_tpu_decode_bf16_stacked_cache_reads_only_its_layer():
+    """bf16, head_dim 128, GQA 8, a [layers, b, L, hkv, d] cache read in place at
+    layer=1 while the other layers hold NaN. Tolerance TOL[bf16]: the kernel rounds P to bf16 before P @ V."""
+    layers, b, t, hq, hkv, d = 3, 2, 2, 8, 1, 128
+    q, kc, vc = qkv(jax.random.PRNGKey(11), b, t, L, hq, hkv, d, jnp.bfloat16)
+    nan = jnp.full((layers, b, L, hkv, d), jnp.nan, jnp.bfloat16)
+    k_stack, v_stack = nan.at[1].set(kc), nan.at[1].set(vc)
+    lengths, kv_start = jnp.array([L, 37]), jnp.array([0, 4])
+    critical = jnp.array([[40, 2, 2, 17, -1, 63], [5, 30, -1, -1, 9, 36]], jnp.int32)
+    kw = dict(window=8, num_global=2, critical_indices=critical, kv_start=kv_start)
+    out = pk.sparse_decode_attention(
+        q, k_stack, v_stack, lengths, layer=1, backend="tpu", interpret=True, tile=32, **kw
+    )
+    ref = pk.sparse_decode_attention(q, kc, vc, lengths, backend="reference", **kw)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < TOL[jnp.bfloat16]
+    used = np.asarray(critical)
+    oracle = _oracle(q, kc, vc, np.asarray(lengths), used, None, np.asarray(kv_start), 8, 2)
+    assert rel_err(out, oracle) < TOL[jnp.bfloat16]
+
+
+def test_tpu_decode_auto_on_tpu_dispatches_here_and_repeats_count_once(monkeypatch):
+    """backend="auto" on a TPU platform runs this kernel (the platform faked; interpret=True keeps it on CPU), and a
+    list with repeats (adjacent or not, unsorted) gives the output of its unique set."""
+    t, hq, hkv = 1, 8, 2
+    q, kc, vc = qkv(jax.random.PRNGKey(5), 1, t, L, hq, hkv, D, jnp.float32)
+    unique = jnp.array([[2, 9, 30, -1, -1, -1]], jnp.int32)
+    repeated = jnp.array([[30, 9, 30, 2, 9, 30]], jnp.int32)
+    kw = dict(window=4, num_global=1)
+    want = pk.sparse_decode_attention(q, kc, vc, jnp.array([L]), critical_indices=unique, backend="reference", **kw)
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(tpu, "decode_partials", functools.partial(_counting, tpu.decode_partials, calls))
+    got = pk.sparse_decode_attention(
+        q, kc, vc, jnp.array([L]), critical_indices=repeated, interpret=True, tile=16, **kw
+    )
+    assert calls == [1]
+    assert rel_err(got, want) < TOL[jnp.float32]
+
+
+def _counting(fn, calls, *args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
+
+
+def test_tpu_decode_double_buffered_dmas_have_no_races():
+    """The interpreter's happens-before race detector over the kernel's DMAs and buffer reads: the next unit's copies
+    go to the other buffer while this one computes, and every read of a buffer follows the wait of its copies."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+
+    b, t, hq, hkv = 1, 2, 4, 1
+    q, kc, vc = qkv(jax.random.PRNGKey(2), b, t, L, hq, hkv, D, jnp.float32)
+    lengths, kv_start = jnp.array([50]), jnp.array([3])
+    critical = api.sort_critical(jnp.array([[7, 8, -1, 21, 22, 23, 30, 1, 40]], jnp.int32))
+    params = pltpu.InterpretParams(detect_races=True)
+    o, lse = tpu.decode_partials(
+        q, kc, vc, lengths, kv_start, critical, None, window=5, num_global=2, sm_scale=None, num_splits=2, tile=16,
+        interpret=params,
+    )
+    o.block_until_ready()
+    assert interpreter.races is not None and not interpreter.races.races_found
+    out = api.combine_splits(o, lse, q.shape, q.dtype, combine="xla")
+    ref = pk.sparse_decode_attention(
+        q, kc, vc, lengths, window=5, num_global=2, critical_indices=critical, kv_start=kv_start, backend="reference"
+    )
+    assert rel_err(out, ref) < TOL[jnp.float32]
+
+
+def test_tpu_decode_lowers_for_the_tpu_platform_on_cpu():
+    # As in test_kernels_tpu: register a chip description (v5e) for the "cpu" device kind so that jax can lower the
+    # Mosaic kernel here. This checks jax's lowering (block shapes, scalar prefetch, DMAs, semaphores) only: the TPU
+    # compiler itself never runs on this machine.
+    from jax._src.pallas.mosaic import tpu_info
+
+    tpu_info.registry.setdefault("cpu", lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1))
+    layers, b, t, hq, hkv, d, cache = 2, 2, 1, 32, 8, 128, 1024
+    q = jnp.zeros((b, t, hq, d), jnp.bfloat16)
+    k = jnp.zeros((layers, b, cache, hkv, d), jnp.bfloat16)
+    lengths = jnp.array([cache, 700])
+    critical = jnp.zeros((b, 103), jnp.int32)
+    counts = jnp.array([50, 103])
+
+    def step(q, k, v, lengths, critical, counts):
+        return pk.sparse_decode_attention(
+            q, k, v, lengths, window=256, num_global=4, critical_indices=critical, critical_counts=counts,
+            critical_sorted=True, layer=1, backend="tpu", tile=128,
+        )
+
+    lowered = jax.jit(step).trace(q, k, k, lengths, critical, counts).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 1
