@@ -1,19 +1,23 @@
-"""TPU (Pallas Mosaic) sparse decode kernel: one program per (row, kv head, split) walks its units of cache slots
-with an online softmax (base 2) and writes (o, lse) partials that `pallas_kernels.decode.api` merges with its XLA
-combine. `api` validates the arguments and dispatches here (backend="tpu").
+"""TPU (Pallas Mosaic) sparse decode kernel: one program per (row, split) walks its units of cache slots with an
+online softmax (base 2) per kv head and writes (o, lse) partials that `pallas_kernels.decode.api` merges with its
+XLA combine. `api` validates the arguments and dispatches here (backend="tpu").
 
-K/V stay in HBM (memory_space ANY); the kernel DMAs what it reads into two VMEM buffers of [tile, d] per tensor,
-so the copies of unit u + 1 are in flight while unit u computes. A unit is one of:
-  - a band tile: `tile` contiguous slots of the window band (lo .. length - 1), one strided DMA at a fixed kv head;
-  - a sink tile: the global sinks that lie outside every new token's window, one DMA of a few rows;
-  - a critical chunk: `tile` consecutive entries of the row's critical list; each live entry is one single-row
-    DMA into the row of the buffer it occupies in the chunk, dead entries (-1 padding, out of range, inside the
-    window, among the sinks, repeats, past critical_counts) issue no copy and a chunk without live entries skips its
-    dots. The list is cleaned by one small XLA op (an elementwise pass over [b, c]) before the kernel.
+K/V stay in HBM (memory_space ANY); the kernel DMAs what it reads into two VMEM buffers of [tile, hkv, d] per
+tensor, so the copies of unit u + 1 are in flight while unit u computes. A unit is one of:
+  - a band tile: `tile` contiguous slots of the window band (lo .. length - 1), one DMA per tensor;
+  - a sink tile: the global sinks that lie outside every new token's window, one DMA of a few (>= 8) slots;
+  - a critical chunk: `tile` consecutive entries of the row's critical list; each live entry is one DMA of its
+    slot ([hkv, d]) into the buffer row it occupies in the chunk; dead entries (-1 padding, out of range, inside
+    the window, among the sinks, repeats, past critical_counts) issue no copy, and a chunk without live entries
+    skips its dots. The list is cleaned by one small XLA op (an elementwise pass over [b, c]) before the kernel.
+A copy takes every kv head of its slots (the cache is [.., L, hkv, d], so [hkv, d] per slot is contiguous and
+whole (8, 128) tiles in HBM): a per-head copy would squeeze the tiled second-minor dimension of the HBM ref, which
+Mosaic refuses (tpu.memref_squeeze: tiled squeezed dims must have tile size 1), and would issue hkv times as many
+single-slot DMAs. Each kv head then reads its rows of the buffer (a strided sublane load) and its query heads (t
+new tokens x group, padded to the sublane multiple) are the rows of one matmul.
 Per-row scalars (lengths, kv_start, the live critical list, counts) are scalar-prefetched into SMEM, so every loop
-bound is the row's own (a list with 10% live entries costs its live chunks, not its capacity). The query heads of a
-kv group share each K/V tile as the rows of one matmul, padded to the sublane multiple.
-Tested on CPU in TPU interpret mode and lowered for the TPU platform on CPU; never run on a TPU here.
+bound is the row's own (a list with 10% live entries costs its live chunks, not its capacity).
+Tested on CPU in TPU interpret mode and lowered for the TPU platform on CPU; never compiled by Mosaic or run on a TPU.
 """
 
 from __future__ import annotations
@@ -83,11 +87,12 @@ def _decode_kernel(
     num_global,
     num_splits,
     cache_len,
+    hkv,
     layer,
     compute_dtype,
     precision,
 ):
-    bi, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, split = pl.program_id(0), pl.program_id(1)
     length = len_ref[bi]
     start = jnp.maximum(start_ref[bi], 0)
     count = jnp.clip(count_ref[bi], 0, cap)
@@ -106,11 +111,11 @@ def _decode_kernel(
     n_band, n_sink = b1 - b0, s1 - s0
     n_units = n_band + n_sink + (c1 - c0)
 
-    def hbm(ref, slots):  # [n, d] view of one kv head at the given slots (a pl.ds) of this row
-        return ref.at[bi, slots, h] if layer is None else ref.at[layer, bi, slots, h]
+    def hbm(ref, slots):  # [n, hkv, d] view of the given slots (a pl.ds) of this row: whole (8, 128) tiles
+        return ref.at[bi, slots] if layer is None else ref.at[layer, bi, slots]
 
     def contiguous(u):
-        """(nominal first slot, DMA base, rows, range end, is band) of band / sink unit u. The base is clamped so
+        """(nominal first slot, DMA base, range end, is band) of band / sink unit u. The base is clamped so
         the copy stays inside the cache; slots before the nominal start were another tile's and are masked."""
         is_band = u < n_band
         j = jnp.where(is_band, b0 + u, s0 + u - n_band)
@@ -191,8 +196,6 @@ def _decode_kernel(
     q_pos = length - t + tok
     q_ok = (r < t * group) & (q_pos >= start)  # a new token in the left padding sees nothing
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1)
-    q = q_ref[...].astype(compute_dtype)
-
     def compute(u, buf):
         nominal, base, end, is_band = contiguous(u)
         is_crit = u >= n_band + n_sink
@@ -203,20 +206,22 @@ def _decode_kernel(
         dist = q_pos - slots  # [rows, tile]
         near = (dist >= 0) & (dist < window)
         vis = ok & q_ok & jnp.where(is_band, near, dist >= window)
-        k = k_buf[buf].astype(compute_dtype)
-        v = v_buf[buf].astype(compute_dtype)
-        s = jax.lax.dot_general(q, k, _NT, precision=precision, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(vis, s, NEG)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        alpha = jnp.exp2(m_prev - m_new)
-        p = jnp.where(vis, jnp.exp2(s - m_new), 0.0)
-        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
-            p.astype(compute_dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        m_sc[...] = m_new
+        for h in range(hkv):  # one tile copy serves every kv head: head h's rows are a strided sublane load
+            q = q_ref[h].astype(compute_dtype)  # [rows, d]: the query heads of group h
+            k = k_buf[buf, :, h, :].astype(compute_dtype)  # [tile, d]
+            v = v_buf[buf, :, h, :].astype(compute_dtype)
+            s = jax.lax.dot_general(q, k, _NT, precision=precision, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(vis, s, NEG)
+            m_prev = m_sc[h]
+            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+            alpha = jnp.exp2(m_prev - m_new)
+            p = jnp.where(vis, jnp.exp2(s - m_new), 0.0)
+            l_sc[h] = alpha * l_sc[h] + p.sum(axis=1, keepdims=True)
+            acc_sc[h] = alpha * acc_sc[h] + jax.lax.dot_general(
+                p.astype(compute_dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            m_sc[h] = m_new
 
     m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
@@ -301,6 +306,7 @@ def decode_partials(
         num_global=num_global,
         num_splits=num_splits,
         cache_len=L,
+        hkv=hkv,
         layer=layer,
         compute_dtype=compute_dtype,
         precision=jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None,
@@ -309,33 +315,33 @@ def decode_partials(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
-            grid=(b, hkv, num_splits),
+            grid=(b, num_splits),
             in_specs=[
-                pl.BlockSpec((None, None, rows, d), lambda bi, h, s, *_: (bi, h, 0, 0)),
-                pl.BlockSpec((None, cap // tile, tile), lambda bi, h, s, *_: (bi, 0, 0)),
+                pl.BlockSpec((None, hkv, rows, d), lambda bi, s, *_: (bi, 0, 0, 0)),
+                pl.BlockSpec((None, cap // tile, tile), lambda bi, s, *_: (bi, 0, 0)),
                 pl.BlockSpec(memory_space=pl.ANY),
                 pl.BlockSpec(memory_space=pl.ANY),
             ],
             out_specs=[
-                pl.BlockSpec((None, None, None, rows, d), lambda bi, h, s, *_: (bi, h, s, 0, 0)),
-                pl.BlockSpec((None, None, None, rows, 1), lambda bi, h, s, *_: (bi, h, s, 0, 0)),
+                pl.BlockSpec((None, None, hkv, rows, d), lambda bi, s, *_: (bi, s, 0, 0, 0)),
+                pl.BlockSpec((None, None, hkv, rows, 1), lambda bi, s, *_: (bi, s, 0, 0, 0)),
             ],
             scratch_shapes=[
-                pltpu.VMEM((2, tile, d), k_cache.dtype),
-                pltpu.VMEM((2, tile, d), v_cache.dtype),
+                pltpu.VMEM((2, tile, hkv, d), k_cache.dtype),
+                pltpu.VMEM((2, tile, hkv, d), v_cache.dtype),
                 pltpu.SemaphoreType.DMA((2, 2)),
                 pltpu.SMEM((2,), jnp.int32),
-                pltpu.VMEM((rows, 1), jnp.float32),
-                pltpu.VMEM((rows, 1), jnp.float32),
-                pltpu.VMEM((rows, d), jnp.float32),
+                pltpu.VMEM((hkv, rows, 1), jnp.float32),
+                pltpu.VMEM((hkv, rows, 1), jnp.float32),
+                pltpu.VMEM((hkv, rows, d), jnp.float32),
             ],
         ),
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, num_splits, rows, 1), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_splits, hkv, rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, num_splits, hkv, rows, 1), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=_interpret(interpret),
         name="sparse_decode_tpu",
     )(lengths, kv_start, counts, live.reshape(-1), qg, live.reshape(b, cap // tile, tile), k_cache, v_cache)
-    return o[:, :, :, :tg], lse[:, :, :, :tg, 0]
+    return o[:, :, :, :tg].transpose(0, 2, 1, 3, 4), lse[:, :, :, :tg, 0].transpose(0, 2, 1, 3)
