@@ -29,13 +29,23 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jaxtyping import Array, Float, Int
 
 LOG2E = math.log2(math.e)
 NEG = -1e30
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
-def live_critical(crit, counts, lengths, kv_start, *, window: int, num_global: int, tile: int):
+def live_critical(
+    crit: Int[Array, "b c"],
+    counts: Int[Array, " b"] | None,
+    lengths: Int[Array, " b"],
+    kv_start: Int[Array, " b"],
+    *,
+    window: int,
+    num_global: int,
+    tile: int,
+) -> Int[Array, "b cap"]:
     """[b, ceil(c / tile) * tile] int32: each row's entries that a query reads, -1 elsewhere. An entry is live iff
     it is among the row's first counts[i], kv_start + num_global <= slot < length - window (outside the last new
     token's window and not a sink), and differs from the entry before it (repeats are adjacent in `crit`)."""
@@ -261,9 +271,22 @@ def _interpret(interpret):
 
 
 def decode_partials(
-    q, k_cache, v_cache, lengths, kv_start, crit, counts=None, *, window, num_global, sm_scale, num_splits=None,
-    tile=64, layer=None, interpret=False
-):
+    q: Float[Array, "b t hq d"],
+    k_cache: Float[Array, "*layers b L hkv d"],
+    v_cache: Float[Array, "*layers b L hkv d"],
+    lengths: Int[Array, " b"],
+    kv_start: Int[Array, " b"],
+    crit: Int[Array, "b c"] | None,
+    counts: Int[Array, " b"] | None = None,
+    *,
+    window: int,
+    num_global: int,
+    sm_scale: float | None,
+    num_splits: int | None = None,
+    tile: int = 64,
+    layer: int | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> tuple[Float[Array, "b hkv splits tg d"], Float[Array, "b hkv splits tg"]]:
     """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2), the
     layout `api.combine_splits(..., combine="xla")` merges. `crit` ([b, c] with equal entries adjacent, or None) and
     `counts` ([b] or None: all c entries) as api passes them; `layer` indexes a stacked cache in place."""
