@@ -11,9 +11,9 @@ tensor, so the copies of unit u + 1 are in flight while unit u computes. A unit 
     the window, among the sinks, repeats, past critical_counts) issue no copy, and a chunk without live entries
     skips its dots. The list is cleaned by one small XLA op (an elementwise pass over [b, c]) before the kernel.
 A copy takes every kv head of its slots (the cache is [.., L, hkv, d], so [hkv, d] per slot is contiguous and
-whole (8, 128) tiles in HBM): a per-head copy would squeeze the tiled second-minor dimension of the HBM ref, which
-Mosaic refuses (tpu.memref_squeeze: tiled squeezed dims must have tile size 1), and would issue hkv times as many
-single-slot DMAs. Each kv head then reads its rows of the buffer (a strided sublane load) and its query heads (t
+whole tiles in HBM): a per-head copy would squeeze the second-minor dimension of the HBM ref, which Mosaic tiles by
+min(hkv, 8) rows (>= 2 for 16-bit) and refuses to squeeze unless that tile is 1 (tpu.memref_squeeze), and it
+would issue hkv times as many single-slot DMAs. Each kv head then reads its rows of the buffer (a strided sublane load) and its query heads (t
 new tokens x group, padded to the sublane multiple) are the rows of one matmul.
 Per-row scalars (lengths, kv_start, the live critical list, counts) are scalar-prefetched into SMEM, so every loop
 bound is the row's own (a list with 10% live entries costs its live chunks, not its capacity).
