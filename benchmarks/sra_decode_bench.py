@@ -1,20 +1,24 @@
 """One decode step of a small SRA Llama at a long cache, attention_impl="pallas": the sparse decode kernel (window +
-globals + critical slots, `decode_kernel="auto"`) against the earlier path (`decode_kernel="off"`: the block-sparse
+globals + critical slots, `decode_kernel="auto"`) against the block-sparse path (`decode_kernel="off"`: the
 prefill kernels with one query row over the whole cache), same weights, same cache, same process.
 
 The cache is filled synthetically (random K/V of the model's dtype, positions 0..filled-1 from slot 0, ~critical
-fraction of the prompt slots flagged critical, a router threshold per row), so no 32k prefill is run. A step is the
-whole jitted model call for one new token per row (routers, projections, MLPs, LM head, cache write), the cache
-donated so the write is in place; `steps` calls run back to back and the mean is reported. The kernel alone on one
-layer (a standalone [b, T, kv, d] array, and the same sliced out of the [layers, b, T, kv, d] cache inside the jit)
-shows what the per-layer cache slice costs.
+fraction of the prompt slots flagged critical with the slot lists the cache keeps for them (`KVCache.with_critical`),
+a router threshold per row), so no 32k prefill is run. A step is the whole jitted model call for one new token per
+row (routers, projections, MLPs, LM head, cache write, list append), the cache donated so the write is in place;
+`steps` calls run back to back and the mean is reported. The kernel alone on one layer of the stacked cache
+(`layer=`) shows what the cache's slot list saves: the list as a decode step used to build it (jnp.nonzero of the
+layer's flags inside the jit, capacity max_len, -1 padding, no counts) against the cache's list with
+`critical_counts` (the kernel walks only the live entries).
 
     PYTHONPATH=. python3 -m benchmarks.sra_decode_bench --out $OUT/sra-decode.json
+    PYTHONPATH=. python3 -m benchmarks.sra_decode_bench --tiny --lengths 128 --steps 2 --out /tmp/x.json  # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import time
@@ -27,6 +31,7 @@ from flax import nnx
 import pallas_kernels
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn import KVCache, Llama
+from sra_jax.nn.attention import SparseReasoningAttention
 
 
 def model_config(tiny: bool) -> LlamaConfig:
@@ -53,10 +58,29 @@ def synthetic_cache(config: LlamaConfig, batch: int, max_len: int, filled: int, 
         k=jax.random.normal(keys[0], shape, dtype),
         v=jax.random.normal(keys[1], shape, dtype),
         positions=jnp.broadcast_to(jnp.where(slots < filled, slots, -1), (batch, max_len)).astype(jnp.int32),
-        critical=(jax.random.uniform(keys[2], shape[:3]) < fraction) & (slots < filled),
         threshold=jax.random.normal(keys[3], shape[:2]),
         index=jnp.int32(filled),
-    )
+    ).with_critical((jax.random.uniform(keys[2], shape[:3]) < fraction) & (slots < filled))
+
+
+@contextlib.contextmanager
+def unchecked_layout(active: bool):
+    """While active, newly traced steps skip each layer's layout check and lax.cond and call the kernel directly
+    (`SparseReasoningAttention._decode_kernel`, rows starting at slot 0 as the synthetic cache has them).
+    Measurement only: it shows what the per-layer check + cond cost in a step; the results are the same."""
+    if not active:
+        yield
+        return
+    checked = SparseReasoningAttention._decode_attention
+
+    def unchecked(self, q, spec, cache, q_critical):
+        return self._decode_kernel(q, cache, q_critical, jnp.zeros((cache.batch,), jnp.int32))
+
+    SparseReasoningAttention._decode_attention = unchecked
+    try:
+        yield
+    finally:
+        SparseReasoningAttention._decode_attention = checked
 
 
 def time_steps(model: Llama, cache: KVCache, steps: int, warmup: int = 3):
@@ -88,19 +112,25 @@ def time_steps(model: Llama, cache: KVCache, steps: int, warmup: int = 3):
 
 
 def time_kernel(cache: KVCache, sra: SRAConfig, heads: int, reps: int = 20):
-    """(ms standalone layer, ms sliced from the full cache inside the jit, ms reading the layer in place through
-    `layer=`) of the decode attention alone."""
+    """(ms with the list rebuilt from the flags, ms with the cache's list + counts) of the decode attention alone on
+    layer 1 of the stacked cache (read in place through `layer=`)."""
     b, n = cache.batch, cache.max_len
     q = jax.random.normal(jax.random.key(9), (b, 1, heads, cache.k.shape[-1]), cache.k.dtype)
     lengths = jnp.full((b,), cache.index + 1, jnp.int32)
-    crit = jax.vmap(lambda row: jnp.nonzero(row, size=n, fill_value=-1)[0].astype(jnp.int32))(cache.critical[0])
-    kw = dict(window=sra.window, num_global=sra.num_global, critical_indices=crit, critical_sorted=True)
-    alone = jax.jit(lambda q, k, v: pallas_kernels.sparse_decode_attention(q, k, v, lengths, **kw))
-    sliced = jax.jit(lambda q, k, v: pallas_kernels.sparse_decode_attention(q, k[1], v[1], lengths, **kw))
-    in_place = jax.jit(lambda q, k, v: pallas_kernels.sparse_decode_attention(q, k, v, lengths, layer=1, **kw))
-    k1, v1 = jnp.copy(cache.k[1]), jnp.copy(cache.v[1])
+    kw = dict(window=sra.window, num_global=sra.num_global, critical_sorted=True, layer=1)
+
+    def rebuilt(q, k, v, critical, slots, counts):
+        crit = jax.vmap(lambda row: jnp.nonzero(row, size=n, fill_value=-1)[0].astype(jnp.int32))(critical[1])
+        return pallas_kernels.sparse_decode_attention(q, k, v, lengths, critical_indices=crit, **kw)
+
+    def listed(q, k, v, critical, slots, counts):
+        return pallas_kernels.sparse_decode_attention(
+            q, k, v, lengths, critical_indices=slots[1], critical_counts=counts[1], **kw
+        )
+
+    args = (q, cache.k, cache.v, cache.critical, cache.critical_slots, cache.num_critical)
     out = []
-    for fn, args in ((alone, (q, k1, v1)), (sliced, (q, cache.k, cache.v)), (in_place, (q, cache.k, cache.v))):
+    for fn in (jax.jit(rebuilt), jax.jit(listed)):
         jax.block_until_ready(fn(*args))
         start = time.perf_counter()
         for _ in range(reps):
@@ -128,34 +158,41 @@ def main(argv: list[str] | None = None) -> int:
         filled = length - args.steps - 8
         cache = synthetic_cache(config, args.batch, length, filled, sra.critical_fraction, dtype)
         result = {}
-        for mode in ("off", "auto"):
-            model.set_decode_kernel(mode)
-            ms, logits, compile_s = time_steps(model, cache, args.steps)
+        for mode in ("off", "auto", "auto-unchecked"):
+            model.set_decode_kernel(mode.removesuffix("-unchecked"))
+            with unchecked_layout(mode.endswith("-unchecked")):
+                ms, logits, compile_s = time_steps(model, cache, args.steps)
             result[mode] = (ms, logits, compile_s)
             print(f"T={length} decode_kernel={mode}: {ms:.3f} ms/step (compile {compile_s:.1f}s)", flush=True)
         diff = float(jnp.abs(result["off"][1] - result["auto"][1]).max())
+        diff_unchecked = float(jnp.abs(result["auto-unchecked"][1] - result["auto"][1]).max())
         scale = float(jnp.abs(result["off"][1]).max())
-        alone_ms, sliced_ms, in_place_ms = time_kernel(cache, sra, config.num_attention_heads)
-        print(f"  kernel alone {alone_ms:.4f} ms, sliced from the cache {sliced_ms:.4f} ms, layer= in place "
-              f"{in_place_ms:.4f} ms; max|dlogits| {diff:.3g}")
+        rebuilt_ms, listed_ms = time_kernel(cache, sra, config.num_attention_heads)
+        print(f"  one layer's decode attention: list rebuilt from the flags {rebuilt_ms:.4f} ms, cache list + "
+              f"counts {listed_ms:.4f} ms; max|dlogits| {diff:.3g}")
         rows.append(dict(
             cache_len=length, filled=filled, batch=args.batch, layers=config.num_hidden_layers,
             heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
             hidden=config.hidden_size, dtype=str(jnp.dtype(dtype)), window=sra.window, num_global=sra.num_global,
             critical_fraction=sra.critical_fraction, queries=sra.queries,
             ms_step_before=result["off"][0], ms_step_after=result["auto"][0],
+            ms_step_after_layout_unchecked=result["auto-unchecked"][0],
             speedup=result["off"][0] / result["auto"][0],
             compile_s_before=result["off"][2], compile_s_after=result["auto"][2],
-            ms_kernel_one_layer_standalone=alone_ms, ms_kernel_one_layer_sliced_from_cache=sliced_ms,
-            ms_kernel_one_layer_in_place=in_place_ms,
-            max_abs_logit_diff=diff, max_abs_logit=scale, steps=args.steps,
+            critical_listed=int(cache.num_critical[1].max()),
+            ms_kernel_one_layer_list_rebuilt=rebuilt_ms, ms_kernel_one_layer_cache_list=listed_ms,
+            max_abs_logit_diff=diff, max_abs_logit_diff_unchecked=diff_unchecked, max_abs_logit=scale, steps=args.steps,
         ))
     report = dict(
         device=str(jax.devices()[0].device_kind),
         date=datetime.date.today().isoformat(),
         versions=dict(jax=jax.__version__, python=".".join(map(str, __import__("sys").version_info[:3]))),
         what="one decode step (1 new token/row) of an SRA Llama, attention_impl='pallas': before = block-sparse "
-        "prefill kernel over the whole cache (decode_kernel='off'), after = sparse decode kernel ('auto')",
+        "prefill kernel over the whole cache (decode_kernel='off'), after = sparse decode kernel ('auto') reading "
+        "the cache's critical slot list with critical_counts; ms_kernel_one_layer_*: the kernel alone on one layer, "
+        "list rebuilt by jnp.nonzero each call (no counts, the earlier path) vs the cache's list + counts; "
+        "ms_step_after_layout_unchecked: 'auto' with the per-layer layout check / lax.cond folded away "
+        "(what they cost)",
         rows=rows,
     )
     with open(args.out, "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -190,35 +191,44 @@ class SparseReasoningAttention(nnx.Module):
         q_critical: Bool[Array, "b s"],
     ) -> Float[Array, "b s h d"]:
         """The sparse decode kernel when the cache has the left-padded layout it reads (checked at run time on the
-        positions), else the general path (see sra_jax.nn.decode). The kernel reads this layer straight from the
-        stacked cache (no per-step copy of the layer's K/V); the general path slices it inside its branch."""
-        lengths = cache.index + q.shape[1]
-        kv_start, ok = decode.left_padded_layout(cache.positions, lengths)
+        positions), else the general path (see sra_jax.nn.decode). The general path slices this layer's K/V and
+        critical flags inside its branch, so a step that takes the kernel copies none of them."""
+        kv_start, ok = decode.left_padded_layout(cache.positions, cache.index + q.shape[1])
+
+        def general():
+            k, v = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype)
+            layer_spec = dataclasses.replace(spec, k_critical=cache.critical[self.layer])
+            return attention_ops.attention(q, k, v, spec=layer_spec, impl=self.attention_impl)
+
+        return jax.lax.cond(ok, lambda: self._decode_kernel(q, cache, q_critical, kv_start), general)
+
+    def _decode_kernel(
+        self,
+        q: Float[Array, "b s h d"],
+        cache: KVCache,
+        q_critical: Bool[Array, "b s"],
+        kv_start: Int[Array, " b"],
+    ) -> Float[Array, "b s h d"]:
+        """The sparse decode kernel on a left-padded cache whose rows start at `kv_start`: this layer read straight
+        from the stacked cache (no per-step copy of its K/V), its critical slots from the cache's list."""
         if self.sra is None:
-            rule = dict(window=cache.max_len, num_global=0, k_critical=None, queries="all")
+            rule = dict(window=cache.max_len, num_global=0, critical_slots=None, num_critical=None, queries="all")
         else:
             rule = dict(
                 window=self.sra.window,
                 num_global=self.sra.num_global,
-                k_critical=cache.critical[self.layer],
+                critical_slots=cache.critical_slots[self.layer],
+                num_critical=cache.num_critical[self.layer],
                 queries=self.sra.queries,
             )
-
-        def kernel():
-            if cache.k.dtype == q.dtype:
-                k, v, layer = cache.k, cache.v, self.layer
-            else:  # the kernel's dots want one dtype: convert (and copy) this layer
-                k, v, layer = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype), None
-            return decode.sparse_decode(
-                q, k, v, layer=layer, lengths=lengths, kv_start=kv_start, q_critical=q_critical,
-                decode_kernel=self.decode_kernel, **rule,
-            )
-
-        def general():
-            k, v = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype)
-            return attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
-
-        return jax.lax.cond(ok, kernel, general)
+        if cache.k.dtype == q.dtype:
+            k, v, layer = cache.k, cache.v, self.layer
+        else:  # the kernel's dots want one dtype: convert (and copy) this layer
+            k, v, layer = cache.k[self.layer].astype(q.dtype), cache.v[self.layer].astype(q.dtype), None
+        return decode.sparse_decode(
+            q, k, v, layer=layer, lengths=cache.index + q.shape[1], kv_start=kv_start, q_critical=q_critical,
+            decode_kernel=self.decode_kernel, **rule,
+        )
 
     def _select(
         self,
@@ -287,7 +297,10 @@ class SparseReasoningAttention(nnx.Module):
         )
         if threshold is not None:
             update["threshold"] = cache.threshold.at[self.layer].set(threshold)
-        return cache.replace(**update)
+        if self.sra is None:  # no critical token ever: the layer's slot lists stay empty
+            return cache.replace(**update)
+        # The decode kernel's critical slot list grows with the flags (O(b * s), not a rebuild over max_len).
+        return cache.append_critical(self.layer, critical).replace(**update)
 
 
 # Larger than any position difference; a dense layer's SRA spec then reduces to causal-by-position.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import struct
+from jaxtyping import Array, Bool, Int
 
 from sra_jax.config import LlamaConfig
 
@@ -14,12 +16,19 @@ from sra_jax.config import LlamaConfig
 class KVCache:
     """Fixed-size cache (static `max_len`, so decoding compiles once); a call writes its tokens at slot `index`.
 
-    k, v       [layers, batch, max_len, kv_heads, head_dim]
-    positions  [batch, max_len] int32, -1 marks an empty slot (never visible)
-    critical   [layers, batch, max_len] bool, the SRA critical flag of each cached key
-    threshold  [layers, batch] float32, router-score cut-off fixed at prefill (first call, index == 0): the k-th
-               largest score of the prompt; a later token is critical iff its score >= threshold
-    index      [] int32, the next free slot (shared by the batch: pad prompts on the left)
+    k, v           [layers, batch, max_len, kv_heads, head_dim]
+    positions      [batch, max_len] int32, -1 marks an empty slot (never visible)
+    critical       [layers, batch, max_len] bool, the SRA critical flag of each cached key
+    threshold      [layers, batch] float32, router-score cut-off fixed at prefill (first call, index == 0): the k-th
+                   largest score of the prompt; a later token is critical iff its score >= threshold
+    index          [] int32, the next free slot (shared by the batch: pad prompts on the left)
+    critical_slots [layers, batch, max_len] int32, each row's critical slots in ascending order (the first
+                   num_critical entries; -1 after them in a cache built by `init`): the list the sparse decode kernel
+                   reads. Kept in step with `critical` by every model call, which appends the slots it flags (a call
+                   at index 0 starts the list afresh), so a decode step never rebuilds it from the flags.
+    num_critical   [layers, batch] int32, the length of each row's list = critical[layer, row].sum()
+
+    Rewriting `critical` by hand (tests, synthetic caches) needs `with_critical`, which rebuilds the lists.
     """
 
     # Leaves are typed loosely so that pytree utilities may rebuild the cache with non-array leaves.
@@ -29,6 +38,8 @@ class KVCache:
     critical: Any
     threshold: Any
     index: Any
+    critical_slots: Any
+    num_critical: Any
 
     @classmethod
     def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -43,6 +54,33 @@ class KVCache:
             critical=jnp.zeros((layers, batch, max_len), bool),
             threshold=jnp.full((layers, batch), jnp.inf, jnp.float32),
             index=jnp.zeros((), jnp.int32),
+            critical_slots=jnp.full((layers, batch, max_len), -1, jnp.int32),
+            num_critical=jnp.zeros((layers, batch), jnp.int32),
+        )
+
+    def with_critical(self, critical: Bool[Array, "layers b n"]) -> KVCache:
+        """This cache with its critical flags replaced and the slot lists rebuilt from them (O(layers * b * n):
+        for caches filled by hand, never needed between model calls)."""
+        if critical.shape != self.critical.shape:
+            raise ValueError(f"critical {critical.shape} must be [layers, batch, max_len] = {self.critical.shape}")
+        slots, counts = critical_slot_lists(critical)
+        return self.replace(critical=critical.astype(bool), critical_slots=slots, num_critical=counts)
+
+    def append_critical(self, layer: int, critical: Bool[Array, "b s"]) -> KVCache:
+        """Append the slots of this call's critical tokens (slots index .. index + s - 1) to `layer`'s lists, in
+        ascending order after the ones already there (a call at index 0 starts the lists afresh). O(b * s): one
+        scatter of the flagged slots, the other updates dropped; the lists stay ascending because `index` only
+        grows between calls."""
+        b, s = critical.shape
+        index = self.index.astype(jnp.int32)
+        count = jnp.where(index == 0, 0, self.num_critical[layer])
+        rank = jnp.cumsum(critical, axis=1, dtype=jnp.int32) - 1
+        target = jnp.where(critical, count[:, None] + rank, self.max_len)  # past the end: dropped
+        slots = jnp.broadcast_to(index + jnp.arange(s, dtype=jnp.int32), (b, s))
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+        return self.replace(
+            critical_slots=self.critical_slots.at[layer, rows, target].set(slots, mode="drop"),
+            num_critical=self.num_critical.at[layer].set(count + critical.sum(1, dtype=jnp.int32)),
         )
 
     @property
@@ -56,3 +94,14 @@ class KVCache:
     @property
     def num_layers(self) -> int:
         return self.k.shape[0]
+
+
+def critical_slot_lists(critical: Bool[Array, "*lead n"]) -> tuple[Int[Array, "*lead n"], Int[Array, " *lead"]]:
+    """(ascending critical slots of each row padded with -1 to the row length, number of critical slots): the
+    lists `KVCache` keeps, built from the flags in one pass (a stable sort of the slots by "not critical")."""
+    n = critical.shape[-1]
+    slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), critical.shape)
+    _, ordered = jax.lax.sort(((~critical).astype(jnp.int32), slots), is_stable=True, num_keys=1)
+    counts = critical.sum(-1, dtype=jnp.int32)
+    used = jnp.arange(n) < counts[..., None]
+    return jnp.where(used, ordered, -1), counts

@@ -8,16 +8,17 @@ holds its tokens in slots kv_start[i] .. index - 1 and slot kv_start + p holds p
 layout on the cache's positions (O(batch * max_len) integer compares, no K/V reads); if it does not hold (right
 padding, gaps, offset positions) the call takes the general path, so results never depend on the layout.
 
-The critical slot list is `jnp.nonzero(cache.critical[layer], size=max_len, fill_value=-1)`: ascending, no
-repeats, and never truncated (a decoded token is critical whenever its router score clears the prefill threshold,
-so no smaller static bound holds); the kernel skips the -1 tail without reading K/V for it.
+The critical slots come from the cache's own lists (`KVCache.critical_slots` / `num_critical`: ascending, kept in
+step with the flags by every call, so a decode step builds nothing over the cache length) and reach the kernel with
+`critical_counts`: it reads only each row's first num_critical entries, so its work follows the number of critical
+slots, not the cache capacity (the list is never truncated: a decoded token is critical whenever its router score
+clears the prefill threshold, so no smaller static bound holds).
 `queries="critical"`: a non-critical new token sees only window + globals, so its row gets no critical slots
-(one new token: its row's list is blanked; several: a second window + globals call and a per-token choice).
+(one new token: its row's count is 0; several: a second window + globals call and a per-token choice).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
@@ -47,12 +48,6 @@ def left_padded_layout(
     return kv_start, ok
 
 
-def critical_slots(critical: Bool[Array, "b n"]) -> Int[Array, "b n"]:
-    """Ascending critical slot indices of each row, padded with -1 to the cache length (never truncated)."""
-    n = critical.shape[-1]
-    return jax.vmap(lambda row: jnp.nonzero(row, size=n, fill_value=-1)[0].astype(jnp.int32))(critical)
-
-
 def sparse_decode(
     q: Float[Array, "b t hq d"],
     k: Float[Array, "*layers b n hkv d"],
@@ -63,15 +58,17 @@ def sparse_decode(
     kv_start: Int[Array, " b"],
     window: int,
     num_global: int,
-    k_critical: Bool[Array, "b n"] | None,
+    critical_slots: Int[Array, "b n"] | None,
+    num_critical: Int[Array, " b"] | None,
     q_critical: Bool[Array, "b t"] | None,
     queries: str,
     decode_kernel: str,
 ) -> Float[Array, "b t hq d"]:
     """SRA attention of the t new tokens (already in the cache, slots lengths - t .. lengths - 1) through the sparse
-    decode kernel. `k_critical` None means no critical slots (dense layers pass window = cache length);
-    `q_critical` is the new tokens' flags, used when queries == "critical". With `layer`, k / v are the model's
-    stacked cache [layers, b, n, hkv, d] and the kernel reads that layer in place."""
+    decode kernel. `critical_slots` / `num_critical` are the layer's ascending critical slot lists and their lengths
+    (`KVCache`); None means no critical slots (dense layers pass window = cache length). `q_critical` is the new
+    tokens' flags, used when queries == "critical". With `layer`, k / v are the model's stacked cache
+    [layers, b, n, hkv, d] and the kernel reads that layer in place."""
     import pallas_kernels
 
     b, t = q.shape[:2]
@@ -86,16 +83,18 @@ def sparse_decode(
     )
     row_lengths = jnp.broadcast_to(lengths, (b,)).astype(jnp.int32)
 
-    def run(indices):
-        extra = {} if indices is None else dict(critical_indices=indices, critical_sorted=True)
+    def run(counts):
+        extra = {} if counts is None else dict(
+            critical_indices=critical_slots, critical_counts=counts, critical_sorted=True
+        )
         return pallas_kernels.sparse_decode_attention(q, k, v, row_lengths, **kw, **extra)
 
-    if k_critical is None:
+    if critical_slots is None:
         return run(None)
-    indices = critical_slots(k_critical)
+    counts = num_critical.astype(jnp.int32)
     if queries == "all":
-        return run(indices)
+        return run(counts)
     if t == 1:
-        return run(jnp.where(q_critical[:, :1], indices, -1))
-    with_critical, local = run(indices), run(None)
+        return run(jnp.where(q_critical[:, 0], counts, 0))
+    with_critical, local = run(counts), run(None)
     return jnp.where(q_critical[:, :, None, None], with_critical, local)

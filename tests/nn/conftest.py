@@ -23,6 +23,19 @@ def forward(model: Llama, tokens, positions=None, cache=None, **kwargs):
     return model(tokens, positions, cache, **kwargs)
 
 
+def assert_lists_match_flags(cache) -> None:
+    """The cache's critical slot lists: the first num_critical entries of each row are nonzero(critical) in order,
+    -1 after them (caches built by KVCache.init)."""
+    critical = np.asarray(cache.critical)
+    slots, counts = np.asarray(cache.critical_slots), np.asarray(cache.num_critical)
+    for layer in range(critical.shape[0]):
+        for row in range(critical.shape[1]):
+            want = np.flatnonzero(critical[layer, row])
+            assert counts[layer, row] == len(want), (layer, row)
+            np.testing.assert_array_equal(slots[layer, row, : len(want)], want, err_msg=f"{layer=} {row=}")
+            assert np.all(slots[layer, row, len(want) :] == -1), (layer, row)
+
+
 def random_tokens(batch: int, seq: int, seed: int = 0, vocab: int = 256) -> jnp.ndarray:
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, seq)), jnp.int32)
 

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from conftest import forward, make_model, random_tokens
+from conftest import assert_lists_match_flags, forward, make_model, random_tokens
 
 import pallas_kernels
 from sra_jax.config import SRAConfig
 from sra_jax.generate import generate
 from sra_jax.nn import KVCache, Llama
+from sra_jax.nn.cache import critical_slot_lists
 from sra_jax.nn import decode as nn_decode
 
 # Both paths are float32; the kernel (exp2-based online softmax over window / sink / critical tiles, splits merged
@@ -69,6 +70,7 @@ def test_greedy_decode_through_the_kernel_equals_the_reference_path(name):
     np.testing.assert_array_equal(got_tokens, want_tokens)
     np.testing.assert_allclose(got_logits, want_logits, atol=ATOL, rtol=0)
     np.testing.assert_array_equal(got_cache.critical, want_cache.critical)
+    assert_lists_match_flags(got_cache)  # what the kernel read on the last step
     kv_start, ok = nn_decode.left_padded_layout(got_cache.positions, got_cache.index)
     assert bool(ok)  # the kernel path was eligible on every step (the layout only grows)
     np.testing.assert_array_equal(kv_start, [8 - n for n in PROMPT_LENGTHS])
@@ -147,9 +149,11 @@ def test_left_padded_layout_accepts_only_the_layout_the_kernel_reads():
         assert not bool(nn_decode.left_padded_layout(jnp.array(bad), jnp.int32(5))[1]), bad
 
 
-def test_critical_slots_lists_every_critical_slot_in_order_then_minus_one():
+def test_critical_slot_lists_list_every_critical_slot_in_order_then_minus_one():
     critical = jnp.array([[False, True, False, True, True], [False] * 5])
-    np.testing.assert_array_equal(nn_decode.critical_slots(critical), [[1, 3, 4, -1, -1], [-1] * 5])
+    slots, counts = critical_slot_lists(critical)
+    np.testing.assert_array_equal(slots, [[1, 3, 4, -1, -1], [-1] * 5])
+    np.testing.assert_array_equal(counts, [3, 0])
 
 
 def test_decode_kernel_switches_and_bad_values_are_rejected():

@@ -90,7 +90,9 @@ def test_cache_is_a_pytree_with_the_contract_shapes(config):
     assert cache.k.shape == cache.v.shape == (layers, 3, 5, kv, hd) and cache.k.dtype == jnp.bfloat16
     assert cache.positions.shape == (3, 5) and np.all(cache.positions == -1)
     assert cache.critical.shape == (layers, 3, 5) and cache.threshold.shape == (layers, 3)
-    assert len(jax.tree.leaves(cache)) == 6
+    assert cache.critical_slots.shape == (layers, 3, 5) and np.all(cache.critical_slots == -1)
+    assert cache.num_critical.shape == (layers, 3) and np.all(cache.num_critical == 0)
+    assert len(jax.tree.leaves(cache)) == 8
 
 
 BERNOULLI = SRAConfig(critical_fraction=1.0, window=3, num_global=1, selection="bernoulli", router_hidden=8)
