@@ -13,8 +13,8 @@ tensor, so the copies of unit u + 1 are in flight while unit u computes. A unit 
 A copy takes every kv head of its slots (the cache is [.., L, hkv, d], so [hkv, d] per slot is contiguous and
 whole tiles in HBM): a per-head copy would squeeze the second-minor dimension of the HBM ref, which Mosaic tiles by
 min(hkv, 8) rows (>= 2 for 16-bit) and refuses to squeeze unless that tile is 1 (tpu.memref_squeeze), and it
-would issue hkv times as many single-slot DMAs. Each kv head then reads its rows of the buffer (a strided sublane load) and its query heads (t
-new tokens x group, padded to the sublane multiple) are the rows of one matmul.
+would issue hkv times as many single-slot DMAs. Each kv head then reads its rows of the buffer (a strided sublane
+load) and its query heads (t new tokens x group, padded to the sublane multiple) are the rows of one matmul.
 Per-row scalars (lengths, kv_start, the live critical list, counts) are scalar-prefetched into SMEM, so every loop
 bound is the row's own (a list with 10% live entries costs its live chunks, not its capacity).
 Tested on CPU in TPU interpret mode and lowered for the TPU platform on CPU; never compiled by Mosaic or run on a TPU.
@@ -45,15 +45,18 @@ def live_critical(
     window: int,
     num_global: int,
     tile: int,
+    cache_len: int,
 ) -> Int[Array, "b cap"]:
     """[b, ceil(c / tile) * tile] int32: each row's entries that a query reads, -1 elsewhere. An entry is live iff
     it is among the row's first counts[i], kv_start + num_global <= slot < length - window (outside the last new
-    token's window and not a sink), and differs from the entry before it (repeats are adjacent in `crit`)."""
+    token's window and not a sink), and differs from the entry before it (repeats are adjacent in `crit`).
+    Slots past the cache (only with lengths > cache_len, invalid input) are dead too: no DMA may leave the cache."""
     b, c = crit.shape
     pos = jnp.arange(c)[None, :]
     start = jnp.maximum(kv_start.astype(jnp.int32), 0)[:, None]
     prev = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), crit[:, :-1]], axis=1)
-    live = (crit >= start + num_global) & (crit < (lengths.astype(jnp.int32) - window)[:, None]) & (crit != prev)
+    end = jnp.minimum(lengths.astype(jnp.int32) - window, cache_len)[:, None]
+    live = (crit >= start + num_global) & (crit < end) & (crit != prev)
     if counts is not None:
         live &= pos < counts.astype(jnp.int32)[:, None]
     out = jnp.where(live, crit, -1)
@@ -295,6 +298,7 @@ def decode_partials(
     if tile % 8:
         raise ValueError(f"{tile=} must be a multiple of 8 (TPU sublanes)")
     num_splits = 1 if num_splits is None else num_splits
+    window = min(window, L + t)  # a longer window sees the same slots; keeps slot arithmetic inside int32
     group = hq // hkv
     tg = t * group
     compute_dtype = jnp.float32 if k_cache.dtype == jnp.float16 else k_cache.dtype  # no f16 MXU path: f32
@@ -309,7 +313,9 @@ def decode_partials(
         live = jnp.full((b, tile), -1, jnp.int32)
         counts = jnp.zeros((b,), jnp.int32)
     else:
-        live = live_critical(crit, counts, lengths, kv_start, window=window, num_global=num_global, tile=tile)
+        live = live_critical(
+            crit, counts, lengths, kv_start, window=window, num_global=num_global, tile=tile, cache_len=L
+        )
         counts = jnp.full((b,), crit.shape[1], jnp.int32) if counts is None else counts.astype(jnp.int32)
     cap = live.shape[1]
     band_rows = min(tile, L)
