@@ -124,7 +124,7 @@ def _decode_kernel(
     n_band, n_sink = b1 - b0, s1 - s0
     n_units = n_band + n_sink + (c1 - c0)
 
-    def hbm(ref, slots):  # [n, hkv, d] view of the given slots (a pl.ds) of this row: whole (8, 128) tiles
+    def hbm(ref, slots):  # [n, hkv, d] view of the given slots (a pl.ds) of this row: whole HBM tiles
         return ref.at[bi, slots] if layer is None else ref.at[layer, bi, slots]
 
     def contiguous(u):
@@ -209,6 +209,7 @@ def _decode_kernel(
     q_pos = length - t + tok
     q_ok = (r < t * group) & (q_pos >= start)  # a new token in the left padding sees nothing
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+
     def compute(u, buf):
         nominal, base, end, is_band = contiguous(u)
         is_crit = u >= n_band + n_sink
