@@ -165,3 +165,29 @@ def test_decode_kernel_switches_and_bad_values_are_rejected():
         model.set_decode_kernel("cuda")
     with pytest.raises(ValueError, match="decode_kernel"):
         make_model(None, attention_impl="pallas", decode_kernel="fast")
+
+
+def test_a_decode_step_updates_the_cache_in_place():
+    """A jitted decode step on a donated cache writes K/V, flags and the critical slot list in place: the compiled
+    program copies no cache-sized buffer (a copy per step would read and write the whole cache, far more than the
+    sparse kernel reads). Moving the cache writes inside a lax.cond (e.g. one cond around all layers) makes XLA
+    copy the whole cache in and out of the branches, which this catches."""
+    from sra_jax.config import LlamaConfig
+
+    config = LlamaConfig.tiny(num_hidden_layers=3)
+    model = make_model(CASES["topk-critical"], config=config, attention_impl="pallas", decode_kernel="reference")
+    cache = KVCache.init(config, 2, 40)
+    graphdef, state = nnx.split(model)
+
+    def step(state, tokens, cache):
+        logits, aux = nnx.merge(graphdef, state)(tokens, None, cache)
+        return logits, aux.cache
+
+    hlo = jax.jit(step, donate_argnums=(2,)).lower(state, jnp.ones((2, 1), jnp.int32), cache).compile().as_text()
+    big = {f"[{','.join(map(str, leaf.shape))}]" for leaf in (cache.k, cache.critical, cache.critical_slots)}
+    copies = [
+        line for line in hlo.splitlines()
+        if " copy(" in line and any(shape in line.split("=")[1].split(" copy(")[0] for shape in big)
+    ]
+    assert " conditional(" in hlo  # the step does branch on the layout (the kernel path is in the program)
+    assert not copies, copies[:3]
