@@ -12,13 +12,11 @@ Two times per row, each per decode call:
 - kernel_us: device time of the kernels alone, summed from a jax.profiler trace of the same executable
   (GPU stream events, divided by the number of calls), with the decode kernel's share in decode_kernel_us.
 Bytes: the K and V rows the new token can see, each once (`pallas_kernels.decode.decode_slots`); GB/s and the
-fraction of the HBM copy (read + write bytes of a 1 GiB bf16 `x + 1`) follow from each time.
+fraction of the HBM copy (read + write bytes of a 1 GiB bf16 `x + 1`) follow from each time. A second peer,
+`copy_same_bytes`, is the kernel time of an `x + 1` that reads and writes as many bytes as one sparse decode reads:
+small kernels do not reach the 1 GiB copy's rate either, and this says by how much.
 
-    python -m benchmarks.decode_bench --check --tune --out benchmarks/results/decode-bench-2026-11-23.json
-
-benchmarks/results/decode-bench-2026-11-23.json came from an earlier form of this script that timed the copy as
-single blocking calls (too low) and sliced the critical sets from one stacked array (a ~1.4 us copy per call);
-its "notes" say how to read it. This form fixes both and has not been run on a GPU yet.
+    python -m benchmarks.decode_bench --check --tune --out benchmarks/results/decode-bench-<date>.json
 """
 
 from __future__ import annotations
@@ -84,6 +82,14 @@ def device_kernel_us(fn, *args, runs: int = 3) -> dict[str, float]:
     return dict(total)
 
 
+def copy_same_bytes(nbytes: int, copies: int = 8) -> dict:
+    """Kernel time of a bf16 `x + 1` reading and writing nbytes in all, from a profiler trace of `copies` of them."""
+    xs = [jnp.full((nbytes // 4,), i, jnp.bfloat16) for i in range(copies)]
+    us = sum(device_kernel_us(jax.jit(lambda xs: [x + 1 for x in xs]), xs, runs=2).values()) / (2 * copies)
+    return {"op": "copy_same_bytes", "bytes_read_plus_written": nbytes, "kernel_us": us,
+            "gbps": nbytes / us / 1e3 if us else None}  # no GPU trace (CPU smoke run): no time
+
+
 def make_inputs(length: int, batch: int, calls: int, copies: int, capacity: int | None = None):
     """Queries per call, `copies` caches, sorted unique critical slots per call and row (-1 padding to
     `capacity`)."""
@@ -121,6 +127,14 @@ def sparse_op(**kw):
             q, kc, vc, lengths, window=WINDOW, num_global=NUM_GLOBAL, critical_indices=crit, backend="triton",
             **kw, **KERNEL_KW
         )
+
+    return op
+
+
+def counted_op(live: int, **kw):
+    def op(q, kc, vc, crit, lengths):
+        counts = jnp.full((q.shape[0],), live, jnp.int32)
+        return sparse_op(critical_sorted=True, critical_counts=counts, **kw)(q, kc, vc, crit, lengths)
 
     return op
 
@@ -176,7 +190,8 @@ def bench_row(name, op, length, batch, copy_gbps, *, sparse=True, calls=16, capa
         )
         out = op(q[0], kc[0], vc[0], crit[0], lengths).astype(jnp.float32)
         kw = {"window": WINDOW, "num_global": NUM_GLOBAL, "critical_indices": crit[0]} if sparse else {"window": length}
-        ref = pk.reference.sparse_decode_attention(q[0], kc[0], vc[0], lengths, **kw).astype(jnp.float32)
+        f32 = (x.astype(jnp.float32) for x in (q[0], kc[0], vc[0]))  # a bf16 reference rounds like the kernel
+        ref = pk.reference.sparse_decode_attention(*f32, lengths, **kw)
         row["rel_err_vs_reference"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
         if profile:
             runs = 2
@@ -210,24 +225,20 @@ def header() -> dict:
 
 def variants(length: int, batch: int, tune: bool, only: list[str] | None = None) -> list[tuple]:
     """(impl name, op, sparse?, critical capacity) rows for one shape; `tune` adds the tuning variants (all of them,
-    or those named in `only`, e.g. ["noskip", "splits8"])."""
+    or those named in `only`, e.g. ["tile128", "warps4"])."""
     sorted_ = {"critical_sorted": True}
     rows = [
         ("sparse_sorted", sparse_op(**sorted_), True, None),
         ("sparse_unsorted_input_sort", sparse_op(), True, None),
-        ("sparse_sorted_capacity2x", sparse_op(**sorted_), True, int(2 * CRITICAL * length)),
+        # A list of twice the live size, -1 padded: with critical_counts the padding is never visited.
+        ("sparse_sorted_capacity2x_counts", counted_op(int(CRITICAL * length)), True, int(2 * CRITICAL * length)),
         ("dense_all_slots", dense_op(), False, None),
     ]
     if tune:
-        extra = {"xla_combine": {"combine": "xla"}, "tile128": {"tile": 128}, "stages1": {"num_stages": 1},
-                 "stages3": {"num_stages": 3}}
-        extra |= (
-            {"noskip": {"skip_empty": False}, "tile32": {"tile": 32}, "splits8": {"num_splits": 8},
-             "splits66": {"num_splits": 66}, "splits132": {"num_splits": 132}, "warps2": {"num_warps": 2},
-             "warps8": {"num_warps": 8}}
-            if batch == 1
-            else {"splits2": {"num_splits": 2}, "splits8": {"num_splits": 8}}
-        )
+        extra = {"xla_combine": {"combine": "xla"}, "tile32": {"tile": 32}, "tile128": {"tile": 128},
+                 "warps4": {"num_warps": 4}, "stages1": {"num_stages": 1}, "stages3": {"num_stages": 3},
+                 "skip_empty": {"skip_empty": True}, "programs264": {"num_splits": -(-264 // (batch * KV_HEADS))},
+                 "programs2048": {"num_splits": -(-2048 // (batch * KV_HEADS))}}
         rows += [(f"sparse_sorted_{k}", sparse_op(**sorted_, **kw), True, None) for k, kw in extra.items()
                  if only is None or k in only]
     return rows
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode-bench.json"))
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--tune", action="store_true", help="also time tile / split / warp / stage / combine variants")
-    p.add_argument("--only", nargs="*", default=None, help="with --tune: just these variants (e.g. noskip splits8)")
+    p.add_argument("--only", nargs="*", default=None, help="with --tune: just these variants (e.g. tile128 warps4)")
     p.add_argument("--check", action="store_true", help="first compare kernel and reference on small problems")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke run; times meaningless)")
     p.add_argument("--check-configs", type=int, default=8)
@@ -293,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     save({"op": "hbm_copy", "gbps": copy})
     for length in args.lengths:
         for batch in args.batches:
+            lengths = jnp.full((batch,), length, jnp.int32)
+            crit = make_inputs(length, batch, 1, 1)[3][0]
+            nbytes = kv_bytes(lengths, crit, window=WINDOW, num_global=NUM_GLOBAL)
+            if not args.no_profile:
+                save({**copy_same_bytes(nbytes), "seq_len": length, "batch": batch})
             for name, op, sparse, cap in variants(length, batch, args.tune, args.only):
                 save(bench_row(name, op, length, batch, copy, sparse=sparse, capacity=cap, profile=not args.no_profile))
     return 0

@@ -72,7 +72,7 @@ def sparse_decode_attention(
     backend: str = "auto",
     num_splits: int | None = None,
     tile: int = 64,
-    num_warps: int = 4,
+    num_warps: int = 2,
     num_stages: int = 2,
     skip_empty: bool = False,
     combine: str = "pallas",

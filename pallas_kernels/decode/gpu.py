@@ -14,7 +14,10 @@ from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
 NEG = -1e30
-TARGET_PROGRAMS = 264  # about two programs per SM of an H100 (132 SMs)
+# Default programs per call (~8 per SM of an H100): at batch 1 every (kv head, tile) gets its own program, at batch 8
+# each program takes ~5 tiles. An H100 sweep (benchmarks/results/decode-tune-2026-11-23.json) put 1024 programs
+# with 2 warps ahead of 264 with 4 by 7-17% in kernel time.
+TARGET_PROGRAMS = 1024
 
 
 def _decode_kernel(
