@@ -25,7 +25,7 @@ from sra_jax.train.data import (SYNTHETIC_PACK_CHUNK, SyntheticExample, Syntheti
 from sra_jax.train.metrics import train_flops
 from sra_jax.train.step import create_trainer, loss_fn
 
-from train_helpers import ENV, REPO, TINY, losses_by_step, train_command, wait_for_step
+from train_helpers import REPO, TINY, cached_env, losses_by_step, train_command, wait_for_step
 
 PACKED = [*TINY, "data.pack=true"]
 
@@ -291,19 +291,20 @@ def test_packed_batches_on_a_2x2x2_mesh_match_one_device():
 
 def test_packed_run_killed_with_9_resumes_bit_identically(tmp_path):
     steps = 8
+    env = cached_env(tmp_path / "jax-cache")  # the 3 runs compile the same programs once
     uninterrupted = tmp_path / "a"
-    subprocess.run(train_command(uninterrupted, steps, "data.pack=true"), check=True, env=ENV, cwd=REPO,
+    subprocess.run(train_command(uninterrupted, steps, "data.pack=true"), check=True, env=env, cwd=REPO,
                    capture_output=True)
     expected = losses_by_step(uninterrupted / "log")
     assert sorted(expected) == list(range(1, steps + 1))
     killed = tmp_path / "b"
     kill_at = random.Random(os.getpid()).randint(3, steps - 2)  # step 1's async checkpoint is written by then
-    proc = subprocess.Popen(train_command(killed, steps, "data.pack=true"), env=ENV, cwd=REPO,
+    proc = subprocess.Popen(train_command(killed, steps, "data.pack=true"), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(proc, killed / "log", kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = subprocess.run(train_command(killed, steps, "data.pack=true"), env=ENV, cwd=REPO, capture_output=True,
+    done = subprocess.run(train_command(killed, steps, "data.pack=true"), env=env, cwd=REPO, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr

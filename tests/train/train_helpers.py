@@ -46,3 +46,15 @@ def wait_for_step(proc: subprocess.Popen, log_dir: Path, step: int, timeout: flo
 
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def cached_env(cache_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default ENV) plus a JAX persistent compilation cache in `cache_dir`, every program cached.
+
+    For tests that start several processes running the same programs (a run, then its resume): the first process
+    compiles, the later ones load the same executables from the cache instead of compiling them again. Same
+    programs, so the numbers (and bit-identity checks between the runs) are unchanged. A size limit turns on the
+    cache's file lock, so a process never reads an entry another one is still writing."""
+    return dict(ENV if env is None else env, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
