@@ -18,7 +18,6 @@ layer's flags inside the jit, capacity max_len, -1 padding, no counts) against t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import time
@@ -31,7 +30,6 @@ from flax import nnx
 import pallas_kernels
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn import KVCache, Llama
-from sra_jax.nn.attention import SparseReasoningAttention
 
 
 def model_config(tiny: bool) -> LlamaConfig:
@@ -61,26 +59,6 @@ def synthetic_cache(config: LlamaConfig, batch: int, max_len: int, filled: int, 
         threshold=jax.random.normal(keys[3], shape[:2]),
         index=jnp.int32(filled),
     ).with_critical((jax.random.uniform(keys[2], shape[:3]) < fraction) & (slots < filled))
-
-
-@contextlib.contextmanager
-def unchecked_layout(active: bool):
-    """While active, newly traced steps skip each layer's layout check and lax.cond and call the kernel directly
-    (`SparseReasoningAttention._decode_kernel`, rows starting at slot 0 as the synthetic cache has them).
-    Measurement only: it shows what the per-layer check + cond cost in a step; the results are the same."""
-    if not active:
-        yield
-        return
-    checked = SparseReasoningAttention._decode_attention
-
-    def unchecked(self, q, spec, cache, q_critical):
-        return self._decode_kernel(q, cache, q_critical, jnp.zeros((cache.batch,), jnp.int32))
-
-    SparseReasoningAttention._decode_attention = unchecked
-    try:
-        yield
-    finally:
-        SparseReasoningAttention._decode_attention = checked
 
 
 def time_steps(model: Llama, cache: KVCache, steps: int, warmup: int = 3):
@@ -160,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {}
         for mode in ("off", "auto", "auto-unchecked"):
             model.set_decode_kernel(mode.removesuffix("-unchecked"))
-            with unchecked_layout(mode.endswith("-unchecked")):
-                ms, logits, compile_s = time_steps(model, cache, args.steps)
+            # -unchecked: the cache declares its layout (as generate's do): no per-layer check and lax.cond
+            layout = "left_padded" if mode.endswith("-unchecked") else "checked"
+            ms, logits, compile_s = time_steps(model, cache.replace(layout=layout), args.steps)
             result[mode] = (ms, logits, compile_s)
             print(f"T={length} decode_kernel={mode}: {ms:.3f} ms/step (compile {compile_s:.1f}s)", flush=True)
         diff = float(jnp.abs(result["off"][1] - result["auto"][1]).max())
@@ -191,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "prefill kernel over the whole cache (decode_kernel='off'), after = sparse decode kernel ('auto') reading "
         "the cache's critical slot list with critical_counts; ms_kernel_one_layer_*: the kernel alone on one layer, "
         "list rebuilt by jnp.nonzero each call (no counts, the earlier path) vs the cache's list + counts; "
-        "ms_step_after_layout_unchecked: 'auto' with the per-layer layout check / lax.cond folded away "
-        "(what they cost)",
+        "ms_step_after_layout_unchecked: 'auto' on the same cache declared layout='left_padded' (as generate's "
+        "caches are): no per-layer layout check / lax.cond (what they cost)",
         rows=rows,
     )
     with open(args.out, "w") as f:

@@ -71,7 +71,9 @@ def _generate(
 ) -> tuple[Int[Array, "b t"], Bool[Array, " b"]]:
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.dtype)
+    # Prompts are padded on the left with position -1 and decoded at the next positions: declare that layout,
+    # so decode steps skip the per-layer layout check (and its cond).
+    cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.dtype, layout="left_padded")
 
     def choose(logits, step):
         if greedy:

@@ -49,7 +49,8 @@ def _sra_counts(aux, valid: Bool[Array, "b s"]) -> tuple[jax.Array, jax.Array]:
 @partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "b p"], *, max_len: int):
     model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.config, tokens.shape[0], max_len, model.dtype)
+    # Left-padded prompts (position -1), then the next positions: the layout the decode kernel reads.
+    cache = KVCache.init(model.config, tokens.shape[0], max_len, model.dtype, layout="left_padded")
     _, aux = model(tokens, positions, cache=cache)  # the logits are unused, so XLA never computes them
     return aux.cache, _sra_counts(aux, positions >= 0)
 

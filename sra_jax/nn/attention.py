@@ -191,8 +191,11 @@ class SparseReasoningAttention(nnx.Module):
         q_critical: Bool[Array, "b s"],
     ) -> Float[Array, "b s h d"]:
         """The sparse decode kernel when the cache has the left-padded layout it reads (checked at run time on the
-        positions), else the general path (see sra_jax.nn.decode). The general path slices this layer's K/V and
-        critical flags inside its branch, so a step that takes the kernel copies none of them."""
+        positions, or declared by `cache.layout == "left_padded"`), else the general path (see sra_jax.nn.decode).
+        The general path slices this layer's K/V and critical flags inside its branch, so a step that takes the
+        kernel copies none of them."""
+        if cache.layout == "left_padded":  # declared: no check, no cond (a GPU cond waits on the host)
+            return self._decode_kernel(q, cache, q_critical, decode.first_valid_slot(cache.positions))
         kv_start, ok = decode.left_padded_layout(cache.positions, cache.index + q.shape[1])
 
         def general():

@@ -12,6 +12,9 @@ from jaxtyping import Array, Bool, Int
 from sra_jax.config import LlamaConfig
 
 
+LAYOUTS = ("checked", "left_padded")
+
+
 @struct.dataclass
 class KVCache:
     """Fixed-size cache (static `max_len`, so decoding compiles once); a call writes its tokens at slot `index`.
@@ -27,6 +30,13 @@ class KVCache:
                    reads. Kept in step with `critical` by every model call, which appends the slots it flags (a call
                    at index 0 starts the list afresh), so a decode step never rebuilds it from the flags.
     num_critical   [layers, batch] int32, the length of each row's list = critical[layer, row].sum()
+    layout         static: "checked" (default) or "left_padded". Decode steps through the sparse decode kernel need
+                   the left-padded layout (row i holds positions 0, 1, ... in slots kv_start[i] .. index - 1, every
+                   other slot empty). "checked" verifies it on the positions at every step in every layer and
+                   falls back to the general path behind a `lax.cond`, which on a GPU makes the host wait for the
+                   stream once per layer. "left_padded" declares it: no check, no cond. Declare it only for caches
+                   filled as `sra_jax.generate` fills them (prompts padded on the left with position -1, every
+                   later call at the next positions); a wrong declaration gives wrong attention, not an error.
 
     Rewriting `critical` by hand (tests, synthetic caches) needs `with_critical`, which rebuilds the lists.
     """
@@ -40,11 +50,16 @@ class KVCache:
     index: Any
     critical_slots: Any
     num_critical: Any
+    layout: str = struct.field(pytree_node=False, default="checked")
 
     @classmethod
-    def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    def init(
+        cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *, layout: str = "checked"
+    ) -> KVCache:
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"KVCache layout={layout!r} must be one of {LAYOUTS}")
         layers = config.num_hidden_layers
         shape = (layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         return cls(
@@ -56,6 +71,7 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
             critical_slots=jnp.full((layers, batch, max_len), -1, jnp.int32),
             num_critical=jnp.zeros((layers, batch), jnp.int32),
+            layout=layout,
         )
 
     def with_critical(self, critical: Bool[Array, "layers b n"]) -> KVCache:

@@ -6,7 +6,10 @@ slots) instead of the block-sparse prefill kernel over the whole cache. The kern
 needs the left-padded layout that `sra_jax.generate` (and any prompt batch padded on the left) produces, where row i
 holds its tokens in slots kv_start[i] .. index - 1 and slot kv_start + p holds position p. Each call checks that
 layout on the cache's positions (O(batch * max_len) integer compares, no K/V reads); if it does not hold (right
-padding, gaps, offset positions) the call takes the general path, so results never depend on the layout.
+padding, gaps, offset positions) the call takes the general path, so results never depend on the layout. On a GPU
+that check's `lax.cond` makes the host wait for the stream once per layer; a cache built with
+`KVCache.init(..., layout="left_padded")` (as `sra_jax.generate` and the evals build theirs) declares the layout
+and skips both.
 
 The critical slots come from the cache's own lists (`KVCache.critical_slots` / `num_critical`: ascending, kept in
 step with the flags by every call, so a decode step builds nothing over the cache length) and reach the kernel with
@@ -35,13 +38,18 @@ def check_decode_kernel(decode_kernel: str) -> None:
         raise ValueError(f"decode_kernel={decode_kernel!r} must be one of {DECODE_KERNELS}")
 
 
+def first_valid_slot(positions: Int[Array, "b n"]) -> Int[Array, " b"]:
+    """Each row's first non-empty slot (kv_start of a left-padded row)."""
+    return jnp.argmax(positions >= 0, axis=-1).astype(jnp.int32)
+
+
 def left_padded_layout(
     positions: Int[Array, "b n"], lengths: Int[Array, ""]
 ) -> tuple[Int[Array, " b"], Bool[Array, ""]]:
     """(kv_start, ok): each row's first valid slot, and whether every row is laid out as the kernel reads it:
     slots kv_start .. lengths - 1 hold positions 0, 1, ... and every other slot is empty (-1)."""
     slots = jnp.arange(positions.shape[-1], dtype=jnp.int32)
-    kv_start = jnp.argmax(positions >= 0, axis=-1).astype(jnp.int32)
+    kv_start = first_valid_slot(positions)
     inside = (slots[None, :] >= kv_start[:, None]) & (slots[None, :] < lengths)
     expected = jnp.where(inside, slots[None, :] - kv_start[:, None], -1)
     ok = jnp.all(positions == expected) & jnp.all(kv_start < lengths)

@@ -45,10 +45,10 @@ def _ragged_prompts():
     return jnp.asarray(np.where(positions < 0, 0, tokens)), jnp.asarray(positions, jnp.int32)
 
 
-def greedy_decode(model: Llama, tokens, positions, steps: int = STEPS):
+def greedy_decode(model: Llama, tokens, positions, steps: int = STEPS, layout: str = "checked"):
     """(new tokens [b, steps], logits of every decode step [b, steps, vocab], final cache): one prefill, then one
     jitted single-token call per step, feeding back the argmax."""
-    cache = KVCache.init(model.config, tokens.shape[0], tokens.shape[1] + steps)
+    cache = KVCache.init(model.config, tokens.shape[0], tokens.shape[1] + steps, layout=layout)
     logits, aux = forward(model, tokens, positions, cache)
     cache, token, position = aux.cache, jnp.argmax(logits[:, -1], -1), positions[:, -1] + 1
     out, step_logits = [], []
@@ -76,6 +76,20 @@ def test_greedy_decode_through_the_kernel_equals_the_reference_path(name):
     np.testing.assert_array_equal(kv_start, [8 - n for n in PROMPT_LENGTHS])
     if CASES[name] is not None:
         assert np.asarray(got_cache.critical)[:, :, 8:].any()  # decoded tokens became critical: the list grows
+
+
+def test_a_declared_left_padded_cache_decodes_like_a_checked_one():
+    """layout="left_padded" skips the per-step layout check and its cond; on a cache that has that layout the
+    kernel reads the same rows, so the logits are those of the checked cache."""
+    _, pallas = _pair(CASES["topk-critical"])
+    tokens, positions = _ragged_prompts()
+    want_tokens, want_logits, _ = greedy_decode(pallas, tokens, positions)
+    got_tokens, got_logits, got_cache = greedy_decode(pallas, tokens, positions, layout="left_padded")
+    assert got_cache.layout == "left_padded"  # the static field survives the model calls
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="layout"):
+        KVCache.init(pallas.config, 1, 8, layout="right_padded")
 
 
 def test_generate_with_the_kernel_matches_the_reference_token_for_token():
@@ -167,16 +181,18 @@ def test_decode_kernel_switches_and_bad_values_are_rejected():
         make_model(None, attention_impl="pallas", decode_kernel="fast")
 
 
-def test_a_decode_step_updates_the_cache_in_place():
+@pytest.mark.parametrize("layout", ["checked", "left_padded"])
+def test_a_decode_step_updates_the_cache_in_place(layout):
     """A jitted decode step on a donated cache writes K/V, flags and the critical slot list in place: the compiled
     program copies no cache-sized buffer (a copy per step would read and write the whole cache, far more than the
     sparse kernel reads). Moving the cache writes inside a lax.cond (e.g. one cond around all layers) makes XLA
-    copy the whole cache in and out of the branches, which this catches."""
+    copy the whole cache in and out of the branches, which this catches. A checked cache branches on its layout in
+    every layer; a declared left-padded one has no conditional at all (on a GPU each one waits on the host)."""
     from sra_jax.config import LlamaConfig
 
     config = LlamaConfig.tiny(num_hidden_layers=3)
     model = make_model(CASES["topk-critical"], config=config, attention_impl="pallas", decode_kernel="reference")
-    cache = KVCache.init(config, 2, 40)
+    cache = KVCache.init(config, 2, 40, layout=layout)
     graphdef, state = nnx.split(model)
 
     def step(state, tokens, cache):
@@ -189,5 +205,6 @@ def test_a_decode_step_updates_the_cache_in_place():
         line for line in hlo.splitlines()
         if " copy(" in line and any(shape in line.split("=")[1].split(" copy(")[0] for shape in big)
     ]
-    assert " conditional(" in hlo  # the step does branch on the layout (the kernel path is in the program)
+    # checked: the step branches on the layout (the kernel path is in the program); declared: no branch
+    assert (" conditional(" in hlo) == (layout == "checked")
     assert not copies, copies[:3]
