@@ -210,7 +210,9 @@ def jax_functions(model, max_len: int, decode_steps: int):
     @jax.jit
     def prefill(state, tokens):
         m = nnx.merge(graph, state)
-        logits, aux = m(tokens, cache=KVCache.init(config, tokens.shape[0], max_len, dtype))
+        # Positions 0.. from slot 0: the left-padded layout (no padding), declared as generate declares it.
+        cache = KVCache.init(config, tokens.shape[0], max_len, dtype, layout="left_padded")
+        logits, aux = m(tokens, cache=cache)
         stats = dict(critical=aux.critical, selected_fraction=aux.selected_fraction.mean(),
                      mask_density=aux.visible_pairs.sum() / aux.causal_pairs.sum())
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), aux.cache, stats
