@@ -1,13 +1,14 @@
-"""Sparse decode: the new tokens read only the cache slots they can see, gathered inside one kernel (Triton: gpu.py).
+"""Sparse decode: the new tokens read only the cache slots they can see, gathered inside one kernel (Triton:
+gpu.py; Mosaic TPU: tpu.py; this module validates the arguments, dispatches, and holds the XLA merge).
 
-The work of one (sequence, kv head) is a static list of tiles: the window band (contiguous; its slots come from
-`lengths` inside the kernel, so no slot list is built in HBM), then the global sinks, then the critical indices,
-read straight from `critical_indices`. The list is split over programs (flash-decoding) so that one long sequence
-fills the GPU; the query heads of a kv group share each K/V load as rows of one tile; a logsumexp-weighted combine
-merges the splits. Every slot is shown to a query by exactly one part: the band shows the slots in its window, the
-sinks and critical indices only slots outside it, and a critical index repeated in a row is skipped by comparing
-it with its neighbour in the sorted row. Loads of slots nobody sees are masked off (no HBM traffic), and a
-critical tile with no live entry skips its dots.
+The work of one (sequence, kv head) is a list of tiles: the window band (contiguous; its slots come from `lengths`
+inside the kernel, so no slot list is built in HBM), then the global sinks, then the critical indices up to the
+row's live count, read straight from `critical_indices`. The tiles are shared out over programs (flash-decoding) so
+that one long sequence fills the GPU; the query heads of a kv group share each K/V load as rows of one tile; a
+logsumexp-weighted merge combines the programs. Every slot is shown to a query by exactly one part: the band shows
+the slots in its window, the sinks and critical indices only slots outside it, and a critical index repeated in a
+row is skipped by comparing it with its neighbour in the sorted row. Loads of slots nobody sees are masked off (no
+HBM traffic).
 """
 
 from __future__ import annotations

@@ -48,3 +48,26 @@ def qkv(key, b, sq, sk, hq, hkv, d, dtype):
         jax.random.normal(kk, (b, sk, hkv, d), dtype),
         jax.random.normal(kv, (b, sk, hkv, d), dtype),
     )
+
+
+def decode_oracle(q, kc, vc, lengths, critical, kv_start, window, num_global, counts=None):
+    """float64 numpy sparse decode written from the rule, one (row, token, head) at a time: the t new tokens sit in
+    slots lengths - t .., a token in slot s sees kv_start <= j <= s with s - j < window, j < kv_start + num_global,
+    or j among the row's critical entries (the first counts[i] of them when counts is given)."""
+    q, kc, vc = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, kc, vc))
+    b, t, hq, d = q.shape
+    group = hq // kc.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        used = [] if critical is None else np.asarray(critical[i])[: None if counts is None else int(counts[i])]
+        crit = {int(c) for c in used}
+        start = int(kv_start[i])
+        for n in range(t):
+            s = int(lengths[i]) - t + n
+            seen = [j for j in range(start, s + 1) if s - j < window or j < start + num_global or j in crit]
+            for h in range(hq if seen else 0):
+                k, v = kc[i, seen, h // group], vc[i, seen, h // group]
+                logits = k @ q[i, n, h] / np.sqrt(d)
+                p = np.exp(logits - logits.max())
+                out[i, n, h] = p @ v / p.sum()
+    return out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import TOL, qkv, rel_err
+from kernel_testing import TOL, decode_oracle, qkv, rel_err
 
 import pallas_kernels as pk
 
@@ -35,32 +35,6 @@ def _decode(q, kc, vc, lengths, critical, kv_start, counts=None, *, window, num_
         q, kc, vc, lengths, window=window, num_global=num_global, critical_indices=critical, kv_start=kv_start,
         critical_counts=counts, backend=backend, **extra
     )
-
-
-def _oracle(q, kc, vc, lengths, critical, kv_start, window, num_global):
-    """float64 numpy decode written from the rule, one (row, token, head) at a time."""
-    q, kc, vc = (np.asarray(x, np.float64) for x in (q, kc, vc))
-    b, t, hq, d = q.shape
-    group = hq // kc.shape[2]
-    out = np.zeros_like(q)
-    for i in range(b):
-        crit = set() if critical is None else {int(c) for c in np.asarray(critical[i])}
-        start = int(kv_start[i])
-        for n in range(t):
-            s = int(lengths[i]) - t + n
-            seen = [
-                j
-                for j in range(start, s + 1)
-                if s - j < window or j < start + num_global or j in crit
-            ]
-            if not seen:
-                continue
-            for h in range(hq):
-                k, v = kc[i, seen, h // group], vc[i, seen, h // group]
-                logits = k @ q[i, n, h] / np.sqrt(d)
-                p = np.exp(logits - logits.max())
-                out[i, n, h] = p @ v / p.sum()
-    return out
 
 
 def _critical(rng, b, capacity, lengths, sorted_rows):
@@ -117,7 +91,7 @@ def test_sparse_decode_matches_reference(
     ref = _decode(*args, **kw, skip_empty=True, combine="pallas", backend="reference")
     assert rel_err(out, ref) < TOL[jnp.float32]
     used = critical if counts is None else np.where(np.arange(capacity)[None, :] < counts[:, None], critical, -1)
-    oracle = _oracle(q, kc, vc, lengths, used, kv_start, window, num_global)
+    oracle = decode_oracle(q, kc, vc, lengths, used, kv_start, window, num_global)
     assert rel_err(ref, oracle) < TOL[jnp.float32]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
-from kernel_testing import TOL, qkv, rel_err
+from kernel_testing import TOL, decode_oracle, qkv, rel_err
 
 import pallas_kernels as pk
 from pallas_kernels.decode import api, tpu
@@ -33,27 +33,6 @@ def _decode(q, kc, vc, lengths, critical, kv_start, counts, *, window, num_globa
         q, kc, vc, lengths, window=window, num_global=num_global, critical_indices=critical, kv_start=kv_start,
         critical_counts=counts, critical_sorted=critical_sorted, backend=backend, **extra
     )
-
-
-def _oracle(q, kc, vc, lengths, critical, counts, kv_start, window, num_global):
-    """float64 numpy decode written from the rule, one (row, token, head) at a time."""
-    q, kc, vc = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, kc, vc))
-    b, t, hq, d = q.shape
-    group = hq // kc.shape[2]
-    out = np.zeros_like(q)
-    for i in range(b):
-        used = [] if critical is None else critical[i][: None if counts is None else int(counts[i])]
-        crit = {int(c) for c in used}
-        start = int(kv_start[i])
-        for n in range(t):
-            s = int(lengths[i]) - t + n
-            seen = [j for j in range(start, s + 1) if s - j < window or j < start + num_global or j in crit]
-            for h in range(hq if seen else 0):
-                k, v = kc[i, seen, h // group], vc[i, seen, h // group]
-                logits = k @ q[i, n, h] / np.sqrt(d)
-                p = np.exp(logits - logits.max())
-                out[i, n, h] = p @ v / p.sum()
-    return out
 
 
 def _case(rng, b, t, capacity, critical_sorted, counted):
@@ -113,7 +92,7 @@ def test_tpu_decode_matches_reference_and_float64_oracle(
         ref = _decode(*args, **kw, backend="reference")
         assert out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype]
-        oracle = _oracle(q, kc, vc, lengths, critical, counts, kv_start, window, num_global)
+        oracle = decode_oracle(q, kc, vc, lengths, critical, kv_start, window, num_global, counts)
         assert rel_err(out, oracle) < TOL[dtype]
 
 
@@ -134,7 +113,7 @@ def test_tpu_decode_bf16_stacked_cache_reads_only_its_layer():
     assert out.dtype == jnp.bfloat16
     assert rel_err(out, ref) < TOL[jnp.bfloat16]
     used = np.asarray(critical)
-    oracle = _oracle(q, kc, vc, np.asarray(lengths), used, None, np.asarray(kv_start), 8, 2)
+    oracle = decode_oracle(q, kc, vc, np.asarray(lengths), used, np.asarray(kv_start), 8, 2)
     assert rel_err(out, oracle) < TOL[jnp.bfloat16]
 
 
