@@ -71,3 +71,32 @@ def decode_oracle(q, kc, vc, lengths, critical, kv_start, window, num_global, co
                 p = np.exp(logits - logits.max())
                 out[i, n, h] = p @ v / p.sum()
     return out
+
+
+def decode_case(rng, b, t, cache_len, capacity, critical_sorted, counted):
+    """Random sparse-decode inputs for a cache of cache_len slots: lengths, kv_start (row 0 unpadded; a padded row
+    may put early new tokens in the padding), critical rows with entries anywhere (past the length, in the
+    window, among the sinks), repeats and -1 padding;
+    with counts, the entries past a row's count look live (reading them would change the output)."""
+    lengths = rng.integers(t, cache_len + 1, b)
+    kv_start = np.minimum(rng.integers(0, 12, b), lengths - 1)
+    kv_start[0] = 0
+    if capacity == 0:
+        return lengths, kv_start, None, None
+    rows = []
+    for i in range(b):
+        row = rng.integers(0, int(lengths[i]) + 8, capacity)
+        row = np.where(rng.random(capacity) < 0.25, row[rng.integers(0, capacity, capacity)], row)  # repeats
+        row = np.where(rng.random(capacity) < 0.15, -1, row)
+        row[rng.integers(capacity // 2, capacity + 1):] = -1
+        if critical_sorted:
+            row = np.concatenate([np.sort(row[row >= 0]), row[row < 0]])
+        rows.append(row)
+    critical = np.stack(rows).astype(np.int32)
+    counts = None
+    if counted:  # capacity > 0 here
+        counts = rng.integers(0, capacity + 1, b).astype(np.int32)
+        tail = np.arange(capacity)[None, :] >= counts[:, None]
+        live_looking = np.sort(rng.integers(0, int(lengths.max()), (b, capacity)), axis=1)
+        critical = np.where(tail, live_looking, critical).astype(np.int32)
+    return lengths, kv_start, critical, counts

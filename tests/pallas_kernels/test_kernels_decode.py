@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import TOL, decode_oracle, qkv, rel_err
+from kernel_testing import TOL, decode_case, decode_oracle, qkv, rel_err
 
 import pallas_kernels as pk
 
@@ -37,22 +37,6 @@ def _decode(q, kc, vc, lengths, critical, kv_start, counts=None, *, window, num_
     )
 
 
-def _critical(rng, b, capacity, lengths, sorted_rows):
-    """Indices anywhere in the cache (some past the length, some in the window or among the sinks), repeats,
-    -1 padding at the tail and scattered in between; sorted rows are ascending with the -1 entries at the end
-    (as jnp.nonzero(..., fill_value=-1) gives)."""
-    rows = []
-    for i in range(b):
-        row = rng.integers(0, max(int(lengths[i]), 1) + 8, capacity)
-        row = np.where(rng.random(capacity) < 0.25, row[rng.integers(0, capacity, capacity)], row)  # repeats
-        row = np.where(rng.random(capacity) < 0.15, -1, row)
-        row[rng.integers(capacity // 2, capacity + 1):] = -1
-        if sorted_rows:
-            row = np.concatenate([np.sort(row[row >= 0]), row[row < 0]])
-        rows.append(row)
-    return np.stack(rows).astype(np.int32)
-
-
 @settings(max_examples=12, deadline=None)
 @given(
     group=st.sampled_from([1, 4, 8]),
@@ -72,17 +56,8 @@ def test_sparse_decode_matches_reference(
     slots, so reading them would change the output."""
     b, hkv = 2, 2 if group < 8 else 1
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(t, L + 1, b)
-    kv_start = np.minimum(rng.integers(0, 12, b), lengths - 1)
-    kv_start[0] = 0
+    lengths, kv_start, critical, counts = decode_case(rng, b, t, L, capacity, critical_sorted, counted)
     q, kc, vc = qkv(jax.random.PRNGKey(seed), b, t, L, group * hkv, hkv, D, jnp.float32)
-    critical = None if capacity == 0 else _critical(rng, b, capacity, lengths, critical_sorted)
-    counts = None
-    if counted and critical is not None:
-        counts = rng.integers(0, capacity + 1, b).astype(np.int32)
-        tail = np.arange(capacity)[None, :] >= counts[:, None]
-        live_looking = np.sort(rng.integers(0, int(lengths.max()), (b, capacity)), axis=1)
-        critical = np.where(tail, live_looking, critical).astype(np.int32)  # never read: past the counts
     args = (q, kc, vc, jnp.asarray(lengths, jnp.int32), None if critical is None else jnp.asarray(critical),
             jnp.asarray(kv_start, jnp.int32), None if counts is None else jnp.asarray(counts))
     kw = dict(window=window, num_global=num_global, critical_sorted=critical_sorted, num_splits=num_splits)
@@ -90,8 +65,7 @@ def test_sparse_decode_matches_reference(
     out = _decode(*args, **kw, **variant, backend="triton")
     ref = _decode(*args, **kw, skip_empty=True, combine="pallas", backend="reference")
     assert rel_err(out, ref) < TOL[jnp.float32]
-    used = critical if counts is None else np.where(np.arange(capacity)[None, :] < counts[:, None], critical, -1)
-    oracle = decode_oracle(q, kc, vc, lengths, used, kv_start, window, num_global)
+    oracle = decode_oracle(q, kc, vc, lengths, critical, kv_start, window, num_global, counts)
     assert rel_err(ref, oracle) < TOL[jnp.float32]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
-from kernel_testing import TOL, decode_oracle, qkv, rel_err
+from kernel_testing import TOL, decode_case, decode_oracle, qkv, rel_err
 
 import pallas_kernels as pk
 from pallas_kernels.decode import api, tpu
@@ -33,34 +33,6 @@ def _decode(q, kc, vc, lengths, critical, kv_start, counts, *, window, num_globa
         q, kc, vc, lengths, window=window, num_global=num_global, critical_indices=critical, kv_start=kv_start,
         critical_counts=counts, critical_sorted=critical_sorted, backend=backend, **extra
     )
-
-
-def _case(rng, b, t, capacity, critical_sorted, counted):
-    """Dynamic inputs: lengths, kv_start (row 0 unpadded; a padded row may put early new tokens in the padding),
-    critical rows with entries anywhere (past the length, in the window, among the sinks), repeats and -1 padding;
-    with counts, the entries past a row's count look live (reading them would change the output)."""
-    lengths = rng.integers(t, L + 1, b)
-    kv_start = np.minimum(rng.integers(0, 12, b), lengths - 1)
-    kv_start[0] = 0
-    if capacity == 0:
-        return lengths, kv_start, None, None
-    rows = []
-    for i in range(b):
-        row = rng.integers(0, int(lengths[i]) + 8, capacity)
-        row = np.where(rng.random(capacity) < 0.25, row[rng.integers(0, capacity, capacity)], row)  # repeats
-        row = np.where(rng.random(capacity) < 0.15, -1, row)
-        row[rng.integers(capacity // 2, capacity + 1):] = -1
-        if critical_sorted:
-            row = np.concatenate([np.sort(row[row >= 0]), row[row < 0]])
-        rows.append(row)
-    critical = np.stack(rows).astype(np.int32)
-    counts = None
-    if counted:
-        counts = rng.integers(0, capacity + 1, b).astype(np.int32)
-        tail = np.arange(capacity)[None, :] >= counts[:, None]
-        live_looking = np.sort(rng.integers(0, int(lengths.max()), (b, capacity)), axis=1)
-        critical = np.where(tail, live_looking, critical).astype(np.int32)
-    return lengths, kv_start, critical, counts
 
 
 @settings(max_examples=5, deadline=None)
@@ -85,7 +57,7 @@ def test_tpu_decode_matches_reference_and_float64_oracle(
     q, kc, vc = qkv(jax.random.PRNGKey(seed), b, t, L, group * hkv, hkv, D, dtype)
     kw = dict(window=window, num_global=num_global, critical_sorted=critical_sorted, num_splits=num_splits)
     for _ in range(2):  # same shapes: one compile, two dynamic cases
-        lengths, kv_start, critical, counts = _case(rng, b, t, capacity, critical_sorted, counted and capacity > 0)
+        lengths, kv_start, critical, counts = decode_case(rng, b, t, L, capacity, critical_sorted, counted)
         ints = (None if x is None else jnp.asarray(x, jnp.int32) for x in (lengths, critical, kv_start, counts))
         args = (q, kc, vc, *ints)
         out = _decode(*args, **kw, backend="tpu")
