@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("sra_jax.train.evaluate", "main", "evaluate a checkpoint on GSM8K / MATH / the synthetic task"),
     "generate": ("sra_jax.generate", "cli_main", "sample from a checkpoint"),
     "convert": ("sra_jax.convert.cli", "main", "convert Hugging Face safetensors <-> orbax checkpoints"),
-    "bench": ("benchmarks.attention_bench", "main", "time attention kernels (GPU)"),
+    "bench": ("sra_jax.benchmarks.attention_bench", "main", "time attention kernels (GPU)"),
 }
 
 
@@ -33,15 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sra-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name.split(".")[0] or module_name.startswith("sra_jax"):
-            raise
-        # benchmarks/ ships with the repository, not with the installed package.
-        print(f"sra-jax {command}: {module_name} is not importable here; run it from the sra-jax repository root "
-              f"(where benchmarks/ lives) or `python -m {module_name}` there", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     return int(getattr(module, func_name)(rest) or 0)
 
 

@@ -3,7 +3,7 @@ Timings on CPU mean nothing; the check is that the decode-kernel path and the ge
 
 import json
 
-from benchmarks import sra_decode_bench
+from sra_jax.benchmarks import sra_decode_bench
 
 
 def test_sra_decode_bench_paths_agree(tmp_path):

@@ -78,7 +78,7 @@ def test_cli_print_config_prints_the_resolved_yaml(form, capsys):
 
 
 def test_throughput_benchmark_variants_parse_and_bad_options_fail():
-    from benchmarks.train_throughput import parse_variant
+    from sra_jax.benchmarks.train_throughput import parse_variant
 
     name, overrides, bench = parse_variant("dense: sra=null; attention_impl=cudnn; bench.data=random")
     assert (name, overrides, bench) == ("dense", ["sra=null", "attention_impl=cudnn"], {"bench.data": "random"})

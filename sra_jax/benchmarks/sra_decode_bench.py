@@ -11,8 +11,8 @@ row (routers, projections, MLPs, LM head, cache write, list append), the cache d
 layer's flags inside the jit, capacity max_len, -1 padding, no counts) against the cache's list with
 `critical_counts` (the kernel walks only the live entries).
 
-    PYTHONPATH=. python3 -m benchmarks.sra_decode_bench --out $OUT/sra-decode.json
-    PYTHONPATH=. python3 -m benchmarks.sra_decode_bench --tiny --lengths 128 --steps 2 --out /tmp/x.json  # CPU check
+    python -m sra_jax.benchmarks.sra_decode_bench --out $OUT/sra-decode.json
+    python -m sra_jax.benchmarks.sra_decode_bench --tiny --lengths 128 --steps 2 --out /tmp/x.json  # CPU check
 """
 
 from __future__ import annotations

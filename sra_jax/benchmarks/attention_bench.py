@@ -6,7 +6,7 @@ Mosaic GPU forward with the Triton backward).
 Every peer is timed in the same process. Rows follow the DESIGN.md record format; the file is rewritten after
 every row so a run cut short still leaves its numbers.
 
-    python -m benchmarks.attention_bench --seq 4096 16384 --out benchmarks/results/attention-2026-11-23.json
+    python -m sra_jax.benchmarks.attention_bench --seq 4096 16384 --out benchmarks/results/attention-2026-11-23.json
 """
 
 from __future__ import annotations

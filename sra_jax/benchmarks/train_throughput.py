@@ -1,6 +1,6 @@
 """Training throughput of the real trainer: tokens/s, step time, model TFLOP/s and MFU for dense and SRA models.
 
-    python -m benchmarks.train_throughput --config experiments/configs/gpu_synthetic.yaml \\
+    python -m sra_jax.benchmarks.train_throughput --config experiments/configs/gpu_synthetic.yaml \\
         --variant "dense: sra=null" --variant "sra:" --steps 10 --out benchmarks/results/train-throughput-DATE.json
 
 Each `--variant "NAME: key=value; key=value"` adds TrainConfig overrides on top of `--config` / `--set`. Keys
@@ -275,7 +275,7 @@ def append_row(path: Path, row: dict[str, Any], device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sra_jax.benchmarks.train_throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TrainConfig YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--variant", action="append", default=[], metavar="'NAME: k=v; k=v'",

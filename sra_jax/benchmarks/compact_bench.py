@@ -4,8 +4,8 @@ One process, same inputs: B1 H16 (kv 8) D128 bf16, 10% scattered critical tokens
 Layouts, gathers and merges are built inside the timed jitted function (that is what the model pays).
 Writes {"device", "date", "versions", "rows"} to --out and prints one line per row.
 
-    PYTHONPATH=. python3 benchmarks/compact_bench.py --out benchmarks/results/attention-compact-2026-11-23.json
-    PYTHONPATH=. python3 benchmarks/compact_bench.py --smoke   # CPU: tiny shapes, reference backend
+    python -m sra_jax.benchmarks.compact_bench --out benchmarks/results/attention-compact-2026-11-23.json
+    python -m sra_jax.benchmarks.compact_bench --smoke   # CPU: tiny shapes, reference backend
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ fraction of the HBM copy (read + write bytes of a 1 GiB bf16 `x + 1`) follow fro
 `copy_same_bytes`, is the kernel time of an `x + 1` that reads and writes as many bytes as one sparse decode reads:
 small kernels do not reach the 1 GiB copy's rate either, and this says by how much.
 
-    python -m benchmarks.decode_bench --check --tune --out benchmarks/results/decode-bench-<date>.json
+    python -m sra_jax.benchmarks.decode_bench --check --tune --out benchmarks/results/decode-bench-<date>.json
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from benchmarks.attention_bench import time_jax
+from sra_jax.benchmarks.attention_bench import time_jax
 
 HEADS, KV_HEADS, D, WINDOW, NUM_GLOBAL, CRITICAL = 16, 8, 128, 1024, 4, 0.1
 KERNEL_KW: dict = {}  # {"interpret": True} for a CPU smoke run (--interpret)

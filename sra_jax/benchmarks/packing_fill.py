@@ -1,6 +1,6 @@
 """Real-token fraction of training batches, one example per row vs packed (data.pack), on CPU (no timing).
 
-    python -m benchmarks.packing_fill [--out benchmarks/results/packing-fill-2026-11-23.json] [--batches 50]
+    python -m sra_jax.benchmarks.packing_fill [--out benchmarks/results/packing-fill-2026-11-23.json] [--batches 50]
 
 Per case: the whole-epoch fraction (GSM8K: every kept train example once; synthetic: the first packing chunk of 1024
 problems, or as many problems unpacked) and the mean / min over the first `--batches` batches of batch_size rows
