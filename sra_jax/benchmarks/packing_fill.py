@@ -18,11 +18,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sra_jax import configs
 from sra_jax.data.packing import real_token_fraction
 from sra_jax.train.config import TrainConfig
 from sra_jax.train.data import SYNTHETIC_PACK_CHUNK, TextTaskStream, make_stream
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = Path(configs.__file__).resolve().parent
 LLAMA3 = ["model.vocab_size=128256", "model.max_position_embeddings=2048"]
 CASES = {
     "gsm8k-cot-256": [*LLAMA3, "data.task=gsm8k", "data.form=cot", "data.seq_len=256"],

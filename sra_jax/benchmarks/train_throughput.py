@@ -1,6 +1,6 @@
 """Training throughput of the real trainer: tokens/s, step time, model TFLOP/s and MFU for dense and SRA models.
 
-    python -m sra_jax.benchmarks.train_throughput --config experiments/configs/gpu_synthetic.yaml \\
+    python -m sra_jax.benchmarks.train_throughput --config gpu_synthetic \\
         --variant "dense: sra=null" --variant "sra:" --steps 10 --out benchmarks/results/train-throughput-DATE.json
 
 Each `--variant "NAME: key=value; key=value"` adds TrainConfig overrides on top of `--config` / `--set`. Keys

@@ -1,4 +1,6 @@
-"""`sra-jax train --config experiments/configs/NAME.yaml [--set key=value ...]`.
+"""`sra-jax train --config NAME_OR_PATH [--set key=value ...]`.
+
+`--config` takes a YAML file or the name of a packaged config (`sra_jax/configs/`: synthetic_sra, gpu_synthetic, ...).
 
 On several hosts (TPU pod workers, GPU nodes) run the same command on every host; `jax.distributed.initialize()` is
 called first when `--distributed` is given (it reads the coordinator from the cluster environment: TPU metadata,
@@ -28,7 +30,7 @@ def _env_int(name: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sra-jax train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file of TrainConfig keys (default: built-in defaults)")
+    parser.add_argument("--config", help="YAML file of TrainConfig keys, or a packaged config name such as synthetic_sra (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set optim.learning_rate=1e-3 (repeatable)")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")

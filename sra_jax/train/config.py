@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from sra_jax import configs
 from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: F401  (SRAConfig: type hints)
 from sra_jax.data.synthetic import SyntheticConfig
 
@@ -297,10 +298,11 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-        """The YAML file at `path` (or the defaults), then each `dotted.key=value` override in order."""
+        """The YAML file at `path` or the packaged config of that name (see `sra_jax.configs`), or the defaults;
+        then each `dotted.key=value` override in order."""
         values: dict[str, Any] = {}
         if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(configs.resolve(path).read_text())
             if loaded is not None and not isinstance(loaded, dict):
                 raise ValueError(f"{path}: the top level must be a mapping of config keys")
             values = loaded or {}

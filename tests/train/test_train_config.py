@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from sra_jax import configs
 from sra_jax.train.config import MeshConfig, TrainConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIGS = Path(configs.__file__).resolve().parent
 
 
 def test_overrides_change_one_key_and_keep_the_section_defaults():
@@ -54,6 +55,18 @@ def test_mesh_resolves_minus_one_to_the_remaining_devices():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiment_configs_load(path):
     TrainConfig.load(path)
+
+
+def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
+    assert configs.names() == sorted(p.stem for p in CONFIGS.glob("*.yaml")) and "synthetic_sra" in configs.names()
+    by_path = TrainConfig.load(CONFIGS / "synthetic_sra.yaml")
+    assert TrainConfig.load("synthetic_sra") == by_path == TrainConfig.load("synthetic_sra.yaml")
+    # A file in the working directory wins over a packaged name; an unknown name lists what is packaged.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic_sra.yaml").write_text("steps: 3\n")
+    assert TrainConfig.load("synthetic_sra.yaml").steps == 3
+    with pytest.raises(FileNotFoundError, match="packaged: .*synthetic_sra"):
+        TrainConfig.load("no_such_config")
 
 
 def test_temperature_schedule_is_off_by_default_and_needs_a_start():

@@ -132,7 +132,7 @@ def _tiny_dense_model(attention_impl: str = "reference"):
     return Llama(config, None, rngs=nnx.Rngs(0), attention_impl=attention_impl)
 
 
-@pytest.mark.parametrize("attention_impl", ["reference", "xla"])  # xla: what experiments/configs/gsm8k_packed uses
+@pytest.mark.parametrize("attention_impl", ["reference", "xla"])  # xla: what sra_jax/configs/gsm8k_packed uses
 def test_packed_rows_give_every_token_the_log_prob_it_has_when_its_example_runs_alone(attention_impl):
     stream = make_stream(TrainConfig.load(None, PACKED))
     batch = {k: v[0] for k, v in stream.batch(0).items()}
