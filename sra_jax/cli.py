@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from sra_jax import __version__, log
+
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("sra_jax.train.demo", "main", "train tiny dense and SRA models on the synthetic task and compare them (CPU)"),
@@ -18,13 +20,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: sra-jax <command> [args...]", "", "commands:"]
+    lines = ["usage: sra-jax [--version] [-q | --quiet] <command> [args...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "options (before the command):", "  --version    print the sra-jax version and exit",
+              "  -q, --quiet  log warnings and errors only (progress bars stay)",
+              "", "`sra-jax <command> --help` describes a command."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(f"sra-jax {__version__}")
+        return 0
+    quiet = False
+    while argv[:1] and argv[0] in ("-q", "--quiet"):
+        quiet, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -33,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sra-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[command]
+    log.setup(quiet=quiet)
     module = importlib.import_module(module_name)
     return int(getattr(module, func_name)(rest) or 0)
 

@@ -8,6 +8,7 @@ early once every row has produced a stop token. Greedy decoding (temperature 0) 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.nn import KVCache
+
+_logger = logging.getLogger(__name__)
 
 MIN_PROMPT_BUCKET = 8
 
@@ -230,5 +233,5 @@ def cli_main(argv: list[str] | None = None) -> int:
     for ids in outputs:
         print(tokenizer.decode([t for t in ids if t not in stop]) if tokenizer else ",".join(map(str, ids)))
     produced = sum(len(o) for o in outputs)
-    print(f"[{produced} tokens in {seconds:.2f}s incl. compile]", file=sys.stderr)
+    _logger.info("%d tokens in %.2f s incl. compile", produced, seconds)
     return 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from sra_jax.convert.hf import DEFAULT_MAX_SHARD_BYTES
 from sra_jax.convert.orbax_io import hf_to_orbax, orbax_to_hf
+
+_logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"sra-jax convert: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}")
+    _logger.info("wrote %s", args.dst)
     return 0
 
 

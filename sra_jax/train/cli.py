@@ -12,10 +12,13 @@ turns it on).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from rich.console import Console
+from sra_jax import log
+
+_logger = logging.getLogger(__name__)
 
 
 def _env_int(name: str) -> int | None:
@@ -45,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from sra_jax.train.config import TrainConfig
 
-    console = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep
+    console = log.console()
     try:
         config = TrainConfig.load(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]sra-jax train: {error}")
+        console.print(f"sra-jax train: {error}", style="red", highlight=False, markup=False)
         return 2
     if args.distributed or args.coordinator:
         import jax
@@ -58,13 +61,14 @@ def main(argv: list[str] | None = None) -> int:
                                    process_id=args.process_id)
     import jax
 
-    if jax.process_index() == 0:
-        console.rule("config")
-        console.print(config.to_yaml(), highlight=False, markup=False)
-        console.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
-                      f"process(es)")
-    if args.print_config:
+    if args.print_config:  # the command's output, not a log record
+        if jax.process_index() == 0:
+            console.print(config.to_yaml(), highlight=False, markup=False)
         return 0
+    if jax.process_index() == 0:
+        _logger.info("config:\n%s", config.to_yaml().rstrip())
+        _logger.info("devices: %d x %s over %d process(es)", jax.device_count(), jax.devices()[0].device_kind,
+                     jax.process_count())
 
     from sra_jax.train.checkpoint import host_int
     from sra_jax.train.loop import run, summarize
@@ -72,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(config, console=console)
     if jax.process_index() == 0:
         summary = summarize(result.history)
-        console.print(f"{result.reason} at step {host_int(result.state.step)}: "
-                      + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        _logger.info("%s at step %d: %s", result.reason, host_int(result.state.step),
+                     ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     return result.exit_code
 
 

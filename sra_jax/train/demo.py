@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sra_jax import log
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.data.synthetic import SyntheticConfig
 from sra_jax.train.config import DataConfig, LogConfig, OptimConfig, TrainConfig
@@ -62,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     started = time.perf_counter()
     progress = Progress(TextColumn("[bold]{task.description:>5}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console)
+                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=log.console())
     with progress:
         for name, config in runs.items():
             began = time.perf_counter()
-            result = run(config, console=console, progress=progress, description=name)
+            result = run(config, console=log.console(), progress=progress, description=name)
             stream = SyntheticStream(config.data, config.batch_size)
             model = result.trainer.model(result.state.params)
             # New problems of the training distribution (another seed), and problems of held-out chain templates.

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ from flax import nnx
 from sra_jax.data import synthetic
 from sra_jax.nn import attention_flops
 from sra_jax.train import losses
+
+_logger = logging.getLogger(__name__)
 
 
 @functools.partial(nnx.jit, static_argnames=("batch_rows",))
@@ -101,7 +104,7 @@ def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
-        print(f"[{done}/{total} problems, {time.perf_counter() - started:.0f}s]", file=sys.stderr, flush=True)
+        _logger.info("%d/%d problems, %.0f s", done, total, time.perf_counter() - started)
 
     records, summary = text_tasks.evaluate(args.task, items, completer.__call__, batch_size=args.batch_size,
                                            progress=progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sra_jax import log
 from sra_jax.train import sharding
 from sra_jax.train.checkpoint import Checkpointer, host_int
 from sra_jax.train.config import TrainConfig
@@ -26,6 +28,8 @@ from sra_jax.train.data import make_stream
 from sra_jax.train.optimizer import learning_rate_schedule
 from sra_jax.train.metrics import MetricsLogger, count_params, peak_flops_per_device, train_flops
 from sra_jax.train.step import Trainer, TrainState, create_trainer
+
+_logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_BAD_STEPS = 0, 1
 
@@ -85,17 +89,17 @@ def run(
     description: str = "train",
 ) -> RunResult:
     """Train `config.steps` steps (resuming from `checkpoint.dir` when it holds a checkpoint)."""
-    console = console or Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep
+    console = console or log.console()  # the progress bar draws on the log handler's console
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
     trainer, state = create_trainer(config, mesh)
     stream = make_stream(config)
-    console.print(stream.describe(), highlight=False, markup=False)
+    _logger.info("%s", stream.describe())
     checkpointer = Checkpointer(config.checkpoint.dir, config.checkpoint) if config.checkpoint.dir else None
     if checkpointer is not None:
         restored = checkpointer.restore_latest(state)
         if restored is not None:
             state = restored
-            console.print(f"resumed from {checkpointer.directory} at step {host_int(state.step)}")
+            _logger.info("resumed from %s at step %d", checkpointer.directory, host_int(state.step))
     logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard)
     model_cfg = config.model
     num_params = count_params(state.params)
@@ -136,8 +140,8 @@ def run(
         history.append({"step": done.step + 1, **metrics})
         if metrics["skipped"]:
             bad_steps += 1
-            console.print(f"[yellow]step {done.step}: non-finite loss or gradient "
-                          f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); update skipped")
+            _logger.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped", done.step,
+                           metrics["loss"], metrics["grad_norm"])
         else:
             bad_steps = 0
         if (done.step + 1) % config.log.every == 0 or done.step + 1 == config.steps:
@@ -149,8 +153,8 @@ def run(
         if on_step is not None:
             on_step(done.step + 1, metrics)
         if bad_steps >= config.max_bad_steps:
-            console.print(f"[red]{bad_steps} consecutive non-finite steps: stopping; the last checkpoint "
-                          f"is the last good state")
+            _logger.error("%d consecutive non-finite steps: stopping; the last checkpoint is the last good state",
+                         bad_steps)
             reason, exit_code = "bad_steps", EXIT_BAD_STEPS
             return False
         return True
@@ -184,7 +188,7 @@ def run(
             if save_now:
                 checkpointer.save(state, step=step + 1, force=stopping or last)
             if stopping:
-                console.print(f"signal {stop.signal}: checkpoint at step {step + 1} saved; exiting")
+                _logger.warning("signal %s: checkpoint at step %d saved; exiting", stop.signal, step + 1)
                 reason = "preempted"
                 break
     if checkpointer is not None:
