@@ -12,11 +12,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import datasets
 import numpy as np
 from jaxtyping import Bool, Int
 
 from sra_jax.data.grading import extract_gsm8k_answer
+from sra_jax.extras import require
+
+datasets = require("datasets", "data", needed_by="GSM8K / MATH loading (sra_jax.data.datasets)")
 
 _HUB = {"gsm8k": ("openai/gsm8k", "main"), "math": ("HuggingFaceH4/MATH-500", None)}
 _CALCULATOR_RE = re.compile(r"<<[^>]*>>")

@@ -10,7 +10,7 @@ import re
 import threading
 from fractions import Fraction
 
-from math_verify import parse, verify
+from sra_jax.extras import require
 
 # A minus sign counts only where it cannot be an operator or a range dash ("5-3", "2020-2021").
 _NUMBER = r"(?:(?<![\w)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
@@ -116,6 +116,8 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
         return pred_number == gold_number
     # math-verify's timeout uses SIGALRM, which only the main thread may set; elsewhere it runs without one.
     timeout = _MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    math_verify = require("math_verify", "eval", needed_by="symbolic answer grading (sra_jax.data.grading)")
+    parse, verify = math_verify.parse, math_verify.verify
     gold_parsed = parse(_for_math_verify(gold), parsing_timeout=timeout)
     pred_parsed = parse(_for_math_verify(pred), parsing_timeout=timeout)
     if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout):

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import tiktoken
 from jaxtyping import Int
+
+from sra_jax.extras import require
+
+tiktoken = require("tiktoken", "data", needed_by="the Llama 3 tokenizer (sra_jax.data.tokenizer)")
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
 
 from sra_jax.data import datasets as task_data
 from sra_jax.data.grading import extract_gsm8k_answer, extract_math_answer, is_equivalent
+from sra_jax.extras import require
+
+scipy_stats = require("scipy.stats", "eval", needed_by="the GSM8K / MATH evaluation (sra_jax.evals.text_tasks)")
 
 TASKS = ("gsm8k", "math")
 # The few-shot format starts every block with its label, so a model that carries on writes the next label.
@@ -118,7 +120,7 @@ def grade(task: str, text: str, gold: str) -> tuple[str, str | None, bool]:
 
 def wilson_interval(correct: int, n: int) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion (scipy)."""
-    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    ci = scipy_stats.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
     return float(ci.low), float(ci.high)
 
 
