@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint wheel-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,9 @@ bench: setup
 lint: setup
 	$(PY) -m ruff check sra_jax pallas_kernels tests
 
+# Build the wheel, install it into a fresh venv outside the checkout and run the documented commands (CI runs it).
+wheel-test:
+	bash .ci/wheel-test $(PYTHON)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

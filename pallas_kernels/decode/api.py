@@ -119,7 +119,7 @@ def sparse_decode_attention(
                              f"k_cache {k_cache.shape}")
     elif k_cache.ndim != 4:
         raise ValueError(f"k_cache {k_cache.shape} must be [b, L, hkv, d] (or [layers, b, L, hkv, d] with layer=)")
-    L, hkv = k_cache.shape[-3], k_cache.shape[-2]
+    hkv = k_cache.shape[-2]
     if k_cache.shape != v_cache.shape or k_cache.shape[-4] != b or k_cache.shape[-1] != d:
         raise ValueError(f"k_cache {k_cache.shape} / v_cache {v_cache.shape} do not fit q {q.shape}")
     if hq % hkv:

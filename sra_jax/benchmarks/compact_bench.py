@@ -130,12 +130,12 @@ def correctness(backend, s, heads, kv_heads, d, dtype, window, num_global):
         mask = (pk_ <= pq) & ((pq - pk_ < window) | (pk_ < num_global) | crit)
         f = _impls(positions, critical, window=window, num_global=num_global, queries=queries,
                    max_critical=n_crit, backend=backend)["compact"]
-        loss = lambda q, k, v: (f(q, k, v).astype(jnp.float32) * w).sum()
-        ref_loss = lambda q, k, v: (masked_attention(q, k, v, mask[:, None], d**-0.5) * w).sum()
+        loss = lambda q, k, v: (f(q, k, v).astype(jnp.float32) * w).sum()  # noqa: B023 - called in this iteration
+        ref_loss = lambda q, k, v: (masked_attention(q, k, v, mask[:, None], d**-0.5) * w).sum()  # noqa: B023 - called in this iteration
         out = jax.jit(f)(q, k, v)
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
         f32 = lambda x: x.astype(jnp.float32)
-        ref = jax.jit(lambda q, k, v: masked_attention(q, k, v, mask[:, None], d**-0.5))(f32(q), f32(k), f32(v))
+        ref = jax.jit(lambda q, k, v: masked_attention(q, k, v, mask[:, None], d**-0.5))(f32(q), f32(k), f32(v))  # noqa: B023 - called in this iteration
         ref_grads = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(f32(q), f32(k), f32(v))
         row = {"op": "correctness", "impl": "compact", "queries": queries, "seq_len": s, "window": window,
                "num_global": num_global, "dtype": str(jnp.dtype(dtype)), "rel_err_out": _rel(f32(out), ref)}
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     record = {
         "device": jax.devices()[0].device_kind,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": __import__("jaxlib").__version__},
         "rows": rows,

@@ -27,9 +27,7 @@ import datetime
 import glob
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax

@@ -21,10 +21,10 @@ import argparse
 import datetime
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import pallas_kernels
@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         "caches are): no per-layer layout check / lax.cond (what they cost)",
         rows=rows,
     )
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
     return 0
 
 

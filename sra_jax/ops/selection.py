@@ -516,7 +516,6 @@ def _segment_topk_log_prob(logits, drawn, segment_ids, order, valid):
     layout = _segment_layout(order, valid, segment_ids, drawn_first=drawn)
     sorted_logits = jnp.take_along_axis(jnp.where(valid, logits, _MASKED), layout.order, axis=-1)
     sorted_drawn = jnp.take_along_axis(drawn, layout.order, axis=-1)
-    n = logits.shape[-1]
     # Position p is the last of its segment iff p + 1 starts another one (or p is the row's last position).
     last = jnp.concatenate([layout.first[..., 1:] != layout.first[..., :-1], jnp.ones_like(drawn[..., :1])], axis=-1)
 

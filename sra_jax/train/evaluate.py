@@ -116,7 +116,7 @@ def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
         "model": model.config.to_hf() if hasattr(model.config, "to_hf") else None,
         "sra": dataclasses.asdict(model.sra) if getattr(model, "sra", None) is not None else None,
         "device": jax.devices()[0].device_kind, "jax": jax.__version__, "data_dir": str(data_dir),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     name = args.name or f"{args.task}-{args.shots}shot-{'cot' if args.cot else 'direct'}"
     output = Path(args.output)

@@ -89,7 +89,7 @@ def plain_causal_llama(model: Llama, tokens: np.ndarray) -> np.ndarray:
     causal = np.tril(np.ones((s, s), bool))
     x = p["embed.embedding"][tokens]
     for i in range(cfg.num_hidden_layers):
-        w = lambda name: p[f"layers.{i}.{name}"]  # noqa: E731
+        w = lambda name: p[f"layers.{i}.{name}"]  # noqa: E731, B023 - called in this iteration
         h = _rms(x, w("input_norm.scale"), cfg.rms_norm_eps)
         q = _rope((h @ w("attn.q_proj.kernel")).reshape(b, s, hq, hd), positions, cfg.rope_theta)
         k = _rope((h @ w("attn.k_proj.kernel")).reshape(b, s, hkv, hd), positions, cfg.rope_theta)

@@ -470,7 +470,7 @@ def test_segment_relaxation_gradient_is_that_of_each_segment_alone():
                                                                         valid=segment_ids > 0)))(scores)
     for where in (np.arange(4), np.arange(4, 10)):
         k = int(counts[where.size])
-        alone = jax.grad(lambda s: jnp.sum(weights[:, where] * relaxed_topk(s, k, tau=0.7)))(scores[:, where])
+        alone = jax.grad(lambda s: jnp.sum(weights[:, where] * relaxed_topk(s, k, tau=0.7)))(scores[:, where])  # noqa: B023 - called in this iteration
         np.testing.assert_allclose(packed[:, where], alone, atol=1e-6)
         assert np.abs(np.asarray(alone)).max() > 1e-3  # a real gradient, not two zeros
     assert packed[0, 10] == 0
