@@ -1,7 +1,7 @@
 """`Llama`: a Llama 3 decoder in Flax NNX whose attention layers may use Sparse Reasoning Attention.
 
 The parameter tree (names, shapes, logical axes) is a contract with sra_jax.convert and sra_jax.train; see
-notes/CONTRACTS.md. `model(tokens, positions, cache)` returns float32 logits and a `ModelAux` with one row per layer.
+docs/nn.md, "Parameter tree". `model(tokens, positions, cache)` returns float32 logits and a `ModelAux` with one row per layer.
 """
 
 from __future__ import annotations

@@ -154,9 +154,10 @@ class TextTaskStream:
 
     Each example is `<bos>Question: q\nAnswer: target<eos>` (MATH: Problem / Solution), tokenised with the Llama 3
     tokenizer; the loss mask covers the target (the worked solution ending in its answer when data.form is "cot",
-    the answer alone when "direct") and the eos. One example per row, right-padded (positions -1): the train step
-    passes no segment_ids to the model, so packed examples would attend to each other. Examples longer than
-    data.seq_len are left out (`skipped` counts them).
+    the answer alone when "direct") and the eos. Unpacked, each row holds one example, right-padded (positions -1);
+    with data.pack, rows hold whole examples packed first-fit with segment ids (positions restart per example), which
+    the train step passes to the model so examples never attend to each other. Examples longer than data.seq_len are
+    left out (`skipped` counts them).
 
     Example number g of the stream is row g % N of the permutation seeded by (data.seed, g // N) over the N kept
     examples, and batch `step` holds examples [step * batch_size, (step + 1) * batch_size): a pure function of

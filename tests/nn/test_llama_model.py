@@ -18,7 +18,7 @@ def flat_params(model: Llama) -> dict[str, nnx.Param]:
 
 
 def expected_tree(config: LlamaConfig, router_hidden: int | None) -> dict[str, tuple[tuple[int, ...], tuple]]:
-    """notes/CONTRACTS.md, "nn": name -> (shape, logical axes)."""
+    """docs/nn.md, "Parameter tree": name -> (shape, logical axes)."""
     d, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     tree = {"embed.embedding": ((config.vocab_size, d), ("vocab", "embed")), "norm.scale": ((d,), ("norm",))}
