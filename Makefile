@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -n 2 --dist loadfile -q --durations=25
 
 bench: setup
-	$(PY) -m sra_jax.benchmarks.attention_bench
+	$(VENV)/bin/sra-jax bench
 
 lint: setup
 	$(PY) -m ruff check sra_jax pallas_kernels tests

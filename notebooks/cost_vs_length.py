@@ -21,7 +21,7 @@
 # 2. **Window and global tokens**: mask density against length for several `window` / `num_global`.
 # 3. **Measured wall time** on this machine's CPU of a tiny dense vs SRA Llama forward pass (random weights) at
 #    several lengths: the router, top-k and mask building are overhead that sparse `reference` attention (a dense
-#    masked matmul) never wins back. Real savings need the block-sparse kernels on a GPU (`benchmarks/`).
+#    masked matmul) never wins back. Real savings need the block-sparse kernels on a GPU (`sra_jax/benchmarks/`).
 
 # %% tags=["parameters"]
 import os
@@ -200,5 +200,5 @@ show(fig, "wall_time")
 # narrow. The measured CPU wall times of a tiny forward pass (noisy: a shared 2-core machine) show no consistent
 # advantage either way (SRA 22.5 vs dense 12.0 ms at 32 tokens, 752 vs 812 ms at 1024): `reference` attention is a
 # dense masked matmul, and the router, top-k and mask building are extra work; real savings need the block-sparse
-# kernels on a GPU (`benchmarks/`). So the seeds' "1.3x vs 4.2x FLOPs" cannot come from attention sparsity at GSM8K
+# kernels on a GPU (`sra_jax/benchmarks/`). So the seeds' "1.3x vs 4.2x FLOPs" cannot come from attention sparsity at GSM8K
 # lengths; it has to come from how many tokens are generated.
