@@ -21,6 +21,19 @@ LOGGER_NAME = "sra_jax"
 _console: Console | None = None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever `sys.stderr` is when a record is emitted (as the rich console does), so a
+    handler installed once keeps working after the stream is swapped (pytest's capture, a redirecting caller)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def console() -> Console:
     """The shared stderr console of the CLI's log handler and the training progress bars."""
     global _console
@@ -43,7 +56,7 @@ def setup(quiet: bool = False) -> logging.Handler:
     if console().is_terminal:
         handler = RichHandler(console=console(), show_path=False, markup=False, log_time_format="[%X]")
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
     handler._sra_jax_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
