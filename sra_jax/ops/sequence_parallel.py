@@ -24,7 +24,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.ops.attention import attention
@@ -36,12 +36,12 @@ from sra_jax.ops.selection import topk_mask
 _MASKED = -1e30
 
 
-def _shard_map(body, *, mesh: Mesh, in_specs, out_specs, check_vma: bool = True):
+def _shard_map(body, *, mesh: Mesh | AbstractMesh, in_specs, out_specs, check_vma: bool = True):
     """`jax.shard_map` (jax >= 0.6; the releases we support, 0.10 on CPU and 0.11 on GPU, both have it)."""
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 
 
-def _num_shards(mesh: Mesh, axis: str) -> int:
+def _num_shards(mesh: Mesh | AbstractMesh, axis: str) -> int:
     if axis not in mesh.shape:
         raise ValueError(f"axis ({axis!r}) is not an axis of the mesh (axes {tuple(mesh.shape)})")
     if any(kind != jax.sharding.AxisType.Auto for kind in mesh.axis_types):
@@ -50,7 +50,7 @@ def _num_shards(mesh: Mesh, axis: str) -> int:
     return mesh.shape[axis]
 
 
-def _check_batch_axis(mesh: Mesh, batch_axis: str | None, axis: str) -> None:
+def _check_batch_axis(mesh: Mesh | AbstractMesh, batch_axis: str | None, axis: str) -> None:
     if batch_axis is not None and (batch_axis not in mesh.shape or batch_axis == axis):
         raise ValueError(f"batch_axis ({batch_axis!r}) must be None or a mesh axis other than {axis!r}")
 
@@ -135,7 +135,7 @@ def sra_attention_sequence_parallel(
     window: int,
     num_global: int,
     queries: str = "critical",
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis: str = "sequence",
     batch_axis: str | None = None,
     max_gathered: int | None = None,
@@ -222,7 +222,7 @@ def sharded_topk_indices(
     *,
     valid: Bool[Array, "b n"] | None = None,
     k_max: int | None = None,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis: str = "sequence",
     batch_axis: str | None = None,
 ) -> Int[Array, "b _"]:
@@ -279,7 +279,9 @@ def _log_prob_shard(logits, valid, indices, counts, *, axis):
     never_drawn = valid & ~taken
     # logsumexp over the sharded axis: a shared max shift (no gradient), then a psum of the shifted exp-sums
     shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(jnp.where(never_drawn, logits, _MASKED), axis=-1)), axis)
-    total = jax.lax.psum(jnp.sum(jnp.where(never_drawn, jnp.exp(logits - shift[:, None]), 0.0), axis=-1), axis)
+    # the shift replaces excluded logits before exp, so no exp overflows (an inf there would make a NaN gradient)
+    shifted = jnp.where(never_drawn, logits, shift[:, None]) - shift[:, None]
+    total = jax.lax.psum(jnp.sum(jnp.where(never_drawn, jnp.exp(shifted), 0.0), axis=-1), axis)
     rest = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift, _MASKED)
     remaining = jnp.logaddexp(rest[:, None], jax.lax.cumlogsumexp(drawn, axis=1, reverse=True))
     return jnp.sum(jnp.where(drawn_ok, drawn - remaining, 0.0), axis=-1)
@@ -291,7 +293,7 @@ def sharded_topk_log_prob(
     *,
     valid: Bool[Array, "b n"] | None = None,
     k: int | Int[Array, " b"] | None = None,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis: str = "sequence",
     batch_axis: str | None = None,
 ) -> Float[Array, " b"]:
@@ -354,7 +356,7 @@ def sharded_cache_attention(
     window: int,
     num_global: int,
     queries: str = "critical",
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis: str = "sequence",
     batch_axis: str | None = None,
     sm_scale: float | None = None,
