@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from sra_jax.ops.attention import attention
 from sra_jax.ops.masks import SRAMaskSpec
 
 from sra_jax.ops.selection import topk_mask
@@ -90,11 +90,54 @@ def _compact(keep: Bool[Array, "b c"], size: int, *arrays: Array) -> list[Array]
     return [used, *taken]
 
 
+class _SoftmaxParts(NamedTuple):
+    """A softmax over one set of keys, kept unnormalised so that sets can be merged by log-sum-exp:
+    weighted values sum_j e^(l_j - top) v_j `[..., q, hkv, g, d]`, and `top` / `total` `[..., q, hkv, g, 1]`."""
+
+    weighted: Array
+    top: Array
+    total: Array
+
+
+def _softmax_parts(q: Array, k: Array, v: Array, visible: Array, sm_scale: float) -> _SoftmaxParts:
+    """q `[B, sq, hq, d]` over k, v `[B, sk, hkv, d]` where `visible` `[B, sq, sk]`; float32, grouped query heads."""
+    batch, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    grouped = q.reshape(batch, sq, hkv, hq // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bqhgk", grouped, k, preferred_element_type=jnp.float32) * sm_scale
+    visible = visible[:, :, None, None, :]
+    logits = jnp.where(visible, logits, _MASKED)
+    # the shift carries no gradient: any common shift gives the same softmax
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.where(visible, jnp.exp(logits - top), 0.0)
+    weighted = jnp.einsum("bqhgk,bkhd->bqhgd", weights, v.astype(jnp.float32))
+    return _SoftmaxParts(weighted, top, jnp.sum(weights, axis=-1, keepdims=True))
+
+
+def _rescaled(parts: _SoftmaxParts, top: Array) -> tuple[Array, Array]:
+    scale = jnp.exp(parts.top - top)
+    return parts.weighted * scale, parts.total * scale
+
+
+def _normalise(weighted: Array, total: Array, dtype) -> Array:
+    """Weighted values / total, 0 for a query that sees nothing (padding), `[..., q, hkv, g, d]` -> `[..., q, hq, d]`."""
+    out = weighted / jnp.where(total > 0, total, 1.0)
+    return out.reshape(*out.shape[:-3], -1, out.shape[-1]).astype(dtype)
+
+
+def _band_blocks(x: Array, block: int, halo: int) -> Array:
+    """`[b, halo + c, ...]` -> `[b, c / block, block + halo, ...]`: the keys each block of `block` queries can see
+    by the window rule (its own slots and the `halo` before them)."""
+    blocks = (x.shape[1] - halo) // block
+    return x[:, jnp.arange(blocks)[:, None] * block + jnp.arange(block + halo)]
+
+
 def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, max_gathered, shards,
-               axis, sm_scale, impl):
-    """One shard's queries against [halo | own chunk] (window rule) and the gathered globals / critical keys
-    (global or critical rule, outside the window): disjoint key sets whose union is the row's SRA-visible set."""
-    chunk = q.shape[1]
+               axis, sm_scale, block_q):
+    """One shard's queries against [halo | own chunk] under the window rule, blocked so a block of `block_q`
+    queries reads `block_q + window - 1` keys, and against the gathered globals / critical keys under the global or
+    critical rule outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp."""
+    b, chunk = positions.shape
     has_segments = segment_ids is not None
     if not has_segments:
         segment_ids = jnp.zeros_like(positions)
@@ -102,26 +145,41 @@ def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global,
     halo_of = partial(_halo, halo=halo, chunk=chunk, shards=shards, axis=axis)
     band = [jnp.concatenate([halo_of(x, fill=fill), x], axis=1) if halo else x
             for x, fill in ((k, 0), (v, 0), (positions, -1), (critical, False), (segment_ids, 0))]
-    k_band, v_band, pos_band, crit_band, seg_band = band
 
     wanted = (positions >= 0) & (critical | (positions < num_global))
-    used, k_g, v_g, pos_g, crit_g, seg_g = _compact(wanted, max_gathered, k, v, positions, critical, segment_ids)
-    pos_g = jnp.where(used, pos_g, -1)
-    gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k_g, v_g, pos_g, crit_g, seg_g)]
-    k_g, v_g, pos_g, crit_g, seg_g = gathered
+    used, *gathered = _compact(wanted, max_gathered, k, v, positions, critical, segment_ids)
+    gathered[2] = jnp.where(used, gathered[2], -1)
+    gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in gathered]
 
-    def rule(k_pos, k_crit, k_seg, in_window):
+    def rule(q_pos, q_crit, q_seg, k_pos, k_crit, k_seg, in_window):
         spec = SRAMaskSpec.create(
-            positions, critical, window=window, num_global=num_global, queries=queries,
-            segment_ids=segment_ids if has_segments else None, k_positions=k_pos, k_critical=k_crit,
+            q_pos, q_crit, window=window, num_global=num_global, queries=queries,
+            segment_ids=q_seg if has_segments else None, k_positions=k_pos, k_critical=k_crit,
             k_segment_ids=k_seg if has_segments else None)
-        near = positions[:, :, None] - k_pos[:, None, :] < window
+        near = q_pos[:, :, None] - k_pos[:, None, :] < window
         return spec.to_mask() & (near if in_window else ~near)
 
-    mask = jnp.concatenate([rule(pos_band, crit_band, seg_band, True), rule(pos_g, crit_g, seg_g, False)], axis=-1)
-    keys = jnp.concatenate([k_band, k_g], axis=1)
-    values = jnp.concatenate([v_band, v_g], axis=1)
-    return attention(q, keys, values, mask=mask, sm_scale=sm_scale, impl=impl)
+    def per_block(x):  # [b, c, ...] -> [b * c / block_q, block_q, ...]
+        return x.reshape(-1, block_q, *x.shape[2:])
+
+    k_band, v_band, *band_keys = (_band_blocks(x, block_q, halo) for x in band)
+    k_band, v_band, *band_keys = (x.reshape(-1, *x.shape[2:]) for x in (k_band, v_band, *band_keys))
+    queries_blocked = [per_block(x) for x in (positions, critical, segment_ids)]
+    near = _softmax_parts(per_block(q), k_band, v_band, rule(*queries_blocked, *band_keys, True), sm_scale)
+    near = _SoftmaxParts(*(x.reshape(b, chunk, *x.shape[2:]) for x in near))
+    k_far, v_far, *far_keys = gathered
+    far = _softmax_parts(q, k_far, v_far, rule(positions, critical, segment_ids, *far_keys, False), sm_scale)
+
+    top = jnp.maximum(near.top, far.top)
+    (near_weighted, near_total), (far_weighted, far_total) = _rescaled(near, top), _rescaled(far, top)
+    return _normalise(near_weighted + far_weighted, near_total + far_total, q.dtype)
+
+
+def _default_block_q(chunk: int, window: int) -> int:
+    """The smallest divisor of the chunk that is at least max(window - 1, 128) (the chunk if none): each block then
+    reads at most twice its own keys."""
+    target = min(chunk, max(window - 1, 128))
+    return next(size for size in range(target, chunk + 1) if chunk % size == 0)
 
 
 def sra_attention_sequence_parallel(
@@ -140,7 +198,7 @@ def sra_attention_sequence_parallel(
     batch_axis: str | None = None,
     max_gathered: int | None = None,
     sm_scale: float | None = None,
-    impl: str = "reference",
+    block_q: int | None = None,
 ) -> Float[Array, "b n hq d"]:
     """SRA self-attention (the rule of `sra_jax.ops.masks`) with the sequence split over mesh axis `axis`.
 
@@ -148,8 +206,8 @@ def sra_attention_sequence_parallel(
     layout contract (module docstring) when no shard holds more than `max_gathered` keys that are critical or
     global (positions < num_global); beyond that a shard keeps its first `max_gathered` in slot order, as
     `impl="gather"` does with `max_critical`. Default: the chunk length (always exact, gathers every slot).
-    `batch_axis` optionally shards the batch too. `impl` is the per-shard attention (any `attention` impl that
-    takes a mask).
+    `batch_axis` optionally shards the batch too. `block_q` (a divisor of the chunk; default
+    `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
     """
     shards = _num_shards(mesh, axis)
     _check_batch_axis(mesh, batch_axis, axis)
@@ -165,19 +223,24 @@ def sra_attention_sequence_parallel(
         max_gathered = chunk
     if not isinstance(max_gathered, int) or isinstance(max_gathered, bool) or not 1 <= max_gathered <= chunk:
         raise ValueError(f"max_gathered ({max_gathered!r}) must be an integer in [1, chunk length {chunk}]")
+    block_q = _default_block_q(chunk, window) if block_q is None else block_q
+    if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1 or chunk % block_q:
+        raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, window=window, num_global=num_global,
                                   queries=queries, mesh=mesh, axis=axis, batch_axis=batch_axis,
-                                  max_gathered=max_gathered, sm_scale=sm_scale, impl=impl)
+                                  max_gathered=max_gathered, sm_scale=sm_scale, block_q=block_q)
 
 
 @partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "axis", "batch_axis", "max_gathered",
-                                   "sm_scale", "impl"))
+                                   "sm_scale", "block_q"))
 def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, mesh, axis,
-                           batch_axis, max_gathered, sm_scale, impl):
+                           batch_axis, max_gathered, sm_scale, block_q):
     rows = PartitionSpec(batch_axis, axis)
     body = partial(_sra_shard, window=window, num_global=num_global, queries=queries, max_gathered=max_gathered,
-                   shards=mesh.shape[axis], axis=axis, sm_scale=sm_scale, impl=impl)
+                   shards=mesh.shape[axis], axis=axis, sm_scale=sm_scale, block_q=block_q)
     specs = (rows, rows, rows, rows, rows, None if segment_ids is None else rows)
     return _shard_map(body, mesh=mesh, in_specs=specs, out_specs=rows)(q, k, v, positions, critical, segment_ids)
 
@@ -325,23 +388,12 @@ def _sharded_log_prob(logits, valid, indices, counts, *, mesh, axis, batch_axis)
 
 def _cache_shard(q, k, v, q_positions, q_critical, k_positions, k_critical, *, window, num_global, queries, axis,
                  sm_scale):
-    """Softmax over this shard's slots (unnormalised, with its max and sum), merged across shards by LSE."""
+    """This shard's slots as an unnormalised softmax, merged across shards by log-sum-exp (a pmax, two psums)."""
     spec = SRAMaskSpec.create(q_positions, q_critical, window=window, num_global=num_global, queries=queries,
                               k_positions=k_positions, k_critical=k_critical)
-    b, sq, hq, d = q.shape
-    hkv = k.shape[2]
-    grouped = q.reshape(b, sq, hkv, hq // hkv, d)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, k, preferred_element_type=jnp.float32) * sm_scale
-    visible = spec.to_mask()[:, None, None]
-    logits = jnp.where(visible, logits, _MASKED)
-    local_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    shift = jax.lax.pmax(local_max, axis)
-    weights = jnp.where(visible, jnp.exp(logits - shift), 0.0)
-    total = jax.lax.psum(jnp.sum(weights, axis=-1, keepdims=True), axis)
-    out = jax.lax.psum(jnp.einsum("bhgqk,bkhd->bqhgd", weights, v.astype(jnp.float32)), axis)
-    total = jnp.moveaxis(total[..., 0], 3, 1)[..., None]  # [b, h, g, q, 1] -> [b, q, h, g, 1]
-    out = out / jnp.where(total > 0, total, 1.0)  # a query with no visible slot (padding) returns 0
-    return out.reshape(b, sq, hq, d).astype(q.dtype)
+    parts = _softmax_parts(q, k, v, spec.to_mask(), sm_scale)
+    weighted, total = _rescaled(parts, jax.lax.pmax(parts.top, axis))
+    return _normalise(jax.lax.psum(weighted, axis), jax.lax.psum(total, axis), q.dtype)
 
 
 def sharded_cache_attention(

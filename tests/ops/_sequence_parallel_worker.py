@@ -59,10 +59,10 @@ def reference(q, k, v, positions, critical, segments, window, queries):
     return attention(q, k, v, spec=spec, impl="reference")
 
 
-def sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=None):
+def sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=None, block_q=None):
     return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, segments, window=window,
                                               num_global=NUM_GLOBAL, queries=queries, mesh=mesh,
-                                              max_gathered=max_gathered)
+                                              max_gathered=max_gathered, block_q=block_q)
 
 
 def value_and_grads(fn, q, k, v):
@@ -78,16 +78,17 @@ def biggest(a, b) -> float:
 
 def check_attention(results: dict) -> None:
     """Fixed case per mesh: packed rows crossing shard edges, left / right padding, window 6 (at 8 shards the
-    chunk is 4, so the halo spans two shards), GQA; forward and gradients."""
+    chunk is 4, so the halo spans two shards), window blocks smaller than the halo, GQA; forward and gradients."""
     rows = [([5, 13, 21], 3, False), ([9, 17], 4, True)]
     q, k, v, positions, critical, segments = inputs(0, rows, 0.25)
     window = 6
-    for shards, queries in ((2, "critical"), (4, "all"), (8, "critical")):
+    for shards, queries, block_q in ((2, "critical", 4), (4, "all", 2), (8, "critical", None)):
         mesh = sequence_mesh(shards)
         expect = value_and_grads(lambda q, k, v: reference(q, k, v, positions, critical, segments, window, queries),
                                  q, k, v)
-        got = value_and_grads(lambda q, k, v: sharded(q, k, v, positions, critical, segments, window, queries, mesh),
-                              q, k, v)
+        got = value_and_grads(
+            lambda q, k, v: sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q),
+            q, k, v)
         results[f"attention_value_and_grads_{shards}_shards"] = biggest(expect, got)
     # the tightest exact bound on gathered keys per shard (not the default, the chunk) gives the same output
     mesh = sequence_mesh(4)
@@ -100,7 +101,7 @@ def check_attention(results: dict) -> None:
 
 
 def check_attention_hypothesis(results: dict) -> None:
-    """Random lengths, packings, critical sets, windows and queries at 4 shards (one shape)."""
+    """Random lengths, packings, critical sets, windows, queries and window blocks at 4 shards (one shape)."""
     mesh = sequence_mesh(4)
     worst = []
 
@@ -109,11 +110,12 @@ def check_attention_hypothesis(results: dict) -> None:
     @settings(max_examples=10, deadline=None, derandomize=True, database=None)
     @given(rows=st.lists(row, min_size=B, max_size=B), rate=st.sampled_from([0.0, 0.2, 0.6]),
            window=st.sampled_from([1, 3, 11]), queries=st.sampled_from(["critical", "all"]),
-           seed=st.integers(0, 2**16))
-    def run(rows, rate, window, queries, seed):
+           block_q=st.sampled_from([2, 8]), seed=st.integers(0, 2**16))
+    def run(rows, rate, window, queries, block_q, seed):
         q, k, v, positions, critical, segments = inputs(seed, rows, rate)
         expect = reference(q, k, v, positions, critical, segments, window, queries)
-        worst.append(biggest(expect, sharded(q, k, v, positions, critical, segments, window, queries, mesh)))
+        got = sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q)
+        worst.append(biggest(expect, got))
 
     run()
     results["attention_hypothesis_4_shards"] = max(worst)

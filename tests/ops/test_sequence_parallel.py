@@ -92,6 +92,8 @@ def test_bad_arguments_are_named(one_device_mesh):
     with pytest.raises(ValueError, match=r"max_gathered \(9\) must be an integer in \[1, chunk length 8\]"):
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=one_device_mesh,
                                            max_gathered=9)
+    with pytest.raises(ValueError, match=r"block_q \(3\) must be a positive divisor of the chunk length \(8\)"):
+        sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=one_device_mesh, block_q=3)
     with pytest.raises(ValueError, match=r"window \(0\)"):
         sp.sra_attention_sequence_parallel(*attention_args(), window=0, num_global=0, mesh=one_device_mesh)
     with pytest.raises(ValueError, match=r"batch_axis \('sequence'\)"):
