@@ -134,9 +134,10 @@ def _band_blocks(x: Array, block: int, halo: int) -> Array:
 
 def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, max_gathered, shards,
                axis, sm_scale, block_q):
-    """One shard's queries against [halo | own chunk] under the window rule, blocked so a block of `block_q`
-    queries reads `block_q + window - 1` keys, and against the gathered globals / critical keys under the global or
-    critical rule outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp."""
+    """One shard's queries, `block_q` at a time, against [halo | own chunk] under the window rule (a block reads
+    `block_q + window - 1` keys) and against the gathered globals / critical keys under the global or critical rule
+    outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp. Scores exist
+    for one block at a time: O(block_q * (block_q + window + S * max_gathered)) per head."""
     b, chunk = positions.shape
     has_segments = segment_ids is not None
     if not has_segments:
@@ -159,20 +160,24 @@ def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global,
         near = q_pos[:, :, None] - k_pos[:, None, :] < window
         return spec.to_mask() & (near if in_window else ~near)
 
-    def per_block(x):  # [b, c, ...] -> [b * c / block_q, block_q, ...]
-        return x.reshape(-1, block_q, *x.shape[2:])
+    def by_block(x):  # [b, c, ...] -> [c / block_q, b, block_q, ...]
+        return jnp.moveaxis(x.reshape(b, -1, block_q, *x.shape[2:]), 1, 0)
 
-    k_band, v_band, *band_keys = (_band_blocks(x, block_q, halo) for x in band)
-    k_band, v_band, *band_keys = (x.reshape(-1, *x.shape[2:]) for x in (k_band, v_band, *band_keys))
-    queries_blocked = [per_block(x) for x in (positions, critical, segment_ids)]
-    near = _softmax_parts(per_block(q), k_band, v_band, rule(*queries_blocked, *band_keys, True), sm_scale)
-    near = _SoftmaxParts(*(x.reshape(b, chunk, *x.shape[2:]) for x in near))
+    query_blocks = [by_block(x) for x in (q, positions, critical, segment_ids)]
+    band_blocks = [jnp.moveaxis(_band_blocks(x, block_q, halo), 1, 0) for x in band]
     k_far, v_far, *far_keys = gathered
-    far = _softmax_parts(q, k_far, v_far, rule(positions, critical, segment_ids, *far_keys, False), sm_scale)
 
-    top = jnp.maximum(near.top, far.top)
-    (near_weighted, near_total), (far_weighted, far_total) = _rescaled(near, top), _rescaled(far, top)
-    return _normalise(near_weighted + far_weighted, near_total + far_total, q.dtype)
+    @jax.checkpoint  # the backward pass recomputes one block's scores rather than keeping every block's
+    def attend(blocks):
+        (q_block, *query_keys), (k_block, v_block, *band_keys) = blocks
+        near = _softmax_parts(q_block, k_block, v_block, rule(*query_keys, *band_keys, True), sm_scale)
+        far = _softmax_parts(q_block, k_far, v_far, rule(*query_keys, *far_keys, False), sm_scale)
+        top = jnp.maximum(near.top, far.top)
+        (near_weighted, near_total), (far_weighted, far_total) = _rescaled(near, top), _rescaled(far, top)
+        return _normalise(near_weighted + far_weighted, near_total + far_total, q.dtype)
+
+    out = jax.lax.map(attend, (query_blocks, band_blocks))  # [c / block_q, b, block_q, hq, d]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
 def _default_block_q(chunk: int, window: int) -> int:
