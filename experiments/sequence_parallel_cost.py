@@ -264,13 +264,15 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
             f"{memory['allgather_cp'] / mib:.0f} |")
     lines += ["", "Checked against the compiled HLO on 8 fake CPU devices (bytes an interior device receives):", "",
               "| N | shards | window | per shard | SRA fwd: HLO = formula | SRA fwd+bwd | all-gather CP fwd | "
-              "all-gather CP fwd+bwd |", "|---|---|---|---|---|---|---|---|"]
+              "all-gather CP fwd+bwd | compiled temp per device, fwd+bwd: SRA / CP |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for item in checks:
         layer, measured = item["layer"], item["measured"]
         cells = [sum(measured[key]["bytes"].values()) for key in ("sra_fwd", "sra_fwd_bwd", "allgather_cp_fwd",
                                                                   "allgather_cp_fwd_bwd")]
+        temp = [measured[key]["temp_bytes"] for key in ("sra_fwd_bwd", "allgather_cp_fwd_bwd")]
         lines.append(f"| {layer['length']} | {layer['shards']} | {layer['window']} | {layer['per_shard']} | "
-                     + " | ".join(f"{cell} B" for cell in cells) + " |")
+                     + " | ".join(f"{cell} B" for cell in cells) + f" | {temp[0]} B / {temp[1]} B |")
     return "\n".join(lines) + "\n"
 
 
