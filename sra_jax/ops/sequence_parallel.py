@@ -36,23 +36,46 @@ from sra_jax.ops.selection import topk_mask
 _MASKED = -1e30
 
 
-def _shard_map(body, *, mesh: Mesh | AbstractMesh, in_specs, out_specs, check_vma: bool = True):
-    """`jax.shard_map` (jax >= 0.6; the releases we support, 0.10 on CPU and 0.11 on GPU, both have it)."""
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
-
-
-def _num_shards(mesh: Mesh | AbstractMesh, axis: str) -> int:
+def _num_shards(mesh: Mesh | AbstractMesh | None, axis: str, shards: int | None) -> int:
+    if mesh is None:
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+            raise ValueError(f"without a mesh, shards ({shards!r}) must be an integer >= 1 (the shards to simulate)")
+        return shards
     if axis not in mesh.shape:
         raise ValueError(f"axis ({axis!r}) is not an axis of the mesh (axes {tuple(mesh.shape)})")
+    if shards is not None and shards != mesh.shape[axis]:
+        raise ValueError(f"shards ({shards!r}) must be left out or equal the mesh's {axis!r} size ({mesh.shape[axis]})")
     if any(kind != jax.sharding.AxisType.Auto for kind in mesh.axis_types):
         raise ValueError(f"mesh axis types {mesh.axis_types} must all be AxisType.Auto (as "
                          "sra_jax.train.sharding.make_mesh makes them); the inputs are resharded by the compiler")
     return mesh.shape[axis]
 
 
-def _check_batch_axis(mesh: Mesh | AbstractMesh, batch_axis: str | None, axis: str) -> None:
-    if batch_axis is not None and (batch_axis not in mesh.shape or batch_axis == axis):
+def _check_batch_axis(mesh: Mesh | AbstractMesh | None, batch_axis: str | None, axis: str) -> None:
+    if batch_axis is not None and (mesh is None or batch_axis not in mesh.shape or batch_axis == axis):
         raise ValueError(f"batch_axis ({batch_axis!r}) must be None or a mesh axis other than {axis!r}")
+
+
+def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool, *, mesh, shards: int, axis: str,
+                 batch_axis: str | None, check_vma: bool = True):
+    """`body` on every shard; `sharded[i]` says whether args[i] is split along axis 1 (else replicated). With a mesh:
+    `jax.shard_map`. With mesh=None: `jax.vmap` over `shards` simulated shards on one device (the collectives act
+    across the mapped axis), to time or test the sharded program where only one device exists."""
+    if mesh is not None:
+        rows, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
+        in_specs = tuple(None if x is None else rows if split else replicated for x, split in zip(args, sharded))
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=rows if out_sharded else replicated,
+                             check_vma=check_vma)(*args)
+
+    def split(x):  # [b, n, ...] -> [shards, b, n / shards, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], shards, -1, *x.shape[2:]), 1, 0)
+
+    in_axes = tuple(0 if x is not None and cut else None for x, cut in zip(args, sharded))
+    args = tuple(split(x) if axes == 0 else x for x, axes in zip(args, in_axes))
+    out = jax.vmap(body, in_axes=in_axes, axis_name=axis, axis_size=shards)(*args)
+    if not out_sharded:
+        return out[0]
+    return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], -1, *out.shape[3:])
 
 
 def _chunk(length: int, shards: int, name: str) -> int:
@@ -65,14 +88,17 @@ def _chunk(length: int, shards: int, name: str) -> int:
 # Prefill / training: SRA self-attention with the sequence sharded.
 
 
-def _halo(x: Array, halo: int, chunk: int, shards: int, axis: str, fill) -> Array:
+def _halo(x: Array, halo: int, chunk: int, shards: int, axis: str, fill, cyclic: bool) -> Array:
     """The last `halo` slots before this shard's chunk (axis 1), gathered from the `ceil(halo / chunk)` previous
-    shards by one `ppermute` each, each sending only the slots its receiver needs; `fill` where there is no shard."""
+    shards by one `ppermute` each, each sending only the slots its receiver needs; `fill` where there is no shard.
+    `cyclic`: the last shards also send to the first ones (whose copies are discarded), since `vmap` needs a full
+    permutation; across devices only the useful messages are sent."""
     index = jax.lax.axis_index(axis)
     pieces = []
     for shift in range(min(-(-halo // chunk), shards - 1), 0, -1):
         need = min(chunk, halo - (shift - 1) * chunk)
-        sent = jax.lax.ppermute(x[:, chunk - need :], axis, [(i, i + shift) for i in range(shards - shift)])
+        pairs = [(i, (i + shift) % shards) for i in range(shards if cyclic else shards - shift)]
+        sent = jax.lax.ppermute(x[:, chunk - need :], axis, pairs)
         pieces.append(jnp.where(index >= shift, sent, jnp.asarray(fill, x.dtype)))
     missing = halo - sum(piece.shape[1] for piece in pieces)  # the window reaches before the first shard
     if missing:
@@ -133,7 +159,7 @@ def _band_blocks(x: Array, block: int, halo: int) -> Array:
 
 
 def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, max_gathered, shards,
-               axis, sm_scale, block_q):
+               axis, sm_scale, block_q, cyclic):
     """One shard's queries, `block_q` at a time, against [halo | own chunk] under the window rule (a block reads
     `block_q + window - 1` keys) and against the gathered globals / critical keys under the global or critical rule
     outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp. Scores exist
@@ -143,7 +169,7 @@ def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global,
     if not has_segments:
         segment_ids = jnp.zeros_like(positions)
     halo = window - 1
-    halo_of = partial(_halo, halo=halo, chunk=chunk, shards=shards, axis=axis)
+    halo_of = partial(_halo, halo=halo, chunk=chunk, shards=shards, axis=axis, cyclic=cyclic)
     band = [jnp.concatenate([halo_of(x, fill=fill), x], axis=1) if halo else x
             for x, fill in ((k, 0), (v, 0), (positions, -1), (critical, False), (segment_ids, 0))]
 
@@ -198,7 +224,8 @@ def sra_attention_sequence_parallel(
     window: int,
     num_global: int,
     queries: str = "critical",
-    mesh: Mesh | AbstractMesh,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
     axis: str = "sequence",
     batch_axis: str | None = None,
     max_gathered: int | None = None,
@@ -214,7 +241,7 @@ def sra_attention_sequence_parallel(
     `batch_axis` optionally shards the batch too. `block_q` (a divisor of the chunk; default
     `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
     """
-    shards = _num_shards(mesh, axis)
+    shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
     SRAMaskSpec.create(positions, critical, window=window, num_global=num_global, queries=queries,
                        segment_ids=segment_ids)  # validates window, num_global, queries and the shapes
@@ -235,19 +262,18 @@ def sra_attention_sequence_parallel(
         raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, window=window, num_global=num_global,
-                                  queries=queries, mesh=mesh, axis=axis, batch_axis=batch_axis,
+                                  queries=queries, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis,
                                   max_gathered=max_gathered, sm_scale=sm_scale, block_q=block_q)
 
 
-@partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "axis", "batch_axis", "max_gathered",
-                                   "sm_scale", "block_q"))
-def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, mesh, axis,
-                           batch_axis, max_gathered, sm_scale, block_q):
-    rows = PartitionSpec(batch_axis, axis)
+@partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "shards", "axis", "batch_axis",
+                                   "max_gathered", "sm_scale", "block_q"))
+def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, mesh, shards,
+                           axis, batch_axis, max_gathered, sm_scale, block_q):
     body = partial(_sra_shard, window=window, num_global=num_global, queries=queries, max_gathered=max_gathered,
-                   shards=mesh.shape[axis], axis=axis, sm_scale=sm_scale, block_q=block_q)
-    specs = (rows, rows, rows, rows, rows, None if segment_ids is None else rows)
-    return _shard_map(body, mesh=mesh, in_specs=specs, out_specs=rows)(q, k, v, positions, critical, segment_ids)
+                   shards=shards, axis=axis, sm_scale=sm_scale, block_q=block_q, cyclic=mesh is None)
+    args = (q, k, v, positions, critical, segment_ids)
+    return _over_shards(body, args, (True,) * 6, True, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
 
 
 def gathered_per_shard(
@@ -290,14 +316,15 @@ def sharded_topk_indices(
     *,
     valid: Bool[Array, "b n"] | None = None,
     k_max: int | None = None,
-    mesh: Mesh | AbstractMesh,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
     axis: str = "sequence",
     batch_axis: str | None = None,
 ) -> Int[Array, "b _"]:
     """The k best valid scores' indices in descending order, with the last axis sharded over `axis`: equal to
     `selection.gumbel_topk_indices` for perturbed scores (and so to `selection.topk_mask` through
     `sharded_topk_mask`), per-row k (-1 after a row's count) and ties included. Replicated over `axis`."""
-    shards = _num_shards(mesh, axis)
+    shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
     if scores.ndim != 2:
         raise ValueError(f"scores must be [batch, length], got shape {scores.shape}")
@@ -312,16 +339,16 @@ def sharded_topk_indices(
     else:
         size = scores.shape[1] if k_max is None else k_max
         k_rows = jnp.clip(k, 0, size).astype(jnp.int32)
-    return _sharded_topk(scores, valid, k_rows, size=size, mesh=mesh, axis=axis, batch_axis=batch_axis)
+    return _sharded_topk(scores, valid, k_rows, size=size, mesh=mesh, shards=shards, axis=axis,
+                         batch_axis=batch_axis)
 
 
-@partial(jax.jit, static_argnames=("size", "mesh", "axis", "batch_axis"))
-def _sharded_topk(scores, valid, k_rows, *, size, mesh, axis, batch_axis):
-    rows, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
+@partial(jax.jit, static_argnames=("size", "mesh", "shards", "axis", "batch_axis"))
+def _sharded_topk(scores, valid, k_rows, *, size, mesh, shards, axis, batch_axis):
     body = partial(_merged_topk, size=size, axis=axis)
-    in_specs = (rows, rows, None if k_rows is None else replicated)
     # the merged indices are the same on every shard of `axis` (all-gathered inputs), which check_vma cannot see
-    return _shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=replicated, check_vma=False)(scores, valid, k_rows)
+    return _over_shards(body, (scores, valid, k_rows), (True, True, False), False, mesh=mesh, shards=shards,
+                        axis=axis, batch_axis=batch_axis, check_vma=False)
 
 
 def sharded_topk_mask(
@@ -361,13 +388,14 @@ def sharded_topk_log_prob(
     *,
     valid: Bool[Array, "b n"] | None = None,
     k: int | Int[Array, " b"] | None = None,
-    mesh: Mesh | AbstractMesh,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
     axis: str = "sequence",
     batch_axis: str | None = None,
 ) -> Float[Array, " b"]:
     """`selection.topk_log_prob` (Plackett-Luce log-prob of the ordered draw `indices`, global indices, -1 ignored,
     first k per row) with the logits sharded over `axis`; differentiable in the logits."""
-    shards = _num_shards(mesh, axis)
+    shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
     if logits.ndim != 2 or indices.ndim != 2 or indices.shape[0] != logits.shape[0]:
         raise ValueError(f"logits [b, n] and indices [b, k] must share b, got {logits.shape}, {indices.shape}")
@@ -376,15 +404,14 @@ def sharded_topk_log_prob(
     if valid.shape != logits.shape:
         raise ValueError(f"valid shape {valid.shape} must equal logits shape {logits.shape}")
     counts = jnp.broadcast_to(jnp.asarray(indices.shape[1] if k is None else k, jnp.int32), logits.shape[:1])
-    return _sharded_log_prob(logits, valid, indices, counts, mesh=mesh, axis=axis, batch_axis=batch_axis)
+    return _sharded_log_prob(logits, valid, indices, counts, mesh=mesh, shards=shards, axis=axis,
+                             batch_axis=batch_axis)
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis", "batch_axis"))
-def _sharded_log_prob(logits, valid, indices, counts, *, mesh, axis, batch_axis):
-    rows, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
-    body = partial(_log_prob_shard, axis=axis)
-    return _shard_map(body, mesh=mesh, in_specs=(rows, rows, replicated, replicated), out_specs=replicated)(
-        logits, valid, indices, counts)
+@partial(jax.jit, static_argnames=("mesh", "shards", "axis", "batch_axis"))
+def _sharded_log_prob(logits, valid, indices, counts, *, mesh, shards, axis, batch_axis):
+    return _over_shards(partial(_log_prob_shard, axis=axis), (logits, valid, indices, counts), (True, True, False, False),
+                        False, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -413,7 +440,8 @@ def sharded_cache_attention(
     window: int,
     num_global: int,
     queries: str = "critical",
-    mesh: Mesh | AbstractMesh,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
     axis: str = "sequence",
     batch_axis: str | None = None,
     sm_scale: float | None = None,
@@ -422,7 +450,7 @@ def sharded_cache_attention(
     shard attends to its slots and the partial softmaxes are merged by log-sum-exp (a pmax and two psums of
     `[b, sq, hq, d]`-sized partials). Equals `attention(q, k_cache, v_cache, spec=SRAMaskSpec.create(q_positions,
     q_critical, k_positions=..., k_critical=..., ...), impl="reference")`; slots may be filled in any order."""
-    shards = _num_shards(mesh, axis)
+    shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
     SRAMaskSpec.create(q_positions, q_critical, window=window, num_global=num_global, queries=queries,
                        k_positions=k_positions, k_critical=k_critical)
@@ -434,15 +462,15 @@ def sharded_cache_attention(
     _chunk(k_cache.shape[1], shards, "cache")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _sharded_cache(q, k_cache, v_cache, q_positions, q_critical, k_positions, k_critical, window=window,
-                          num_global=num_global, queries=queries, mesh=mesh, axis=axis, batch_axis=batch_axis,
-                          sm_scale=sm_scale)
+                          num_global=num_global, queries=queries, mesh=mesh, shards=shards, axis=axis,
+                          batch_axis=batch_axis, sm_scale=sm_scale)
 
 
-@partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "axis", "batch_axis", "sm_scale"))
+@partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "shards", "axis", "batch_axis",
+                                   "sm_scale"))
 def _sharded_cache(q, k, v, q_positions, q_critical, k_positions, k_critical, *, window, num_global, queries, mesh,
-                   axis, batch_axis, sm_scale):
-    slots, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
+                   shards, axis, batch_axis, sm_scale):
     body = partial(_cache_shard, window=window, num_global=num_global, queries=queries, axis=axis, sm_scale=sm_scale)
-    in_specs = (replicated, slots, slots, replicated, replicated, slots, slots)
-    return _shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=replicated)(
-        q, k, v, q_positions, q_critical, k_positions, k_critical)
+    args = (q, k, v, q_positions, q_critical, k_positions, k_critical)
+    sharded = (False, True, True, False, False, True, True)
+    return _over_shards(body, args, sharded, False, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)

@@ -6,6 +6,7 @@ in one subprocess (`_sequence_parallel_worker.py`, ~30 s) that reports the large
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sra_jax.ops import selection
 from sra_jax.ops import sequence_parallel as sp
 
 WORKER = Path(__file__).with_name("_sequence_parallel_worker.py")
@@ -53,15 +55,16 @@ def test_random_packings_paddings_and_critical_sets_match_the_reference(results)
     assert results["attention_hypothesis_4_shards"] <= ATTENTION_TOL
 
 
-@pytest.mark.parametrize("shards", [4, 8])
-@pytest.mark.parametrize("k", ["k5", "per_row_k", "k_all"])
+SELECTION_CASES = [(4, "k5"), (4, "per_row_k"), (4, "k_all"), (8, "per_row_k")]
+
+
+@pytest.mark.parametrize(("shards", "k"), SELECTION_CASES)
 def test_sharded_topk_is_identical_to_the_unsharded_selection(results, shards, k):
     assert results[f"topk_mask_mismatches_{k}_{shards}_shards"] == 0
     assert results[f"gumbel_indices_mismatches_{k}_{shards}_shards"] == 0
 
 
-@pytest.mark.parametrize("shards", [4, 8])
-@pytest.mark.parametrize("k", ["k5", "per_row_k", "k_all"])
+@pytest.mark.parametrize(("shards", "k"), SELECTION_CASES)
 def test_sharded_plackett_luce_log_prob_and_gradient_match(results, shards, k):
     assert results[f"log_prob_{k}_{shards}_shards"] <= LOG_PROB_TOL
     assert results[f"log_prob_grad_{k}_{shards}_shards"] <= LOG_PROB_TOL
@@ -70,6 +73,31 @@ def test_sharded_plackett_luce_log_prob_and_gradient_match(results, shards, k):
 @pytest.mark.parametrize("queries", ["critical", "all"])
 def test_decode_over_a_sequence_sharded_cache_matches_the_whole_cache(results, queries):
     assert results[f"decode_{queries}_4_shards"] <= ATTENTION_TOL
+
+
+def load_worker():
+    spec = importlib.util.spec_from_file_location("sequence_parallel_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulated_shards_on_one_device_equal_the_reference():
+    """mesh=None runs the shards under vmap on this one device (how one GPU times the sharded program)."""
+    worker = load_worker()
+    q, k, v, positions, critical, segments = worker.inputs(0, [([5, 13, 21], 3, False), ([9, 17], 4, True)], 0.25)
+    expect = worker.value_and_grads(
+        lambda q, k, v: worker.reference(q, k, v, positions, critical, segments, 6, "critical"), q, k, v)
+    got = worker.value_and_grads(
+        lambda q, k, v: worker.sharded(q, k, v, positions, critical, segments, 6, "critical", None, block_q=2,
+                                       shards=4), q, k, v)
+    assert worker.biggest(expect, got) <= ATTENTION_TOL
+    logits = jnp.round(jax.random.normal(jax.random.key(1), (3, 32)) * 2) / 2
+    counts = jnp.array([3, 0, 9])
+    drawn = sp.sharded_topk_indices(logits, counts, k_max=12, shards=8)
+    assert bool(jnp.all(sp.sharded_topk_mask(drawn, 32) == selection.topk_mask(logits, counts, k_max=12)))
+    assert worker.biggest(sp.sharded_topk_log_prob(logits, drawn, k=counts, shards=8),
+                          selection.topk_log_prob(logits, drawn, k=counts)) <= LOG_PROB_TOL
 
 
 # Argument checks run before anything is traced, so one CPU device is enough.
@@ -101,6 +129,11 @@ def test_bad_arguments_are_named(one_device_mesh):
                                            batch_axis="sequence")
     with pytest.raises(ValueError, match=r"k \(9\) must be in \[1, n\]"):
         sp.sharded_topk_indices(jnp.zeros((1, 8)), 9, mesh=one_device_mesh)
+    with pytest.raises(ValueError, match=r"without a mesh, shards \(None\) must be an integer >= 1"):
+        sp.sharded_cache_attention(*attention_args()[:3], jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), bool),
+                                   jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), bool), window=2, num_global=0)
+    with pytest.raises(ValueError, match=r"shards \(2\) must be left out or equal the mesh's 'sequence' size \(1\)"):
+        sp.sharded_topk_indices(jnp.zeros((1, 8)), 2, mesh=one_device_mesh, shards=2)
     explicit = jax.make_mesh((1,), ("sequence",), (jax.sharding.AxisType.Explicit,), devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="must all be AxisType.Auto"):
         sp.sharded_topk_log_prob(jnp.zeros((1, 8)), jnp.zeros((1, 2), jnp.int32), mesh=explicit)
