@@ -18,26 +18,26 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from functools import partial  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import re
+import sys
+from functools import partial
+from pathlib import Path
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sra_jax.ops import sequence_parallel as sp  # noqa: E402
-from sra_jax.ops.attention import attention  # noqa: E402
+from sra_jax.ops import sequence_parallel as sp
+from sra_jax.ops.attention import attention
 
 # Per-slot metadata that travels with a key: position (int32), critical flag (bool), segment id (int32).
 META_BYTES = 4 + 1 + 4
@@ -217,7 +217,7 @@ SMALL = [  # window longer than a chunk (two-shard halo) and shorter; float32 so
 LENGTHS = [128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024]
 SHARDS = [8, 64]
 ALPHA, WINDOW, NUM_GLOBAL = 0.1, 1024, 4
-LLAMA_8B = dict(kv_heads=8, head_dim=128, dtype_bytes=2)  # bf16 K/V of one Llama 3 8B layer
+LLAMA_8B = {"kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}  # bf16 K/V of one Llama 3 8B layer
 
 
 def long_context_rows() -> list[dict]:
@@ -230,13 +230,16 @@ def long_context_rows() -> list[dict]:
             base = dict(length=length, shards=shards, window=WINDOW, num_global=NUM_GLOBAL, **LLAMA_8B)
             sra, sra_exact = Layer(**base, per_shard=balanced), Layer(**base, per_shard=exact)
             cp = context_parallel_bytes(sra, backward=False)["total"]
-            row = dict(length=length, shards=shards, chunk=chunk, per_shard_balanced=balanced, per_shard_exact=exact,
-                       sra_halo_bytes=sra_bytes(sra, False)["collective-permute"],
-                       sra_gather_bytes=sra_bytes(sra, False)["all-gather"],
-                       sra_fwd_bytes=sra_bytes(sra, False)["total"], sra_fwd_bwd_bytes=sra_bytes(sra, True)["total"],
-                       sra_exact_fwd_bytes=sra_bytes(sra_exact, False)["total"],
-                       cp_fwd_bytes=cp, cp_fwd_bwd_bytes=context_parallel_bytes(sra, backward=True)["total"],
-                       kv_memory=kv_memory(sra), kv_memory_exact_sra=kv_memory(sra_exact)["sra"])
+            row = {
+                "length": length, "shards": shards, "chunk": chunk, "per_shard_balanced": balanced,
+                "per_shard_exact": exact, "sra_halo_bytes": sra_bytes(sra, False)["collective-permute"],
+                "sra_gather_bytes": sra_bytes(sra, False)["all-gather"],
+                "sra_fwd_bytes": sra_bytes(sra, False)["total"],
+                "sra_fwd_bwd_bytes": sra_bytes(sra, True)["total"],
+                "sra_exact_fwd_bytes": sra_bytes(sra_exact, False)["total"], "cp_fwd_bytes": cp,
+                "cp_fwd_bwd_bytes": context_parallel_bytes(sra, backward=True)["total"],
+                "kv_memory": kv_memory(sra), "kv_memory_exact_sra": kv_memory(sra_exact)["sra"],
+            }
             row["cp_over_sra_fwd"] = cp / row["sra_fwd_bytes"]
             rows.append(row)
     return rows
@@ -245,13 +248,13 @@ def long_context_rows() -> list[dict]:
 def markdown(rows: list[dict], checks: list[dict]) -> str:
     mib = 1024 * 1024
     lines = [
-        f"Per layer, per device, forward (backward roughly doubles both: the K/V gradients go back the same way). "
-        f"Llama 3 8B attention (8 kv heads x 128, bf16), batch 1, window {WINDOW}, {NUM_GLOBAL} globals, "
-        f"alpha = {ALPHA}. SRA with a per-shard quota of ceil(alpha x chunk) + {NUM_GLOBAL} gathered keys; "
-        "'SRA, any top-k' bounds each shard by min(chunk, alpha N + globals), exact for a global top-k.",
+        (f"Per layer, per device, forward (backward roughly doubles both: the K/V gradients go back the same way). "
+         f"Llama 3 8B attention (8 kv heads x 128, bf16), batch 1, window {WINDOW}, {NUM_GLOBAL} globals, "
+         f"alpha = {ALPHA}. SRA with a per-shard quota of ceil(alpha x chunk) + {NUM_GLOBAL} gathered keys; "
+         "'SRA, any top-k' bounds each shard by min(chunk, alpha N + globals), exact for a global top-k."),
         "",
-        "| N | shards | SRA halo MiB | SRA gather MiB | SRA MiB | SRA, any top-k MiB | ring / all-gather CP MiB | "
-        "CP / SRA | K/V per device MiB: SRA / ring / all-gather CP |",
+        ("| N | shards | SRA halo MiB | SRA gather MiB | SRA MiB | SRA, any top-k MiB | ring / all-gather CP MiB | "
+         "CP / SRA | K/V per device MiB: SRA / ring / all-gather CP |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -263,8 +266,8 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
             f"{row['cp_over_sra_fwd']:.1f}x | {memory['sra'] / mib:.0f} / {memory['ring'] / mib:.0f} / "
             f"{memory['allgather_cp'] / mib:.0f} |")
     lines += ["", "Checked against the compiled HLO on 8 fake CPU devices (bytes an interior device receives):", "",
-              "| N | shards | window | per shard | SRA fwd: HLO = formula | SRA fwd+bwd | all-gather CP fwd | "
-              "all-gather CP fwd+bwd | compiled temp per device, fwd+bwd: SRA / CP |",
+              ("| N | shards | window | per shard | SRA fwd: HLO = formula | SRA fwd+bwd | all-gather CP fwd | "
+               "all-gather CP fwd+bwd | compiled temp per device, fwd+bwd: SRA / CP |"),
               "|---|---|---|---|---|---|---|---|---|"]
     for item in checks:
         layer, measured = item["layer"], item["measured"]

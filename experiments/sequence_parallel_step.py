@@ -27,14 +27,14 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sra_jax.ops import sequence_parallel as sp  # noqa: E402
-from sra_jax.ops.attention import attention  # noqa: E402
-from sra_jax.ops.masks import SRAMaskSpec  # noqa: E402
+from sra_jax.ops import sequence_parallel as sp
+from sra_jax.ops.attention import attention
+from sra_jax.ops.masks import SRAMaskSpec
 
-FULL = dict(length=128 * 1024, shards=8, window=1024, num_global=4, heads=32, kv_heads=8, head_dim=128,
-            dtype="bfloat16", impl="pallas")
-TINY = dict(length=256, shards=4, window=16, num_global=2, heads=4, kv_heads=2, head_dim=16, dtype="float32",
-            impl="reference")
+FULL = {"length": 128 * 1024, "shards": 8, "window": 1024, "num_global": 4, "heads": 32, "kv_heads": 8,
+        "head_dim": 128, "dtype": "bfloat16", "impl": "pallas"}
+TINY = {"length": 256, "shards": 4, "window": 16, "num_global": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
+        "dtype": "float32", "impl": "reference"}
 
 
 def per_shard_quota(scores: jax.Array, shards: int, alpha: float) -> tuple[jax.Array, int]:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     v = jax.random.normal(keys[2], (b, n, config["kv_heads"], config["head_dim"]), dtype)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     critical, quota = per_shard_quota(jax.random.normal(keys[3], (b, n)), shards, args.alpha)
-    rule = dict(window=config["window"], num_global=config["num_global"])
+    rule = {"window": config["window"], "num_global": config["num_global"]}
     max_gathered = quota + config["num_global"]
 
     def sharded(parts):
@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             outputs[name] = forward(q, k, v)
             compile_bwd, ms_fwdbwd = timed(backward, q, k, v, reps=args.reps)
         except Exception as error:  # noqa: BLE001 - recorded in the row, and the exit code says so
-            rows.append(dict(variant=name, error=f"{type(error).__name__}: {str(error)[:2000]}"))
+            rows.append({"variant": name, "error": f"{type(error).__name__}: {str(error)[:2000]}"})
         else:
-            rows.append(dict(variant=name, ms_fwd=ms_fwd, ms_fwdbwd=ms_fwdbwd, first_call_ms_fwd=compile_fwd,
-                             first_call_ms_fwdbwd=compile_bwd))
+            rows.append({"variant": name, "ms_fwd": ms_fwd, "ms_fwdbwd": ms_fwdbwd, "first_call_ms_fwd": compile_fwd,
+                         "first_call_ms_fwdbwd": compile_bwd})
         print(json.dumps(rows[-1]), flush=True)
     reference = outputs.get(f"unsharded_{config['impl']}")
     for row in rows:

@@ -29,7 +29,6 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.ops.masks import SRAMaskSpec
-
 from sra_jax.ops.selection import topk_mask
 
 # A finite stand-in for -inf (as in `selection`): logsumexp over nothing stays finite, no NaN in values or grads.
@@ -107,7 +106,8 @@ def _halo(x: Array, halo: int, chunk: int, shards: int, axis: str, fill, cyclic:
 
 
 def _compact(keep: Bool[Array, "b c"], size: int, *arrays: Array) -> list[Array]:
-    """The first `size` kept slots of each row (axis 1) of each array; unused slots get position -1 via `keep`."""
+    """(used, *taken): each array at the first `size` kept slots of its row (axis 1); `used` is False where a row
+    has fewer kept slots (those entries repeat its last slot and must be masked by the caller)."""
     chunk = keep.shape[1]
     slots = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=chunk)[0])(keep)
     used = slots < chunk
@@ -146,7 +146,8 @@ def _rescaled(parts: _SoftmaxParts, top: Array) -> tuple[Array, Array]:
 
 
 def _normalise(weighted: Array, total: Array, dtype) -> Array:
-    """Weighted values / total, 0 for a query that sees nothing (padding), `[..., q, hkv, g, d]` -> `[..., q, hq, d]`."""
+    """Weighted values / total, 0 for a query that sees nothing (padding): `[..., q, hkv, g, d]` -> `[..., q, hq, d]`
+    in `dtype`."""
     out = weighted / jnp.where(total > 0, total, 1.0)
     return out.reshape(*out.shape[:-3], -1, out.shape[-1]).astype(dtype)
 
@@ -410,8 +411,9 @@ def sharded_topk_log_prob(
 
 @partial(jax.jit, static_argnames=("mesh", "shards", "axis", "batch_axis"))
 def _sharded_log_prob(logits, valid, indices, counts, *, mesh, shards, axis, batch_axis):
-    return _over_shards(partial(_log_prob_shard, axis=axis), (logits, valid, indices, counts), (True, True, False, False),
-                        False, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+    args, sharded = (logits, valid, indices, counts), (True, True, False, False)
+    return _over_shards(partial(_log_prob_shard, axis=axis), args, sharded, False, mesh=mesh, shards=shards, axis=axis,
+                        batch_axis=batch_axis)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -83,11 +83,13 @@ def check_attention(results: dict) -> None:
     window = 6
     for shards, queries, block_q in ((2, "critical", 4), (4, "all", 2), (8, "critical", None)):
         mesh = sequence_mesh(shards)
-        expect = value_and_grads(lambda q, k, v: reference(q, k, v, positions, critical, segments, window, queries),
-                                 q, k, v)
-        got = value_and_grads(
-            lambda q, k, v: sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q),
-            q, k, v)
+        def expect_fn(q, k, v, queries=queries):
+            return reference(q, k, v, positions, critical, segments, window, queries)
+
+        def got_fn(q, k, v, queries=queries, mesh=mesh, block_q=block_q):
+            return sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q)
+
+        expect, got = value_and_grads(expect_fn, q, k, v), value_and_grads(got_fn, q, k, v)
         results[f"attention_value_and_grads_{shards}_shards"] = biggest(expect, got)
     # the tightest exact bound on gathered keys per shard (not the default, the chunk) gives the same output
     mesh = sequence_mesh(4)
