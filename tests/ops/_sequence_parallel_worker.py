@@ -91,6 +91,13 @@ def check_attention(results: dict) -> None:
 
         expect, got = value_and_grads(expect_fn, q, k, v), value_and_grads(got_fn, q, k, v)
         results[f"attention_value_and_grads_{shards}_shards"] = biggest(expect, got)
+    # the batch sharded too: a (data 2, sequence 4) mesh, as training will combine them
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"), (jax.sharding.AxisType.Auto,) * 2)
+    expect = value_and_grads(lambda q, k, v: reference(q, k, v, positions, critical, segments, window, "all"), q, k, v)
+    got = value_and_grads(lambda q, k, v: sp.sra_attention_sequence_parallel(
+        q, k, v, positions, critical, segments, window=window, num_global=NUM_GLOBAL, queries="all", mesh=mesh,
+        batch_axis="data", block_q=2), q, k, v)
+    results["attention_value_and_grads_data_2_sequence_4"] = biggest(expect, got)
     # the tightest exact bound on gathered keys per shard (not the default, the chunk) gives the same output
     mesh = sequence_mesh(4)
     bound = int(jnp.max(sp.gathered_per_shard(positions, critical, num_global=NUM_GLOBAL, shards=4)))

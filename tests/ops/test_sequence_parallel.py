@@ -45,6 +45,10 @@ def test_sharded_attention_and_its_gradients_equal_the_reference(results, shards
     assert results[f"attention_value_and_grads_{shards}_shards"] <= ATTENTION_TOL
 
 
+def test_a_batch_sharded_over_data_too_gives_the_same_values_and_gradients(results):
+    assert results["attention_value_and_grads_data_2_sequence_4"] <= ATTENTION_TOL
+
+
 def test_the_tightest_gather_bound_is_exact_and_one_less_is_not(results):
     assert results["attention_tight_max_gathered_4_shards"] <= ATTENTION_TOL
     assert results["attention_too_small_max_gathered_differs"] > 1e-2
