@@ -1,0 +1,130 @@
+"""One device: the time of sequence-parallel SRA attention with S shards simulated (`mesh=None, shards=S`: the shards
+run under `vmap` and the halo / gather collectives act across the mapped axis), against the same code with one
+shard and against unsharded SRA attention (`attention(..., spec=..., impl=...)`), forward and forward + backward.
+
+The critical set is a per-shard quota (the top ceil(alpha * chunk) of random router scores in each chunk), so
+`max_gathered = ceil(alpha * chunk) + num_global` is exact. Medians over repeats after a compiling warm-up; the
+sharded and unsharded outputs are compared (max abs difference in the record).
+
+    python experiments/sequence_parallel_step.py --out PATH.json                 # GPU: 128k, 8 shards, Llama 3 8B heads
+    python experiments/sequence_parallel_step.py --tiny --out /tmp/step.json     # CPU smoke (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sra_jax.ops import sequence_parallel as sp
+from sra_jax.ops.attention import attention
+from sra_jax.ops.masks import SRAMaskSpec
+
+FULL = {"length": 128 * 1024, "shards": 8, "window": 1024, "num_global": 4, "heads": 32, "kv_heads": 8,
+        "head_dim": 128, "dtype": "bfloat16", "impl": "pallas"}
+TINY = {"length": 256, "shards": 4, "window": 16, "num_global": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
+        "dtype": "float32", "impl": "reference"}
+
+
+def per_shard_quota(scores: jax.Array, shards: int, alpha: float) -> tuple[jax.Array, int]:
+    """Critical = the top ceil(alpha * chunk) scores of each chunk; returns (critical [b, n], that count)."""
+    b, n = scores.shape
+    chunk = n // shards
+    quota = math.ceil(alpha * chunk)
+    _, top = jax.lax.top_k(scores.reshape(b, shards, chunk), quota)
+    critical = jnp.zeros((b, shards, chunk), bool).at[
+        jnp.arange(b)[:, None, None], jnp.arange(shards)[None, :, None], top].set(True)
+    return critical.reshape(b, n), quota
+
+
+def timed(fn, *args, reps: int) -> tuple[float, float]:
+    """(first call incl. compile, median of `reps` later calls), in ms."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = (time.perf_counter() - start) * 1e3
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return first, statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--reps", type=int, default=5)
+    for name, value in FULL.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)
+    args = parser.parse_args(argv)
+    config = dict(TINY if args.tiny else FULL)
+    config.update({name: getattr(args, name) for name in FULL if getattr(args, name) is not None})
+    b, n, shards = 1, config["length"], config["shards"]
+    dtype = jnp.dtype(config["dtype"])
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, n, config["heads"], config["head_dim"]), dtype)
+    k = jax.random.normal(keys[1], (b, n, config["kv_heads"], config["head_dim"]), dtype)
+    v = jax.random.normal(keys[2], (b, n, config["kv_heads"], config["head_dim"]), dtype)
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    critical, quota = per_shard_quota(jax.random.normal(keys[3], (b, n)), shards, args.alpha)
+    rule = {"window": config["window"], "num_global": config["num_global"]}
+    max_gathered = quota + config["num_global"]
+
+    def sharded(parts):
+        # `parts` shards of the row hold shards / parts quotas each (and at most the globals besides)
+        bound = min(n // parts, quota * shards // parts + config["num_global"])
+
+        def run(q, k, v):
+            return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, shards=parts, max_gathered=bound,
+                                                      **rule)
+        return run
+
+    def unsharded(q, k, v):
+        spec = SRAMaskSpec.create(positions, critical, max_critical=quota * shards, **rule)
+        return attention(q, k, v, spec=spec, impl=config["impl"])
+
+    variants = {f"sequence_parallel_{shards}_shards": sharded(shards), "sequence_parallel_1_shard": sharded(1),
+                f"unsharded_{config['impl']}": unsharded}
+    rows, outputs = [], {}
+    for name, fn in variants.items():
+        forward = jax.jit(fn)
+        backward = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)))
+        try:  # one variant running out of memory still leaves the others' rows
+            compile_fwd, ms_fwd = timed(forward, q, k, v, reps=args.reps)
+            outputs[name] = forward(q, k, v)
+            compile_bwd, ms_fwdbwd = timed(backward, q, k, v, reps=args.reps)
+        except Exception as error:  # noqa: BLE001 - recorded in the row, and the exit code says so
+            rows.append({"variant": name, "error": f"{type(error).__name__}: {str(error)[:2000]}"})
+        else:
+            rows.append({"variant": name, "ms_fwd": ms_fwd, "ms_fwdbwd": ms_fwdbwd, "first_call_ms_fwd": compile_fwd,
+                         "first_call_ms_fwdbwd": compile_bwd})
+        print(json.dumps(rows[-1]), flush=True)
+    reference = outputs.get(f"unsharded_{config['impl']}")
+    for row in rows:
+        if reference is not None and row["variant"] in outputs:
+            difference = outputs[row["variant"]].astype(jnp.float32) - reference.astype(jnp.float32)
+            row["max_abs_diff_vs_unsharded"] = float(jnp.max(jnp.abs(difference)))
+    record = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
+              "versions": {"jax": jax.__version__}, "config": config, "alpha": args.alpha, "per_shard_quota": quota,
+              "max_gathered": max_gathered, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,478 @@
+"""Sequence-parallel SRA: every row's positions split into contiguous chunks over one mesh axis ("sequence").
+
+A query needs only its window (its own chunk plus a halo of the previous `window - 1` keys, sent by `ppermute`
+from the shard(s) before it), the global tokens and the critical keys. Globals and critical keys are compacted on
+each shard to a static `max_gathered` slots (with their positions, flags and segment ids) and all-gathered, so a
+layer moves O(window + S * max_gathered) keys per device instead of the N keys of ring / all-gather context
+parallelism. `jax.grad` through it returns the gradient of halo and gathered keys to their owners (the transposes
+of `ppermute` and `all_gather`).
+
+Also here: the plain top-k of router scores with the sequence sharded (`sharded_topk_indices`, local top-k then a
+global merge, identical to `selection.topk_mask` / `selection.gumbel_topk_indices`), its Plackett-Luce log-prob
+(`sharded_topk_log_prob`, a logsumexp over the sharded axis), and decoding over a sequence-sharded KV cache
+(`sharded_cache_attention`, per-shard partial softmaxes merged by log-sum-exp).
+
+Layout contract (the same one `attention(impl="gather")` relies on): each sequence of a row occupies consecutive
+slots with consecutive positions (padding is position -1 anywhere; packed segments follow each other). Then every
+key within the window of a query lies within `window - 1` slots before it, so the halo is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
+
+from sra_jax.ops.masks import SRAMaskSpec
+from sra_jax.ops.selection import topk_mask
+
+# A finite stand-in for -inf (as in `selection`): logsumexp over nothing stays finite, no NaN in values or grads.
+_MASKED = -1e30
+
+
+def _num_shards(mesh: Mesh | AbstractMesh | None, axis: str, shards: int | None) -> int:
+    if mesh is None:
+        if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+            raise ValueError(f"without a mesh, shards ({shards!r}) must be an integer >= 1 (the shards to simulate)")
+        return shards
+    if axis not in mesh.shape:
+        raise ValueError(f"axis ({axis!r}) is not an axis of the mesh (axes {tuple(mesh.shape)})")
+    if shards is not None and shards != mesh.shape[axis]:
+        raise ValueError(f"shards ({shards!r}) must be left out or equal the mesh's {axis!r} size ({mesh.shape[axis]})")
+    if any(kind != jax.sharding.AxisType.Auto for kind in mesh.axis_types):
+        raise ValueError(f"mesh axis types {mesh.axis_types} must all be AxisType.Auto (as "
+                         "sra_jax.train.sharding.make_mesh makes them); the inputs are resharded by the compiler")
+    return mesh.shape[axis]
+
+
+def _check_batch_axis(mesh: Mesh | AbstractMesh | None, batch_axis: str | None, axis: str) -> None:
+    if batch_axis is not None and (mesh is None or batch_axis not in mesh.shape or batch_axis == axis):
+        raise ValueError(f"batch_axis ({batch_axis!r}) must be None or a mesh axis other than {axis!r}")
+
+
+def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool, *, mesh, shards: int, axis: str,
+                 batch_axis: str | None, check_vma: bool = True):
+    """`body` on every shard; `sharded[i]` says whether args[i] is split along axis 1 (else replicated). With a mesh:
+    `jax.shard_map`. With mesh=None: `jax.vmap` over `shards` simulated shards on one device (the collectives act
+    across the mapped axis), to time or test the sharded program where only one device exists."""
+    if mesh is not None:
+        rows, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
+        in_specs = tuple(None if x is None else rows if split else replicated for x, split in zip(args, sharded))
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=rows if out_sharded else replicated,
+                             check_vma=check_vma)(*args)
+
+    def split(x):  # [b, n, ...] -> [shards, b, n / shards, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], shards, -1, *x.shape[2:]), 1, 0)
+
+    in_axes = tuple(0 if x is not None and cut else None for x, cut in zip(args, sharded))
+    args = tuple(split(x) if axes == 0 else x for x, axes in zip(args, in_axes))
+    out = jax.vmap(body, in_axes=in_axes, axis_name=axis, axis_size=shards)(*args)
+    if not out_sharded:
+        return out[0]
+    return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], -1, *out.shape[3:])
+
+
+def _chunk(length: int, shards: int, name: str) -> int:
+    if length % shards:
+        raise ValueError(f"{name} length ({length}) must be divisible by the {shards} shards of the sequence axis")
+    return length // shards
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Prefill / training: SRA self-attention with the sequence sharded.
+
+
+def _halo(x: Array, halo: int, chunk: int, shards: int, axis: str, fill, cyclic: bool) -> Array:
+    """The last `halo` slots before this shard's chunk (axis 1), gathered from the `ceil(halo / chunk)` previous
+    shards by one `ppermute` each, each sending only the slots its receiver needs; `fill` where there is no shard.
+    `cyclic`: the last shards also send to the first ones (whose copies are discarded), since `vmap` needs a full
+    permutation; across devices only the useful messages are sent."""
+    index = jax.lax.axis_index(axis)
+    pieces = []
+    for shift in range(min(-(-halo // chunk), shards - 1), 0, -1):
+        need = min(chunk, halo - (shift - 1) * chunk)
+        pairs = [(i, (i + shift) % shards) for i in range(shards if cyclic else shards - shift)]
+        sent = jax.lax.ppermute(x[:, chunk - need :], axis, pairs)
+        pieces.append(jnp.where(index >= shift, sent, jnp.asarray(fill, x.dtype)))
+    missing = halo - sum(piece.shape[1] for piece in pieces)  # the window reaches before the first shard
+    if missing:
+        pieces.insert(0, jnp.full((x.shape[0], missing, *x.shape[2:]), fill, x.dtype))
+    return jnp.concatenate(pieces, axis=1)
+
+
+def _compact(keep: Bool[Array, "b c"], size: int, *arrays: Array) -> list[Array]:
+    """(used, *taken): each array at the first `size` kept slots of its row (axis 1); `used` is False where a row
+    has fewer kept slots (those entries repeat its last slot and must be masked by the caller)."""
+    chunk = keep.shape[1]
+    slots = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=chunk)[0])(keep)
+    used = slots < chunk
+    slots = jnp.minimum(slots, chunk - 1)
+    taken = [jax.vmap(lambda x, idx: x[idx])(x, slots) for x in arrays]
+    return [used, *taken]
+
+
+class _SoftmaxParts(NamedTuple):
+    """A softmax over one set of keys, kept unnormalised so that sets can be merged by log-sum-exp:
+    weighted values sum_j e^(l_j - top) v_j `[..., q, hkv, g, d]`, and `top` / `total` `[..., q, hkv, g, 1]`."""
+
+    weighted: Array
+    top: Array
+    total: Array
+
+
+def _softmax_parts(q: Array, k: Array, v: Array, visible: Array, sm_scale: float) -> _SoftmaxParts:
+    """q `[B, sq, hq, d]` over k, v `[B, sk, hkv, d]` where `visible` `[B, sq, sk]`; float32, grouped query heads."""
+    batch, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    grouped = q.reshape(batch, sq, hkv, hq // hkv, d)
+    logits = jnp.einsum("bqhgd,bkhd->bqhgk", grouped, k, preferred_element_type=jnp.float32) * sm_scale
+    visible = visible[:, :, None, None, :]
+    logits = jnp.where(visible, logits, _MASKED)
+    # the shift carries no gradient: any common shift gives the same softmax
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.where(visible, jnp.exp(logits - top), 0.0)
+    weighted = jnp.einsum("bqhgk,bkhd->bqhgd", weights, v.astype(jnp.float32))
+    return _SoftmaxParts(weighted, top, jnp.sum(weights, axis=-1, keepdims=True))
+
+
+def _rescaled(parts: _SoftmaxParts, top: Array) -> tuple[Array, Array]:
+    scale = jnp.exp(parts.top - top)
+    return parts.weighted * scale, parts.total * scale
+
+
+def _normalise(weighted: Array, total: Array, dtype) -> Array:
+    """Weighted values / total, 0 for a query that sees nothing (padding): `[..., q, hkv, g, d]` -> `[..., q, hq, d]`
+    in `dtype`."""
+    out = weighted / jnp.where(total > 0, total, 1.0)
+    return out.reshape(*out.shape[:-3], -1, out.shape[-1]).astype(dtype)
+
+
+def _band_blocks(x: Array, block: int, halo: int) -> Array:
+    """`[b, halo + c, ...]` -> `[b, c / block, block + halo, ...]`: the keys each block of `block` queries can see
+    by the window rule (its own slots and the `halo` before them)."""
+    blocks = (x.shape[1] - halo) // block
+    return x[:, jnp.arange(blocks)[:, None] * block + jnp.arange(block + halo)]
+
+
+def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, max_gathered, shards,
+               axis, sm_scale, block_q, cyclic):
+    """One shard's queries, `block_q` at a time, against [halo | own chunk] under the window rule (a block reads
+    `block_q + window - 1` keys) and against the gathered globals / critical keys under the global or critical rule
+    outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp. Scores exist
+    for one block at a time: O(block_q * (block_q + window + S * max_gathered)) per head."""
+    b, chunk = positions.shape
+    has_segments = segment_ids is not None
+    if not has_segments:
+        segment_ids = jnp.zeros_like(positions)
+    halo = window - 1
+    halo_of = partial(_halo, halo=halo, chunk=chunk, shards=shards, axis=axis, cyclic=cyclic)
+    band = [jnp.concatenate([halo_of(x, fill=fill), x], axis=1) if halo else x
+            for x, fill in ((k, 0), (v, 0), (positions, -1), (critical, False), (segment_ids, 0))]
+
+    wanted = (positions >= 0) & (critical | (positions < num_global))
+    used, *gathered = _compact(wanted, max_gathered, k, v, positions, critical, segment_ids)
+    gathered[2] = jnp.where(used, gathered[2], -1)
+    gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in gathered]
+
+    def rule(q_pos, q_crit, q_seg, k_pos, k_crit, k_seg, in_window):
+        spec = SRAMaskSpec.create(
+            q_pos, q_crit, window=window, num_global=num_global, queries=queries,
+            segment_ids=q_seg if has_segments else None, k_positions=k_pos, k_critical=k_crit,
+            k_segment_ids=k_seg if has_segments else None)
+        near = q_pos[:, :, None] - k_pos[:, None, :] < window
+        return spec.to_mask() & (near if in_window else ~near)
+
+    def by_block(x):  # [b, c, ...] -> [c / block_q, b, block_q, ...]
+        return jnp.moveaxis(x.reshape(b, -1, block_q, *x.shape[2:]), 1, 0)
+
+    query_blocks = [by_block(x) for x in (q, positions, critical, segment_ids)]
+    band_blocks = [jnp.moveaxis(_band_blocks(x, block_q, halo), 1, 0) for x in band]
+    k_far, v_far, *far_keys = gathered
+
+    @jax.checkpoint  # the backward pass recomputes one block's scores rather than keeping every block's
+    def attend(blocks):
+        (q_block, *query_keys), (k_block, v_block, *band_keys) = blocks
+        near = _softmax_parts(q_block, k_block, v_block, rule(*query_keys, *band_keys, True), sm_scale)
+        far = _softmax_parts(q_block, k_far, v_far, rule(*query_keys, *far_keys, False), sm_scale)
+        top = jnp.maximum(near.top, far.top)
+        (near_weighted, near_total), (far_weighted, far_total) = _rescaled(near, top), _rescaled(far, top)
+        return _normalise(near_weighted + far_weighted, near_total + far_total, q.dtype)
+
+    out = jax.lax.map(attend, (query_blocks, band_blocks))  # [c / block_q, b, block_q, hq, d]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def _default_block_q(chunk: int, window: int) -> int:
+    """The smallest divisor of the chunk that is at least max(window - 1, 128) (the chunk if none): each block then
+    reads at most twice its own keys."""
+    target = min(chunk, max(window - 1, 128))
+    return next(size for size in range(target, chunk + 1) if chunk % size == 0)
+
+
+def sra_attention_sequence_parallel(
+    q: Float[Array, "b n hq d"],
+    k: Float[Array, "b n hkv d"],
+    v: Float[Array, "b n hkv d"],
+    positions: Int[Array, "b n"],
+    critical: Bool[Array, "b n"],
+    segment_ids: Int[Array, "b n"] | None = None,
+    *,
+    window: int,
+    num_global: int,
+    queries: str = "critical",
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
+    axis: str = "sequence",
+    batch_axis: str | None = None,
+    max_gathered: int | None = None,
+    sm_scale: float | None = None,
+    block_q: int | None = None,
+) -> Float[Array, "b n hq d"]:
+    """SRA self-attention (the rule of `sra_jax.ops.masks`) with the sequence split over mesh axis `axis`.
+
+    Equals `attention(q, k, v, spec=SRAMaskSpec.create(positions, critical, ...), impl="reference")` under the
+    layout contract (module docstring) when no shard holds more than `max_gathered` keys that are critical or
+    global (positions < num_global); beyond that a shard keeps its first `max_gathered` in slot order, as
+    `impl="gather"` does with `max_critical`. Default: the chunk length (always exact, gathers every slot).
+    `batch_axis` optionally shards the batch too. `block_q` (a divisor of the chunk; default
+    `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
+    """
+    shards = _num_shards(mesh, axis, shards)
+    _check_batch_axis(mesh, batch_axis, axis)
+    SRAMaskSpec.create(positions, critical, window=window, num_global=num_global, queries=queries,
+                       segment_ids=segment_ids)  # validates window, num_global, queries and the shapes
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q [b, n, hq, d] and k, v [b, n, hkv, d] must share b and n, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if positions.shape != q.shape[:2]:
+        raise ValueError(f"positions shape {positions.shape} must be (batch, length) = {q.shape[:2]}")
+    chunk = _chunk(q.shape[1], shards, "sequence")
+    if max_gathered is None:
+        max_gathered = chunk
+    if not isinstance(max_gathered, int) or isinstance(max_gathered, bool) or not 1 <= max_gathered <= chunk:
+        raise ValueError(f"max_gathered ({max_gathered!r}) must be an integer in [1, chunk length {chunk}]")
+    block_q = _default_block_q(chunk, window) if block_q is None else block_q
+    if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1 or chunk % block_q:
+        raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, window=window, num_global=num_global,
+                                  queries=queries, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis,
+                                  max_gathered=max_gathered, sm_scale=sm_scale, block_q=block_q)
+
+
+@partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "shards", "axis", "batch_axis",
+                                   "max_gathered", "sm_scale", "block_q"))
+def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, mesh, shards,
+                           axis, batch_axis, max_gathered, sm_scale, block_q):
+    body = partial(_sra_shard, window=window, num_global=num_global, queries=queries, max_gathered=max_gathered,
+                   shards=shards, axis=axis, sm_scale=sm_scale, block_q=block_q, cyclic=mesh is None)
+    args = (q, k, v, positions, critical, segment_ids)
+    return _over_shards(body, args, (True,) * 6, True, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+
+
+def gathered_per_shard(
+    positions: Int[Array, "b n"], critical: Bool[Array, "b n"], *, num_global: int, shards: int
+) -> Int[Array, "b s"]:
+    """How many keys each shard must gather (valid and critical or global): the smallest exact `max_gathered` is
+    the maximum of this; a smaller bound drops keys. Meant for checks and statistics, outside the hot path."""
+    chunk = _chunk(positions.shape[1], shards, "sequence")
+    wanted = (positions >= 0) & (critical | (positions < num_global))
+    return wanted.reshape(positions.shape[0], shards, chunk).sum(-1, dtype=jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Router selection with the sequence sharded.
+
+
+def _local_topk(scores, valid, size, axis):
+    """This shard's `size` best (score, global index) pairs, invalid scores at -inf, as `jax.lax.top_k` ranks them."""
+    chunk = scores.shape[-1]
+    values, local = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), min(size, chunk))
+    return values, local + jax.lax.axis_index(axis) * chunk
+
+
+def _merged_topk(scores, valid, k_rows, *, size, axis):
+    """Local top-k, all-gather of the candidates in shard order, global top-k: ties go to the lower global index,
+    since candidates sit in (shard, local rank) order and both `top_k`s prefer the earlier entry."""
+    values, indices = _local_topk(scores, valid, size, axis)
+    values = jax.lax.all_gather(values, axis, axis=1, tiled=True)
+    indices = jax.lax.all_gather(indices, axis, axis=1, tiled=True)
+    _, best = jax.lax.top_k(values, size)
+    indices = jnp.take_along_axis(indices, best, axis=-1)
+    if k_rows is not None:
+        indices = jnp.where(jnp.arange(size) < k_rows[:, None], indices, -1)
+    return indices
+
+
+def sharded_topk_indices(
+    scores: Float[Array, "b n"],
+    k: int | Int[Array, " b"],
+    *,
+    valid: Bool[Array, "b n"] | None = None,
+    k_max: int | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
+    axis: str = "sequence",
+    batch_axis: str | None = None,
+) -> Int[Array, "b _"]:
+    """The k best valid scores' indices in descending order, with the last axis sharded over `axis`: equal to
+    `selection.gumbel_topk_indices` for perturbed scores (and so to `selection.topk_mask` through
+    `sharded_topk_mask`), per-row k (-1 after a row's count) and ties included. Replicated over `axis`."""
+    shards = _num_shards(mesh, axis, shards)
+    _check_batch_axis(mesh, batch_axis, axis)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [batch, length], got shape {scores.shape}")
+    _chunk(scores.shape[1], shards, "scores")
+    # `topk_mask`'s own checks of k, k_max and valid (traced abstractly: no compute)
+    counts = None if isinstance(k, int) else k
+    jax.eval_shape(lambda x, valid, counts: topk_mask(x, k if counts is None else counts, valid=valid, k_max=k_max),
+                   scores, valid, counts)
+    valid = jnp.ones(scores.shape, bool) if valid is None else valid
+    if isinstance(k, int):
+        size, k_rows = k, None
+    else:
+        size = scores.shape[1] if k_max is None else k_max
+        k_rows = jnp.clip(k, 0, size).astype(jnp.int32)
+    return _sharded_topk(scores, valid, k_rows, size=size, mesh=mesh, shards=shards, axis=axis,
+                         batch_axis=batch_axis)
+
+
+@partial(jax.jit, static_argnames=("size", "mesh", "shards", "axis", "batch_axis"))
+def _sharded_topk(scores, valid, k_rows, *, size, mesh, shards, axis, batch_axis):
+    body = partial(_merged_topk, size=size, axis=axis)
+    # the merged indices are the same on every shard of `axis` (all-gathered inputs), which check_vma cannot see
+    return _over_shards(body, (scores, valid, k_rows), (True, True, False), False, mesh=mesh, shards=shards,
+                        axis=axis, batch_axis=batch_axis, check_vma=False)
+
+
+def sharded_topk_mask(
+    indices: Int[Array, "b k"], n: int, *, valid: Bool[Array, "b n"] | None = None
+) -> Bool[Array, "b n"]:
+    """k-hot mask of `sharded_topk_indices` (-1 ignored) among valid positions: `selection.topk_mask`'s value."""
+    mask = jnp.any((indices[:, :, None] == jnp.arange(n)) & (indices[:, :, None] >= 0), axis=1)
+    return mask if valid is None else mask & valid
+
+
+def _log_prob_shard(logits, valid, indices, counts, *, axis):
+    chunk = logits.shape[-1]
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    local = indices - jax.lax.axis_index(axis) * chunk
+    here = (indices >= 0) & (local >= 0) & (local < chunk)
+    safe = jnp.clip(local, 0, chunk - 1)
+    # each drawn index lives on one shard: a psum of the owner's value (zeros elsewhere) replicates it
+    drawn_logit = jax.lax.psum(jnp.where(here, jnp.take_along_axis(logits, safe, axis=-1), 0.0), axis)
+    drawn_ok = jax.lax.psum((here & jnp.take_along_axis(valid, safe, axis=-1)).astype(jnp.int32), axis) > 0
+    drawn_ok &= jnp.arange(indices.shape[-1]) < counts[:, None]
+    drawn = jnp.where(drawn_ok, drawn_logit, _MASKED)
+    taken = jnp.any((local[:, :, None] == jnp.arange(chunk)) & (here & drawn_ok)[:, :, None], axis=1)
+    never_drawn = valid & ~taken
+    # logsumexp over the sharded axis: a shared max shift (no gradient), then a psum of the shifted exp-sums
+    shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(jnp.where(never_drawn, logits, _MASKED), axis=-1)), axis)
+    # the shift replaces excluded logits before exp, so no exp overflows (an inf there would make a NaN gradient)
+    shifted = jnp.where(never_drawn, logits, shift[:, None]) - shift[:, None]
+    total = jax.lax.psum(jnp.sum(jnp.where(never_drawn, jnp.exp(shifted), 0.0), axis=-1), axis)
+    rest = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + shift, _MASKED)
+    remaining = jnp.logaddexp(rest[:, None], jax.lax.cumlogsumexp(drawn, axis=1, reverse=True))
+    return jnp.sum(jnp.where(drawn_ok, drawn - remaining, 0.0), axis=-1)
+
+
+def sharded_topk_log_prob(
+    logits: Float[Array, "b n"],
+    indices: Int[Array, "b k"],
+    *,
+    valid: Bool[Array, "b n"] | None = None,
+    k: int | Int[Array, " b"] | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
+    axis: str = "sequence",
+    batch_axis: str | None = None,
+) -> Float[Array, " b"]:
+    """`selection.topk_log_prob` (Plackett-Luce log-prob of the ordered draw `indices`, global indices, -1 ignored,
+    first k per row) with the logits sharded over `axis`; differentiable in the logits."""
+    shards = _num_shards(mesh, axis, shards)
+    _check_batch_axis(mesh, batch_axis, axis)
+    if logits.ndim != 2 or indices.ndim != 2 or indices.shape[0] != logits.shape[0]:
+        raise ValueError(f"logits [b, n] and indices [b, k] must share b, got {logits.shape}, {indices.shape}")
+    _chunk(logits.shape[1], shards, "logits")
+    valid = jnp.ones(logits.shape, bool) if valid is None else valid
+    if valid.shape != logits.shape:
+        raise ValueError(f"valid shape {valid.shape} must equal logits shape {logits.shape}")
+    counts = jnp.broadcast_to(jnp.asarray(indices.shape[1] if k is None else k, jnp.int32), logits.shape[:1])
+    return _sharded_log_prob(logits, valid, indices, counts, mesh=mesh, shards=shards, axis=axis,
+                             batch_axis=batch_axis)
+
+
+@partial(jax.jit, static_argnames=("mesh", "shards", "axis", "batch_axis"))
+def _sharded_log_prob(logits, valid, indices, counts, *, mesh, shards, axis, batch_axis):
+    args, sharded = (logits, valid, indices, counts), (True, True, False, False)
+    return _over_shards(partial(_log_prob_shard, axis=axis), args, sharded, False, mesh=mesh, shards=shards, axis=axis,
+                        batch_axis=batch_axis)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Decoding with a sequence-sharded KV cache.
+
+
+def _cache_shard(q, k, v, q_positions, q_critical, k_positions, k_critical, *, window, num_global, queries, axis,
+                 sm_scale):
+    """This shard's slots as an unnormalised softmax, merged across shards by log-sum-exp (a pmax, two psums)."""
+    spec = SRAMaskSpec.create(q_positions, q_critical, window=window, num_global=num_global, queries=queries,
+                              k_positions=k_positions, k_critical=k_critical)
+    parts = _softmax_parts(q, k, v, spec.to_mask(), sm_scale)
+    weighted, total = _rescaled(parts, jax.lax.pmax(parts.top, axis))
+    return _normalise(jax.lax.psum(weighted, axis), jax.lax.psum(total, axis), q.dtype)
+
+
+def sharded_cache_attention(
+    q: Float[Array, "b sq hq d"],
+    k_cache: Float[Array, "b t hkv d"],
+    v_cache: Float[Array, "b t hkv d"],
+    q_positions: Int[Array, "b sq"],
+    q_critical: Bool[Array, "b sq"],
+    k_positions: Int[Array, "b t"],
+    k_critical: Bool[Array, "b t"],
+    *,
+    window: int,
+    num_global: int,
+    queries: str = "critical",
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
+    axis: str = "sequence",
+    batch_axis: str | None = None,
+    sm_scale: float | None = None,
+) -> Float[Array, "b sq hq d"]:
+    """Decode-step SRA attention of replicated queries over a KV cache whose slots are sharded over `axis`: each
+    shard attends to its slots and the partial softmaxes are merged by log-sum-exp (a pmax and two psums of
+    `[b, sq, hq, d]`-sized partials). Equals `attention(q, k_cache, v_cache, spec=SRAMaskSpec.create(q_positions,
+    q_critical, k_positions=..., k_critical=..., ...), impl="reference")`; slots may be filled in any order."""
+    shards = _num_shards(mesh, axis, shards)
+    _check_batch_axis(mesh, batch_axis, axis)
+    SRAMaskSpec.create(q_positions, q_critical, window=window, num_global=num_global, queries=queries,
+                       k_positions=k_positions, k_critical=k_critical)
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != k_positions.shape or q.shape[:2] != q_positions.shape:
+        raise ValueError(f"caches {k_cache.shape} / {v_cache.shape} must match k_positions {k_positions.shape} and "
+                         f"q {q.shape} must match q_positions {q_positions.shape}")
+    if q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"kv heads ({k_cache.shape[2]}) must divide query heads ({q.shape[2]})")
+    _chunk(k_cache.shape[1], shards, "cache")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return _sharded_cache(q, k_cache, v_cache, q_positions, q_critical, k_positions, k_critical, window=window,
+                          num_global=num_global, queries=queries, mesh=mesh, shards=shards, axis=axis,
+                          batch_axis=batch_axis, sm_scale=sm_scale)
+
+
+@partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "shards", "axis", "batch_axis",
+                                   "sm_scale"))
+def _sharded_cache(q, k, v, q_positions, q_critical, k_positions, k_critical, *, window, num_global, queries, mesh,
+                   shards, axis, batch_axis, sm_scale):
+    body = partial(_cache_shard, window=window, num_global=num_global, queries=queries, axis=axis, sm_scale=sm_scale)
+    args = (q, k, v, q_positions, q_critical, k_positions, k_critical)
+    sharded = (False, True, True, False, False, True, True)
+    return _over_shards(body, args, sharded, False, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)

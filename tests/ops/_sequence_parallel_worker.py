@@ -1,0 +1,197 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by the caller, before jax
+starts): every sequence-parallel op against its unsharded reference. Prints one JSON object {check name: largest
+absolute difference (or a count of mismatches)} on its last line. Importing it has no side effects (the tests reuse
+its inputs in-process).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sra_jax.ops import selection
+from sra_jax.ops import sequence_parallel as sp
+from sra_jax.ops.attention import attention
+from sra_jax.ops.masks import SRAMaskSpec
+
+B, N, HQ, HKV, D = 2, 32, 4, 2, 8
+NUM_GLOBAL = 2
+
+
+def sequence_mesh(shards: int):
+    return jax.make_mesh((shards,), ("sequence",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:shards])
+
+
+def packed_row(cuts: list[int], pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and segment ids of one row: segments split at `cuts`, positions restarting at 0 in each, and `pad`
+    padding slots (position -1) on the left or the right."""
+    length = N - pad
+    starts = sorted({0, *(c for c in cuts if 0 < c < length)})
+    segment = np.searchsorted(starts, np.arange(length), side="right") - 1
+    position = np.arange(length) - np.asarray(starts)[segment]
+    pad_pos, pad_seg = np.full(pad, -1), np.full(pad, -1)
+    if left:
+        return np.concatenate([pad_pos, position]), np.concatenate([pad_seg, segment])
+    return np.concatenate([position, pad_pos]), np.concatenate([segment, pad_seg])
+
+
+def inputs(seed: int, rows: list[tuple[list[int], int, bool]], critical_rate: float):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (B, N, HQ, D))
+    k = jax.random.normal(keys[1], (B, N, HKV, D))
+    v = jax.random.normal(keys[2], (B, N, HKV, D))
+    positions, segments = (jnp.asarray(np.stack(x)) for x in zip(*(packed_row(*row) for row in rows)))
+    critical = jax.random.bernoulli(keys[3], critical_rate, (B, N)) & (positions >= 0)
+    return q, k, v, positions, critical, segments
+
+
+def reference(q, k, v, positions, critical, segments, window, queries):
+    spec = SRAMaskSpec.create(positions, critical, window=window, num_global=NUM_GLOBAL, queries=queries,
+                              segment_ids=segments)
+    return attention(q, k, v, spec=spec, impl="reference")
+
+
+def sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=None, block_q=None,
+            shards=None):
+    return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, segments, window=window,
+                                              num_global=NUM_GLOBAL, queries=queries, mesh=mesh, shards=shards,
+                                              max_gathered=max_gathered, block_q=block_q)
+
+
+def value_and_grads(fn, q, k, v):
+    """The output and the gradients of a fixed random projection of it, w.r.t. q, k and v."""
+    weights = jax.random.normal(jax.random.key(7), q.shape)
+    return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * weights), (0, 1, 2))(q, k, v)
+
+
+def biggest(a, b) -> float:
+    """Largest |a - b| over matching leaves; NaN anywhere gives NaN (which fails every tolerance)."""
+    return float(jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])))
+
+
+def check_attention(results: dict) -> None:
+    """Fixed case per mesh: packed rows crossing shard edges, left / right padding, window 6 (at 8 shards the
+    chunk is 4, so the halo spans two shards), window blocks smaller than the halo, GQA; forward and gradients."""
+    rows = [([5, 13, 21], 3, False), ([9, 17], 4, True)]
+    q, k, v, positions, critical, segments = inputs(0, rows, 0.25)
+    window = 6
+    for shards, queries, block_q in ((2, "critical", 4), (4, "all", 2), (8, "critical", None)):
+        mesh = sequence_mesh(shards)
+        def expect_fn(q, k, v, queries=queries):
+            return reference(q, k, v, positions, critical, segments, window, queries)
+
+        def got_fn(q, k, v, queries=queries, mesh=mesh, block_q=block_q):
+            return sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q)
+
+        expect, got = value_and_grads(expect_fn, q, k, v), value_and_grads(got_fn, q, k, v)
+        results[f"attention_value_and_grads_{shards}_shards"] = biggest(expect, got)
+    # the batch sharded too: a (data 2, sequence 4) mesh, as training will combine them
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"), (jax.sharding.AxisType.Auto,) * 2)
+    expect = value_and_grads(lambda q, k, v: reference(q, k, v, positions, critical, segments, window, "all"), q, k, v)
+    got = value_and_grads(lambda q, k, v: sp.sra_attention_sequence_parallel(
+        q, k, v, positions, critical, segments, window=window, num_global=NUM_GLOBAL, queries="all", mesh=mesh,
+        batch_axis="data", block_q=2), q, k, v)
+    results["attention_value_and_grads_data_2_sequence_4"] = biggest(expect, got)
+    # the tightest exact bound on gathered keys per shard (not the default, the chunk) gives the same output
+    mesh = sequence_mesh(4)
+    bound = int(jnp.max(sp.gathered_per_shard(positions, critical, num_global=NUM_GLOBAL, shards=4)))
+    expect = reference(q, k, v, positions, critical, segments, window, "critical")
+    got = sharded(q, k, v, positions, critical, segments, window, "critical", mesh, max_gathered=bound)
+    results["attention_tight_max_gathered_4_shards"] = biggest(expect, got)
+    too_small = sharded(q, k, v, positions, critical, segments, window, "critical", mesh, max_gathered=bound - 1)
+    results["attention_too_small_max_gathered_differs"] = biggest(expect, too_small)
+
+
+def check_attention_hypothesis(results: dict) -> None:
+    """Random lengths, packings, critical sets, windows, queries and window blocks at 4 shards (one shape)."""
+    mesh = sequence_mesh(4)
+    worst = []
+
+    row = st.tuples(st.lists(st.integers(1, N - 1), max_size=4), st.integers(0, N // 2), st.booleans())
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None)
+    @given(rows=st.lists(row, min_size=B, max_size=B), rate=st.sampled_from([0.0, 0.2, 0.6]),
+           window=st.sampled_from([1, 3, 11]), queries=st.sampled_from(["critical", "all"]),
+           block_q=st.sampled_from([2, 8]), seed=st.integers(0, 2**16))
+    def run(rows, rate, window, queries, block_q, seed):
+        q, k, v, positions, critical, segments = inputs(seed, rows, rate)
+        expect = reference(q, k, v, positions, critical, segments, window, queries)
+        got = sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q)
+        worst.append(biggest(expect, got))
+
+    run()
+    results["attention_hypothesis_4_shards"] = max(worst)
+    results["attention_hypothesis_examples"] = len(worst)
+
+
+def check_selection(results: dict) -> None:
+    """Top-k with ties, invalid slots and per-row k over 4 and 8 shards; the Plackett-Luce log-prob and its grad."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    logits = jnp.round(jax.random.normal(keys[0], (3, N)) * 2) / 2  # coarse values: many ties
+    valid = jax.random.bernoulli(keys[1], 0.7, (3, N))
+    per_row = jnp.array([3, 0, 9])
+    scores = logits + jax.random.gumbel(keys[2], logits.shape)  # what gumbel_topk_indices perturbs with
+    cases = {"k5": (5, None), "per_row_k": (per_row, 12), "k_all": (N, None)}
+    for shards, names in ((4, ("k5", "per_row_k", "k_all")), (8, ("per_row_k",))):
+        mesh = sequence_mesh(shards)
+        for name in names:
+            k, k_max = cases[name]
+            got = sp.sharded_topk_indices(logits, k, valid=valid, k_max=k_max, mesh=mesh)
+            expect = selection.topk_mask(logits, k, valid=valid, k_max=k_max)
+            mismatch = jnp.sum(sp.sharded_topk_mask(got, N, valid=valid) != expect)
+            results[f"topk_mask_mismatches_{name}_{shards}_shards"] = int(mismatch)
+            drawn = selection.gumbel_topk_indices(logits, k, key=keys[2], valid=valid, k_max=k_max)
+            got = sp.sharded_topk_indices(scores, k, valid=valid, k_max=k_max, mesh=mesh)
+            results[f"gumbel_indices_mismatches_{name}_{shards}_shards"] = int(jnp.sum(got != drawn))
+            counts = None if k_max is None else k
+
+            def expect_lp(x, drawn=drawn, counts=counts):
+                return selection.topk_log_prob(x, drawn, valid=valid, k=counts)
+
+            def got_lp(x, drawn=drawn, counts=counts, mesh=mesh):
+                return sp.sharded_topk_log_prob(x, drawn, valid=valid, k=counts, mesh=mesh)
+
+            results[f"log_prob_{name}_{shards}_shards"] = biggest(expect_lp(logits), got_lp(logits))
+            results[f"log_prob_grad_{name}_{shards}_shards"] = biggest(
+                jax.grad(lambda x: jnp.sum(expect_lp(x) * jnp.arange(1.0, 4.0)))(logits),
+                jax.grad(lambda x: jnp.sum(got_lp(x) * jnp.arange(1.0, 4.0)))(logits))
+
+
+def check_decode(results: dict) -> None:
+    """Two decode queries over a cache of 32 slots sharded 4 ways: a left-padded row and a row still filling."""
+    keys = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(keys[0], (B, 2, HQ, D))
+    k_cache = jax.random.normal(keys[1], (B, N, HKV, D))
+    v_cache = jax.random.normal(keys[2], (B, N, HKV, D))
+    slot = jnp.arange(N)
+    k_positions = jnp.stack([jnp.where(slot >= 7, slot - 7, -1), jnp.where(slot < 20, slot, -1)])
+    k_critical = jax.random.bernoulli(keys[3], 0.3, (B, N)) & (k_positions >= 0)
+    q_positions = jnp.array([[23, 24], [18, 19]])
+    q_critical = jnp.array([[True, False], [False, True]])
+    mesh = sequence_mesh(4)
+    for queries in ("critical", "all"):
+        spec = SRAMaskSpec.create(q_positions, q_critical, window=5, num_global=NUM_GLOBAL, queries=queries,
+                                  k_positions=k_positions, k_critical=k_critical)
+        expect = attention(q, k_cache, v_cache, spec=spec, impl="reference")
+        got = sp.sharded_cache_attention(q, k_cache, v_cache, q_positions, q_critical, k_positions, k_critical,
+                                         window=5, num_global=NUM_GLOBAL, queries=queries, mesh=mesh)
+        results[f"decode_{queries}_4_shards"] = biggest(expect, got)
+
+
+def main(checks: list[str]) -> None:
+    if len(jax.devices()) != 8:
+        raise SystemExit(f"needs XLA_FLAGS=--xla_force_host_platform_device_count=8, got {jax.devices()}")
+    results: dict = {}
+    for name in checks:
+        globals()[f"check_{name}"](results)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["attention", "attention_hypothesis", "selection", "decode"])
