@@ -65,9 +65,10 @@ def resume_view(config: Mapping[str, Any]) -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """`key (checkpoint X, now Y)` for each resume key on which two configs differ."""
     old, new = resume_view(saved), resume_view(current)
-    if (old.get("sra") is None) != (new.get("sra") is None) and ("sra" in old or "sra" in new):
-        on = {True: "off", False: "on"}
-        sra = [f"sra (checkpoint {on['sra' in old]}, now {on['sra' in new]})"]
+    sra_on = {name: not ("sra" in view and view["sra"] is None) for name, view in (("old", old), ("new", new))}
+    if sra_on["old"] != sra_on["new"]:
+        word = {True: "on", False: "off"}
+        sra = [f"sra (checkpoint {word[sra_on['old']]}, now {word[sra_on['new']]})"]
         old = {k: v for k, v in old.items() if not k.startswith("sra")}
         new = {k: v for k, v in new.items() if not k.startswith("sra")}
     else:
