@@ -411,7 +411,7 @@ def _options(annotation: Any) -> tuple[Any, ...]:
 
 def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
     """(whether `value` is a `kind`, the value as one)."""
-    if kind is Any:
+    if kind is Any or (dataclasses.is_dataclass(kind) and isinstance(value, kind)):  # a section's default instance
         return True, value
     if kind is type(None) or value is None:
         return value is None and kind is type(None), None
