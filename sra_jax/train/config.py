@@ -8,6 +8,7 @@ start-up so a run is reproducible from its log.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -420,14 +421,13 @@ def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return False, None
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            return False, None
+        return math.isfinite(number), number
     if kind is str:
         return isinstance(value, str), value
     if typing.get_origin(kind) in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
@@ -447,7 +447,7 @@ def _describe(annotation: Any) -> str:
             element = (typing.get_args(kind) or (Any,))[0]
             words.append(f"a list of {_describe(element).removeprefix('a ').removeprefix('an ')}s")
         else:
-            words.append({bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            words.append({bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
                           type(None): "null"}.get(kind, str(kind)))
     return " or ".join(words)
 
