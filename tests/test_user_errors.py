@@ -139,3 +139,18 @@ def test_sra_layers_the_model_does_not_have_are_refused():
 def test_from_hf_names_the_missing_shape_keys():
     with pytest.raises(ValueError, match=r"lacks required keys \['vocab_size', 'hidden_size'"):
         LlamaConfig.from_hf({})
+
+
+@pytest.mark.parametrize("damage", ["empty_metadata", "truncated_data"])
+def test_convert_of_a_damaged_orbax_model_ends_in_one_line(tiny_model, tmp_path, capsys, damage):
+    from sra_jax.convert import save_orbax
+
+    src = tmp_path / "model"
+    save_orbax(tiny_model, src)
+    if damage == "empty_metadata":
+        (src / "params" / "embed" / "_METADATA").write_bytes(b"")
+    else:
+        data = max((src / "params" / "embed").rglob("d/*"), key=lambda p: p.stat().st_size)
+        data.write_bytes(data.read_bytes()[:10])
+    line = _one_line_error(capsys, ["convert", "orbax-to-hf", str(src), str(tmp_path / "out")])
+    assert str(src) in line
