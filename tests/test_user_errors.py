@@ -154,3 +154,14 @@ def test_convert_of_a_damaged_orbax_model_ends_in_one_line(tiny_model, tmp_path,
         data.write_bytes(data.read_bytes()[:10])
     line = _one_line_error(capsys, ["convert", "orbax-to-hf", str(src), str(tmp_path / "out")])
     assert str(src) in line
+
+
+def test_generate_refuses_a_tokenizer_of_another_vocabulary(tiny_model, tmp_path, capsys, data_dir):
+    from sra_jax.convert import save_orbax
+
+    save_orbax(tiny_model, tmp_path / "model")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--checkpoint", str(tmp_path / "model"), "--prompt", "hi", "--tokenizer",
+                  str(data_dir / "llama3" / "tokenizer.model")])
+    assert exit_.value.code == 2
+    assert "has 128256 tokens but the model's vocab_size is 64" in capsys.readouterr().err
