@@ -194,7 +194,8 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint step {step} in {self.directory} passed its checksums but does not "
                                       f"restore into this model: {reason}") from error
             if damaged:
-                log.warning("resuming from step %d, the newest good checkpoint in %s", step, self.directory)
+                log.warning("resuming from step %d, the newest good checkpoint in %s (damaged steps moved to %s)",
+                            step, self.directory, Path(self.directory) / DAMAGED)
             return restored.state
         if damaged:
             listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
@@ -221,7 +222,6 @@ class Checkpointer:
                 while target.exists():
                     target, n = aside / f"{step}.{n}", n + 1
                 os.replace(self._step_dir(step), target)
-                log.warning("moved damaged checkpoint step %d to %s", step, target)
         if damaged:
             _sync_hosts("sra_jax_checkpoint_set_aside")
             self.manager.reload()

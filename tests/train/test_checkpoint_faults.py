@@ -222,8 +222,8 @@ _KILLED_SAVE = textwrap.dedent("""
 @pytest.mark.parametrize("when", ["during_write", "after_write"])
 def test_a_save_killed_midway_leaves_the_good_steps_and_is_cleaned_up(tmp_path, when):
     directory = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(directory), when], env=dict(ENV, PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(directory), when],
+                          env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     config = CheckpointConfig(dir=str(directory), every=1, keep=3)
     target = {"step": jnp.asarray(0, jnp.int32), "w": jnp.zeros((2_000_000,))}
@@ -242,7 +242,7 @@ def test_cli_resumes_past_a_bit_flipped_newest_step_and_refuses_another_model_in
     first = subprocess.run(train_command(tmp_path, steps), env=env, cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     expected = losses_by_step(tmp_path / "log")
-    _flip(_file(tmp_path / "ckpt" / str(steps), "DATA"))  # the issue's case: bit rot trained on, good steps rotated away
+    _flip(_file(tmp_path / "ckpt" / str(steps), "DATA"))  # bit rot in the newest step
     again = subprocess.run(train_command(tmp_path, steps), env=env, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"checkpoint step {steps} " in again.stderr and "sha256" in again.stderr
