@@ -80,23 +80,26 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 class Checkpointer:
     """`ocp.CheckpointManager` for `TrainState` pytrees plus manifests, verified rotation and fallback restores.
 
-    `run_config` (a `TrainConfig.to_dict()`) is written into each manifest and compared on restore.
-    Usable as a context manager.
+    `run_config` (a `TrainConfig.to_dict()`) is written into each manifest and compared on restore. `owner=True` is
+    for the one run that writes the folder: only it saves, removes temporary folders of killed saves and moves damaged
+    steps aside. A reader (an evaluation next to a live run) skips damaged steps and touches nothing, so it never
+    removes a save in progress. Usable as a context manager.
     """
 
     def __init__(self, directory: str | os.PathLike, config: CheckpointConfig, *,
-                 run_config: Mapping[str, Any] | None = None):
+                 run_config: Mapping[str, Any] | None = None, owner: bool = False):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # rotation is ours: only after a newer step is verified
             save_interval_steps=config.every,
             enable_async_checkpointing=config.async_save,
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=owner,
         )
         self.directory = os.path.abspath(directory)
         self.keep = config.keep
         self.allow_config_change = config.allow_config_change
         self.run_config = dict(run_config) if run_config is not None else None
+        self.owner = owner
         self._pending: int | None = None
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -111,6 +114,8 @@ class Checkpointer:
         The previous save is verified first. `step` is `state.step` when the caller knows it (reading it from the
         device waits for the step to finish).
         """
+        if not self.owner:
+            raise ValueError(f"Checkpointer({self.directory}) was opened as a reader; pass owner=True to save")
         self._verify_pending()
         step = host_int(state.step) if step is None else int(step)
         meta = {"step": step, "data_position": step, **(extra or {})}
@@ -173,8 +178,8 @@ class Checkpointer:
 
     def restore_latest(self, target: Any) -> Any | None:
         """The newest good checkpoint restored into the structure, dtypes and shardings of `target`; None if the
-        folder holds no checkpoint. Damaged newer steps are logged and moved to `<dir>/damaged/`; CheckpointError if
-        no step is good or the config does not match."""
+        folder holds no checkpoint. Damaged newer steps are logged and (by the owner) moved to `<dir>/damaged/`;
+        CheckpointError if no step is good or the config does not match."""
         damaged: list[tuple[int, str]] = []
         for step in self._steps():
             try:
@@ -185,7 +190,8 @@ class Checkpointer:
                 damaged.append((step, str(why)))
                 continue
             self._check_config(step, body.get("config") or {})
-            self._set_aside(damaged)
+            if self.owner:
+                self._set_aside(damaged)
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -194,8 +200,8 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint step {step} in {self.directory} passed its checksums but does not "
                                       f"restore into this model: {reason}") from error
             if damaged:
-                log.warning("resuming from step %d, the newest good checkpoint in %s (damaged steps moved to %s)",
-                            step, self.directory, Path(self.directory) / DAMAGED)
+                log.warning("restoring step %d, the newest good checkpoint in %s%s", step, self.directory,
+                            f" (damaged steps moved to {Path(self.directory) / DAMAGED})" if self.owner else "")
             return restored.state
         if damaged:
             listed = "; ".join(f"step {s}: {why}" for s, why in damaged)

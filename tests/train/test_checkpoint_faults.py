@@ -71,7 +71,7 @@ def _same(a, b) -> bool:
 
 def _restore(directory: Path, config: TrainConfig, target, **checkpoint_changes):
     checkpoint = dataclasses.replace(config.checkpoint, dir=str(directory), **checkpoint_changes)
-    with Checkpointer(directory, checkpoint, run_config=config.to_dict()) as checkpointer:
+    with Checkpointer(directory, checkpoint, run_config=config.to_dict(), owner=True) as checkpointer:
         return checkpointer.restore_latest(target)
 
 
@@ -109,6 +109,21 @@ def test_damage_to_any_file_of_the_newest_step_falls_back_to_the_previous_good_s
         assert (directory / "damaged" / "3").is_dir() and not (directory / "3").exists()
         _assert_good_steps_intact(directory, [1, 2])
         caplog.clear()
+
+
+def test_a_reader_skips_a_damaged_step_and_moves_or_deletes_nothing(pristine, tmp_path):
+    _, config, final, step2 = pristine
+    directory = _copy(pristine, tmp_path)
+    _flip(_file(directory / "3", "DATA"))
+    in_progress = directory / "4.orbax-checkpoint-tmp-123"  # a live run's save in progress
+    in_progress.mkdir()
+    checkpoint = dataclasses.replace(config.checkpoint, dir=str(directory))
+    with Checkpointer(directory, checkpoint) as reader:  # e.g. an evaluation beside the running training
+        restored = reader.restore_latest(final)
+        with pytest.raises(ValueError, match="owner=True"):
+            reader.save(final, step=5)
+    assert host_int(restored.step) == 2 and _same(restored, step2)
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3", in_progress.name]
 
 
 @pytest.mark.parametrize("removed", ["3/state", "3/meta", "3", "3/" + manifest.MANIFEST])
@@ -154,7 +169,7 @@ def _tiny_state(step: int, size: int = 256):
 
 def test_rotation_keeps_the_newest_good_steps_and_a_failed_save_deletes_nothing(tmp_path, monkeypatch):
     config = CheckpointConfig(dir=str(tmp_path), every=1, keep=2, async_save=True)
-    with Checkpointer(tmp_path, config) as checkpointer:
+    with Checkpointer(tmp_path, config, owner=True) as checkpointer:
         for step in (1, 2, 3):
             checkpointer.save(_tiny_state(step), step=step)
         checkpointer.wait()
@@ -170,7 +185,7 @@ def test_rotation_keeps_the_newest_good_steps_and_a_failed_save_deletes_nothing(
         monkeypatch.undo()
         _assert_good_steps_intact(tmp_path, [2, 3])
         assert checkpointer.latest_step() == 3
-    restored = Checkpointer(tmp_path, config).restore_latest(_tiny_state(0))
+    restored = Checkpointer(tmp_path, config, owner=True).restore_latest(_tiny_state(0))
     assert int(restored["step"]) == 3 and not (tmp_path / "4").exists()
 
 
@@ -182,7 +197,7 @@ def test_a_full_disk_fails_the_save_with_one_line_and_keeps_the_good_steps(tmp_p
         pytest.skip("needs root to mount a small tmpfs")
     try:
         config = CheckpointConfig(dir=str(mount), every=1, keep=5, async_save=True)
-        checkpointer = Checkpointer(mount, config)
+        checkpointer = Checkpointer(mount, config, owner=True)
         with pytest.raises(CheckpointError, match=r"save of step \d+ .*intact"):
             for step in range(1, 10):
                 checkpointer.save(_tiny_state(step, size=24_000), step=step)  # ~100 kB each
@@ -204,7 +219,8 @@ _KILLED_SAVE = textwrap.dedent("""
     from sra_jax.train.config import CheckpointConfig
     directory, when = sys.argv[1], sys.argv[2]
     state = lambda step: {"step": jnp.asarray(step, jnp.int32), "w": jnp.full((2_000_000,), float(step))}
-    checkpointer = Checkpointer(directory, CheckpointConfig(dir=directory, every=1, keep=3, async_save=True))
+    checkpointer = Checkpointer(directory, CheckpointConfig(dir=directory, every=1, keep=3, async_save=True),
+                                owner=True)
     for step in (1, 2, 3):
         checkpointer.save(state(step), step=step)
     if when == "after_write":  # orbax finished step 3, its manifest is not written yet
@@ -227,7 +243,7 @@ def test_a_save_killed_midway_leaves_the_good_steps_and_is_cleaned_up(tmp_path, 
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     config = CheckpointConfig(dir=str(directory), every=1, keep=3)
     target = {"step": jnp.asarray(0, jnp.int32), "w": jnp.zeros((2_000_000,))}
-    checkpointer = Checkpointer(directory, config)
+    checkpointer = Checkpointer(directory, config, owner=True)
     restored = checkpointer.restore_latest(target)
     checkpointer.close()
     assert int(restored["step"]) == 2 and float(restored["w"][0]) == 2.0
