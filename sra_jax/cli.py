@@ -1,8 +1,14 @@
-"""`sra-jax <command> [args...]`: each command lives beside the code it drives and exposes `main(argv) -> int`."""
+"""`sra-jax <command> [args...]`: each command lives beside the code it drives and exposes `main(argv) -> int`.
+
+One error style for every command: a user mistake (a `ValueError` naming the key / file / argument, a missing or
+unreadable file) ends the command with one line on stderr and exit status 2; `--debug` (anywhere on the command line)
+or SRA_JAX_DEBUG=1 shows the Python traceback instead.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from sra_jax import __version__, log
@@ -28,11 +34,34 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+EXIT_USER_ERROR = 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(f"sra-jax {__version__}")
         return 0
+    debug = "--debug" in argv or os.environ.get("SRA_JAX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        return _dispatch(argv)
+    try:
+        return _dispatch(argv)
+    except (ValueError, OSError) as error:
+        command = next((arg for arg in argv if not arg.startswith("-")), "")
+        print(f"sra-jax {command}: {_one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _dispatch(argv: list[str]) -> int:
     quiet = False
     while argv[:1] and argv[0] in ("-q", "--quiet"):
         quiet, argv = True, argv[1:]

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+# Keys of a Hugging Face config.json without which the model shape is unknown (no Llama-3-8B defaults assumed).
+_HF_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # Keys a Llama config.json may carry that this model ignores safely (bookkeeping, generation defaults).
 _HF_IGNORED_KEYS = frozenset(
     {
@@ -147,6 +149,9 @@ class LlamaConfig:
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
         """Build from a Hugging Face `config.json` dict; rejects what this model cannot represent."""
         d = dict(d)
+        missing = [k for k in _HF_REQUIRED_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"config.json lacks required keys {missing}: the model's shape cannot be guessed")
         model_type = d.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"config.json model_type={model_type!r}: only 'llama' checkpoints are supported")

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.nn import KVCache
+from sra_jax.nn.llama import check_token_ids
 
 _logger = logging.getLogger(__name__)
 
@@ -130,8 +131,14 @@ def generate(
             f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature=}, {top_p=}, {top_k=}"
         )
     lengths = np.array([len(p) for p in prompts])
+    limit = model.config.max_position_embeddings
+    if int(lengths.max()) + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) + max_new_tokens={max_new_tokens} "
+                         f"exceeds the model's max_position_embeddings={limit}; shorten one or the other")
+    check_token_ids(jnp.asarray(np.concatenate([np.asarray(p) for p in prompts]), jnp.int32),
+                    model.config.vocab_size)
     width = prompt_bucket(int(lengths.max()))
-    if width + max_new_tokens > model.config.max_position_embeddings:
+    if width + max_new_tokens > limit:
         width = int(lengths.max())  # do not let bucketing push positions past what the model supports
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     positions = np.full((len(prompts), width), -1, np.int32)
@@ -207,7 +214,13 @@ def cli_main(argv: list[str] | None = None) -> int:
         if path is None:
             parser.error("no tokenizer.model found beside the checkpoint; pass --tokenizer")
         tokenizer = Llama3Tokenizer(path)
-    prompts: list[list[int]] = [[int(t) for t in ids.split(",")] for ids in args.prompt_ids]
+        if tokenizer.vocab_size != config.vocab_size:
+            parser.error(f"the tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: its text would be garbage; pass the model's own --tokenizer")
+    try:
+        prompts: list[list[int]] = [[int(t) for t in ids.split(",")] for ids in args.prompt_ids]
+    except ValueError:
+        parser.error(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers")
     for text in args.prompt:
         if args.chat:
             prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))

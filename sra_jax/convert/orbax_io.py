@@ -94,7 +94,11 @@ class OrbaxReader:
         self._restorer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         self.arrays: dict[ParamPath, Any] = {}  # path -> ArrayMetadata (shape, dtype)
         for group_dir in sorted(params_dir.iterdir()):
-            tree = self._checkpointer.metadata(group_dir).item_metadata.tree
+            metadata = self._checkpointer.metadata(group_dir).item_metadata
+            if metadata is None:
+                raise ValueError(f"orbax checkpoint {self.path}: {group_dir} has no readable metadata (_METADATA "
+                                 f"missing, empty or damaged); convert again from the source model")
+            tree = metadata.tree
             prefix: ParamPath = (
                 ("layers", int(group_dir.name.split(".")[1])) if "." in group_dir.name else (group_dir.name,)
             )

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
@@ -21,6 +22,26 @@ from sra_jax.nn.layers import MLP, RMSNorm, partitioned
 from sra_jax.ops.attention import attention_flops as ops_attention_flops
 
 ATTENTION_IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
+
+
+def check_sra_layers(sra: SRAConfig | None, num_hidden_layers: int) -> None:
+    """ValueError when `sra.layers` names a layer the model does not have (it would silently stay dense)."""
+    missing = sorted(i for i in (sra.layers or ()) if i >= num_hidden_layers) if sra is not None else []
+    if missing:
+        raise ValueError(f"sra.layers={list(sra.layers)} names layers {missing} the model does not have "
+                         f"(num_hidden_layers={num_hidden_layers}: layers 0..{num_hidden_layers - 1})")
+
+
+def check_token_ids(tokens: Shaped[Array, "..."], vocab_size: int) -> None:
+    """ValueError for concrete token ids outside [0, vocab_size). Traced ids (inside jit) and arrays spread over
+    other processes cannot be checked here: `Llama` then gives NaN logits for a row holding such an id (negative ids
+    included, they do not wrap)."""
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0 or not getattr(tokens, "is_fully_addressable", True):
+        return
+    host = np.asarray(tokens)  # numpy, not jnp: a concrete array may be closed over inside another trace
+    low, high = int(host.min()), int(host.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"tokens hold ids in [{low}, {high}]; they must lie in [0, vocab_size={vocab_size})")
 
 
 @struct.dataclass
@@ -111,6 +132,7 @@ class Llama(nnx.Module):
         self.config = config
         self.sra = sra
         self.dtype = dtype
+        check_sra_layers(sra, config.num_hidden_layers)
         self.sra_layers = tuple(i for i in range(config.num_hidden_layers) if sra is not None and sra.applies_to(i))
         self.embed = nnx.Embed(
             config.vocab_size,
@@ -168,6 +190,7 @@ class Llama(nnx.Module):
         in `aux.cache`.
         (Annotations are loose here on purpose: `_check_inputs` names the problem in a ValueError.)"""
         self._check_inputs(tokens, positions, cache, segment_ids, critical)
+        check_token_ids(tokens, self.config.vocab_size)
         b, s = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache.index
@@ -192,7 +215,10 @@ class Llama(nnx.Module):
                 positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index.astype(jnp.int32)))
             )
         layer_keys = None if key is None else jax.random.split(key, num_layers)
-        x = self.embed(tokens).astype(self.dtype)
+        # Under jit ids cannot be checked: any id outside [0, vocab) reads the embedding's NaN fill (negative ids
+        # too, instead of wrapping to a real row), so a bad id shows as NaN logits, never as a plausible answer.
+        in_vocab = (tokens >= 0) & (tokens < self.config.vocab_size)
+        x = self.embed(jnp.where(in_vocab, tokens, self.config.vocab_size)).astype(self.dtype)
         shared: SharedSelection | None = None
         rows = []
         for i, layer in enumerate(self.layers):

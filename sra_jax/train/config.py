@@ -8,6 +8,7 @@ start-up so a run is reproducible from its log.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -192,14 +193,21 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """orbax checkpoints: save every `every` steps (and at the end / on SIGTERM), keep the last `keep`."""
+    """orbax checkpoints: save every `every` steps (and at the end / on SIGTERM), keep the last `keep` verified ones.
+
+    allow_config_change: resume from a checkpoint whose model / sra / schedule keys differ from this config's
+        (refused by default, naming the keys; see sra_jax.train.checkpoint.RESUME_KEYS).
+    """
 
     dir: str | None = None
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    allow_config_change: bool = False  # resume even if model / sra / schedule keys differ from the checkpoint's
 
     def __post_init__(self):
+        if self.dir is not None and not self.dir.strip():
+            raise ValueError(f"checkpoint.dir={self.dir!r} is empty; give a folder, or null for no checkpoints")
         if self.every < 1:
             raise ValueError(f"checkpoint.every={self.every} must be >= 1")
         if self.keep < 1:
@@ -302,16 +310,33 @@ class TrainConfig:
         then each `dotted.key=value` override in order."""
         values: dict[str, Any] = {}
         if path is not None:
-            loaded = yaml.safe_load(configs.resolve(path).read_text())
+            try:
+                resolved = configs.resolve(path)
+            except FileNotFoundError as error:
+                raise ValueError(f"config file {str(path)!r} does not exist: {error}") from None
+            loaded = _parse_yaml(resolved.read_text(), f"config file {str(path)!r}")
             if loaded is not None and not isinstance(loaded, dict):
-                raise ValueError(f"{path}: the top level must be a mapping of config keys")
+                raise ValueError(f"config file {str(path)!r}: the top level must be a mapping of config keys")
             values = loaded or {}
         for override in overrides:
             key, sep, raw = override.partition("=")
+            key = key.strip()
             if not sep or not key:
                 raise ValueError(f"override {override!r} must look like dotted.key=value")
-            _set_dotted(values, key.strip(), yaml.safe_load(raw))
+            if not raw.strip():
+                raise ValueError(f"override {override!r} has no value; write {key}=null to unset it")
+            _set_dotted(values, key, _parse_yaml(raw, f"override {override!r}"))
         return cls.from_dict(values)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{where} is not valid YAML: {problem}{at}") from None
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
@@ -352,8 +377,8 @@ def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         sub = _dataclass_of(hints[name])
-        if sub is RopeScaling:
-            kwargs[name] = RopeScaling.from_hf(value) if isinstance(value, Mapping) else value
+        if sub is RopeScaling and isinstance(value, Mapping):
+            kwargs[name] = RopeScaling.from_hf(value)
         elif sub is not None and (value is None or isinstance(value, Mapping)):
             optional = type(None) in typing.get_args(hints[name])
             if value is None and optional:
@@ -373,21 +398,62 @@ def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """YAML scalars into the field's type: ints and "3e-3"-style strings (YAML 1.1 reads them as str) into floats."""
-    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
-        annotation,)
-    if isinstance(value, list):
-        return tuple(value)
-    if allowed == (bool,) and not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} must be true or false")
-    if float in allowed and not isinstance(value, bool) and isinstance(value, (int, str)):
+    """A YAML value checked against the field's annotation (int, float, bool, str, lists, sections, Optional), with
+    the dotted key in the error: ints and "3e-3"-style strings (YAML 1.1 reads them as str) become floats, lists
+    become tuples."""
+    for option in _options(annotation):
+        ok, converted = _convert(value, option)
+        if ok:
+            return converted
+    raise ValueError(f"{key}={value!r} must be {_describe(annotation)}")
+
+
+def _options(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
+    """(whether `value` is a `kind`, the value as one)."""
+    if kind is Any or (dataclasses.is_dataclass(kind) and isinstance(value, kind)):  # a section's default instance
+        return True, value
+    if kind is type(None) or value is None:
+        return value is None and kind is type(None), None
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return False, None
         try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{key}={value!r} must be a number") from None
-    if int in allowed and float not in allowed and isinstance(value, float):
-        raise ValueError(f"{key}={value!r} must be an integer")
-    return value
+            number = float(value)
+        except (ValueError, OverflowError):
+            return False, None
+        return math.isfinite(number), number
+    if kind is str:
+        return isinstance(value, str), value
+    if typing.get_origin(kind) in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
+        element = (typing.get_args(kind) or (Any,))[0]
+        items = [_convert(v, element) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    return False, None
+
+
+def _describe(annotation: Any) -> str:
+    """What a field accepts, in words: `an integer or null`."""
+    words = []
+    for kind in _options(annotation):
+        if dataclasses.is_dataclass(kind):
+            words.append(f"a section (a mapping of {', '.join(f.name for f in dataclasses.fields(kind) if f.init)})")
+        elif typing.get_origin(kind) in (list, tuple, Sequence):
+            element = (typing.get_args(kind) or (Any,))[0]
+            words.append(f"a list of {_describe(element).removeprefix('a ').removeprefix('an ')}s")
+        else:
+            words.append({bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+                          type(None): "null"}.get(kind, str(kind)))
+    return " or ".join(words)
 
 
 def _section_defaults(field: dataclasses.Field) -> dict[str, Any]:

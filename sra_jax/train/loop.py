@@ -94,7 +94,8 @@ def run(
     trainer, state = create_trainer(config, mesh)
     stream = make_stream(config)
     _logger.info("%s", stream.describe())
-    checkpointer = Checkpointer(config.checkpoint.dir, config.checkpoint) if config.checkpoint.dir else None
+    checkpointer = (Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=config.to_dict(),
+                                 owner=True) if config.checkpoint.dir else None)
     if checkpointer is not None:
         restored = checkpointer.restore_latest(state)
         if restored is not None:

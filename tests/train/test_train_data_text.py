@@ -118,8 +118,11 @@ def test_sra_jax_train_runs_3_gsm8k_steps_and_resumes_at_the_saved_data_position
     metrics = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
-    # Resume to step 4: the run must feed batch 3 of the stream (its token count identifies it).
-    assert sra_jax_main([*run, "--set", "steps=4"]) == 0
+    # Resume to step 4: the run must feed batch 3 of the stream (its token count identifies it). A longer schedule
+    # than the checkpoint's is refused unless asked for.
+    assert sra_jax_main([*run, "--set", "steps=4"]) == 2
+    assert "steps (checkpoint 3, now 4)" in capsys.readouterr().err
+    assert sra_jax_main([*run, "--set", "steps=4", "--set", "checkpoint.allow_config_change=true"]) == 0
     assert "resumed from" in capsys.readouterr().err
     metrics = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]

@@ -17,10 +17,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_pair(tmp, steps: int) -> list[subprocess.CompletedProcess]:
+def launch_pair(tmp, steps: int, *extra: str) -> list[subprocess.CompletedProcess]:
     port = free_port()
     overrides = [*TINY, f"steps={steps}", "checkpoint.every=2", f"checkpoint.dir={tmp / 'ckpt'}",
-                 f"log.dir={tmp / 'log'}", "mesh.data=2"]
+                 f"log.dir={tmp / 'log'}", "mesh.data=2", *extra]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "sra_jax.cli", "train", "--coordinator", f"127.0.0.1:{port}",
@@ -42,7 +42,7 @@ def test_two_processes_train_save_and_resume(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert "2 x cpu over 2 process(es)" in first[0].stderr.lower()
     assert sorted(losses_by_step(tmp_path / "log")) == [1, 2, 3, 4]
-    second = launch_pair(tmp_path, 6)
+    second = launch_pair(tmp_path, 6, "checkpoint.allow_config_change=true")  # a longer schedule, asked for
     for done in second:
         assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in second[0].stderr and "at step 4" in second[0].stderr
