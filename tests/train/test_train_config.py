@@ -65,7 +65,7 @@ def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "synthetic_sra.yaml").write_text("steps: 3\n")
     assert TrainConfig.load("synthetic_sra.yaml").steps == 3
-    with pytest.raises(FileNotFoundError, match="packaged: .*synthetic_sra"):
+    with pytest.raises(ValueError, match="does not exist.*packaged: .*synthetic_sra"):
         TrainConfig.load("no_such_config")
 
 
