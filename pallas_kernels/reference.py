@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.block_sparse.layout import BlockLayout
-from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, make_rule_and_tokens, token_mask
 
 
 def masked_attention(q, k, v, mask, sm_scale: float) -> Array:
@@ -57,8 +57,6 @@ def block_sparse_attention(
     sm_scale: float | None = None,
 ) -> Float[Array, "b sq hq d"]:
     """Reference of `pallas_kernels.block_sparse_attention` (same arguments)."""
-    from pallas_kernels.block_sparse.api import make_rule_and_tokens
-
     rule, tokens = make_rule_and_tokens(
         q,
         k,

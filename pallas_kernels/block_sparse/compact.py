@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.block_sparse import api, gpu
+from pallas_kernels.block_sparse import gpu
+from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout, sra_layout
 from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
 
@@ -86,7 +87,7 @@ class _Part:
     interpret: bool
 
     def _static(self, fields):
-        return api._Static(
+        return KernelCall(
             rule=self.rule,
             sm_scale=self.sm_scale,
             fields=fields,
@@ -97,8 +98,8 @@ class _Part:
 
 
 def _packed(tokens: TokenInfo):
-    q_tok, q_fields = api._pack({"pos": tokens.q_positions, "seg": tokens.q_segment_ids})
-    k_tok, k_fields = api._pack({"pos": tokens.k_positions, "seg": tokens.k_segment_ids})
+    q_tok, q_fields = pack_fields({"pos": tokens.q_positions, "seg": tokens.q_segment_ids})
+    k_tok, k_fields = pack_fields({"pos": tokens.k_positions, "seg": tokens.k_segment_ids})
     return q_tok, k_tok, (q_fields, k_fields)
 
 
@@ -378,9 +379,9 @@ def sra_compact_attention(
         k_segment_ids = segment_ids
     if (segment_ids is None) != (k_segment_ids is None):
         raise ValueError("segment ids must be given for both queries and keys, or for neither")
-    if backend not in api.BACKENDS:
-        raise ValueError(f"backend {backend!r} not in {api.BACKENDS}")
-    backend = api.resolve_backend(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} not in {BACKENDS}")
+    backend = resolve_backend(backend)
     b, sq = q.shape[:2]
     sk = k.shape[1]
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
@@ -392,11 +393,11 @@ def sra_compact_attention(
 
     # Part A: the window band on the block-padded sequence (plus the global keys when segments are given).
     bq, bk = compact_block(sq, block), compact_block(sk, block)
-    qa = api._pad_seq(q, bq, 0)
-    ka, va = api._pad_seq(k, bk, 0), api._pad_seq(v, bk, 0)
-    qpos_a, kpos_a = api._pad_seq(q_positions, bq, -1), api._pad_seq(k_positions, bk, -1)
-    qseg_a = None if not has_seg else api._pad_seq(segment_ids, bq, 0)
-    kseg_a = None if not has_seg else api._pad_seq(k_segment_ids, bk, 0)
+    qa = pad_seq(q, bq, 0)
+    ka, va = pad_seq(k, bk, 0), pad_seq(v, bk, 0)
+    qpos_a, kpos_a = pad_seq(q_positions, bq, -1), pad_seq(k_positions, bk, -1)
+    qseg_a = None if not has_seg else pad_seq(segment_ids, bq, 0)
+    kseg_a = None if not has_seg else pad_seq(k_segment_ids, bk, 0)
     # Global keys get their own dense part (N x num_global) unless segments repeat them per segment: in the
     # band layout every query block would visit the first key block, a serial tail for the dK/dV pass.
     split_globals = num_global > 0 and not has_seg
@@ -420,8 +421,8 @@ def sra_compact_attention(
         tokens_g = TokenInfo(qpos_a, shift(_gather(kpos_a, g_idx, -1)))
         part_g = _Part(MaskRule(causal=True), scale, "reference", cfg, interpret)
 
-    k_flags = api._pad_seq(jnp.asarray(k_critical, bool), bk, False) & (kpos_a >= num_global)
-    q_flags = api._pad_seq(jnp.asarray(q_critical, bool), bq, False) & (qpos_a >= 0)
+    k_flags = pad_seq(jnp.asarray(k_critical, bool), bk, False) & (kpos_a >= num_global)
+    q_flags = pad_seq(jnp.asarray(q_critical, bool), bq, False) & (qpos_a >= 0)
     counts = k_flags.sum(1)
     if queries == "critical":
         counts = jnp.maximum(counts, q_flags.sum(1))
