@@ -63,16 +63,60 @@ def estimated_blocks(
 
 
 def compact_is_cheaper(
-    seq_q: int, seq_k: int, *, window: int, num_global: int, max_critical: int | None, queries: str
+    seq_q: int,
+    seq_k: int,
+    *,
+    window: int,
+    num_global: int,
+    max_critical: int | None,
+    queries: str,
+    block: int = 128,
 ) -> bool:
     """The static rule `sra_jax` uses: the compact path when its estimated block count is at most half the
     plain layout's worst case (the other half pays for the gathers, the merge and the second kernel launch)."""
     if max_critical is None:
         return False
     compact, plain = estimated_blocks(
-        seq_q, seq_k, window=window, num_global=num_global, max_critical=max_critical, queries=queries
+        seq_q, seq_k, window=window, num_global=num_global, max_critical=max_critical, queries=queries, block=block
     )
     return 2 * compact <= plain
+
+
+def compact_bounds(
+    seq_q: int, seq_k: int, *, window: int, num_global: int, queries: str, block: int = 128
+) -> tuple[int, ...]:
+    """Ascending static bounds on critical tokens per row (block * 2^i, at most seq_k) at which the compact path
+    is cheaper than the plain layout: when no static bound is given, the caller rounds the counted critical
+    tokens up to the first of these (so nearby counts share one compiled program), or takes the plain layout when
+    the count is above them all. Rounding up costs at most 2x the bound, i.e. <= 4x the K x K part."""
+    bounds = []
+    bound = block
+    while bound < 2 * seq_k:
+        bound_k = min(bound, seq_k)
+        if not compact_is_cheaper(
+            seq_q, seq_k, window=window, num_global=num_global, max_critical=bound_k, queries=queries, block=block
+        ):
+            break
+        bounds.append(bound_k)
+        bound *= 2
+    return tuple(dict.fromkeys(bounds))
+
+
+def critical_counts(
+    q_positions: Int[Array, "b sq"],
+    k_positions: Int[Array, "b sk"],
+    q_critical: Bool[Array, "b sq"],
+    k_critical: Bool[Array, "b sk"],
+    *,
+    num_global: int,
+    queries: str,
+) -> Int[Array, " b"]:
+    """Per row, what `max_critical` must bound: critical keys at positions >= num_global (part B's keys) and,
+    for queries == "critical", the critical non-padding queries."""
+    counts = (jnp.asarray(k_critical, bool) & (k_positions >= num_global)).sum(1)
+    if queries == "critical":
+        counts = jnp.maximum(counts, (jnp.asarray(q_critical, bool) & (q_positions >= 0)).sum(1))
+    return counts.astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------- one part
@@ -423,9 +467,7 @@ def sra_compact_attention(
 
     k_flags = pad_seq(jnp.asarray(k_critical, bool), bk, False) & (kpos_a >= num_global)
     q_flags = pad_seq(jnp.asarray(q_critical, bool), bq, False) & (qpos_a >= 0)
-    counts = k_flags.sum(1)
-    if queries == "critical":
-        counts = jnp.maximum(counts, q_flags.sum(1))
+    counts = critical_counts(qpos_a, kpos_a, q_flags, k_flags, num_global=num_global, queries=queries)
     what = "critical tokens (keys at positions >= num_global) exceed max_critical ="
     overflow |= _check_counts(counts, max_critical, what)
 

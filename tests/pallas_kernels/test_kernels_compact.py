@@ -202,6 +202,18 @@ def test_compact_is_cheaper_rule():
     assert not pk.compact_is_cheaper(32768, 32768, window=64, max_critical=None, **kw)
 
 
+@pytest.mark.parametrize("queries", ["critical", "all"])
+def test_compact_bounds_cover_ten_percent_at_32k(queries):
+    """The public op's default at S=32k, window 1024, 10% critical (3277 tokens): rounded up to 4096, still the
+    compact path; bounds are ascending powers of two times the block, each one cheaper than the plain layout."""
+    bounds = pk.compact_bounds(32768, 32768, window=1024, num_global=4, queries=queries)
+    assert bounds[0] == 128 and list(bounds) == sorted(bounds) and 4096 in bounds
+    kw = dict(window=1024, num_global=4, queries=queries)
+    assert all(pk.compact_is_cheaper(32768, 32768, max_critical=m, **kw) for m in bounds)
+    assert not pk.compact_is_cheaper(32768, 32768, max_critical=2 * bounds[-1], **kw)
+    assert pk.compact_bounds(512, 512, window=512, num_global=4, queries=queries) == ()
+
+
 @functools.partial(jax.jit, static_argnames=("queries", "window", "num_global"))
 def _triton_case(q, k, v, pos, crit, seg, *, queries, window, num_global):
     kw = dict(window=window, num_global=num_global, queries=queries)
