@@ -139,6 +139,22 @@ def _gather_key_slots(spec: SRAMaskSpec, num_keys: int) -> tuple[Int[Array, "b s
     return slots, visible & allowed
 
 
+def _check_gather_bound(spec: SRAMaskSpec) -> None:
+    """Eager (concrete flags): a row with more critical keys than spec.max_critical is a ValueError. Under jit the
+    count is not known at trace time; `_gather` then returns NaN for that row instead of dropping keys."""
+    if spec.max_critical is None:
+        return
+    try:
+        most = int(jnp.max(jnp.sum(spec.k_critical, axis=1)))
+    except (jax.errors.TracerIntegerConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if most > spec.max_critical:
+        raise ValueError(
+            f"impl='gather': a row has {most} critical keys, more than spec.max_critical={spec.max_critical} "
+            "(raise max_critical, or leave it None to bound by the number of keys)"
+        )
+
+
 @partial(jax.jit, static_argnames=("sm_scale",))
 def _gather(
     q: Float[Array, "b sq hq d"],
@@ -147,7 +163,8 @@ def _gather(
     spec: SRAMaskSpec,
     sm_scale: float,
 ) -> Float[Array, "b sq hq d"]:
-    """Sparse reference: gathers O(window + num_global + max_critical) keys per query, never a [q, k] array."""
+    """Sparse reference: gathers O(window + num_global + max_critical) keys per query, never a [q, k] array.
+    A row with more critical keys than spec.max_critical returns NaN (it would otherwise drop keys silently)."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     slots, visible = _gather_key_slots(spec, k.shape[1])
@@ -155,8 +172,11 @@ def _gather(
     k_near, v_near = take(k, slots), take(v, slots)
     logits = jnp.einsum("bqhgd,bqchd->bhgqc", _group(q, hkv), k_near, preferred_element_type=jnp.float32) * sm_scale
     weights = _masked_softmax(logits, visible[:, None, None])
-    out = jnp.einsum("bhgqc,bqchd->bqhgd", weights, v_near.astype(jnp.float32))
-    return out.reshape(b, sq, hq, d).astype(q.dtype)
+    out = jnp.einsum("bhgqc,bqchd->bqhgd", weights, v_near.astype(jnp.float32)).reshape(b, sq, hq, d)
+    if spec.max_critical is not None:
+        overflow = jnp.sum(spec.k_critical, axis=1) > spec.max_critical
+        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+    return out.astype(q.dtype)
 
 
 def _check_cudnn_backend(implementation: str) -> None:
@@ -214,6 +234,7 @@ def attention(
         given = {"spec": spec} if spec is not None else {"mask": mask} if mask is not None else {}
         return pallas_attention(q, k, v, sm_scale=sm_scale, **given)
     if impl == "gather":
+        _check_gather_bound(spec)
         return _gather(q, k, v, spec, sm_scale)
     if impl != "reference" and mask is None:
         # Dense causal self-attention goes to the fused causal kernel with sequence lengths (no [q, k] mask or bias

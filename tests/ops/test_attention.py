@@ -141,6 +141,20 @@ def test_gather_handles_kv_cache_keys_with_padding_and_empty_slots():
         np.testing.assert_allclose(attention(q, k, v, spec=spec, impl=impl), expected, err_msg=impl, **TOL)
 
 
+def test_gather_refuses_more_critical_keys_than_max_critical():
+    """Eager: a ValueError naming the count and the bound; under jit (count unknown at trace time) the row that
+    overflows is NaN and the other row is exact, never a silent drop of critical keys."""
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    critical = jnp.zeros((2, 12), bool).at[0, jnp.array([1, 4, 7])].set(True).at[1, 2].set(True)
+    spec = SRAMaskSpec.create(positions, critical, window=2, num_global=0, max_critical=2)
+    q, k, v = qkv(9, 2, 12, 12, 2, 1)
+    with pytest.raises(ValueError, match="3 critical keys, more than spec.max_critical=2"):
+        attention(q, k, v, spec=spec, impl="gather")
+    got = jax.jit(lambda q, k, v, spec: attention(q, k, v, spec=spec, impl="gather"))(q, k, v, spec)
+    assert np.isnan(np.asarray(got[0])).all()
+    np.testing.assert_allclose(got[1], attention(q, k, v, spec=spec)[1], **TOL)
+
+
 def test_per_head_masks_and_decode_alignment():
     q, k, v = qkv(5, B, 2, S, HQ, HKV)
     mask = jnp.asarray(np.random.default_rng(6).random((B, HQ, 2, S)) < 0.5)
