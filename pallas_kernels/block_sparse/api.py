@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import reference
+from pallas_kernels.finite import exclude_nonfinite_keys
 from pallas_kernels.block_sparse import gpu, mosaic, mosaic_common
 from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout
@@ -143,14 +144,11 @@ def block_sparse_attention(
         if reason:
             raise ValueError(f"mosaic_gpu backend: {reason}")
     st = KernelCall(rule, scale, (q_fields, k_fields), backend, config or gpu.GpuConfig(), interpret, mosaic_config)
-    out = _attention(
+    out = exclude_nonfinite_keys(
+        lambda q, k, v: _attention(q, k, v, layout, q_tok, k_tok, st),
         pad_seq(q, layout.block_q, 0),
         pad_seq(k, layout.block_k, 0),
         pad_seq(v, layout.block_k, 0),
-        layout,
-        q_tok,
-        k_tok,
-        st,
     )
     return out[:, :sq]
 

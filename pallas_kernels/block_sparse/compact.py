@@ -39,6 +39,7 @@ from pallas_kernels.block_sparse import gpu
 from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout, sra_layout
 from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+from pallas_kernels.finite import exclude_nonfinite_keys
 
 QUERIES = ("critical", "all")
 LN2 = math.log(2.0)
@@ -493,5 +494,5 @@ def sra_compact_attention(
 
     plan = _Plan(layout_a, tokens_a, tokens_g, g_idx, layout_b, tokens_b, q_idx, k_idx)
     st = _Static(part_a, part_g, part_b, queries == "critical")
-    out = _compact(qa, ka, va, plan, st)[:, :sq]
+    out = exclude_nonfinite_keys(lambda q, k, v: _compact(q, k, v, plan, st), qa, ka, va)[:, :sq]
     return jnp.where(overflow[:, None, None, None], jnp.nan, out).astype(q.dtype)

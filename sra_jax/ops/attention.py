@@ -1,7 +1,8 @@
 """Masked multi-head attention with grouped kv heads, behind one entry point: `attention(q, k, v, ..., impl=...)`.
 
 q `[b, sq, hq, d]`, k / v `[b, sk, hkv, d]` with hkv dividing hq (GQA); output `[b, sq, hq, d]` in q's dtype.
-Softmax runs in float32. A query row with no visible key (padding) returns exactly 0 with zero gradient.
+Softmax runs in float32. A query row with no visible key (padding) returns exactly 0 with zero gradient. A
+non-finite key or value reaches only the rows that can see it (`pallas_kernels.finite`), on every impl.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
+from pallas_kernels.finite import exclude_nonfinite_keys
 from sra_jax.ops.masks import SRAMaskSpec
 
 IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
@@ -220,8 +222,7 @@ def attention(
     (Annotations are loose on purpose: shapes are checked here, with messages that name the problem.)
     """
     _validate(q, k, v, mask, spec, impl)
-    b, sq, _, d = q.shape
-    sk = k.shape[1]
+    d = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     if impl == "pallas":
         try:
@@ -235,6 +236,14 @@ def attention(
         return pallas_attention(q, k, v, sm_scale=sm_scale, **given)
     if impl == "gather":
         _check_gather_bound(spec)
+    attend = partial(_dense_or_gather, mask=mask, spec=spec, sm_scale=sm_scale, impl=impl)
+    return exclude_nonfinite_keys(attend, q, k, v)
+
+
+def _dense_or_gather(q, k, v, *, mask, spec, sm_scale, impl):
+    """Every impl but "pallas", on keys and values that are all finite (see `exclude_nonfinite_keys`)."""
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    if impl == "gather":
         return _gather(q, k, v, spec, sm_scale)
     if impl != "reference" and mask is None:
         # Dense causal self-attention goes to the fused causal kernel with sequence lengths (no [q, k] mask or bias
