@@ -310,8 +310,8 @@ def test_causal_by_index_without_mask_uses_the_fused_path_and_agrees():
 
 
 def _poisoned_keys(k, v, future: int, padding: int):
-    """k with NaN at key `future` (invisible to earlier rows) and v with inf at the padding slot `padding`."""
-    return k.at[:, future].set(jnp.nan), v.at[:, padding].set(jnp.inf)
+    """NaN k and -inf v at key `future` (invisible to earlier rows), inf v at the padding slot `padding`."""
+    return k.at[:, future].set(jnp.nan), v.at[:, future].set(-jnp.inf).at[:, padding].set(jnp.inf)
 
 
 @pytest.mark.parametrize(
@@ -319,7 +319,7 @@ def _poisoned_keys(k, v, future: int, padding: int):
     [("reference", True), ("gather", True), ("xla", True), ("xla", False), ("pallas", True), ("pallas", False)],
 )
 def test_nonfinite_keys_reach_only_the_rows_that_see_them(impl, use_spec):
-    """Issue 16: NaN in the k of key 5 (rows 0..4 cannot see it, a later position) and inf in the v of a padding
+    """Issue 16: NaN k and -inf v at key 5 (rows 0..4 cannot see it, a later position) and inf in the v of a padding
     slot: rows 0..4 and every row of the clean batch entry are exactly the clean output, with the clean
     gradients; the rows that do see key 5 are NaN (as in exact arithmetic). xla without a spec is the fused
     causal path (cuDNN's on a GPU); pallas runs the kernels' dense backend here (tests/pallas_kernels: Triton)."""

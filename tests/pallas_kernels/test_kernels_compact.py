@@ -250,13 +250,13 @@ def test_triton_interpret_bf16_all_queries(seed):
 
 
 def test_nonfinite_keys_reach_only_the_rows_that_see_them():
-    """Compact path (reference parts, then the Triton kernels in interpret mode): NaN in the k of critical token
-    21 (future for rows 0..20) and inf in the v of a padding slot; rows 0..20 and their gradients are the clean
+    """Compact path (reference parts, then the Triton kernels in interpret mode): NaN in the k and v of critical
+    token 21 (future for rows 0..20) and inf in the v of a padding slot; rows 0..20 and their gradients are the clean
     ones; critical rows after 21 see it and are NaN."""
     q, k, v = qkv(jax.random.PRNGKey(4), 1, 40, 40, 2, 1, 16, jnp.float32)
     pos = jnp.where(jnp.arange(40) < 32, jnp.arange(40), -1)[None]
     crit = jnp.zeros((1, 40), bool).at[0, jnp.array([3, 21, 25, 30])].set(True)
-    bad_k, bad_v = k.at[:, 21].set(jnp.nan), v.at[:, 35].set(jnp.inf)
+    bad_k, bad_v = k.at[:, 21].set(jnp.nan), v.at[:, 21].set(jnp.nan).at[:, 35].set(jnp.inf)
     kw = dict(window=4, num_global=1, queries="critical", max_critical=8)
     for extra in ({"backend": "reference"}, {"backend": "triton", "interpret": True, "block": 16, "config": TINY}):
 

@@ -126,12 +126,12 @@ def _window_loss_and_out(q, k, v, positions, backend):
 
 
 def test_gpu_nonfinite_keys_reach_only_the_rows_that_see_them():
-    """NaN in the k of token 21 (future for rows 0..20, in their diagonal tile) and inf in the v of a padding
+    """NaN in the k and v of token 21 (future for rows 0..20, in their diagonal tile) and inf in the v of a padding
     slot: rows 0..20 and their gradients are exactly the clean ones (Triton, interpret); rows 21..26 see token
     21 and are NaN."""
     q, k, v = qkv(jax.random.PRNGKey(3), 1, 40, 40, 2, 1, 16, jnp.float32)
     positions = jnp.where(jnp.arange(40) < 32, jnp.arange(40), -1)[None]
-    bad_k, bad_v = k.at[:, 21].set(jnp.nan), v.at[:, 35].set(jnp.inf)
+    bad_k, bad_v = k.at[:, 21].set(jnp.nan), v.at[:, 21].set(jnp.nan).at[:, 35].set(jnp.inf)
     (_, got), got_grads = _window_loss_and_out(q, bad_k, bad_v, positions, "triton")
     (_, want), want_grads = _window_loss_and_out(q, k, v, positions, "triton")
     np.testing.assert_array_equal(got[:, :21], want[:, :21])
