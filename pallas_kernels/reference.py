@@ -7,13 +7,18 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.block_sparse.layout import BlockLayout
-from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, make_rule_and_tokens, token_mask
 
 
 def masked_attention(q, k, v, mask, sm_scale: float) -> Array:
-    """Dense attention with a [b, h|1, q, k] bool mask; rows with nothing visible give zeros (and zero grads)."""
+    """Dense attention with a [b, h|1, q, k] bool mask; rows with nothing visible give zeros (and zero grads).
+    Masked keys are excluded with where(), never multiplied by 0: a non-finite key or value gives NaN in exactly
+    the rows that can see it."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
+    bad = ~(jnp.isfinite(k) & jnp.isfinite(v)).all(-1)  # [b, sk, hkv]
+    k = jnp.where(bad[..., None], 0, k)
+    v = jnp.where(bad[..., None], 0, v)
     qg = q.astype(jnp.float32).reshape(b, sq, hkv, hq // hkv, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * sm_scale
     mask = (
@@ -28,6 +33,9 @@ def masked_attention(q, k, v, mask, sm_scale: float) -> Array:
     l = p.sum(-1, keepdims=True)
     p = p / jnp.where(l > 0, l, 1.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
+    sees_bad = jnp.any(mask & bad.transpose(0, 2, 1)[:, :, None, None, :], axis=-1)  # [b, hkv, g|1, q]
+    sees_bad = jnp.broadcast_to(sees_bad, (b, hkv, hq // hkv, sq)).transpose(0, 3, 1, 2)[..., None]
+    out = jnp.where(sees_bad, jnp.nan, out)
     return out.reshape(b, sq, hq, d).astype(q.dtype)
 
 
@@ -57,8 +65,6 @@ def block_sparse_attention(
     sm_scale: float | None = None,
 ) -> Float[Array, "b sq hq d"]:
     """Reference of `pallas_kernels.block_sparse_attention` (same arguments)."""
-    from pallas_kernels.block_sparse.api import make_rule_and_tokens
-
     rule, tokens = make_rule_and_tokens(
         q,
         k,

@@ -35,9 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.block_sparse import api, gpu
+from pallas_kernels.block_sparse import gpu
+from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout, sra_layout
 from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+from pallas_kernels.finite import exclude_nonfinite_keys
 
 QUERIES = ("critical", "all")
 LN2 = math.log(2.0)
@@ -62,16 +64,60 @@ def estimated_blocks(
 
 
 def compact_is_cheaper(
-    seq_q: int, seq_k: int, *, window: int, num_global: int, max_critical: int | None, queries: str
+    seq_q: int,
+    seq_k: int,
+    *,
+    window: int,
+    num_global: int,
+    max_critical: int | None,
+    queries: str,
+    block: int = 128,
 ) -> bool:
     """The static rule `sra_jax` uses: the compact path when its estimated block count is at most half the
     plain layout's worst case (the other half pays for the gathers, the merge and the second kernel launch)."""
     if max_critical is None:
         return False
     compact, plain = estimated_blocks(
-        seq_q, seq_k, window=window, num_global=num_global, max_critical=max_critical, queries=queries
+        seq_q, seq_k, window=window, num_global=num_global, max_critical=max_critical, queries=queries, block=block
     )
     return 2 * compact <= plain
+
+
+def compact_bounds(
+    seq_q: int, seq_k: int, *, window: int, num_global: int, queries: str, block: int = 128
+) -> tuple[int, ...]:
+    """Ascending static bounds on critical tokens per row (block * 2^i, at most seq_k) at which the compact path
+    is cheaper than the plain layout: when no static bound is given, the caller rounds the counted critical
+    tokens up to the first of these (so nearby counts share one compiled program), or takes the plain layout when
+    the count is above them all. Rounding up costs at most 2x the bound, i.e. <= 4x the K x K part."""
+    bounds = []
+    bound = block
+    while bound < 2 * seq_k:
+        bound_k = min(bound, seq_k)
+        if not compact_is_cheaper(
+            seq_q, seq_k, window=window, num_global=num_global, max_critical=bound_k, queries=queries, block=block
+        ):
+            break
+        bounds.append(bound_k)
+        bound *= 2
+    return tuple(dict.fromkeys(bounds))
+
+
+def critical_counts(
+    q_positions: Int[Array, "b sq"],
+    k_positions: Int[Array, "b sk"],
+    q_critical: Bool[Array, "b sq"],
+    k_critical: Bool[Array, "b sk"],
+    *,
+    num_global: int,
+    queries: str,
+) -> Int[Array, " b"]:
+    """Per row, what `max_critical` must bound: critical keys at positions >= num_global (part B's keys) and,
+    for queries == "critical", the critical non-padding queries."""
+    counts = (jnp.asarray(k_critical, bool) & (k_positions >= num_global)).sum(1)
+    if queries == "critical":
+        counts = jnp.maximum(counts, (jnp.asarray(q_critical, bool) & (q_positions >= 0)).sum(1))
+    return counts.astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------- one part
@@ -86,7 +132,7 @@ class _Part:
     interpret: bool
 
     def _static(self, fields):
-        return api._Static(
+        return KernelCall(
             rule=self.rule,
             sm_scale=self.sm_scale,
             fields=fields,
@@ -97,8 +143,8 @@ class _Part:
 
 
 def _packed(tokens: TokenInfo):
-    q_tok, q_fields = api._pack({"pos": tokens.q_positions, "seg": tokens.q_segment_ids})
-    k_tok, k_fields = api._pack({"pos": tokens.k_positions, "seg": tokens.k_segment_ids})
+    q_tok, q_fields = pack_fields({"pos": tokens.q_positions, "seg": tokens.q_segment_ids})
+    k_tok, k_fields = pack_fields({"pos": tokens.k_positions, "seg": tokens.k_segment_ids})
     return q_tok, k_tok, (q_fields, k_fields)
 
 
@@ -378,9 +424,9 @@ def sra_compact_attention(
         k_segment_ids = segment_ids
     if (segment_ids is None) != (k_segment_ids is None):
         raise ValueError("segment ids must be given for both queries and keys, or for neither")
-    if backend not in api.BACKENDS:
-        raise ValueError(f"backend {backend!r} not in {api.BACKENDS}")
-    backend = api.resolve_backend(backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} not in {BACKENDS}")
+    backend = resolve_backend(backend)
     b, sq = q.shape[:2]
     sk = k.shape[1]
     scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
@@ -392,11 +438,11 @@ def sra_compact_attention(
 
     # Part A: the window band on the block-padded sequence (plus the global keys when segments are given).
     bq, bk = compact_block(sq, block), compact_block(sk, block)
-    qa = api._pad_seq(q, bq, 0)
-    ka, va = api._pad_seq(k, bk, 0), api._pad_seq(v, bk, 0)
-    qpos_a, kpos_a = api._pad_seq(q_positions, bq, -1), api._pad_seq(k_positions, bk, -1)
-    qseg_a = None if not has_seg else api._pad_seq(segment_ids, bq, 0)
-    kseg_a = None if not has_seg else api._pad_seq(k_segment_ids, bk, 0)
+    qa = pad_seq(q, bq, 0)
+    ka, va = pad_seq(k, bk, 0), pad_seq(v, bk, 0)
+    qpos_a, kpos_a = pad_seq(q_positions, bq, -1), pad_seq(k_positions, bk, -1)
+    qseg_a = None if not has_seg else pad_seq(segment_ids, bq, 0)
+    kseg_a = None if not has_seg else pad_seq(k_segment_ids, bk, 0)
     # Global keys get their own dense part (N x num_global) unless segments repeat them per segment: in the
     # band layout every query block would visit the first key block, a serial tail for the dK/dV pass.
     split_globals = num_global > 0 and not has_seg
@@ -420,11 +466,9 @@ def sra_compact_attention(
         tokens_g = TokenInfo(qpos_a, shift(_gather(kpos_a, g_idx, -1)))
         part_g = _Part(MaskRule(causal=True), scale, "reference", cfg, interpret)
 
-    k_flags = api._pad_seq(jnp.asarray(k_critical, bool), bk, False) & (kpos_a >= num_global)
-    q_flags = api._pad_seq(jnp.asarray(q_critical, bool), bq, False) & (qpos_a >= 0)
-    counts = k_flags.sum(1)
-    if queries == "critical":
-        counts = jnp.maximum(counts, q_flags.sum(1))
+    k_flags = pad_seq(jnp.asarray(k_critical, bool), bk, False) & (kpos_a >= num_global)
+    q_flags = pad_seq(jnp.asarray(q_critical, bool), bq, False) & (qpos_a >= 0)
+    counts = critical_counts(qpos_a, kpos_a, q_flags, k_flags, num_global=num_global, queries=queries)
     what = "critical tokens (keys at positions >= num_global) exceed max_critical ="
     overflow |= _check_counts(counts, max_critical, what)
 
@@ -450,5 +494,5 @@ def sra_compact_attention(
 
     plan = _Plan(layout_a, tokens_a, tokens_g, g_idx, layout_b, tokens_b, q_idx, k_idx)
     st = _Static(part_a, part_g, part_b, queries == "critical")
-    out = _compact(qa, ka, va, plan, st)[:, :sq]
+    out = exclude_nonfinite_keys(lambda q, k, v: _compact(q, k, v, plan, st), qa, ka, va)[:, :sq]
     return jnp.where(overflow[:, None, None, None], jnp.nan, out).astype(q.dtype)

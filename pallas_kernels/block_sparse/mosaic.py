@@ -13,72 +13,31 @@ The output and log2-domain logsumexp match the Triton forward exactly in meaning
 nothing visible, zeros out). The backward is the Mosaic GPU dQ and dK/dV kernels of `mosaic_bwd.py` (head_dim 64
 or 128), else the Triton ones of `gpu.py`.
 
-Imports of Mosaic GPU happen lazily (`_plgpu()`), so this module imports on any jax/jaxlib (CPU included).
+Imports of Mosaic GPU happen lazily (`mosaic_common.load_plgpu()`), so this module imports on any jax/jaxlib (CPU included).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_sparse import gpu
+from pallas_kernels.block_sparse import gpu, mosaic_bwd
 from pallas_kernels.block_sparse.layout import BlockLayout
+from pallas_kernels.block_sparse.mosaic_common import (
+    COMPUTE_WGS,
+    LOG2E,
+    NEG,
+    SMEM_LIMIT,
+    MosaicConfig,
+    available,  # noqa: F401 - part of this module's interface (mosaic.available())
+    load_plgpu,
+    tile_visible,
+)
 from pallas_kernels.block_sparse.token_mask import MaskRule
-
-LOG2E = math.log2(math.e)
-NEG = -1e30
-COMPUTE_WGS = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicConfig:
-    """Forward: block_q query rows per compute warpgroup (a CTA covers 2 * block_q rows); block_kv keys per
-    pipeline step (divides the layout's block_k); stages: shared-memory ring depth for K/V.
-    Backward (`mosaic_bwd.py`): backward="mosaic" (Mosaic GPU dQ and dK/dV kernels) or "triton" (the Triton
-    kernels of gpu.py); dq_block_kv keys per dQ step, dkv_block_q queries per dK/dV step, bwd_stages ring depth."""
-
-    block_q: int = 64
-    block_kv: int = 128
-    stages: int = 2
-    backward: str = "mosaic"
-    dq_block_kv: int = 128  # 128 vs 64: 22.60 vs 22.78 ms backward at S=32k, 100% (mgpu-bwd run 2)
-    dkv_block_q: int = 64
-    bwd_stages: int = 2
-
-    def __post_init__(self):
-        if self.block_q != 64:
-            raise ValueError(f"block_q={self.block_q}: a compute warpgroup owns exactly 64 rows (one wgmma M)")
-        if self.block_kv % 64 or self.block_kv <= 0:
-            raise ValueError(f"block_kv={self.block_kv} must be a positive multiple of 64")
-        if self.stages < 2:
-            raise ValueError(f"stages={self.stages} must be >= 2")
-        if self.backward not in ("mosaic", "triton"):
-            raise ValueError(f"backward={self.backward!r} must be 'mosaic' or 'triton'")
-        for name in ("dq_block_kv", "dkv_block_q"):
-            if getattr(self, name) not in (64, 128):
-                raise ValueError(f"{name}={getattr(self, name)} must be 64 or 128")
-        if self.bwd_stages < 2:
-            raise ValueError(f"bwd_stages={self.bwd_stages} must be >= 2")
-
-    @property
-    def rows_per_cta(self) -> int:
-        return COMPUTE_WGS * self.block_q
-
-    def smem_bytes(self, head_dim: int, itemsize: int, num_fields: int) -> int:
-        qo = COMPUTE_WGS * self.block_q * head_dim * itemsize
-        kv = 2 * self.stages * self.block_kv * head_dim * itemsize
-        tokens = 4 * (self.stages * num_fields * self.block_kv + COMPUTE_WGS * num_fields * self.block_q)
-        return qo + kv + tokens + 4 * COMPUTE_WGS * self.block_q
-
-
-SMEM_LIMIT = 227 * 1024
-
 
 def unsupported_reason(q_shape, dtype, layout: BlockLayout, config: MosaicConfig, num_fields: int = 1) -> str | None:
     """Why the Mosaic GPU forward cannot run these inputs (None when it can). Host-side, no GPU needed."""
@@ -96,53 +55,6 @@ def unsupported_reason(q_shape, dtype, layout: BlockLayout, config: MosaicConfig
     if need > SMEM_LIMIT:
         return f"shared memory {need} B > {SMEM_LIMIT} B (lower stages or block_kv)"
     return None
-
-
-def available() -> bool:
-    """Mosaic GPU importable and a Hopper-or-newer CUDA device present."""
-    try:
-        _plgpu()
-        dev = jax.devices()[0]
-    except Exception:  # noqa: BLE001 - any import/backend failure means "not available"
-        return False
-    if dev.platform != "gpu":
-        return False
-    cc = getattr(dev, "compute_capability", None)
-    try:
-        return cc is not None and float(cc) >= 9.0
-    except (TypeError, ValueError):
-        return False
-
-
-def _plgpu():
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415 - lazy: jaxlib may lack it
-
-    return plgpu
-
-
-def tile_visible(rule: MaskRule, qp, kp, qs=None, ks=None, qc=None, kc=None):
-    """The token rule of `token_mask.visible` on same-shaped tiles, written with the element-wise ops that
-    Mosaic GPU lowers (no abs, no implicit broadcasting of differently-shaped operands)."""
-    ok = (qp >= 0) & (kp >= 0)
-    if rule.causal:
-        ok = ok & (kp <= qp)
-    if rule.has_segments:
-        ok = ok & (qs == ks)
-    if rule.window is not None:
-        dist = qp - kp
-        near = dist < rule.window
-        if not rule.causal:
-            near = near & (kp - qp < rule.window)
-        keep = near | (kp == qp)
-        if rule.num_global:
-            keep = keep | (kp < rule.num_global)
-        if rule.has_k_critical:
-            crit = kc != 0
-            if rule.has_q_critical:
-                crit = crit & (qc != 0)
-            keep = keep | crit
-        ok = ok & keep
-    return ok
 
 
 def _fwd_kernel(
@@ -170,7 +82,7 @@ def _fwd_kernel(
     dtype,
     head_dim,
 ):
-    plgpu = _plgpu()
+    plgpu = load_plgpu()
 
     def load_vec(ref, layout):
         return plgpu.load(ref, (), layout=layout)
@@ -357,7 +269,7 @@ def forward(
             "mosaic_gpu backend: no interpret mode (the Mosaic GPU interpreter cannot run transposed wgmma "
             "operands); use backend='triton' with interpret=True on CPU"
         )
-    plgpu = _plgpu()
+    plgpu = load_plgpu()
     cfg = mosaic_config or MosaicConfig()
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
@@ -430,8 +342,6 @@ def forward(
 def backward(q, k, v, out, lse, do, layout, q_tok, k_tok, *, config, mosaic_config=None, interpret=False, **kw):
     """The Mosaic GPU dQ and dK/dV kernels (`mosaic_bwd.py`) when they take these inputs and the config asks for
     them; otherwise the Triton kernels (both consume this forward's lse unchanged)."""
-    from pallas_kernels.block_sparse import mosaic_bwd  # noqa: PLC0415 - mosaic_bwd imports this module
-
     cfg = mosaic_config or MosaicConfig()
     num_fields = max(q_tok.shape[1], k_tok.shape[1])
     if cfg.backward == "mosaic" and mosaic_bwd.unsupported_reason(q.shape, q.dtype, layout, cfg, num_fields) is None:

@@ -14,7 +14,7 @@ producer warpgroup of our forward (`mosaic.py`):
   transposed orientation (S^T = K Q^T, dP^T = V dO^T) so P^T and dS^T feed dV += P^T dO and dK += dS^T Q straight
   from registers; the group's query heads accumulate in the same registers and dK/dV are written once.
 
-Full blocks run without any token mask; partial blocks apply `mosaic.tile_visible` (the rule of
+Full blocks run without any token mask; partial blocks apply `mosaic_common.tile_visible` (the rule of
 `token_mask.visible`) to P before it is used. dQ and dK carry sm_scale. Imports of Mosaic GPU are lazy.
 """
 
@@ -28,12 +28,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sparse.layout import BlockLayout
-from pallas_kernels.block_sparse.mosaic import (
+from pallas_kernels.block_sparse.mosaic_common import (
     COMPUTE_WGS,
     LOG2E,
     SMEM_LIMIT,
     MosaicConfig,
-    _plgpu,
+    load_plgpu,
     tile_visible,
 )
 from pallas_kernels.block_sparse.token_mask import MaskRule
@@ -70,7 +70,7 @@ def unsupported_reason(q_shape, dtype, layout: BlockLayout, config: MosaicConfig
 
 
 def _transforms(dtype):
-    plgpu = _plgpu()
+    plgpu = load_plgpu()
     elems = 128 // jnp.dtype(dtype).itemsize
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
 
@@ -103,7 +103,7 @@ def _dq_kernel(
     dtype,
     head_dim,
 ):
-    plgpu = _plgpu()
+    plgpu = load_plgpu()
     bq = ROWS
     sub = block_k // bkv
     (q_smem2, do_smem2, ld_smem2, qt_smem2, k_smem, v_smem, kt_smem), own_bars, ring_bars, consumed = scoped
@@ -239,7 +239,7 @@ def _dkv_kernel(
     dtype,
     head_dim,
 ):
-    plgpu = _plgpu()
+    plgpu = load_plgpu()
     bkv = ROWS
     sub = block_q // bq
     (k_smem2, v_smem2, kt_smem2, q_smem, do_smem, ld_smem, qt_smem), own_bars, ring_bars, consumed = scoped
@@ -370,7 +370,7 @@ def backward(
     mosaic_config: MosaicConfig | None = None,
 ):
     """Returns (dq, dk, dv) from the forward's out and log2-domain lse (+inf on rows with nothing visible)."""
-    plgpu = _plgpu()
+    plgpu = load_plgpu()
     cfg = mosaic_config or MosaicConfig()
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]

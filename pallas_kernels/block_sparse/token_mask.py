@@ -83,3 +83,57 @@ def token_mask(rule: MaskRule, tokens: TokenInfo):
         col(tokens.q_critical),
         row(tokens.k_critical),
     )
+
+
+def make_rule_and_tokens(
+    q,
+    k,
+    *,
+    causal,
+    window,
+    num_global,
+    q_positions,
+    k_positions,
+    segment_ids,
+    k_segment_ids,
+    q_critical,
+    k_critical,
+) -> tuple[MaskRule, TokenInfo]:
+    """Defaults: keys are the queries when the lengths match (positions 0..s-1); otherwise the queries are the
+    last sq positions of the keys (chunked prefill)."""
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
+    if k_positions is None:
+        k_positions = (
+            q_positions
+            if (q_positions is not None and sq == sk)
+            else jnp.broadcast_to(jnp.arange(sk, dtype=jnp.int32), (b, sk))
+        )
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(sk - sq, sk, dtype=jnp.int32), (b, sq))
+    if k_segment_ids is None and segment_ids is not None:
+        if sq != sk:
+            raise ValueError(f"k_segment_ids is needed when query ({sq}) and key ({sk}) lengths differ")
+        k_segment_ids = segment_ids
+    if q_critical is not None and k_critical is None:
+        if sq != sk:
+            raise ValueError("k_critical is needed when query and key lengths differ")
+        k_critical = q_critical
+    as_int = lambda x: None if x is None else jnp.asarray(x).astype(jnp.int32)
+    rule = MaskRule(
+        causal=causal,
+        window=window,
+        num_global=num_global,
+        has_segments=segment_ids is not None,
+        has_k_critical=k_critical is not None,
+        has_q_critical=q_critical is not None,
+    )
+    tokens = TokenInfo(
+        as_int(q_positions),
+        as_int(k_positions),
+        as_int(segment_ids),
+        as_int(k_segment_ids),
+        as_int(q_critical),
+        as_int(k_critical),
+    )
+    return rule, tokens

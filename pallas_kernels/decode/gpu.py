@@ -69,10 +69,16 @@ def _decode_kernel(
     lo = jnp.maximum(start, length - t - window + 1)  # first band slot
 
     def attend(carry, slots, slot_ok, vis):
-        m, l, acc = carry
+        m, l, acc, seen_bad = carry
         safe = jnp.where(slot_ok, slots, 0)
         k = plgpu.load(k_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
         v = plgpu.load(v_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
+        # A slot with a non-finite k or v (x - x != 0) is zeroed and marks only the rows that see it: in p @ v its
+        # 0 weight for the other rows would still give 0 * NaN = NaN.
+        bad = jnp.max(((k - k != 0) | (v - v != 0)).astype(jnp.int32), axis=1) > 0
+        k = jnp.where(bad[:, None], jnp.zeros_like(k), k)
+        v = jnp.where(bad[:, None], jnp.zeros_like(v), v)
+        seen_bad = jnp.maximum(seen_bad, jnp.max((vis & bad[None, :]).astype(jnp.int32), axis=1))
         s = plgpu.dot(q, k, trans_b=True, **dot_kw) * scale
         s = jnp.where(vis, s, NEG)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -80,7 +86,7 @@ def _decode_kernel(
         p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
         l = l * alpha + p.sum(axis=-1)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, **dot_kw)
-        return m_new, l, acc
+        return m_new, l, acc, seen_bad
 
     def unit(i, carry):
         u = split + i * num_splits
@@ -113,12 +119,14 @@ def _decode_kernel(
         jnp.full((rows,), NEG, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
         jnp.zeros((rows, q.shape[1]), jnp.float32),
+        jnp.zeros((rows,), jnp.int32),
     )
     units = n_band + n_sink + (count + tile - 1) // tile
     carry = jax.lax.fori_loop(0, jnp.maximum(units - split + num_splits - 1, 0) // num_splits, unit, carry)
-    m, l, acc = carry
+    m, l, acc, seen_bad = carry
     nonempty = l > 0
-    plgpu.store(o_ref.at[r[:, None], cols], acc / jnp.where(nonempty, l, 1.0)[:, None])
+    out = jnp.where(seen_bad[:, None] > 0, jnp.nan, acc / jnp.where(nonempty, l, 1.0)[:, None])
+    plgpu.store(o_ref.at[r[:, None], cols], out)
     plgpu.store(lse_ref.at[r], jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), -jnp.inf))
 
 

@@ -87,6 +87,7 @@ def _decode_kernel(
     m_sc,
     l_sc,
     acc_sc,
+    bad_sc,
     *,
     scale,
     t,
@@ -224,6 +225,14 @@ def _decode_kernel(
             q = q_ref[h].astype(compute_dtype)  # [rows, d]: the query heads of group h
             k = k_buf[buf, :, h, :].astype(compute_dtype)  # [tile, d]
             v = v_buf[buf, :, h, :].astype(compute_dtype)
+            # A slot with a non-finite k or v (x - x != 0) is zeroed and marks only the rows that see it: in P @ V
+            # its 0 weight for the other rows would still give 0 * NaN = NaN.
+            bad = (((k - k) != 0) | ((v - v) != 0)).astype(jnp.float32)  # [tile, d]
+            bad_slot = bad.max(axis=1, keepdims=True) > 0  # [tile, 1]
+            k = jnp.where(bad_slot, jnp.zeros_like(k), k)
+            v = jnp.where(bad_slot, jnp.zeros_like(v), v)
+            hits = jax.lax.dot_general(jnp.ones((rows, k.shape[1]), jnp.float32), bad, _NT) > 0  # [rows, tile]
+            bad_sc[h] = jnp.maximum(bad_sc[h], jnp.where(vis & hits, 1.0, 0.0).max(axis=1, keepdims=True))
             s = jax.lax.dot_general(q, k, _NT, precision=precision, preferred_element_type=jnp.float32) * scale
             s = jnp.where(vis, s, NEG)
             m_prev = m_sc[h]
@@ -240,6 +249,7 @@ def _decode_kernel(
     m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    bad_sc[...] = jnp.zeros(bad_sc.shape, jnp.float32)
     # Buffer rows no copy fills (dead critical entries, rows past a sink tile) hold stale K/V of earlier units or,
     # before the first copy, whatever VMEM held: masked scores ignore K, but 0 * NaN in P @ V does not, so V starts
     # at zero (stale V is finite).
@@ -263,7 +273,7 @@ def _decode_kernel(
     jax.lax.fori_loop(0, n_units, body, 0)
     l = l_sc[...]
     nonempty = l > 0
-    o_ref[...] = acc_sc[...] / jnp.where(nonempty, l, 1.0)
+    o_ref[...] = jnp.where(bad_sc[...] > 0, jnp.nan, acc_sc[...] / jnp.where(nonempty, l, 1.0))
     lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log2(jnp.where(nonempty, l, 1.0)), -jnp.inf)
 
 
@@ -364,6 +374,7 @@ def decode_partials(
                 pltpu.VMEM((hkv, rows, 1), jnp.float32),
                 pltpu.VMEM((hkv, rows, 1), jnp.float32),
                 pltpu.VMEM((hkv, rows, d), jnp.float32),
+                pltpu.VMEM((hkv, rows, 1), jnp.float32),
             ],
         ),
         out_shape=[

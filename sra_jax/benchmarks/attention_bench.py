@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from pallas_kernels.block_sparse import mosaic
+from pallas_kernels.block_sparse import dispatch, gpu, mosaic, token_mask
 
 BLOCK = 128
 
@@ -317,12 +317,10 @@ def bench_decode(
 
 def tune(rec: Recorder, seq: int, configs: dict) -> None:
     """Forward, dQ and dK/dV passes timed alone for each tile configuration (dense causal and ~10% blocks)."""
-    from pallas_kernels.block_sparse import api, gpu
-
     d, h = 128, 16
     ks = jax.random.split(jax.random.PRNGKey(seq), 4)
     q, k, v, do = (jax.random.normal(kk, (1, seq, h, d), jnp.bfloat16) for kk in ks)
-    rule, tokens = api.make_rule_and_tokens(
+    rule, tokens = token_mask.make_rule_and_tokens(
         q,
         k,
         causal=True,
@@ -335,8 +333,8 @@ def tune(rec: Recorder, seq: int, configs: dict) -> None:
         q_critical=None,
         k_critical=None,
     )
-    q_tok, qf = api._pack({"pos": tokens.q_positions})
-    k_tok, kf = api._pack({"pos": tokens.k_positions})
+    q_tok, qf = dispatch.pack_fields({"pos": tokens.q_positions})
+    k_tok, kf = dispatch.pack_fields({"pos": tokens.k_positions})
     kw = {"rule": rule, "sm_scale": d**-0.5, "fields": (qf, kf)}
     n = seq // BLOCK
     for density in (1.0, 0.1):

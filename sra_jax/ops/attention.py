@@ -1,7 +1,8 @@
 """Masked multi-head attention with grouped kv heads, behind one entry point: `attention(q, k, v, ..., impl=...)`.
 
 q `[b, sq, hq, d]`, k / v `[b, sk, hkv, d]` with hkv dividing hq (GQA); output `[b, sq, hq, d]` in q's dtype.
-Softmax runs in float32. A query row with no visible key (padding) returns exactly 0 with zero gradient.
+Softmax runs in float32. A query row with no visible key (padding) returns exactly 0 with zero gradient. A
+non-finite key or value reaches only the rows that can see it (`pallas_kernels.finite`), on every impl.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
+from pallas_kernels.finite import exclude_nonfinite_keys
 from sra_jax.ops.masks import SRAMaskSpec
 
 IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
@@ -139,6 +141,22 @@ def _gather_key_slots(spec: SRAMaskSpec, num_keys: int) -> tuple[Int[Array, "b s
     return slots, visible & allowed
 
 
+def _check_gather_bound(spec: SRAMaskSpec) -> None:
+    """Eager (concrete flags): a row with more critical keys than spec.max_critical is a ValueError. Under jit the
+    count is not known at trace time; `_gather` then returns NaN for that row instead of dropping keys."""
+    if spec.max_critical is None:
+        return
+    try:
+        most = int(jnp.max(jnp.sum(spec.k_critical, axis=1)))
+    except (jax.errors.TracerIntegerConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if most > spec.max_critical:
+        raise ValueError(
+            f"impl='gather': a row has {most} critical keys, more than spec.max_critical={spec.max_critical} "
+            "(raise max_critical, or leave it None to bound by the number of keys)"
+        )
+
+
 @partial(jax.jit, static_argnames=("sm_scale",))
 def _gather(
     q: Float[Array, "b sq hq d"],
@@ -147,7 +165,8 @@ def _gather(
     spec: SRAMaskSpec,
     sm_scale: float,
 ) -> Float[Array, "b sq hq d"]:
-    """Sparse reference: gathers O(window + num_global + max_critical) keys per query, never a [q, k] array."""
+    """Sparse reference: gathers O(window + num_global + max_critical) keys per query, never a [q, k] array.
+    A row with more critical keys than spec.max_critical returns NaN (it would otherwise drop keys silently)."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     slots, visible = _gather_key_slots(spec, k.shape[1])
@@ -155,8 +174,11 @@ def _gather(
     k_near, v_near = take(k, slots), take(v, slots)
     logits = jnp.einsum("bqhgd,bqchd->bhgqc", _group(q, hkv), k_near, preferred_element_type=jnp.float32) * sm_scale
     weights = _masked_softmax(logits, visible[:, None, None])
-    out = jnp.einsum("bhgqc,bqchd->bqhgd", weights, v_near.astype(jnp.float32))
-    return out.reshape(b, sq, hq, d).astype(q.dtype)
+    out = jnp.einsum("bhgqc,bqchd->bqhgd", weights, v_near.astype(jnp.float32)).reshape(b, sq, hq, d)
+    if spec.max_critical is not None:
+        overflow = jnp.sum(spec.k_critical, axis=1) > spec.max_critical
+        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+    return out.astype(q.dtype)
 
 
 def _check_cudnn_backend(implementation: str) -> None:
@@ -200,8 +222,7 @@ def attention(
     (Annotations are loose on purpose: shapes are checked here, with messages that name the problem.)
     """
     _validate(q, k, v, mask, spec, impl)
-    b, sq, _, d = q.shape
-    sk = k.shape[1]
+    d = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     if impl == "pallas":
         try:
@@ -213,6 +234,15 @@ def attention(
             ) from error
         given = {"spec": spec} if spec is not None else {"mask": mask} if mask is not None else {}
         return pallas_attention(q, k, v, sm_scale=sm_scale, **given)
+    if impl == "gather":
+        _check_gather_bound(spec)
+    attend = partial(_dense_or_gather, mask=mask, spec=spec, sm_scale=sm_scale, impl=impl)
+    return exclude_nonfinite_keys(attend, q, k, v)
+
+
+def _dense_or_gather(q, k, v, *, mask, spec, sm_scale, impl):
+    """Every impl but "pallas", on keys and values that are all finite (see `exclude_nonfinite_keys`)."""
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     if impl == "gather":
         return _gather(q, k, v, spec, sm_scale)
     if impl != "reference" and mask is None:

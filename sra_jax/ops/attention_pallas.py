@@ -1,7 +1,8 @@
 """`attention(..., impl="pallas")`: SRA specs and masks translated into the block-sparse Pallas kernels.
 
-A `SRAMaskSpec` with a bounded critical set (`max_critical`) takes the compact path when it is cheaper (critical
-tokens gathered, see `pallas_kernels.sra_compact_attention`); otherwise it becomes a block layout built straight
+A `SRAMaskSpec` takes the compact path when it is cheaper (critical tokens gathered, see
+`pallas_kernels.sra_compact_attention`; the bound is `max_critical`, or the counted critical tokens rounded up to
+a bucket when the spec has none); otherwise it becomes a block layout built straight
 from the SRA rule (window band + global blocks + blocks holding critical keys) plus the same rule evaluated per
 token inside the visited blocks. Both are exact.
 The kernels evaluate rules, not arbitrary tables: a bare boolean `mask` runs the dense reference instead.
@@ -9,6 +10,9 @@ The kernels evaluate rules, not arbitrary tables: a bare boolean `mask` runs the
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
@@ -38,9 +42,14 @@ def pallas_attention(
     queries being the last sq keys). backend as in `pallas_kernels.block_sparse_attention` ("auto": on sm_90+ the
     Mosaic GPU forward and backward, Triton on other GPUs, Mosaic on TPU, the dense reference elsewhere).
     compact: gather the critical tokens into a compact K/V buffer (`pallas_kernels.sra_compact_attention`: band
-    kernel + K x K critical kernel, merged by log-sum-exp) instead of one block-sparse layout; None decides by
-    `pallas_kernels.compact_is_cheaper` (needs spec.max_critical; compact when its estimated kernel blocks are
-    at most half the plain layout's worst case, which is what scattered critical tokens cost)."""
+    kernel + K x K critical kernel, merged by log-sum-exp) instead of one block-sparse layout (True needs
+    spec.max_critical; False: the plain layout). None (default) picks the cheaper path by
+    `pallas_kernels.compact_is_cheaper` (compact when its estimated kernel blocks are at most half the plain
+    layout's worst case, which is what scattered critical tokens cost), with the bound being spec.max_critical
+    when set; otherwise the critical tokens are counted and rounded up to the first of
+    `pallas_kernels.compact_bounds` (eager: that path only; under jit: a `lax.switch` over the bounds and the
+    plain layout, each compiled, the branch read at run time), so the default never pays the plain layout's
+    worst case where the compact path is cheaper (docs/kernels.md lists which case takes which path)."""
     if spec is not None and mask is not None:
         raise ValueError("give spec or mask, not both")
     sq, sk = q.shape[1], k.shape[1]
@@ -66,14 +75,42 @@ def pallas_attention(
             backend=backend,
             interpret=interpret,
         )
-    if compact is None:
-        compact = pallas_kernels.compact_is_cheaper(
+    run = functools.partial(
+        _spec_attention, q, k, v, spec, scale=scale, block_q=block_q, bq=bq, bk=bk, backend=backend,
+        interpret=interpret,
+    )
+    if compact is False:
+        return run(None)
+    if spec.max_critical is not None:
+        cheaper = pallas_kernels.compact_is_cheaper(
             sq, sk, window=spec.window, num_global=spec.num_global, max_critical=spec.max_critical,
+            queries=spec.queries, block=block_q,
+        )
+        return run(spec.max_critical if cheaper or compact else None)
+    if compact:
+        raise ValueError("compact=True needs spec.max_critical (the static bound on critical tokens)")
+    bounds = pallas_kernels.compact_bounds(
+        sq, sk, window=spec.window, num_global=spec.num_global, queries=spec.queries, block=block_q
+    )
+    if not bounds:
+        return run(None)
+    need = jnp.max(
+        pallas_kernels.critical_counts(
+            spec.q_positions, spec.k_positions, spec.q_critical, spec.k_critical, num_global=spec.num_global,
             queries=spec.queries,
         )
-    if compact:
-        if spec.max_critical is None:
-            raise ValueError("compact=True needs spec.max_critical (the static bound on critical tokens)")
+    )
+    branch = jnp.searchsorted(jnp.asarray(bounds), need)  # len(bounds): above every bound, the plain layout
+    try:
+        chosen = int(branch)  # concrete flags (an eager call): run that branch only
+    except (jax.errors.TracerIntegerConversionError, jax.errors.ConcretizationTypeError):  # traced (under jit)
+        return jax.lax.switch(branch, [functools.partial(run, bound) for bound in bounds] + [lambda: run(None)])
+    return run(bounds[chosen] if chosen < len(bounds) else None)
+
+
+def _spec_attention(q, k, v, spec, max_critical, *, scale, block_q, bq, bk, backend, interpret):
+    """The compact path with static bound `max_critical`, or the plain SRA layout when it is None."""
+    if max_critical is not None:
         return pallas_kernels.sra_compact_attention(
             q,
             k,
@@ -85,7 +122,7 @@ def pallas_attention(
             window=spec.window,
             num_global=spec.num_global,
             queries=spec.queries,
-            max_critical=spec.max_critical,
+            max_critical=max_critical,
             segment_ids=spec.q_segment_ids,
             k_segment_ids=spec.k_segment_ids,
             sm_scale=scale,

@@ -141,6 +141,20 @@ def test_gather_handles_kv_cache_keys_with_padding_and_empty_slots():
         np.testing.assert_allclose(attention(q, k, v, spec=spec, impl=impl), expected, err_msg=impl, **TOL)
 
 
+def test_gather_refuses_more_critical_keys_than_max_critical():
+    """Eager: a ValueError naming the count and the bound; under jit (count unknown at trace time) the row that
+    overflows is NaN and the other row is exact, never a silent drop of critical keys."""
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    critical = jnp.zeros((2, 12), bool).at[0, jnp.array([1, 4, 7])].set(True).at[1, 2].set(True)
+    spec = SRAMaskSpec.create(positions, critical, window=2, num_global=0, max_critical=2)
+    q, k, v = qkv(9, 2, 12, 12, 2, 1)
+    with pytest.raises(ValueError, match="3 critical keys, more than spec.max_critical=2"):
+        attention(q, k, v, spec=spec, impl="gather")
+    got = jax.jit(lambda q, k, v, spec: attention(q, k, v, spec=spec, impl="gather"))(q, k, v, spec)
+    assert np.isnan(np.asarray(got[0])).all()
+    np.testing.assert_allclose(got[1], attention(q, k, v, spec=spec)[1], **TOL)
+
+
 def test_per_head_masks_and_decode_alignment():
     q, k, v = qkv(5, B, 2, S, HQ, HKV)
     mask = jnp.asarray(np.random.default_rng(6).random((B, HQ, 2, S)) < 0.5)
@@ -293,3 +307,35 @@ def test_causal_by_index_without_mask_uses_the_fused_path_and_agrees():
     q, k, v = qkv(12, B, S, S, HQ, HKV)
     want = naive_attention(q, k, v, np.tril(np.ones((B, S, S), bool)))
     np.testing.assert_allclose(attention(q, k, v, impl="xla"), want, **TOL)
+
+
+def _poisoned_keys(k, v, future: int, padding: int):
+    """NaN k and -inf v at key `future` (invisible to earlier rows), inf v at the padding slot `padding`."""
+    return k.at[:, future].set(jnp.nan), v.at[:, future].set(-jnp.inf).at[:, padding].set(jnp.inf)
+
+
+@pytest.mark.parametrize(
+    "impl, use_spec",
+    [("reference", True), ("gather", True), ("xla", True), ("xla", False), ("pallas", True), ("pallas", False)],
+)
+def test_nonfinite_keys_reach_only_the_rows_that_see_them(impl, use_spec):
+    """Issue 16: NaN k and -inf v at key 5 (rows 0..4 cannot see it, a later position) and inf in the v of a padding
+    slot: rows 0..4 and every row of the clean batch entry are exactly the clean output, with the clean
+    gradients; the rows that do see key 5 are NaN (as in exact arithmetic). xla without a spec is the fused
+    causal path (cuDNN's on a GPU); pallas runs the kernels' dense backend here (tests/pallas_kernels: Triton)."""
+    positions = jnp.array([[0, 1, 2, 3, 4, 5, 6, -1], [0, 1, 2, 3, 4, 5, 6, 7]])
+    spec = None
+    if use_spec:
+        critical = jnp.zeros((B, S), bool).at[:, 2].set(True)
+        spec = SRAMaskSpec.create(positions, critical, window=3, num_global=1, max_critical=MAX_CRITICAL)
+    q, k, v = qkv(11, B, S, S, HQ, HKV)
+    bad_k, bad_v = _poisoned_keys(k, v, future=5, padding=7)
+    bad_k, bad_v = bad_k.at[1].set(k[1]), bad_v.at[1].set(v[1])  # batch entry 1 stays clean
+    run = jax.jit(lambda q, k, v: attention(q, k, v, spec=spec, impl=impl))
+    loss = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v)[:, :5] ** 2), argnums=(0, 1, 2)))
+    got, want = run(q, bad_k, bad_v), run(q, k, v)
+    np.testing.assert_array_equal(got[:, :5], want[:, :5])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert np.isnan(np.asarray(got[0, 5:7])).all()  # rows 5 and 6 see key 5 (window 3)
+    for g, w in zip(loss(q, bad_k, bad_v), loss(q, k, v)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # same program on the same finite values

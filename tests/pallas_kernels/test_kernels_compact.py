@@ -202,6 +202,18 @@ def test_compact_is_cheaper_rule():
     assert not pk.compact_is_cheaper(32768, 32768, window=64, max_critical=None, **kw)
 
 
+@pytest.mark.parametrize("queries", ["critical", "all"])
+def test_compact_bounds_cover_ten_percent_at_32k(queries):
+    """The public op's default at S=32k, window 1024, 10% critical (3277 tokens): rounded up to 4096, still the
+    compact path; bounds are ascending powers of two times the block, each one cheaper than the plain layout."""
+    bounds = pk.compact_bounds(32768, 32768, window=1024, num_global=4, queries=queries)
+    assert bounds[0] == 128 and list(bounds) == sorted(bounds) and 4096 in bounds
+    kw = dict(window=1024, num_global=4, queries=queries)
+    assert all(pk.compact_is_cheaper(32768, 32768, max_critical=m, **kw) for m in bounds)
+    assert not pk.compact_is_cheaper(32768, 32768, max_critical=2 * bounds[-1], **kw)
+    assert pk.compact_bounds(512, 512, window=512, num_global=4, queries=queries) == ()
+
+
 @functools.partial(jax.jit, static_argnames=("queries", "window", "num_global"))
 def _triton_case(q, k, v, pos, crit, seg, *, queries, window, num_global):
     kw = dict(window=window, num_global=num_global, queries=queries)
@@ -235,3 +247,29 @@ def test_triton_interpret_bf16_all_queries(seed):
     out, grads, w = _triton_case(q, k, v, jnp.asarray(pos), jnp.asarray(crit), None, **kw)
     ref = _reference(q, k, v, rule_mask(pos, crit, np.zeros_like(pos), **kw), w)
     _assert_close((out, grads), ref, TOL[jnp.bfloat16])
+
+
+def test_nonfinite_keys_reach_only_the_rows_that_see_them():
+    """Compact path (reference parts, then the Triton kernels in interpret mode): NaN in the k and v of critical
+    token 21 (future for rows 0..20) and inf in the v of a padding slot; rows 0..20 and their gradients are the clean
+    ones; critical rows after 21 see it and are NaN."""
+    q, k, v = qkv(jax.random.PRNGKey(4), 1, 40, 40, 2, 1, 16, jnp.float32)
+    pos = jnp.where(jnp.arange(40) < 32, jnp.arange(40), -1)[None]
+    crit = jnp.zeros((1, 40), bool).at[0, jnp.array([3, 21, 25, 30])].set(True)
+    bad_k, bad_v = k.at[:, 21].set(jnp.nan), v.at[:, 21].set(jnp.nan).at[:, 35].set(jnp.inf)
+    kw = dict(window=4, num_global=1, queries="critical", max_critical=8)
+    for extra in ({"backend": "reference"}, {"backend": "triton", "interpret": True, "block": 16, "config": TINY}):
+
+        def loss(q, k, v, extra=extra):
+            out = pk.sra_compact_attention(
+                q, k, v, q_positions=pos, k_positions=pos, q_critical=crit, k_critical=crit, **kw, **extra
+            )
+            return jnp.sum(out[:, :21] ** 2), out
+
+        run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        ((_, got), got_grads), ((_, want), want_grads) = run(q, bad_k, bad_v), run(q, k, v)
+        np.testing.assert_array_equal(got[:, :21], want[:, :21])
+        assert np.isnan(np.asarray(got[:, jnp.array([21, 25, 30])])).all()
+        assert np.isfinite(np.asarray(got[:, 26:30])).all()  # not critical, window 4: cannot see 21
+        for g, w in zip(got_grads, want_grads):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # same program on the same finite values

@@ -183,3 +183,21 @@ def test_stacked_cache_layer_reads_that_layer():
         pk.sparse_decode_attention(q, kc, vc, lengths, layer=3, **kw)
     with pytest.raises(ValueError, match=r"\[b, L, hkv, d\]"):
         pk.sparse_decode_attention(q, kc, vc, lengths, **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_nonfinite_slots_reach_only_the_new_tokens_that_see_them(backend):
+    """3 new tokens in slots 37..39: NaN in the k and v of slot 39 (the last new token: the first two cannot see it), inf
+    in the v of a left-padding slot and of an empty slot past the length. The first two new tokens give exactly the
+    clean output; the last one sees slot 39 and gives NaN. Both combine paths for the kernel."""
+    q, kc, vc = qkv(jax.random.PRNGKey(21), 1, 3, L, 8, 2, D, jnp.float32)
+    lengths, kv_start = jnp.array([40]), jnp.array([2])
+    critical = jnp.array([[5, 20, 39, -1]])
+    bad_k, bad_v = kc.at[:, 39].set(jnp.nan), vc.at[:, 39].set(jnp.nan).at[:, jnp.array([0, 50])].set(jnp.inf)
+    kw = dict(window=6, num_global=1, critical_sorted=False, num_splits=3, skip_empty=False, backend=backend)
+    for combine in ("pallas", "xla") if backend == "triton" else ("xla",):
+        got = _decode(q, kc=bad_k, vc=bad_v, lengths=lengths, critical=critical, kv_start=kv_start, combine=combine,
+                      **kw)
+        want = _decode(q, kc=kc, vc=vc, lengths=lengths, critical=critical, kv_start=kv_start, combine=combine, **kw)
+        np.testing.assert_array_equal(got[:, :2], want[:, :2])
+        assert np.isnan(np.asarray(got[:, 2])).all()

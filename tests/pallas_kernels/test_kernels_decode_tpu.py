@@ -158,3 +158,19 @@ def test_tpu_decode_lowers_for_the_tpu_platform_on_cpu():
 
     lowered = jax.jit(step).trace(q, k, k, lengths, critical, counts).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 1
+
+
+def test_tpu_decode_nonfinite_slots_reach_only_the_new_tokens_that_see_them():
+    """3 new tokens in slots 37..39: NaN k and v in slot 39 (the first two new tokens cannot see it; it shares their
+    band tile), inf v in a left-padding slot and in an empty slot past the length (both copied with the band's
+    tiles). The first two new tokens give exactly the clean output; the last one sees slot 39 and gives NaN."""
+    q, kc, vc = qkv(jax.random.PRNGKey(22), 1, 3, L, 8, 2, D, jnp.float32)
+    lengths, kv_start = jnp.array([40]), jnp.array([34])
+    critical = jnp.array([[5, 20, 39, -1]])
+    bad_k = kc.at[:, 39].set(jnp.nan)
+    bad_v = vc.at[:, 39].set(jnp.nan).at[:, jnp.array([33, 41])].set(jnp.inf)
+    kw = dict(window=6, num_global=1, critical_sorted=False, num_splits=2, backend="tpu")
+    got = _decode(q, bad_k, bad_v, lengths, critical, kv_start, None, **kw)
+    want = _decode(q, kc, vc, lengths, critical, kv_start, None, **kw)
+    np.testing.assert_array_equal(got[:, :2], want[:, :2])
+    assert np.isnan(np.asarray(got[:, 2])).all()

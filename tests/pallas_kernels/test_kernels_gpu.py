@@ -108,3 +108,33 @@ def test_gpu_random_block_layout_gqa8_bf16_ragged_length(density, seed):
     assert rel_err(out, ref) < TOL[jnp.bfloat16]
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g, rg) < TOL[jnp.bfloat16]
+
+
+@functools.partial(jax.jit, static_argnames=("backend",))
+def _window_loss_and_out(q, k, v, positions, backend):
+    """Sliding window 6 over 40 tokens, the last 8 padding; loss on rows 0..19 only."""
+    layout = pk.sra_layout(positions, block_q=16, block_k=16, window=6)
+    extra = {"interpret": True, "config": TINY} if backend != "reference" else {}
+
+    def loss(q, k, v):
+        out = pk.block_sparse_attention(
+            q, k, v, layout, window=6, q_positions=positions, k_positions=positions, backend=backend, **extra
+        )
+        return jnp.sum(out[:, :20].astype(jnp.float32) ** 2), out
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+
+def test_gpu_nonfinite_keys_reach_only_the_rows_that_see_them():
+    """NaN in the k and v of token 21 (future for rows 0..20, in their diagonal tile) and inf in the v of a padding
+    slot: rows 0..20 and their gradients are exactly the clean ones (Triton, interpret); rows 21..26 see token
+    21 and are NaN."""
+    q, k, v = qkv(jax.random.PRNGKey(3), 1, 40, 40, 2, 1, 16, jnp.float32)
+    positions = jnp.where(jnp.arange(40) < 32, jnp.arange(40), -1)[None]
+    bad_k, bad_v = k.at[:, 21].set(jnp.nan), v.at[:, 21].set(jnp.nan).at[:, 35].set(jnp.inf)
+    (_, got), got_grads = _window_loss_and_out(q, bad_k, bad_v, positions, "triton")
+    (_, want), want_grads = _window_loss_and_out(q, k, v, positions, "triton")
+    np.testing.assert_array_equal(got[:, :21], want[:, :21])
+    assert np.isnan(np.asarray(got[:, 21:27])).all()
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # same kernels on the same finite values

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.block_sparse import api, mosaic, mosaic_bwd
+from pallas_kernels.block_sparse import dispatch, mosaic, mosaic_bwd, mosaic_common, token_mask
 from pallas_kernels.block_sparse.token_mask import MaskRule, visible
 
 ON_HOPPER = mosaic.available()
@@ -96,16 +96,16 @@ def test_auto_backend_choice(monkeypatch):
     lay = _layout()
     q = jnp.zeros((1, 512, 4, 128), jnp.bfloat16)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(mosaic, "available", lambda: True)
-    assert api.resolve_backend("auto", q, lay) == api.AUTO_GPU_FORWARD
+    monkeypatch.setattr(mosaic_common, "available", lambda: True)
+    assert dispatch.resolve_backend("auto", q, lay) == dispatch.AUTO_GPU_FORWARD
     # f32 and unsupported tilings fall back to Triton on the same GPU
-    assert api.resolve_backend("auto", q.astype(jnp.float32), lay) == "triton"
-    assert api.resolve_backend("auto", q, _layout(64, 64)) == "triton"
-    monkeypatch.setattr(mosaic, "available", lambda: False)
-    assert api.resolve_backend("auto", q, lay) == "triton"
+    assert dispatch.resolve_backend("auto", q.astype(jnp.float32), lay) == "triton"
+    assert dispatch.resolve_backend("auto", q, _layout(64, 64)) == "triton"
+    monkeypatch.setattr(mosaic_common, "available", lambda: False)
+    assert dispatch.resolve_backend("auto", q, lay) == "triton"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert api.resolve_backend("auto", q, lay) == "reference"
-    assert api.resolve_backend("mosaic_gpu", q, lay) == "mosaic_gpu"
+    assert dispatch.resolve_backend("auto", q, lay) == "reference"
+    assert dispatch.resolve_backend("mosaic_gpu", q, lay) == "mosaic_gpu"
 
 
 def test_mosaic_backend_rejects_unsupported_inputs_clearly():
@@ -206,12 +206,12 @@ def test_mosaic_forward_with_256_row_layout_blocks():
 @gpu_only
 def test_mosaic_forward_equals_triton_forward_and_lse():
     q, k, v, pos, lay, kw = _case(1, 1024, 4, 2, 128, jnp.bfloat16, 128, 0.5, {})
-    rule, tokens = api.make_rule_and_tokens(
+    rule, tokens = token_mask.make_rule_and_tokens(
         q, k, causal=True, window=None, num_global=0, q_positions=None, k_positions=None,
         segment_ids=None, k_segment_ids=None, q_critical=None, k_critical=None,
     )
-    qt, qf = api._pack({"pos": tokens.q_positions})
-    kt, kf = api._pack({"pos": tokens.k_positions})
+    qt, qf = dispatch.pack_fields({"pos": tokens.q_positions})
+    kt, kf = dispatch.pack_fields({"pos": tokens.k_positions})
     kw = dict(rule=rule, sm_scale=128**-0.5, fields=(qf, kf))
     o_m, lse_m = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, lay, qt, kt, **kw))(q, k, v)
     triton = lambda q, k, v: pk.block_sparse.gpu.forward(q, k, v, lay, qt, kt, config=pk.GpuConfig(), **kw)
@@ -378,12 +378,12 @@ def test_mosaic_backward_sra_rule_matches_reference(case):
 def test_mosaic_backward_equals_triton_backward():
     """Same forward residuals through both backward implementations."""
     q, k, v, pos, lay, kw = _case(2, 1024, 8, 2, 128, jnp.bfloat16, 128, 0.5, {})
-    rule, tokens = api.make_rule_and_tokens(
+    rule, tokens = token_mask.make_rule_and_tokens(
         q, k, causal=True, window=None, num_global=0, q_positions=pos, k_positions=None,
         segment_ids=None, k_segment_ids=None, q_critical=None, k_critical=None,
     )
-    qt, qf = api._pack({"pos": tokens.q_positions})
-    kt, kf = api._pack({"pos": tokens.k_positions})
+    qt, qf = dispatch.pack_fields({"pos": tokens.q_positions})
+    kt, kf = dispatch.pack_fields({"pos": tokens.k_positions})
     kw = dict(rule=rule, sm_scale=128**-0.5, fields=(qf, kf))
     out, lse = jax.jit(lambda q, k, v: mosaic.forward(q, k, v, lay, qt, kt, **kw))(q, k, v)
     do = jax.random.normal(jax.random.PRNGKey(3), q.shape, q.dtype)
