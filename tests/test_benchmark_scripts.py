@@ -15,9 +15,9 @@ def test_sra_decode_bench_paths_agree(tmp_path):
 
 
 def test_op_bench_runs_at_tiny_size(tmp_path):
-    """benchmarks/op_bench.py (the public op with default arguments vs dense, and prefill into cache slots)
+    """sra_jax/benchmarks/op_bench.py (the public op with default arguments vs dense, and prefill into cache slots)
     writes every row of the DESIGN.md record on CPU at a tiny size."""
-    from benchmarks import op_bench
+    from sra_jax.benchmarks import op_bench
 
     out = tmp_path / "op.json"
     assert op_bench.main(["--smoke", "--out", str(out)]) == 0

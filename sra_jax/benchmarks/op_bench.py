@@ -8,8 +8,8 @@ slots (a prompt prefilled into a longer cache, and a chunk prefilled after earli
 the same cache (`impl="cudnn"`). Shape B1 H32 (kv 8) D128 bf16 (Llama-3-8B attention). One JSON record in the
 DESIGN.md format; the first call's seconds (compile) are kept in every row.
 
-    PYTHONPATH=. python3 benchmarks/op_bench.py --out benchmarks/results/attention-op-2026-12-04.json
-    PYTHONPATH=. python3 benchmarks/op_bench.py --smoke --out /tmp/op.json   # CPU, tiny, reference backends
+    PYTHONPATH=. python3 -m sra_jax.benchmarks.op_bench --out benchmarks/results/attention-op-2026-12-04.json
+    PYTHONPATH=. python3 -m sra_jax.benchmarks.op_bench --smoke --out /tmp/op.json   # CPU, tiny, reference backends
 """
 
 from __future__ import annotations
