@@ -42,12 +42,9 @@ from flax import nnx
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.data import longhop
 from sra_jax.train import longhop_eval
-from sra_jax.train.checkpoint import Checkpointer
 from sra_jax.train.config import CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, TrainConfig
 from sra_jax.train.data import LonghopStream
 from sra_jax.train.loop import StopFlag, run
-from sra_jax.train.step import create_trainer
-from sra_jax.train import sharding
 
 HYPOTHESIS = (
     "Stated before running: at alpha = 0.1, SRA with the learned router keeps >= 90% of dense accuracy on the test "
@@ -83,16 +80,23 @@ class Scale:
 
 
 SCALES = {
-    # 2 shared CPU cores, ~12 minutes: one seed, one alpha, no CoT, no joint stage.
-    "cpu": Scale(task=longhop.LonghopConfig(context_len=256, longer_context_len=512, min_hops=1, max_hops=2,
-                                            num_vars=128, value_range=16, operand_max=3),
-                 layers=2, hidden=64, heads=4, window=16, base_steps=500, router_steps=100, batch_size=32,
-                 eval_size=256, alphas=(0.1,), seeds=(0,), cot=False, joint=False, learning_rate=3e-3,
-                 note="CPU run: 1 seed, alpha 0.1 only, no CoT variants and no joint stage (time on 2 shared cores)"),
+    # Seconds: every stage and variant (CoT and joint included) on a 1-layer model, for the tests.
+    "tiny": Scale(task=longhop.LonghopConfig(context_len=40, longer_context_len=64, min_hops=1, max_hops=2,
+                                             num_vars=16, value_range=8, operand_max=2, extra_test_hops=1),
+                  layers=1, hidden=32, heads=2, window=4, base_steps=2, router_steps=2, batch_size=8, eval_size=8,
+                  alphas=(0.25,), seeds=(0,), cot=True, joint=True, learning_rate=1e-3,
+                  note="tiny smoke setting: numbers mean nothing"),
+    # 2 shared CPU cores, ~12 minutes: one seed, three alphas, no CoT, no joint stage.
+    "cpu": Scale(task=longhop.LonghopConfig(context_len=128, longer_context_len=256, min_hops=1, max_hops=2,
+                                            num_vars=64, value_range=16, operand_max=3),
+                 layers=2, hidden=64, heads=4, window=8, base_steps=1000, router_steps=150, batch_size=32,
+                 eval_size=256, alphas=(0.05, 0.1, 0.2), seeds=(0,), cot=False, joint=False, learning_rate=3e-3,
+                 note="CPU run: 1 seed, alpha 0.05 / 0.1 / 0.2, no CoT variants and no joint stage (time on 2 "
+                      "shared cores); 128-token prompts, window 8"),
     # One H200, invocations of <= 8 minutes (--time-budget 420), resumable: 3 seeds, every alpha, CoT, joint.
-    "gpu": Scale(task=longhop.LonghopConfig(context_len=2048, longer_context_len=4096, min_hops=1, max_hops=3,
-                                            num_vars=1024, value_range=32, operand_max=5),
-                 layers=4, hidden=256, heads=8, window=64, base_steps=3000, router_steps=400, batch_size=32,
+    "gpu": Scale(task=longhop.LonghopConfig(context_len=1024, longer_context_len=2048, min_hops=1, max_hops=3,
+                                            num_vars=512, value_range=32, operand_max=5),
+                 layers=4, hidden=256, heads=8, window=32, base_steps=2000, router_steps=300, batch_size=16,
                  eval_size=512, alphas=(0.02, 0.05, 0.1, 0.2), seeds=(0, 1, 2), cot=True, joint=True,
                  learning_rate=1e-3, note="GPU run: 3 seeds, every alpha, CoT and joint stages"),
 }
@@ -184,23 +188,6 @@ class Experiment:
                                    directory=self.workdir / name)
         return config, self._run(name, config).state.params
 
-    def wrapped(self, base_params, form: str, seed: int, alpha: float, *, loss: LossConfig, steps: int, name: str):
-        """(config, trainer, state) of an SRA model holding the base's weights (fresh routers), and the config of a
-        router run starting from it. The start is written as the run's step-0 checkpoint unless the run has one."""
-        config = self.train_config(form, seed, sra=self.sra_config(alpha), loss=loss, steps=steps,
-                                   directory=self.workdir / name)
-        mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
-        trainer, state = create_trainer(config, mesh)
-        model = trainer.model(state.params)
-        nnx.update(model, base_params)
-        state = state.replace(params=nnx.state(model, nnx.Param))
-        directory = Path(config.checkpoint.dir)
-        with Checkpointer(directory, config.checkpoint) as manager:
-            if manager.latest_step() is None:
-                manager.save(state, step=0, force=True)
-                manager.wait()
-        return config, trainer, state
-
     def router(self, base_params, form: str, seed: int, alpha: float, kind: str):
         """A router trained from the base: "rl" (token penalty), "rl_kl" (+ KL to the dense teacher), "joint"
         (sl+rl of everything, starting from the rl_kl routers)."""
@@ -215,8 +202,9 @@ class Experiment:
         start = base_params
         if kind == "joint":
             start = self.router(base_params, form, seed, alpha, "rl_kl")
-        config, _, _ = self.wrapped(start, form, seed, alpha, loss=losses[kind], steps=self.scale.router_steps,
-                                    name=name)
+        config = self.train_config(form, seed, sra=self.sra_config(alpha), loss=losses[kind],
+                                   steps=self.scale.router_steps, directory=self.workdir / name)
+        longhop_eval.start_from(config, start)
         return self._run(name, config).state.params
 
     # -- evaluation ----------------------------------------------------------------------------------------------
@@ -229,9 +217,8 @@ class Experiment:
         sra_alpha = alpha if alpha and alpha < 1 else 0.1  # forced sets ignore critical_fraction
         config = self.train_config(form, seed, sra=self.sra_config(sra_alpha), loss=LossConfig(kind="sl"), steps=1,
                                    directory=self.workdir / "eval")
-        trainer, state = create_trainer(config, sharding.make_mesh(config.mesh.resolve(jax.device_count())))
+        trainer, state = longhop_eval.with_weights(config, params)
         model = trainer.model(state.params)
-        nnx.update(model, params)
         stream = LonghopStream(config.data, config.batch_size)
         for split in todo:
             batch = stream.eval_batch(self.scale.eval_size, split)

@@ -25,9 +25,32 @@ from jaxtyping import Bool
 from sra_jax.data import longhop
 from sra_jax.evals.text_tasks import wilson_interval
 from sra_jax.nn import attention_flops, router_flops
-from sra_jax.train import losses
+from sra_jax.train import losses, sharding
+from sra_jax.train.checkpoint import Checkpointer
+from sra_jax.train.config import TrainConfig
+from sra_jax.train.step import Trainer, TrainState, create_trainer
 
 CRITICAL_SOURCES = ("dense", "window", "random", "oracle", "learned")
+
+
+def with_weights(config: TrainConfig, params) -> tuple[Trainer, TrainState]:
+    """A fresh trainer and state of `config` (an SRA model) holding the weights in `params` (a dense base's
+    nnx.State, or another SRA model's); parameters missing from `params` (the routers) keep their initial values."""
+    trainer, state = create_trainer(config, sharding.make_mesh(config.mesh.resolve(jax.device_count())))
+    model = trainer.model(state.params)
+    nnx.update(model, params)
+    return trainer, state.replace(params=nnx.state(model, nnx.Param))
+
+
+def start_from(config: TrainConfig, params) -> None:
+    """Make `params` the step-0 checkpoint of `config`'s run (unless it has a checkpoint already), so
+    `sra_jax.train.loop.run(config)` trains from them: a router retrofitted onto a trained base in one process."""
+    if not config.checkpoint.dir:
+        raise ValueError("config.checkpoint.dir must be set: the start is written there as step 0")
+    with Checkpointer(config.checkpoint.dir, config.checkpoint) as manager:
+        if manager.latest_step() is None:
+            manager.save(with_weights(config, params)[1], step=0, force=True)
+            manager.wait()
 
 
 def critical_sets(source: str, batch: longhop.LonghopBatch, num_layers: int, *, alpha: float,
