@@ -60,8 +60,8 @@ from sra_jax.train.loop import run  # noqa: E402
 from sra_jax.train.step import build_model, create_trainer  # noqa: E402
 
 DATA = Path(os.environ.get("SRA_JAX_DATA", ROOT / ".." / "shared" / "data")).resolve()
-BASE_STEPS = 2 if TINY else 600
-ROUTER_STEPS = 1 if TINY else 60
+BASE_STEPS = 2 if TINY else demo.DEMO_STEPS
+ROUTER_STEPS = 1 if TINY else demo.DEMO_ROUTER_STEPS
 EVAL_SIZE = 16 if TINY else 256
 task = demo.DEMO_TASK
 print(f"TINY={TINY}: longhop {task}\nSRA {demo.DEMO_SRA}\nbase {BASE_STEPS} steps, routers {ROUTER_STEPS} steps")

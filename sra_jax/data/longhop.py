@@ -28,13 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from typing import Literal
 
 import numpy as np
 from jaxtyping import Bool, Int
 
-Split = Literal["train", "test", "new_values", "more_hops", "longer"]
-Form = Literal["direct", "cot"]
 SPLITS: tuple[str, ...] = ("train", "test", "new_values", "more_hops", "longer")
 FORMS: tuple[str, ...] = ("direct", "cot")
 HEADER_LEN, TAIL_LEN = 4, 3  # `bos ? xq ;` and `? xq =`

@@ -31,6 +31,7 @@ DEMO_TASK = longhop.LonghopConfig(context_len=128, longer_context_len=256, min_h
                                   value_range=16, operand_max=3)
 DEMO_SRA = SRAConfig(critical_fraction=0.1, window=16, num_global=longhop.HEADER_LEN, queries="all",
                      router_hidden=32)
+DEMO_STEPS, DEMO_ROUTER_STEPS = 800, 40  # dense base, then routers on the frozen base
 # Routers learn on the frozen base: policy gradient with a token penalty and KL to the dense teacher.
 DEMO_ROUTER_LOSS = LossConfig(kind="rl", token_penalty=0.1, group_size=4, entropy_weight=0.01, teacher_kl_weight=1.0)
 ROWS = (("dense", "dense"), ("window only", "window"), ("SRA random", "random"), ("SRA oracle", "oracle"),
@@ -60,8 +61,8 @@ def demo_config(sra: SRAConfig | None, *, steps: int, seed: int = 0, loss: LossC
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sra-jax demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the dense base")
-    parser.add_argument("--router-steps", type=int, default=40, help="router training steps (base frozen)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps of the dense base")
+    parser.add_argument("--router-steps", type=int, default=DEMO_ROUTER_STEPS, help="router training steps (base frozen)")
     parser.add_argument("--eval-size", type=int, default=256, help="held-out problems per row")
     parser.add_argument("--context-len", type=int, default=DEMO_TASK.context_len, help="prompt tokens")
     parser.add_argument("--seed", type=int, default=0)
