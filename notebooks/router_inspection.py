@@ -290,18 +290,16 @@ show(gsm_heatmaps(worst, "trained", last, "failure cases: questions where the tr
                   "numbers"), "router_gsm8k_failures")
 
 # %% [markdown]
-# **Conclusion (committed run).** *Synthetic (200 CPU steps, 256 held-out problems):* chain statements are 57.5% of
-# question tokens, so a random pick of the same size is right ~60% of the time. Layer 1's router beats that (precision
-# 75.4% vs 59.8%, recall 39.0% vs 30.9%); layer 0's does not (46.5%): it mostly keeps the first tokens, `=`/`;` and
-# the answer marker. *Failure cases:* the model answers 10.9% (28/256) of held-out problems right, a uniform guess,
-# and router recall does not separate right from wrong answers (layer-1 chain recall 40.4% vs 38.8%; accuracy 11.6%
-# above the median recall vs 9.5% below, within noise). The worst cases (chain recall 15%) show the pattern: the
-# router keeps the head of the question and the `?`/`#` marker and misses the later chain statements. *GSM8K (100 test
-# questions, 62 prompt tokens on average, 5.9% of them number tokens):* the CE-trained router (150 steps, solution CE
-# 9.98 -> 4.40) and the untrained one both keep 23.4% of the tokens. The untrained router keeps 23.6% / 23.3% of the
-# number tokens (layer 0 / 1), i.e. chance; the trained one keeps 0.0% / 11.8%, and in layer 1 73% of questions keep
-# no number at all. So this router learned to *avoid* the operands and keeps words (`does`, `make`, `take`, `in`,
-# nouns of the question) — a failure against the seeds' picture of a router that keeps the facts a solution needs,
-# and an expected one for a model this small trained only on next-token CE: it predicts the solution's wording from
-# the question's words and cannot use the numbers anyway. A router worth inspecting on GSM8K needs a converted pretrained
-# Llama 3 and the RL reward on correct answers (`sra_jax.train.lm_rl`), which this CPU notebook does not run.
+# **Conclusion (committed run).** *Longhop (800-step dense base, routers 40 policy-gradient steps with KL to the
+# dense teacher, 256 test problems, 128-token prompts, alpha = 0.1):* oracle tokens are 5.7% of the body. Layer 0's
+# router beats a random pick of its size a little (precision 8.4% vs 5.9%, recall 12.0% vs 8.4%); layer 1's is at
+# chance (6.5% vs 6.0%, recall 11.8% vs 11.0%). The heatmaps show why: the picks spread over look-alike statements and
+# rarely land on the chain. *Failure cases:* the model answers 18.0% (46/256; uniform guess 6.2%); oracle recall is
+# 14.7% on right answers vs 12.0% on wrong ones, and accuracy above the median recall (16.3%) is not higher than below
+# it (21.4%), so at this budget the router's picks do not decide the answer (the same weights given the oracle set
+# answer 47.7% in `sra-jax demo`). *GSM8K (100 test questions, 62 prompt tokens on average, 5.9% of them number
+# tokens):* the CE-trained router (150 steps, solution CE 9.99 -> 4.39) and the untrained one both keep 20.7% of the
+# tokens. The untrained router keeps 19.5% / 20.8% of the number tokens (layer 0 / 1), i.e. chance; the trained one keeps
+# 0.3% / 11.0%, and in layer 1 73% of questions keep no number at all: it learned to *avoid* the operands, an expected
+# failure for a model this small trained only on next-token CE. A router worth inspecting needs the longhop gpu scale
+# (`experiments/longhop.py --scale gpu`) or a converted pretrained Llama 3 with the RL reward on correct answers.
