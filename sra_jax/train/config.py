@@ -19,6 +19,7 @@ import yaml
 
 from sra_jax import configs
 from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: F401  (SRAConfig: type hints)
+from sra_jax.data.longhop import LonghopConfig, LonghopTokenizer
 from sra_jax.data.synthetic import SyntheticConfig
 
 
@@ -177,10 +178,13 @@ class DataConfig:
     path: str | None = None  # GSM8K / MATH: the folder holding gsm8k/, math/, llama3/
     pack: bool = False
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    longhop: LonghopConfig = dataclasses.field(default_factory=LonghopConfig)  # data.task="longhop"
 
     def __post_init__(self):
-        if self.task not in ("synthetic", "gsm8k", "math"):
-            raise ValueError(f"data.task={self.task!r} must be one of 'synthetic', 'gsm8k', 'math'")
+        if self.task not in ("synthetic", "longhop", "gsm8k", "math"):
+            raise ValueError(f"data.task={self.task!r} must be one of 'synthetic', 'longhop', 'gsm8k', 'math'")
+        if self.task == "longhop" and self.pack:
+            raise ValueError("data.pack=true is not available for data.task='longhop' (one problem per row)")
         if self.form not in ("direct", "cot"):
             raise ValueError(f"data.form={self.form!r} must be 'direct' or 'cot'")
         if self.seq_len < 2:
@@ -267,6 +271,10 @@ class TrainConfig:
             raise ValueError(f"loss.kind={self.loss.kind!r} trains the router, so `sra` must be set (it is null)")
         if self.data.task == "synthetic" and self.model.vocab_size < 99:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= 99 for the synthetic tokenizer")
+        longhop_vocab = LonghopTokenizer(self.data.longhop).vocab_size
+        if self.data.task == "longhop" and self.model.vocab_size < longhop_vocab:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= {longhop_vocab} for the longhop "
+                             f"tokenizer (data.longhop)")
         if self.data.task in ("gsm8k", "math") and self.model.vocab_size < 128256:  # Llama 3: 128000 BPE + 256 special
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= 128256 for the Llama 3 tokenizer "
                              f"(data.task={self.data.task!r})")

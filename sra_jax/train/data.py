@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from sra_jax.data import synthetic
+from sra_jax.data import longhop, synthetic
 from sra_jax.data.packing import PackingPlan, pack_rows
 from sra_jax.train.config import DataConfig, TrainConfig
 
@@ -126,6 +126,50 @@ class SyntheticStream:
         problems = synthetic.generate(self.data.synthetic, size or self.data.eval_size, split=split,
                                       seed=self.data.seed)
         return synthetic.make_batch(problems, self.tokenizer, self.data.seq_len, form=self.data.form)
+
+
+@dataclasses.dataclass(frozen=True)
+class LonghopStream:
+    """The longhop task (sra_jax.data.longhop) as [grad_accum, micro_batch, seq_len] numpy batches: stream row g is
+    train problem g of data.seed, one per row, right-padded."""
+
+    data: DataConfig
+    batch_size: int
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        needed = longhop.sequence_length(self.data.longhop, self.data.form)
+        if needed > self.data.seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} is too short: {self.data.form!r} longhop problems "
+                             f"need {needed} tokens")
+        if self.batch_size % (self.grad_accum * jax.process_count()):
+            raise ValueError(f"batch_size={self.batch_size} must divide evenly into grad_accum={self.grad_accum} "
+                             f"micro-batches over {jax.process_count()} processes")
+
+    @property
+    def tokenizer(self) -> longhop.LonghopTokenizer:
+        return longhop.LonghopTokenizer(self.data.longhop)
+
+    def describe(self) -> str:
+        cfg = self.data.longhop
+        return (f"data: longhop {self.data.form!r} problems (train split, seed {self.data.seed}), "
+                f"{cfg.context_len}-token contexts, {cfg.min_hops}-{cfg.max_hops} hops, one per row of {self.data.seq_len}")
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Batch number `step`: train problems [step * batch_size, (step + 1) * batch_size), one per row."""
+        batches = [self.rows(idx) for idx in stream_rows(step, self.batch_size, self.grad_accum)]
+        return {name: np.stack([getattr(b, name) for b in batches]) for name in BATCH_KEYS}
+
+    def rows(self, indices: list[int], split: str = "train") -> longhop.LonghopBatch:
+        examples = [longhop.make_example(self.data.longhop, split, self.data.seed, i) for i in indices]
+        return longhop.make_batch(examples, self.data.longhop, self.data.seq_len, self.data.form)
+
+    def eval_batch(self, size: int | None = None, split: str = "test") -> longhop.LonghopBatch:
+        """The first `size` (default data.eval_size) problems of `split`, padded to that split's own length."""
+        cfg = self.data.longhop
+        examples = longhop.generate(cfg, size or self.data.eval_size, split=split, seed=self.data.seed)
+        seq_len = max(self.data.seq_len, longhop.sequence_length(cfg, self.data.form, split))
+        return longhop.make_batch(examples, cfg, seq_len, self.data.form)
 
 
 def default_data_dir() -> Path:
@@ -236,10 +280,12 @@ class TextTaskStream:
         return {name: np.stack([getattr(b, name) for b in batches]) for name in BATCH_KEYS}
 
 
-def make_stream(config: TrainConfig) -> SyntheticStream | TextTaskStream:
+def make_stream(config: TrainConfig) -> SyntheticStream | LonghopStream | TextTaskStream:
     """The training stream of `config.data.task`."""
     if config.data.task == "synthetic":
         return SyntheticStream(config.data, config.batch_size, config.grad_accum)
+    if config.data.task == "longhop":
+        return LonghopStream(config.data, config.batch_size, config.grad_accum)
     stream = TextTaskStream(config.data, config.batch_size, config.grad_accum)
     if config.model.vocab_size < stream.tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the Llama 3 tokenizer's "

@@ -1,0 +1,388 @@
+"""Does a learned router find the tokens that matter? Dense, window-only, random, oracle and learned critical sets
+(and chain of thought) on the long-context multi-hop task (sra_jax.data.longhop), at matched budgets alpha.
+
+Per seed:
+  1. base      a dense Llama trained on longhop (direct answers; with CoT variants also one on the CoT form), through
+               `sra_jax.train.loop.run` with checkpoints in WORKDIR (resumable).
+  2. forced    the base wrapped with SRA layers (queries="all") and a forced critical set: `dense` (every token:
+               exactly causal attention), `window` (no token: window + globals), `random` (alpha * tokens uniformly),
+               `oracle` (the answer key: the chain's statements).
+  3. learned   routers trained on the frozen base (loss.kind="rl": only router parameters move) with reward
+               correctness - token_penalty * selected fraction, without (`learned_rl`) and with KL to the dense
+               teacher (`learned_rl_kl`); the gpu scale then trains router and base jointly from `learned_rl_kl`
+               (`learned_joint`, loss.kind="sl+rl"). The base reaches the router run as its step-0 checkpoint (one
+               process, no export); with `init: {from:, trainable: router}` in TrainConfig this becomes
+               `init.from=<base export>` and nothing else changes.
+  4. cot       `cot_dense` (the CoT base, dense) and `cot_sra` (a router trained on the CoT base) when the scale has CoT.
+Every variant answers the held-out splits test / new_values / more_hops / longer (longer: contexts past the trained
+length). Rows are appended to WORKDIR/rows.jsonl as they finish and skipped when present, so an invocation cut by
+--time-budget (or killed) resumes where it stopped; every invocation rewrites the results JSON + MD.
+
+    python experiments/longhop.py --scale cpu                       # ~12 min on 2 CPU cores
+    python experiments/longhop.py --scale gpu --time-budget 420     # repeat until it prints "all rows done"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.data import longhop
+from sra_jax.train import longhop_eval
+from sra_jax.train.config import CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, TrainConfig
+from sra_jax.train.data import LonghopStream
+from sra_jax.train.loop import StopFlag, run
+
+HYPOTHESIS = (
+    "At alpha = 0.1, SRA with the learned router keeps >= 90% of dense accuracy on the test "
+    "split where window-only falls to chance (1 / value_range); random critical tokens sit between window-only and "
+    "dense; the oracle set is about dense. Router recall against the oracle is well above alpha (random's recall). "
+    "On the longer split every variant loses accuracy, and the selective ones no more than dense."
+)
+SPLITS = ("test", "new_values", "more_hops", "longer")
+ROW_KEYS = ("variant", "alpha", "seed", "context_len", "split", "accuracy", "ci_low", "ci_high",
+            "attention_flops_vs_dense", "total_flops_vs_dense", "latency_ms", "selected_fraction",
+            "router_precision", "router_recall")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes of one invocation preset."""
+
+    task: longhop.LonghopConfig
+    layers: int
+    hidden: int
+    heads: int
+    window: int
+    base_steps: int
+    router_steps: int
+    batch_size: int
+    eval_size: int
+    alphas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    cot: bool
+    joint: bool
+    learning_rate: float
+    note: str
+
+
+SCALES = {
+    # Seconds: the direct-answer stages and variants on a 1-layer model, for the tests (CoT and joint: gpu only).
+    "tiny": Scale(task=longhop.LonghopConfig(context_len=40, longer_context_len=64, min_hops=1, max_hops=2,
+                                             num_vars=16, value_range=8, operand_max=2, extra_test_hops=1),
+                  layers=1, hidden=32, heads=2, window=4, base_steps=2, router_steps=2, batch_size=8, eval_size=8,
+                  alphas=(0.25,), seeds=(0,), cot=False, joint=False, learning_rate=1e-3,
+                  note="tiny smoke setting: numbers mean nothing"),
+    # 2 shared CPU cores, ~12 minutes: one seed, three alphas, no CoT, no joint stage.
+    "cpu": Scale(task=longhop.LonghopConfig(context_len=128, longer_context_len=256, min_hops=1, max_hops=2,
+                                            num_vars=64, value_range=16, operand_max=3),
+                 layers=2, hidden=64, heads=4, window=8, base_steps=1000, router_steps=150, batch_size=32,
+                 eval_size=256, alphas=(0.05, 0.1, 0.2), seeds=(0,), cot=False, joint=False, learning_rate=3e-3,
+                 note="CPU run: 1 seed; alpha 0.05 / 0.1 (the alpha 0.2 rows did not fit the time on 2 shared "
+                      "cores); no CoT variants, no joint stage; 128-token prompts, window 8; latency measured on a "
+                      "CPU shared with other jobs (noisy)"),
+    # One H200, invocations of <= 8 minutes (--time-budget 420), resumable: 3 seeds, every alpha, CoT, joint.
+    "gpu": Scale(task=longhop.LonghopConfig(context_len=1024, longer_context_len=2048, min_hops=1, max_hops=3,
+                                            num_vars=512, value_range=32, operand_max=5),
+                 layers=6, hidden=512, heads=8, window=32, base_steps=2000, router_steps=200, batch_size=16,
+                 eval_size=512, alphas=(0.02, 0.05, 0.1, 0.2), seeds=(0, 1, 2), cot=True, joint=True,
+                 learning_rate=1e-3, note="GPU run: 3 seeds, every alpha, CoT and joint stages"),
+}
+
+
+class OutOfTime(Exception):
+    """The invocation's --time-budget is spent; the next invocation resumes."""
+
+
+class Experiment:
+    def __init__(self, scale_name: str, workdir: Path, results_dir: Path, time_budget: float | None,
+                 overrides: dict[str, Any]):
+        self.scale_name = scale_name
+        self.scale = dataclasses.replace(SCALES[scale_name], **overrides)
+        self.workdir, self.results_dir = workdir, results_dir
+        self.deadline = None if time_budget is None else time.monotonic() + time_budget
+        workdir.mkdir(parents=True, exist_ok=True)
+        meta_path = workdir / "meta.json"
+        if not meta_path.exists():
+            meta_path.write_text(json.dumps({"date": datetime.date.today().isoformat(), "scale": scale_name}))
+        self.meta = json.loads(meta_path.read_text())
+        self.rows_path = workdir / "rows.jsonl"
+        self.rows = [json.loads(line) for line in self.rows_path.read_text().splitlines()] if self.rows_path.exists() else []
+        self.done = {self._key(r) for r in self.rows}
+        self.training_tokens: dict[str, int] = self.meta.get("training_tokens", {})
+
+    @staticmethod
+    def _key(row: dict[str, Any]) -> tuple:
+        return row["variant"], row["alpha"], row["seed"], row["split"]
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime
+
+    # -- configs -------------------------------------------------------------------------------------------------
+    def model_config(self) -> LlamaConfig:
+        s = self.scale
+        return LlamaConfig.tiny(vocab_size=longhop.LonghopTokenizer(s.task).vocab_size, hidden_size=s.hidden,
+                                intermediate_size=3 * s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                                num_key_value_heads=max(1, s.heads // 2),
+                                max_position_embeddings=longhop.sequence_length(s.task, "cot", "longer"))
+
+    def sra_config(self, alpha: float) -> SRAConfig:
+        return SRAConfig(critical_fraction=alpha, window=self.scale.window, num_global=longhop.HEADER_LEN,
+                         queries="all", router_hidden=32, selection="gumbel_topk")
+
+    def train_config(self, form: str, seed: int, *, sra: SRAConfig | None, loss: LossConfig, steps: int,
+                     directory: Path) -> TrainConfig:
+        s = self.scale
+        return TrainConfig(
+            model=self.model_config(), sra=sra,
+            optim=OptimConfig(learning_rate=s.learning_rate, warmup_steps=min(50, steps // 5)),
+            loss=loss,
+            data=DataConfig(task="longhop", form=form, seq_len=longhop.sequence_length(s.task, form), seed=seed,
+                            eval_size=s.eval_size, longhop=s.task),
+            checkpoint=CheckpointConfig(dir=str(directory / "checkpoints"), every=100, keep=1),
+            log=LogConfig(dir=str(directory), tensorboard=False, progress=False),
+            steps=steps, batch_size=s.batch_size, seed=seed,
+        )
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def _run(self, name: str, config: TrainConfig):
+        """loop.run with a stop flag raised when the time budget runs out (the loop then checkpoints and returns)."""
+        stop = StopFlag()
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                stop.signal = signal.SIGTERM
+
+        print(f"[{name}] training {config.steps} steps", flush=True)
+        result = run(config, on_step=on_step, stop=stop, description=name)
+        if result.reason == "preempted":
+            raise OutOfTime
+        if result.reason != "finished":
+            raise RuntimeError(f"{name}: training stopped ({result.reason})")
+        tail = result.history[-10:]
+        if tail:
+            print(f"[{name}] done: loss {np.mean([h['loss'] for h in tail]):.3f}, train accuracy "
+                  f"{np.mean([h['accuracy'] for h in tail]):.3f}", flush=True)
+        self.training_tokens[name] = config.steps * config.batch_size * config.data.seq_len
+        self.meta["training_tokens"] = self.training_tokens
+        (self.workdir / "meta.json").write_text(json.dumps(self.meta))
+        return result
+
+    def base(self, form: str, seed: int):
+        """The trained dense base (nnx.State of its params) for `form`."""
+        name = f"base-{form}-seed{seed}"
+        config = self.train_config(form, seed, sra=None, loss=LossConfig(kind="sl"), steps=self.scale.base_steps,
+                                   directory=self.workdir / name)
+        return config, self._run(name, config).state.params
+
+    def router(self, base_params, form: str, seed: int, alpha: float, kind: str):
+        """A router trained from the base: "rl" (token penalty), "rl_kl" (+ KL to the dense teacher), "joint"
+        (sl+rl of everything, starting from the rl_kl routers)."""
+        name = f"router-{form}-{kind}-a{alpha}-seed{seed}"
+        losses = {
+            "rl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, entropy_weight=0.01),
+            "rl_kl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, entropy_weight=0.01,
+                                teacher_kl_weight=1.0),
+            "joint": LossConfig(kind="sl+rl", token_penalty=0.1, group_size=4, entropy_weight=0.01,
+                                teacher_kl_weight=1.0),
+        }
+        start = base_params
+        if kind == "joint":
+            start = self.router(base_params, form, seed, alpha, "rl_kl")
+        config = self.train_config(form, seed, sra=self.sra_config(alpha), loss=losses[kind],
+                                   steps=self.scale.router_steps, directory=self.workdir / name)
+        longhop_eval.start_from(config, start)
+        return self._run(name, config).state.params
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self, variant: str, source: str, params, form: str, seed: int, alpha: float | None) -> None:
+        """Rows of `variant` on every split (skipping those already in rows.jsonl)."""
+        todo = [split for split in SPLITS if (variant, alpha, seed, split) not in self.done]
+        if not todo:
+            return
+        self.check_time()
+        sra_alpha = alpha if alpha and alpha < 1 else 0.1  # forced sets ignore critical_fraction
+        config = self.train_config(form, seed, sra=self.sra_config(sra_alpha), loss=LossConfig(kind="sl"), steps=1,
+                                   directory=self.workdir / "eval")
+        trainer, state = longhop_eval.with_weights(config, params)
+        model = trainer.model(state.params)
+        stream = LonghopStream(config.data, config.batch_size)
+        for split in todo:
+            batch = stream.eval_batch(self.scale.eval_size, split)
+            metrics = longhop_eval.score(model, batch, source, alpha=sra_alpha, seed=seed)
+            row = {"variant": variant, "alpha": alpha, "seed": seed, "context_len": self.scale.task.context_for(split),
+                   "split": split, **{k: metrics[k] for k in ROW_KEYS if k in metrics},
+                   "n": metrics["n"], "generated_tokens": metrics["generated_tokens"], "form": form}
+            self.rows.append(row)
+            self.done.add(self._key(row))
+            with self.rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"  {variant:14s} alpha={alpha} {split:10s} acc {row['accuracy']:.3f} "
+                  f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] attn {row['attention_flops_vs_dense']:.2f}x "
+                  f"sel {row['selected_fraction']:.3f} P/R {row['router_precision']:.2f}/{row['router_recall']:.2f}",
+                  flush=True)
+
+    def needs(self, variant: str, seed: int, alphas) -> bool:
+        return any((variant, a, seed, split) not in self.done for a in alphas for split in SPLITS)
+
+    def run(self) -> bool:
+        """Every row of the scale; False when the time budget stopped it first."""
+        s = self.scale
+        try:
+            for seed in s.seeds:
+                forms = ("direct", "cot") if s.cot else ("direct",)
+                for form in forms:
+                    prefix = "" if form == "direct" else "cot_"
+                    fixed = [("dense", "dense", 1.0)] if form == "cot" else [
+                        ("dense", "dense", 1.0), ("window", "window", 0.0), ("oracle", "oracle", None)]
+                    learned_kinds = (["rl", "rl_kl"] + (["joint"] if s.joint else [])) if form == "direct" else ["rl"]
+                    variants = [prefix + v for v, _, _ in fixed] + (["random"] if form == "direct" else []) + [
+                        f"learned_{k}" if form == "direct" else "cot_sra" for k in learned_kinds]
+                    if not any(self.needs(v, seed, [a]) for v, _, a in fixed) and not any(
+                            self.needs(v, seed, s.alphas) for v in variants[len(fixed):]):
+                        continue
+                    self.check_time()
+                    _, base = self.base(form, seed)
+                    for variant, source, alpha in fixed:
+                        self.evaluate(prefix + variant, source, base, form, seed, alpha)
+                    for alpha in s.alphas:
+                        if form == "direct":
+                            self.evaluate("random", "random", base, form, seed, alpha)
+                        for kind in learned_kinds:
+                            variant = f"learned_{kind}" if form == "direct" else "cot_sra"
+                            if self.needs(variant, seed, [alpha]):
+                                self.check_time()
+                                params = self.router(base, form, seed, alpha, kind)
+                                self.evaluate(variant, "learned", params, form, seed, alpha)
+        except OutOfTime:
+            print("time budget spent: run the same command again to resume", flush=True)
+            return False
+        finally:
+            self.write()
+        print("all rows done", flush=True)
+        return True
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def write(self) -> tuple[Path, Path]:
+        device = jax.devices()[0]
+        device_name = "cpu" if device.platform == "cpu" else device.device_kind.lower().replace(" ", "-")
+        stem = self.results_dir / f"longhop-{device_name}-{self.meta['date']}"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        model = self.model_config()
+        params = count_parameters(model)
+        s = self.scale
+        record = {
+            "hypothesis": HYPOTHESIS,
+            "device": device.device_kind, "date": self.meta["date"], "scale": self.scale_name, "note": s.note,
+            "versions": {"jax": jax.__version__, "flax": _version("flax"), "python": platform.python_version(),
+                         "numpy": np.__version__},
+            "model": {**model.to_hf(), "parameters": params}, "sra": dataclasses.asdict(self.sra_config(0.1)),
+            "task": dataclasses.asdict(s.task), "chance": 1.0 / s.task.value_range,
+            "training_tokens": self.training_tokens,
+            "training": {"base_steps": s.base_steps, "router_steps": s.router_steps, "batch_size": s.batch_size,
+                         "learning_rate": s.learning_rate},
+            "eval_size": s.eval_size, "seeds": list(s.seeds), "alphas": list(s.alphas),
+            "rows": self.rows,
+        }
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(record))
+        return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def count_parameters(model: LlamaConfig) -> int:
+    """Parameters of the dense model (no routers), counted from its abstract state."""
+    from sra_jax.nn import Llama
+
+    _, state, _ = jax.eval_shape(lambda: nnx.split(Llama(model, rngs=nnx.Rngs(0)), nnx.Param, ...))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The results page: hypothesis first, then one table per split (rows pooled over seeds: accuracy is the mean
+    of the seeds; the CI is the Wilson interval of the pooled counts)."""
+    from sra_jax.evals.text_tasks import wilson_interval
+
+    lines = [f"# longhop on {record['device']} ({record['date']}, scale {record['scale']})", "",
+             f"**Hypothesis (stated before running).** {record['hypothesis']}", "",
+             f"{record['note']}. Model: {record['model']['num_hidden_layers']} layers, "
+             f"hidden {record['model']['hidden_size']}, {record['model']['parameters']:,} parameters; "
+             f"training tokens per run: {record['training_tokens']}. Task: {record['task']}. "
+             f"Chance = {record['chance']:.3f}. SRA: window {record['sra']['window']}, "
+             f"num_global {record['sra']['num_global']}, queries 'all'.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for row in record["rows"]:
+        groups.setdefault((row["split"], row["variant"], row["alpha"]), []).append(row)
+    header = ("| variant | alpha | seeds | L | accuracy | 95% CI | attn FLOPs vs dense | total FLOPs vs dense | "
+              "selected | router P | router R | latency ms/query |")
+    for split in SPLITS:
+        keys = [k for k in groups if k[0] == split]
+        if not keys:
+            continue
+        lines += [f"## split: {split}", "", header, "|" + "---|" * 12]
+        for key in keys:
+            rows = groups[key]
+            n = sum(r["n"] for r in rows)
+            correct = round(sum(r["accuracy"] * r["n"] for r in rows))
+            low, high = wilson_interval(correct, n)
+            mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+            lines.append(f"| {key[1]} | {key[2] if key[2] is not None else 'oracle'} | {len(rows)} | "
+                         f"{rows[0]['context_len']} | {mean('accuracy'):.3f} | [{low:.3f}, {high:.3f}] | "
+                         f"{mean('attention_flops_vs_dense'):.3f} | {mean('total_flops_vs_dense'):.3f} | "
+                         f"{mean('selected_fraction'):.3f} | {mean('router_precision'):.2f} | "
+                         f"{mean('router_recall'):.2f} | {mean('latency_ms'):.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--workdir", help="checkpoints and rows.jsonl (default runs/longhop-SCALE in the checkout)")
+    parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--time-budget", type=float, help="seconds; stop cleanly (checkpointed) after this")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a Scale field (ints, floats, comma-separated tuples), e.g. base_steps=20")
+    args = parser.parse_args(argv)
+    overrides = {}
+    fields = {f.name: f for f in dataclasses.fields(Scale)}
+    for item in args.overrides:
+        name, _, value = item.partition("=")
+        if name not in fields or name in ("task", "note"):
+            parser.error(f"--set {item!r}: {name!r} is not a Scale field ({sorted(set(fields) - {'task', 'note'})})")
+        current = getattr(SCALES[args.scale], name)
+        if isinstance(current, tuple):
+            overrides[name] = tuple(type(current[0])(v) for v in value.split(","))
+        elif isinstance(current, bool):
+            overrides[name] = value.lower() in ("1", "true", "yes")
+        else:
+            overrides[name] = type(current)(value)
+    workdir = Path(args.workdir or Path(__file__).parents[1] / "runs" / f"longhop-{args.scale}")
+    experiment = Experiment(args.scale, workdir, Path(args.results_dir), args.time_budget, overrides)
+    finished = experiment.run()
+    json_path, md_path = experiment.write()
+    print(f"results: {json_path} and {md_path}")
+    return 0 if finished else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

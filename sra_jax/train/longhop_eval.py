@@ -1,0 +1,128 @@
+"""Scoring a model on longhop problems under one critical-set source: the rows of the longhop table and the demo.
+
+Sources (`CRITICAL_SOURCES`), all through the model's public call (`critical=` forces a set, `key=None` lets the
+router pick its deterministic top-k):
+  dense    every token critical: with `queries="all"` SRA attention is then exactly causal attention
+  window   no token critical: the window and the global tokens only
+  random   ceil(alpha * tokens) uniformly random positions per row
+  oracle   the task's answer key (the tokens of the chain's statements)
+  learned  the model's routers
+
+Accuracy is teacher-forced exact match of the whole target (answer, or CoT chain and answer), which equals greedy
+decoding of it (see sra_jax.train.losses.answer_correct). FLOPs are counted from the masks the call used.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Bool
+
+from sra_jax.data import longhop
+from sra_jax.evals.text_tasks import wilson_interval
+from sra_jax.nn import attention_flops, router_flops
+from sra_jax.train import losses, sharding
+from sra_jax.train.checkpoint import Checkpointer
+from sra_jax.train.config import TrainConfig
+from sra_jax.train.step import Trainer, TrainState, create_trainer
+
+CRITICAL_SOURCES = ("dense", "window", "random", "oracle", "learned")
+
+
+def with_weights(config: TrainConfig, params) -> tuple[Trainer, TrainState]:
+    """A fresh trainer and state of `config` (an SRA model) holding the weights in `params` (a dense base's
+    nnx.State, or another SRA model's); parameters missing from `params` (the routers) keep their initial values."""
+    trainer, state = create_trainer(config, sharding.make_mesh(config.mesh.resolve(jax.device_count())))
+    model = trainer.model(state.params)
+    nnx.update(model, params)
+    return trainer, state.replace(params=nnx.state(model, nnx.Param))
+
+
+def start_from(config: TrainConfig, params) -> None:
+    """Make `params` the step-0 checkpoint of `config`'s run (unless it has a checkpoint already), so
+    `sra_jax.train.loop.run(config)` trains from them: a router retrofitted onto a trained base in one process."""
+    if not config.checkpoint.dir:
+        raise ValueError("config.checkpoint.dir must be set: the start is written there as step 0")
+    with Checkpointer(config.checkpoint.dir, config.checkpoint) as manager:
+        if manager.latest_step() is None:
+            manager.save(with_weights(config, params)[1], step=0, force=True)
+            manager.wait()
+
+
+def critical_sets(source: str, batch: longhop.LonghopBatch, num_layers: int, *, alpha: float,
+                  seed: int) -> Bool[np.ndarray, "layers b s"] | None:
+    """The forced critical set [layers, b, s] of `source` (the same set in every layer), or None for "learned"."""
+    if source not in CRITICAL_SOURCES:
+        raise ValueError(f"source={source!r} must be one of {CRITICAL_SOURCES}")
+    valid = batch.positions >= 0
+    per_row = {
+        "dense": valid,
+        "window": np.zeros_like(valid),
+        "random": longhop.random_critical(batch.oracle, batch.positions, alpha, seed),
+        "oracle": batch.oracle,
+        "learned": None,
+    }[source]
+    return None if per_row is None else np.broadcast_to(per_row, (num_layers, *valid.shape))
+
+
+@nnx.jit
+def _forward(model, tokens, positions, loss_mask, critical):
+    logits, aux = model(tokens, positions, critical=critical)
+    dense, sparse = attention_flops(model.config, aux)
+    layers = jnp.asarray(aux.sra_layers or (0,), jnp.int32)
+    picked = aux.critical[layers]  # [sra layers, b, s]
+    selected = aux.selected_fraction[layers].mean(0) if aux.sra_layers else jnp.ones(tokens.shape[:1])
+    return losses.answer_correct(logits, tokens, loss_mask), dense, sparse, selected, picked
+
+
+def _matmul_flops(model: nnx.Module, tokens: int) -> float:
+    """Forward FLOPs of the projections, MLPs and head on `tokens` tokens: 2 per weight per token (the embedding
+    lookup is free; a tied head is a matmul with the embedding)."""
+    cfg = model.config
+    params = sum(int(np.prod(x.shape)) for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                 if "router" not in map(str, path))
+    head = cfg.vocab_size * cfg.hidden_size
+    matmul_params = params - head + (head if cfg.tie_word_embeddings else 0)
+    return 2.0 * matmul_params * tokens
+
+
+def score(model: nnx.Module, batch: longhop.LonghopBatch, source: str, *, alpha: float, seed: int = 0,
+          chunk: int = 64) -> dict[str, float]:
+    """accuracy (with its Wilson 95% CI), attention and total FLOPs vs dense, selected fraction, router precision and
+    recall against the oracle (over the prompt; mean over SRA layers), latency per query, generated tokens."""
+    num_layers = model.config.num_hidden_layers
+    forced = critical_sets(source, batch, num_layers, alpha=alpha, seed=seed)
+    parts, seconds = [], 0.0
+    for start in range(0, batch.tokens.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        args = (jnp.asarray(batch.tokens[rows]), jnp.asarray(batch.positions[rows]), jnp.asarray(batch.loss_mask[rows]),
+                None if forced is None else jnp.asarray(forced[:, rows]))
+        if start == 0:
+            jax.block_until_ready(_forward(model, *args))  # compile outside the timing
+        began = time.perf_counter()
+        parts.append(jax.device_get(jax.block_until_ready(_forward(model, *args))))
+        seconds += time.perf_counter() - began
+    correct, dense, sparse, selected, picked = (np.concatenate(p, axis=1 if i == 4 else 0)
+                                                for i, p in enumerate(zip(*parts)))
+    in_prompt = np.arange(batch.tokens.shape[1])[None] < batch.prompt_lengths[:, None]
+    chosen = picked & in_prompt[None]
+    oracle = batch.oracle[None]
+    hits = (chosen & oracle).sum()
+    n, tokens = len(correct), int((batch.positions >= 0).sum())
+    matmul = _matmul_flops(model, tokens)
+    routers = router_flops(model, tokens) if source == "learned" else 0
+    low, high = wilson_interval(int(correct.sum()), n)
+    return {
+        "accuracy": float(correct.mean()), "ci_low": low, "ci_high": high, "n": n,
+        "attention_flops_vs_dense": float(sparse.sum() / dense.sum()),
+        "total_flops_vs_dense": float((matmul + sparse.sum() + routers) / (matmul + dense.sum())),
+        "selected_fraction": float(selected.mean()),
+        "router_precision": float(hits / max(chosen.sum(), 1)),
+        "router_recall": float(hits / max(oracle.sum() * chosen.shape[0], 1)),
+        "latency_ms": 1000.0 * seconds / n,
+        "generated_tokens": float(batch.loss_mask.sum() / n),
+    }
