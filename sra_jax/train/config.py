@@ -262,6 +262,7 @@ class TrainConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "reference"
+    remat: str = "none"  # per decoder layer: "none", "full" (keep layer inputs only), "dots_saveable" (keep matmuls)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
 
     def __post_init__(self):
@@ -276,6 +277,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be 'float32' or 'bfloat16'")
         if self.attention_impl not in ("reference", "gather", "xla", "cudnn", "pallas"):
             raise ValueError(f"attention_impl={self.attention_impl!r} must be one of reference, gather, xla, cudnn, pallas")
+        if self.remat not in ("none", "full", "dots_saveable"):
+            raise ValueError(f"remat={self.remat!r} must be one of 'none', 'full', 'dots_saveable'")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps={self.max_bad_steps} must be >= 1")
         if self.loss.uses_rl and self.sra is None:

@@ -114,7 +114,7 @@ def build_model(config: TrainConfig, seed: int | None = None) -> nnx.Module:
     return Llama(
         config.model, config.sra, rngs=nnx.Rngs(config.seed if seed is None else seed),
         dtype=DTYPES[config.compute_dtype], param_dtype=DTYPES[config.param_dtype],
-        attention_impl=config.attention_impl,
+        attention_impl=config.attention_impl, remat=config.remat,
     )
 
 
