@@ -6,6 +6,7 @@ docs/nn.md, "Parameter tree". `model(tokens, positions, cache)` returns float32 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -26,8 +27,16 @@ ATTENTION_IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
 REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
-def _layer_call(layer, x, positions, segment_ids, key, critical, shared, tau):
-    return layer(x, positions, segment_ids=segment_ids, key=key, critical=critical, shared=shared, cache=None, tau=tau)
+def _remat_layer(layer: nnx.Module, policy, tau):
+    """`layer` as a pure function under jax.checkpoint: its state goes in as an argument and the module is rebuilt
+    inside, so nothing crosses trace levels (a layer's forward pass changes no state)."""
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, x, positions, segment_ids, key, critical, shared):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids=segment_ids, key=key, critical=critical,
+                                          shared=shared, cache=None, tau=tau)
+
+    return functools.partial(jax.checkpoint(pure, policy=policy), state)
 
 
 @struct.dataclass
@@ -210,13 +219,13 @@ class Llama(nnx.Module):
         rows = []
         # Rematerialised layers (training: no cache); decode keeps its plain path.
         remat = self.remat != "none" and cache is None
-        call = nnx.remat(_layer_call, policy=REMAT_POLICIES[self.remat]) if remat else None
         for i, layer in enumerate(self.layers):
             layer_key = None if layer_keys is None else layer_keys[i]
             layer_critical = None if critical is None else critical[i]
             layer_in = shared if self.sra is not None and self.sra.mask == "static" else None
             if remat:
-                out = call(layer, x, positions, segment_ids, layer_key, layer_critical, layer_in, tau)
+                call = _remat_layer(layer, REMAT_POLICIES[self.remat], tau)
+                out = call(x, positions, segment_ids, layer_key, layer_critical, layer_in)
             else:
                 out = layer(x, positions, segment_ids=segment_ids, key=layer_key, critical=layer_critical,
                             shared=layer_in, cache=cache, tau=tau)
