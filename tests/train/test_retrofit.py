@@ -123,3 +123,12 @@ def test_bad_init_values_are_clear(tmp_path):
         TrainConfig.load(None, [f"init.from={tmp_path / 'nothing'}"])
     with pytest.raises(ValueError, match="init.trainable='router' .*`sra` must be set"):
         TrainConfig.load(None, ["init.trainable=router"])
+
+
+def test_generate_and_eval_take_a_training_checkpoint(runs, capsys):
+    root, _ = runs
+    assert cli(["-q", "generate", "--checkpoint", str(root / "router_rl" / "2"), "--prompt-ids", "1,2,3",
+                "--max-new-tokens", "2"]) == 0
+    assert cli(["-q", "eval", "--checkpoint", str(root / "router_rl"), "--size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "'step': 2" in out and "accuracy" in out
