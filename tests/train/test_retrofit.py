@@ -132,3 +132,19 @@ def test_generate_and_eval_take_a_training_checkpoint(runs, capsys):
     assert cli(["-q", "eval", "--checkpoint", str(root / "router_rl"), "--size", "4"]) == 0
     out = capsys.readouterr().out
     assert "'step': 2" in out and "accuracy" in out
+
+
+def test_an_orbax_model_folder_is_a_source_too(runs, tmp_path):
+    from sra_jax.convert import hf_to_orbax
+
+    root, _ = runs
+    hf_to_orbax(root / "src", tmp_path / "orbax")
+    source = resolve_source(tmp_path / "orbax")
+    assert source.kind == "orbax" and source.sra is None
+    config = TrainConfig.load("synthetic_sra", [f"init.from={tmp_path / 'orbax'}"])
+    assert config.model == source.config and config.sra is not None  # synthetic_sra's sra: fresh routers
+    _, sra, model = load_source(source, sra=config.sra)
+    loaded, reference = _flat(model), _flat(load_source(root / "src")[2])
+    assert sra == config.sra and any(is_router_param(p) for p in loaded)
+    for p, value in reference.items():
+        np.testing.assert_array_equal(loaded[p], value)
