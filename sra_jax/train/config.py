@@ -411,7 +411,7 @@ def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
-                         f"{prefix.rstrip('.') or 'top level'} accepts {sorted(fields)}")
+                         f"{prefix.rstrip('.') or 'top level'} accepts {sorted(map(_yaml_key, fields))}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         sub = _dataclass_of(hints[name])
