@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("sra_jax.train.evaluate", "main", "evaluate a checkpoint on GSM8K / MATH / the synthetic task"),
     "generate": ("sra_jax.generate", "cli_main", "sample from a checkpoint"),
     "convert": ("sra_jax.convert.cli", "main", "convert Hugging Face safetensors <-> orbax checkpoints"),
+    "export": ("sra_jax.convert.export", "main", "write a training checkpoint as a Hugging Face folder + routers"),
     "bench": ("sra_jax.benchmarks.attention_bench", "main", "time attention kernels (GPU)"),
 }
 

@@ -169,10 +169,12 @@ def generate(
 
 
 def load_checkpoint(path: str | os.PathLike):
-    """(config, model) from an orbax model checkpoint (has params/) or a Hugging Face directory."""
-    from sra_jax.convert import load_hf, load_orbax
+    """(config, model) from a Hugging Face directory, an orbax model checkpoint or a training checkpoint folder
+    (see `sra_jax.convert.source`)."""
+    from sra_jax.convert.source import load_source
 
-    return load_orbax(path) if (Path(path) / "params").is_dir() else load_hf(path)
+    config, _, model = load_source(path)
+    return config, model
 
 
 def _default_tokenizer(checkpoint: Path) -> Path | None:
@@ -186,7 +188,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     """`sra-jax generate --checkpoint DIR --prompt TEXT [...]`."""
     parser = argparse.ArgumentParser(prog="sra-jax generate", description=cli_main.__doc__)
     parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="Hugging Face or sra-jax orbax directory"
+        "--checkpoint", required=True, type=Path,
+        help="Hugging Face or sra-jax orbax directory, or a training checkpoint folder (newest step) or step folder"
     )
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     parser.add_argument(

@@ -29,6 +29,7 @@ from sra_jax.convert.safetensors_io import (
 
 CONFIG_FILE = "config.json"
 ROUTER_FILE = "sra_router.safetensors"
+SRA_CONFIG_FILE = "sra_config.json"  # the SRAConfig of the routers, beside them
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' historical "5GB"
 
 _TORCH_DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -41,6 +42,9 @@ def read_config(path: str | os.PathLike) -> tuple[LlamaConfig, SRAConfig | None]
         raise FileNotFoundError(f"{file} not found")
     raw = json.loads(file.read_text())
     sra = raw.get("sra")
+    sra_file = Path(path) / SRA_CONFIG_FILE
+    if not sra and sra_file.exists():
+        sra = json.loads(sra_file.read_text())
     return LlamaConfig.from_hf(raw), (SRAConfig(**sra) if sra else None)
 
 
@@ -228,6 +232,7 @@ def write_hf_dir(
     if routers:
         metadata = {"format": "sra-jax", "sra": json.dumps(dataclasses.asdict(sra))}
         write_file(directory / ROUTER_FILE, routers, metadata)
+        (directory / SRA_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(sra), indent=2) + "\n")
 
 
 def save_hf(

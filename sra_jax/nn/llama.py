@@ -6,6 +6,7 @@ docs/nn.md, "Parameter tree". `model(tokens, positions, cache)` returns float32 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -22,6 +23,21 @@ from sra_jax.nn.layers import MLP, RMSNorm, partitioned
 from sra_jax.ops.attention import attention_flops as ops_attention_flops
 
 ATTENTION_IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
+# Rematerialisation of each decoder layer in the backward pass (jax.checkpoint policies): "none" keeps every
+# activation, "full" keeps only the layer inputs, "dots_saveable" keeps matmul outputs and recomputes the rest.
+REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+
+
+def _remat_layer(layer: nnx.Module, policy, tau):
+    """`layer` as a pure function under jax.checkpoint: its state goes in as an argument and the module is rebuilt
+    inside, so nothing crosses trace levels (a layer's forward pass changes no state)."""
+    graphdef, state = nnx.split(layer)
+
+    def pure(state, x, positions, segment_ids, key, critical, shared):
+        return nnx.merge(graphdef, state)(x, positions, segment_ids=segment_ids, key=key, critical=critical,
+                                          shared=shared, cache=None, tau=tau)
+
+    return functools.partial(jax.checkpoint(pure, policy=policy), state)
 
 
 def check_sra_layers(sra: SRAConfig | None, num_hidden_layers: int) -> None:
@@ -112,6 +128,8 @@ class DecoderLayer(nnx.Module):
 
 class Llama(nnx.Module):
     """Llama 3 decoder with optional SRA layers. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    `remat` ("none", "full", "dots_saveable"; see REMAT_POLICIES) rematerialises each decoder layer when no cache
+    is given (training and scoring), trading compute for activation memory.
     With attention_impl="pallas", decode steps (a cache and at most `sra_jax.nn.decode.MAX_DECODE_TOKENS` new tokens)
     run the sparse decode kernel (window + globals + critical slots only); `decode_kernel` picks its backend, "off"
     keeps the block-sparse kernel (see `set_decode_kernel`)."""
@@ -126,9 +144,13 @@ class Llama(nnx.Module):
         param_dtype=jnp.float32,
         attention_impl: str = "reference",
         decode_kernel: str = "auto",
+        remat: str = "none",
     ):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r} must be one of {ATTENTION_IMPLS}")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} must be one of {tuple(REMAT_POLICIES)}")
+        self.remat = remat
         self.config = config
         self.sra = sra
         self.dtype = dtype
@@ -221,17 +243,19 @@ class Llama(nnx.Module):
         x = self.embed(jnp.where(in_vocab, tokens, self.config.vocab_size)).astype(self.dtype)
         shared: SharedSelection | None = None
         rows = []
+        # Rematerialised layers (training: no cache); decode keeps its plain path.
+        remat = self.remat != "none" and cache is None
         for i, layer in enumerate(self.layers):
-            x, stats, layer_shared, cache = layer(
-                x,
-                positions,
-                segment_ids=segment_ids,
-                key=None if layer_keys is None else layer_keys[i],
-                critical=None if critical is None else critical[i],
-                shared=shared if self.sra is not None and self.sra.mask == "static" else None,
-                cache=cache,
-                tau=tau,
-            )
+            layer_key = None if layer_keys is None else layer_keys[i]
+            layer_critical = None if critical is None else critical[i]
+            layer_in = shared if self.sra is not None and self.sra.mask == "static" else None
+            if remat:
+                call = _remat_layer(layer, REMAT_POLICIES[self.remat], tau)
+                out = call(x, positions, segment_ids, layer_key, layer_critical, layer_in)
+            else:
+                out = layer(x, positions, segment_ids=segment_ids, key=layer_key, critical=layer_critical,
+                            shared=layer_in, cache=cache, tau=tau)
+            x, stats, layer_shared, cache = out
             shared = shared or layer_shared
             rows.append(stats)
         h = self.norm(x)

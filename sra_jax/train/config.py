@@ -8,6 +8,7 @@ start-up so a run is reproducible from its log.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import types
 import typing
@@ -233,6 +234,27 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the weights start. `from` (YAML key; `from_` in Python): null = random init from `seed`, else a Hugging
+    Face Llama folder, an sra-jax orbax model folder, or an sra-jax training checkpoint folder (its newest step, or
+    DIR/STEP); see `sra_jax.convert.source`. The model section then comes from that checkpoint (an explicit `model:`
+    value that disagrees is an error) and `sra` from it too unless given; routers start fresh unless it holds them.
+
+    trainable: "all" trains every parameter; "router" trains the SRA routers only (the Llama weights get no
+        gradient and no optimizer state, and stay bit-identical).
+    """
+
+    from_: str | None = None
+    trainable: str = "all"
+
+    def __post_init__(self):
+        if self.from_ is not None and (not isinstance(self.from_, str) or not self.from_):
+            raise ValueError(f"init.from={self.from_!r} must be a path or null")
+        if self.trainable not in ("all", "router"):
+            raise ValueError(f"init.trainable={self.trainable!r} must be 'all' or 'router'")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A whole training run. `batch_size` is global (all hosts), split into `grad_accum` micro-batches."""
 
@@ -244,6 +266,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
     steps: int = 100
     batch_size: int = 32
     grad_accum: int = 1
@@ -251,6 +274,7 @@ class TrainConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "reference"
+    remat: str = "none"  # per decoder layer: "none", "full" (keep layer inputs only), "dots_saveable" (keep matmuls)
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
 
     def __post_init__(self):
@@ -265,6 +289,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be 'float32' or 'bfloat16'")
         if self.attention_impl not in ("reference", "gather", "xla", "cudnn", "pallas"):
             raise ValueError(f"attention_impl={self.attention_impl!r} must be one of reference, gather, xla, cudnn, pallas")
+        if self.remat not in ("none", "full", "dots_saveable"):
+            raise ValueError(f"remat={self.remat!r} must be one of 'none', 'full', 'dots_saveable'")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps={self.max_bad_steps} must be >= 1")
         if self.loss.uses_rl and self.sra is None:
@@ -297,6 +323,11 @@ class TrainConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings}")
+        if self.init.trainable == "router" and self.sra is None:
+            raise ValueError("init.trainable='router' trains the SRA routers, so `sra` must be set (it is null)")
+        if self.init.from_ is not None and self.loss.kind == "grpo":
+            raise ValueError("init.from cannot be used with loss.kind='grpo': GRPO's KL reference rebuilds the "
+                             "initial parameters from the seed; use loss.kind 'sl', 'rl' or 'sl+rl'")
 
     @property
     def micro_batch_size(self) -> int:
@@ -310,7 +341,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        return _build(cls, values, "")
+        return _build(cls, _with_init_source(values), "")
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -360,6 +391,37 @@ def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _with_init_source(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """With init.from set: the model section from that checkpoint (an explicit `model:` value must agree with it)
+    and its SRA settings unless `sra` is given."""
+    init = values.get("init")
+    source_path = init.get("from") if isinstance(init, Mapping) else None
+    if not source_path:
+        return values
+    from sra_jax.convert.source import resolve_source  # reads config files only
+
+    try:
+        source = resolve_source(source_path)
+    except FileNotFoundError as error:
+        raise ValueError(f"init.from={source_path!r}: {error}") from None
+    source_model = _to_plain(source.config)
+    given = values.get("model") or {}
+    if not isinstance(given, Mapping):
+        raise ValueError(f"model must be a mapping, got {given!r}")
+    for key, value in given.items():
+        if key not in source_model:
+            raise ValueError(f"unknown config key 'model.{key}'; model accepts {sorted(source_model)}")
+        explicit = getattr(_build(LlamaConfig, {**source_model, key: value}, "model."), key)
+        if explicit != getattr(source.config, key):
+            raise ValueError(f"model.{key}={value!r} disagrees with init.from={source_path!r}, whose model.{key}="
+                             f"{source_model[key]!r}; the model section comes from the checkpoint (drop "
+                             f"model.{key} or give the checkpoint's value)")
+    out = {**values, "model": source_model}
+    if "sra" not in values and source.sra is not None:
+        out["sra"] = _to_plain(source.sra)
+    return out
+
+
 def _dataclass_of(annotation: Any) -> type | None:
     """The dataclass type inside `X` or `X | None`, else None."""
     if dataclasses.is_dataclass(annotation):
@@ -377,11 +439,12 @@ def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
+    values = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in values.items()}
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
-                         f"{prefix.rstrip('.') or 'top level'} accepts {sorted(fields)}")
+                         f"{prefix.rstrip('.') or 'top level'} accepts {sorted(map(_yaml_key, fields))}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         sub = _dataclass_of(hints[name])
@@ -475,9 +538,14 @@ def _section_defaults(field: dataclasses.Field) -> dict[str, Any]:
     return values
 
 
+def _yaml_key(name: str) -> str:
+    """A field named after a Python keyword (`from_`) is that keyword in YAML."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {_yaml_key(f.name): _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
         return [_to_plain(v) for v in value]
     return value

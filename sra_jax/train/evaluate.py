@@ -66,13 +66,12 @@ def _default_data_dir() -> Path:
 def _load_model(args, parser: argparse.ArgumentParser):
     """A converted checkpoint (orbax or Hugging Face directory), or a training checkpoint when --config is given."""
     if args.config is None:
-        from sra_jax.convert import load_hf, load_orbax
+        from sra_jax.convert.source import describe, load_source, resolve_source
 
         if args.checkpoint is None:
             parser.error("--checkpoint is required for gsm8k / math (or give --config for a training checkpoint)")
-        path = Path(args.checkpoint)
-        loader = load_orbax if (path / "params").is_dir() else load_hf
-        return loader(path, attention_impl=args.attention_impl)[1], str(path)
+        source = resolve_source(args.checkpoint)
+        return load_source(source, attention_impl=args.attention_impl)[2], describe(source)
     from sra_jax.train import checkpoint, sharding
     from sra_jax.train.config import TrainConfig
     from sra_jax.train.step import create_trainer
@@ -179,6 +178,8 @@ def evaluate_synthetic_checkpoint(args) -> int:
     from sra_jax.train.data import SyntheticStream
     from sra_jax.train.step import create_trainer
 
+    if args.config is None and args.checkpoint is not None:
+        return _evaluate_synthetic_source(args)
     config = TrainConfig.load(args.config, args.overrides)
     if config.data.task != "synthetic":
         print(f"sra-jax eval: --task synthetic needs data.task=synthetic, the config has {config.data.task!r}",
@@ -197,4 +198,36 @@ def evaluate_synthetic_checkpoint(args) -> int:
     stream = SyntheticStream(config.data, config.batch_size, config.grad_accum)
     metrics = evaluate_synthetic(trainer.model(state.params), stream.eval_batch(args.size, args.split))
     print({"step": int(state.step), "split": args.split, **{k: round(v, 4) for k, v in metrics.items()}})
+    return 0
+
+
+def _evaluate_synthetic_source(args) -> int:
+    """`--checkpoint` without `--config`: a training checkpoint folder (or step folder), evaluated with the data
+    settings of its stored run config."""
+    from sra_jax.convert.source import load_source, resolve_source
+    from sra_jax.train.config import TrainConfig
+    from sra_jax.train.data import SyntheticStream
+
+    try:
+        source = resolve_source(args.checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"sra-jax eval: {error}", file=sys.stderr)
+        return 1
+    if source.kind != "train":
+        print(f"sra-jax eval: --task synthetic on {args.checkpoint} (not a training checkpoint) needs --config for "
+              f"the task's settings", file=sys.stderr)
+        return 2
+    if args.overrides:
+        print("sra-jax eval: --set needs --config (a training checkpoint alone is evaluated with its stored run "
+              "config)", file=sys.stderr)
+        return 2
+    config = TrainConfig.from_dict({k: v for k, v in source.train_config.items() if k != "init"})
+    if config.data.task != "synthetic":
+        print(f"sra-jax eval: --task synthetic needs data.task=synthetic, the run has {config.data.task!r}",
+              file=sys.stderr)
+        return 2
+    _, _, model = load_source(source, attention_impl=config.attention_impl)
+    stream = SyntheticStream(config.data, config.batch_size, config.grad_accum)
+    metrics = evaluate_synthetic(model, stream.eval_batch(args.size, args.split))
+    print({"step": source.step, "split": args.split, **{k: round(v, 4) for k, v in metrics.items()}})
     return 0

@@ -171,16 +171,18 @@ class GRPOStep:
         trainer = self.trainer
         objective = functools.partial(grpo_loss_fn, graphdef=trainer.graphdef, rest=trainer.rest, loss=self.loss,
                                       has_sra=self.config.sra is not None, mesh=trainer.mesh)
+        router_only = self.config.init.trainable == "router"
         shardings = (trainer.state_shardings, self._batch_shardings())
         out = (trainer.state_shardings, sharding.replicated(trainer.mesh))
         if self.loss.kl_weight:
             def step(state, batch, ref_params):
-                return apply_step(state, batch, functools.partial(objective, ref_params=ref_params), tx=trainer.tx)
+                return apply_step(state, batch, functools.partial(objective, ref_params=ref_params), tx=trainer.tx,
+                                  router_only=router_only)
 
             shardings = (*shardings, trainer.state_shardings.params)
         else:
             def step(state, batch):
-                return apply_step(state, batch, objective, tx=trainer.tx)
+                return apply_step(state, batch, objective, tx=trainer.tx, router_only=router_only)
 
         return jax.jit(step, in_shardings=shardings, out_shardings=out, donate_argnums=0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -22,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from sra_jax.train import losses, rl, sharding
 from sra_jax.train.config import LossConfig, TrainConfig
 from sra_jax.train.optimizer import make_optimizer
+
+_logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Counts, summed over micro-batches (every other metric is averaged). "examples" / "examples_correct" (packed rows
@@ -71,7 +74,7 @@ class Trainer:
             return GRPOStep(self)
         fn = functools.partial(
             train_step, graphdef=self.graphdef, rest=self.rest, tx=self.tx, loss=self.config.loss,
-            has_sra=self.config.sra is not None, mesh=self.mesh,
+            has_sra=self.config.sra is not None, mesh=self.mesh, router_only=self.config.init.trainable == "router",
         )
         metric_sharding = sharding.replicated(self.mesh)
         return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
@@ -111,7 +114,7 @@ def build_model(config: TrainConfig, seed: int | None = None) -> nnx.Module:
     return Llama(
         config.model, config.sra, rngs=nnx.Rngs(config.seed if seed is None else seed),
         dtype=DTYPES[config.compute_dtype], param_dtype=DTYPES[config.param_dtype],
-        attention_impl=config.attention_impl,
+        attention_impl=config.attention_impl, remat=config.remat,
     )
 
 
@@ -125,15 +128,20 @@ def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState
     param_shardings = sharding.state_shardings(abstract_params, mesh)
     replicated = sharding.replicated(mesh)
     rest_shardings = jax.tree.map(lambda _: replicated, abstract_rest)
-    params, rest = jax.jit(lambda: create()[1:], out_shardings=(param_shardings, rest_shardings))()
+    if config.init.from_ is None:
+        params, rest = jax.jit(lambda: create()[1:], out_shardings=(param_shardings, rest_shardings))()
+    else:
+        params = load_initial_params(config, param_shardings)
+        rest = jax.jit(lambda: create()[2], out_shardings=rest_shardings)()
 
     tx = make_optimizer(config.optim, config.steps)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    trained_params, trained_shardings = trainable_part(config, abstract_params), trainable_part(config, param_shardings)
+    abstract_opt = jax.eval_shape(tx.init, trained_params)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract_opt, param_shardings,
+        tx, lambda _, sh: sh, abstract_opt, trained_shardings,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, (NamedSharding, nnx.Variable)),
     )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable_part(config, params))
     rng = jax.random.key_data(jax.random.key(config.seed))
     # Every leaf placed with its final sharding, so the first donated step does not compile a second time.
     state = TrainState(params=params, opt_state=opt_state, step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
@@ -144,6 +152,39 @@ def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState
                             segment_ids=batch_sh if config.data.pack else None)
     trainer = Trainer(config, graphdef, rest, tx, mesh, state_shardings, batch_shardings)
     return trainer, state
+
+
+def is_router_param(path, _value=None) -> bool:
+    """nnx filter: the SRA routers' parameters (everything else is the Llama)."""
+    return any(str(getattr(k, "key", k)) == "router" for k in path)
+
+
+def trainable_part(config: TrainConfig, params):
+    """The parameters the optimizer updates: all of them, or the routers' only (init.trainable == "router")."""
+    if config.init.trainable == "router":
+        return nnx.filter_state(params, is_router_param)
+    return params
+
+
+def load_initial_params(config: TrainConfig, param_shardings):
+    """The parameters of `init.from` (routers fresh unless the source holds them), each streamed into its
+    sharding."""
+    from sra_jax.convert.source import describe, load_source, resolve_source
+
+    source = resolve_source(config.init.from_)
+    _, _, model = load_source(
+        source, dtype=DTYPES[config.param_dtype], compute_dtype=DTYPES[config.compute_dtype],
+        shardings=param_shardings, sra=config.sra, router_seed=config.seed, attention_impl=config.attention_impl)
+    params = nnx.state(model, nnx.Param)
+    expected = {p for p, _ in nnx.to_flat_state(param_shardings)}
+    got = {p for p, _ in nnx.to_flat_state(params)}
+    if expected != got:
+        raise ValueError(f"init.from={config.init.from_!r} ({describe(source)}) gives parameters that do not match "
+                         f"the model: missing {sorted(map(str, expected - got))[:8]}, "
+                         f"unexpected {sorted(map(str, got - expected))[:8]}")
+    _logger.info("initial weights from %s", describe(source))
+    # Placed by the loader already; a no-op except for freshly initialised routers.
+    return jax.device_put(params, param_shardings)
 
 
 def _mean_over_layers(x: jax.Array, layers: tuple[int, ...] | None = None) -> jax.Array:
@@ -233,17 +274,18 @@ def _only_router(grads):
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: LossConfig, has_sra: bool,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, router_only: bool = False):
     """One optimizer step over `batch` (accumulating gradients over its leading micro-batch axis)."""
     objective = functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
 
     def micro_loss(params, micro: Batch, key, step):
         return objective(params, micro.tokens, micro.positions, micro.loss_mask, key, step, micro.segment_ids)
 
-    return apply_step(state, batch, micro_loss, tx=tx, only_router=loss.kind == "rl")
+    return apply_step(state, batch, micro_loss, tx=tx, only_router=loss.kind == "rl", router_only=router_only)
 
 
-def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: bool = False):
+def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: bool = False,
+               router_only: bool = False):
     """Gradient accumulation and the guarded update shared by every loss kind.
 
     `batch` is a pytree whose leaves have a leading micro-batch axis; `objective(params, micro_batch, key, step)`
@@ -251,22 +293,34 @@ def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: boo
     SUMMED_METRICS summed; "real_token_fraction" = tokens / padded_tokens is added when both are there, and
     "accuracy" = examples_correct / examples when the counts are there); a
     non-finite loss or gradient leaves params and optimizer state untouched (`skipped` = 1).
+
+    router_only (init.trainable == "router"): gradients are taken with respect to the routers' parameters alone (no
+    gradient buffer exists for the Llama's), `tx` and its state cover the routers only, and every other parameter
+    passes through unchanged.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if router_only:
+        trained, frozen = nnx.split_state(state.params, is_router_param, ...)
+        full_objective = objective
+
+        def objective(params, *args):
+            return full_objective(nnx.merge_state(params, frozen), *args)
+    else:
+        trained, frozen = state.params, None
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     accum = jax.tree.leaves(batch)[0].shape[0]
 
     def micro_step(carry, xs):
         grads_sum, metrics_sum = carry
         index, micro = xs
-        (_, metrics), grads = grad_fn(state.params, micro, jax.random.fold_in(key, index), state.step)
+        (_, metrics), grads = grad_fn(trained, micro, jax.random.fold_in(key, index), state.step)
         grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
         metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
         return (grads_sum, metrics_sum), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
     first = jax.tree.map(lambda x: x[0], batch)
-    metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, first, key, state.step)[0][1])
+    metric_shapes = jax.eval_shape(lambda: grad_fn(trained, first, key, state.step)[0][1])
     metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
     grads = jax.tree.map(lambda g: g / accum, grads)
@@ -280,10 +334,12 @@ def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: boo
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = tx.update(grads, state.opt_state, trained)
+    new_params = optax.apply_updates(trained, updates)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    state = state.replace(params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
-                          step=state.step + 1)
+    params = keep(new_params, trained)
+    if frozen is not None:
+        params = nnx.merge_state(params, frozen)
+    state = state.replace(params=params, opt_state=keep(new_opt_state, state.opt_state), step=state.step + 1)
     metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
     return state, metrics

@@ -1,0 +1,196 @@
+"""One resolver for "model source path -> (LlamaConfig, SRAConfig, Llama)", used by `init.from`, generate, eval
+and export.
+
+A source is one of:
+- a Hugging Face Llama folder (config.json + safetensors, sharded or not; `sra_router.safetensors` and
+  `sra_config.json` beside them when it holds routers),
+- an sra-jax orbax model folder (config.json + params/, see `sra_jax.convert.orbax_io`),
+- an sra-jax training checkpoint: a run's checkpoint folder (its newest step is used) or one step folder DIR/STEP.
+  Its model settings come from the run config stored in the step's `meta` item (written by `sra_jax.train.loop`);
+  only the `params` of the saved `TrainState` are read (the optimizer state is never touched).
+
+`resolve_source` reads metadata only; `load_source` streams the weights onto devices, each parameter straight
+into its sharding when `mesh` or `shardings` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.convert import params as P
+
+TRAIN_STATE_ITEM = "state"
+TRAIN_META_ITEM = "meta"
+_META_FILE = "metadata"
+_KEEP = object()  # load_source(sra=...) default: the source's own SRA settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A resolved model source. kind: "hf", "orbax" or "train"; path: the folder holding the weights (for "train"
+    the step folder); train_config: the stored run config (kind "train" only)."""
+
+    kind: str
+    path: Path
+    config: LlamaConfig
+    sra: SRAConfig | None
+    step: int | None = None
+    train_config: dict[str, Any] | None = None
+
+
+def _is_train_step(path: Path) -> bool:
+    return (path / TRAIN_STATE_ITEM).is_dir() and (path / TRAIN_META_ITEM).is_dir()
+
+
+def train_steps(path: str | os.PathLike) -> list[int]:
+    """The finished steps of a run's checkpoint folder, ascending (folders named by their step)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and _is_train_step(p))
+
+
+def _train_meta(step_dir: Path) -> dict[str, Any]:
+    file = step_dir / TRAIN_META_ITEM / _META_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: not a complete sra-jax training checkpoint")
+    return json.loads(file.read_text())
+
+
+def resolve_source(path: str | os.PathLike, *, step: int | None = None) -> ModelSource:
+    """What kind of model folder `path` is and its model settings (no weights are read).
+
+    step: for a run's checkpoint folder, which step (default: the newest). FileNotFoundError when `path` is none
+    of the known layouts, naming what was looked for."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model source {str(path)!r} does not exist")
+    if step is not None and not _is_train_step(path):
+        steps = train_steps(path)
+        if step not in steps:
+            raise FileNotFoundError(f"{path} has no training checkpoint step {step} (steps: {steps})")
+        path = path / str(step)
+    elif not _is_train_step(path) and not (path / "config.json").exists():
+        steps = train_steps(path)
+        if steps:
+            path = path / str(steps[-1])
+    if _is_train_step(path):
+        meta = _train_meta(path)
+        run = meta.get("config")
+        if not isinstance(run, dict):
+            raise ValueError(f"{path / TRAIN_META_ITEM} holds no run config (checkpoints written by sra-jax train "
+                             f"store it): cannot tell the model's shape")
+        from sra_jax.train.config import TrainConfig
+
+        train = TrainConfig.from_dict({k: v for k, v in run.items() if k != "init"})
+        return ModelSource("train", path, train.model, train.sra, int(meta.get("step", path.name)), run)
+    if (path / "config.json").exists():
+        from sra_jax.convert import hf as hf_io
+
+        config, sra = hf_io.read_config(path)
+        kind = "orbax" if (path / "params").is_dir() else "hf"
+        return ModelSource(kind, path, config, sra)
+    raise FileNotFoundError(f"{path} is not a model folder: no config.json (Hugging Face or sra-jax orbax model), no "
+                            f"state/ + meta/ (training checkpoint step) and no numbered step folders (run "
+                            f"checkpoint folder)")
+
+
+def _load_train(source: ModelSource, *, dtype, compute_dtype, mesh, shardings, attention_impl):
+    """The Llama of a training checkpoint step: only `params` of the saved TrainState are restored, each onto
+    its sharding."""
+    import orbax.checkpoint as ocp
+
+    run = source.train_config or {}
+    param_dtype = np.dtype(run.get("param_dtype", "float32")) if dtype is None else np.dtype(dtype)
+    compute = compute_dtype or (np.dtype(run.get("compute_dtype", "float32")) if dtype is None else param_dtype)
+    graphdef, flat = P.abstract_model(source.config, source.sra, dtype=compute, param_dtype=param_dtype,
+                                      attention_impl=attention_impl)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = {}
+    for p, variable in flat:
+        shape = tuple(variable.get_value().shape)
+        sharding = P.sharding_for(p, variable, shape, mesh=mesh, shardings=shardings) or default
+        targets[p] = jax.ShapeDtypeStruct(shape, param_dtype, sharding=sharding)
+    abstract = nnx.from_flat_state([(p, v.replace(targets[p])) for p, v in flat])
+    item = {"params": abstract}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    restored = ocp.PyTreeCheckpointer().restore((source.path / TRAIN_STATE_ITEM).absolute(), args=args)
+    values = {p: v.get_value() if isinstance(v, nnx.Variable) else v
+              for p, v in nnx.to_flat_state(restored["params"])}
+    return P.merge(graphdef, flat, values)
+
+
+def _adapt_sra(model: nnx.Module, config: LlamaConfig, sra: SRAConfig | None, *, router_seed: int,
+               compute_dtype, attention_impl: str, mesh, shardings) -> nnx.Module:
+    """`model` rebuilt with SRA settings `sra`: the same Llama arrays (no copy); its routers when their shapes fit,
+    else freshly initialised ones (seed `router_seed`)."""
+    values = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    param_dtype = values[("embed", "embedding")].dtype
+    graphdef, flat = P.abstract_model(config, sra, dtype=compute_dtype or param_dtype, param_dtype=param_dtype,
+                                      attention_impl=attention_impl)
+    shapes = {p: tuple(v.get_value().shape) for p, v in flat}
+    routers = [p for p in shapes if P.is_router(p)]
+    if routers and not all(p in values and tuple(values[p].shape) == shapes[p] for p in routers):
+        fresh = P.fresh_router_values(config, sra, seed=router_seed, param_dtype=param_dtype)
+        for p in routers:
+            variable = dict(flat)[p]
+            sharding = P.sharding_for(p, variable, shapes[p], mesh=mesh, shardings=shardings)
+            values[p] = fresh[p] if sharding is None else jax.device_put(fresh[p], sharding)
+    return P.merge(graphdef, flat, {p: values[p] for p in shapes})
+
+
+def load_source(
+    path: str | os.PathLike | ModelSource,
+    *,
+    step: int | None = None,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings: P.Shardings | None = None,
+    sra: SRAConfig | None | object = _KEEP,
+    router_seed: int = 0,
+    attention_impl: str = "reference",
+) -> tuple[LlamaConfig, SRAConfig | None, nnx.Module]:
+    """`(LlamaConfig, SRAConfig or None, Llama)` of any model source (see the module docstring).
+
+    dtype: parameter dtype (None: as stored). mesh / shardings: as in `sra_jax.convert.load_hf`. sra: the SRA
+    settings of the returned model (default: the source's own); routers come from the source when it holds routers
+    of that shape, else are freshly initialised with `router_seed`."""
+    source = path if isinstance(path, ModelSource) else resolve_source(path, step=step)
+    if source.kind == "hf":
+        from sra_jax.convert.hf import load_hf
+
+        _, model = load_hf(source.path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, shardings=shardings,
+                           router_seed=router_seed, attention_impl=attention_impl)
+    elif source.kind == "orbax":
+        from sra_jax.convert.orbax_io import load_orbax
+
+        _, model = load_orbax(source.path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, shardings=shardings,
+                              attention_impl=attention_impl)
+    else:
+        model = _load_train(source, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, shardings=shardings,
+                            attention_impl=attention_impl)
+    target_sra = source.sra if sra is _KEEP else sra
+    if target_sra != source.sra:
+        model = _adapt_sra(model, source.config, target_sra, router_seed=router_seed, compute_dtype=compute_dtype,
+                           attention_impl=attention_impl, mesh=mesh, shardings=shardings)
+    return source.config, target_sra, model
+
+
+def describe(source: ModelSource) -> str:
+    kind = {"hf": "Hugging Face folder", "orbax": "sra-jax orbax model", "train": "training checkpoint"}[source.kind]
+    step = f" step {source.step}" if source.step is not None else ""
+    return f"{kind} {source.path}{step}"
+
+
+__all__ = ["ModelSource", "describe", "load_source", "resolve_source", "train_steps"]
