@@ -47,9 +47,10 @@ def start_from(config: TrainConfig, params) -> None:
     `sra_jax.train.loop.run(config)` trains from them: a router retrofitted onto a trained base in one process."""
     if not config.checkpoint.dir:
         raise ValueError("config.checkpoint.dir must be set: the start is written there as step 0")
-    with Checkpointer(config.checkpoint.dir, config.checkpoint) as manager:
+    run_config = config.to_dict()
+    with Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=run_config, owner=True) as manager:
         if manager.latest_step() is None:
-            manager.save(with_weights(config, params)[1], step=0, force=True)
+            manager.save(with_weights(config, params)[1], step=0, force=True, extra={"config": run_config})
             manager.wait()
 
 
