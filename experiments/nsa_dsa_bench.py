@@ -83,40 +83,67 @@ def main() -> None:
 
     def add(name, fn, **extra):
         fwd, fb = _fb(fn)
-        rows.append({"op": name, **base, **extra, "ms_fwd": _time(fwd, q, k, v, reps=a.reps),
-                     "ms_fwdbwd": _time(fb, q, k, v, reps=a.reps)})
+        rows.append(
+            {
+                "op": name,
+                **base,
+                **extra,
+                "ms_fwd": _time(fwd, q, k, v, reps=a.reps),
+                "ms_fwdbwd": _time(fb, q, k, v, reps=a.reps),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     impl = None if a.dense_impl == "xla" else a.dense_impl
-    add("dense_causal", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl),
-        impl=a.dense_impl, density=1.0)
+    add(
+        "dense_causal",
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl),
+        impl=a.dense_impl,
+        density=1.0,
+    )
     bm = nsa_block_mask(ks[3], s, a.block, a.top_n, hkv)
-    add("nsa_selected", lambda q, k, v: nsa.nsa_selected_kernel(q, k, v, bm, pos, block_sel=a.block,
-                                                                backend=a.kernel_backend),
-        impl=f"block_sparse:{a.kernel_backend}", block=a.block, top_n=a.top_n)
+    add(
+        "nsa_selected",
+        lambda q, k, v: nsa.nsa_selected_kernel(q, k, v, bm, pos, block_sel=a.block, backend=a.kernel_backend),
+        impl=f"block_sparse:{a.kernel_backend}",
+        block=a.block,
+        top_n=a.top_n,
+    )
     nb = -(-s // a.block)
     i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
     band = jnp.asarray((j <= i) & ((i - j) * a.block < a.window + a.block))[None]
     wlay = nsa.custom_block_layout(band, block_q=a.block, block_k=a.block, seq_q=s, seq_k=s)
     from pallas_kernels import block_sparse_attention
 
-    add("nsa_window", lambda q, k, v: block_sparse_attention(q, k, v, wlay, causal=True, window=a.window,
-                                                             q_positions=pos, k_positions=pos,
-                                                             backend=a.kernel_backend),
-        impl=f"block_sparse:{a.kernel_backend}", window=a.window)
+    add(
+        "nsa_window",
+        lambda q, k, v: block_sparse_attention(
+            q, k, v, wlay, causal=True, window=a.window, q_positions=pos, k_positions=pos, backend=a.kernel_backend
+        ),
+        impl=f"block_sparse:{a.kernel_backend}",
+        window=a.window,
+    )
     # random causal top-k keys: key t's slot r holds a uniformly drawn earlier key (duplicates masked by validity)
     kk = min(a.top_k, s)
     u = jax.random.uniform(ks[4], (1, s, kk))
     idx = jnp.floor(u * (pos[..., None] + 1)).astype(jnp.int32)
     valid = jnp.arange(kk)[None, None] <= pos[..., None]
-    add("dsa_gather", lambda q, k, v: dsa.dsa_attention_gather(q, k, v, idx, valid, pos, block_q=a.dsa_block_q),
-        impl="gather_jnp", top_k=kk)
+    add(
+        "dsa_gather",
+        lambda q, k, v: dsa.dsa_attention_gather(q, k, v, idx, valid, pos, block_q=a.dsa_block_q),
+        impl="gather_jnp",
+        top_k=kk,
+    )
     dense = rows[0]
     for r in rows[1:]:
         r["speedup_fwd_vs_dense"] = dense["ms_fwd"] / r["ms_fwd"]
         r["speedup_fwdbwd_vs_dense"] = dense["ms_fwdbwd"] / r["ms_fwdbwd"]
-    rec = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
-           "versions": {"jax": jax.__version__}, "rows": rows}
+    rec = {
+        "device": jax.devices()[0].device_kind,
+        "date": datetime.date.today().isoformat(),
+        "versions": {"jax": jax.__version__},
+        "rows": rows,
+    }
     with open(a.out, "w") as f:
         json.dump(rec, f, indent=1)
 

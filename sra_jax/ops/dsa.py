@@ -26,8 +26,10 @@ def indexer_scores(
 ) -> Float[Array, "b s s"]:
     """Lightning indexer scores, -inf where the key is not visible (future, padding, other segment)."""
     if q_idx.ndim != 4 or k_idx.ndim != 3 or w_idx.shape != q_idx.shape[:3] or k_idx.shape[-1] != q_idx.shape[-1]:
-        raise ValueError(f"q_idx [b, s, hi, di], k_idx [b, s, di], w_idx [b, s, hi] expected, got "
-                         f"{q_idx.shape}, {k_idx.shape}, {w_idx.shape}")
+        raise ValueError(
+            f"q_idx [b, s, hi, di], k_idx [b, s, di], w_idx [b, s, hi] expected, got "
+            f"{q_idx.shape}, {k_idx.shape}, {w_idx.shape}"
+        )
     dots = jax.nn.relu(jnp.einsum("bthd,bsd->bths", q_idx, k_idx, preferred_element_type=jnp.float32))
     scores = jnp.einsum("bths,bth->bts", dots, w_idx.astype(jnp.float32))
     return jnp.where(token_mask(positions, positions, segment_ids), scores, -jnp.inf)

@@ -87,7 +87,9 @@ def compress(
     if block < 1 or stride < 1 or stride > block:
         raise ValueError(f"need 1 <= stride <= block, got block={block}, stride={stride}")
     if weights.shape != (block,) or pos_emb.shape != (block, x.shape[-1]):
-        raise ValueError(f"weights must be [{block}] and pos_emb [{block}, {x.shape[-1]}], got {weights.shape}, {pos_emb.shape}")
+        raise ValueError(
+            f"weights must be [{block}] and pos_emb [{block}, {x.shape[-1]}], got {weights.shape}, {pos_emb.shape}"
+        )
     s = x.shape[1]
     if s < block:
         raise ValueError(f"sequence length {s} is shorter than the compression block {block}")
@@ -169,7 +171,9 @@ def custom_block_layout(
     inside the visited blocks by the kernel."""
     nq, nk = -(-seq_q // block_q), -(-seq_k // block_k)
     if block_mask.ndim not in (3, 4) or block_mask.shape[-2:] != (nq, nk):
-        raise ValueError(f"block_mask must be [b, (h,) {nq}, {nk}] for these lengths and blocks, got {block_mask.shape}")
+        raise ValueError(
+            f"block_mask must be [b, (h,) {nq}, {nk}] for these lengths and blocks, got {block_mask.shape}"
+        )
     return layout_from_block_mask(block_mask.astype(bool), block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
 
 
@@ -205,7 +209,9 @@ def nsa_attention(
     b, s, hq, d = q.shape
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    kc, c_end, c_seg = compress(k, positions, cmp_weights_k, cmp_pos_k, block=block, stride=stride, segment_ids=segment_ids)
+    kc, c_end, c_seg = compress(
+        k, positions, cmp_weights_k, cmp_pos_k, block=block, stride=stride, segment_ids=segment_ids
+    )
     vc, _, _ = compress(v, positions, cmp_weights_v, cmp_pos_v, block=block, stride=stride, segment_ids=segment_ids)
     o_cmp, p_cmp = masked_attention(q, kc, vc, compressed_mask(positions, c_end, segment_ids, c_seg))
     bm = selection_block_mask(
@@ -253,6 +259,14 @@ def nsa_selected_kernel(
 
     layout = nsa_block_layout(block_mask, block_sel=block_sel, seq_len=q.shape[1])
     return block_sparse_attention(
-        q, k, v, layout, causal=True, q_positions=positions, k_positions=positions,
-        segment_ids=segment_ids, k_segment_ids=segment_ids, **kernel_kwargs,
+        q,
+        k,
+        v,
+        layout,
+        causal=True,
+        q_positions=positions,
+        k_positions=positions,
+        segment_ids=segment_ids,
+        k_segment_ids=segment_ids,
+        **kernel_kwargs,
     )

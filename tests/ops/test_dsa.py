@@ -17,8 +17,11 @@ from tests.ops._sparse_inputs import dense_oracle, inputs
 
 def _indexer(seed, b, s, hi=2, di=8):
     ks = jax.random.split(jax.random.PRNGKey(seed + 100), 3)
-    return (jax.random.normal(ks[0], (b, s, hi, di)), jax.random.normal(ks[1], (b, s, di)),
-            jax.random.normal(ks[2], (b, s, hi)))
+    return (
+        jax.random.normal(ks[0], (b, s, hi, di)),
+        jax.random.normal(ks[1], (b, s, di)),
+        jax.random.normal(ks[2], (b, s, hi)),
+    )
 
 
 def test_indexer_scores_formula():
@@ -34,8 +37,13 @@ def test_indexer_scores_formula():
 
 
 @settings(max_examples=8)  # each example compiles a gradient on new shapes; 8 cover the strategies below
-@given(s=st.sampled_from([9, 16]), top_k=st.sampled_from([1, 3, 7]), hq_group=st.sampled_from([(2, 1), (4, 2), (2, 2)]),
-       pad=st.integers(0, 4), seed=st.integers(0, 1000))
+@given(
+    s=st.sampled_from([9, 16]),
+    top_k=st.sampled_from([1, 3, 7]),
+    hq_group=st.sampled_from([(2, 1), (4, 2), (2, 2)]),
+    pad=st.integers(0, 4),
+    seed=st.integers(0, 1000),
+)
 def test_gather_matches_reference(s, top_k, hq_group, pad, seed):
     hq, hkv = hq_group
     split = s // 2
