@@ -1,0 +1,89 @@
+"""`NSAAttention`: a Llama attention layer with Native Sparse Attention (see `sra_jax.ops.nsa`). The q/k/v/o
+projections have the names and shapes of `SparseReasoningAttention` (a Llama checkpoint loads into them); the extra
+weights are `nsa_cmp_weights_k/v` [l], `nsa_cmp_pos_k/v` [l, head_dim] (the compression pool) and `nsa_gate`
+(hidden -> 3 * heads, the branch gates)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from sra_jax.config import LlamaConfig
+from sra_jax.nn.layers import linear
+from sra_jax.ops import nsa, rope
+
+
+class NSAAttention(nnx.Module):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        block: int = 32,
+        stride: int = 16,
+        block_sel: int = 64,
+        top_n: int = 16,
+        window: int = 512,
+        selected_backend: str = "reference",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if not 1 <= stride <= block:
+            raise ValueError(f"need 1 <= stride <= block, got block={block}, stride={stride}")
+        if top_n < 1 or window < 1 or block_sel < 1:
+            raise ValueError(f"top_n, window and block_sel must be >= 1, got {top_n}, {window}, {block_sel}")
+        self.config = config
+        self.block, self.stride, self.block_sel, self.top_n, self.window = block, stride, block_sel, top_n, window
+        self.selected_backend = selected_backend
+        hidden, hd = config.hidden_size, config.head_dim
+        hq, hkv = config.num_attention_heads, config.num_key_value_heads
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(hidden, hq * hd, ("embed", "q_heads"), **kw)
+        self.k_proj = linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw)
+        self.v_proj = linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw)
+        self.o_proj = linear(hq * hd, hidden, ("q_heads", "embed"), **kw)
+        self.nsa_gate = linear(hidden, hq * 3, ("embed", None), use_bias=True, **kw)
+        mean = jnp.full((block,), 1.0 / block, param_dtype)
+        self.nsa_cmp_weights_k = nnx.Param(mean)
+        self.nsa_cmp_weights_v = nnx.Param(mean)
+        self.nsa_cmp_pos_k = nnx.Param(jnp.zeros((block, hd), param_dtype))
+        self.nsa_cmp_pos_v = nnx.Param(jnp.zeros((block, hd), param_dtype))
+
+    def __call__(
+        self,
+        x: Float[Array, "b s d"],
+        positions: Int[Array, "b s"],
+        *,
+        segment_ids: Int[Array, "b s"] | None = None,
+        cache=None,
+    ) -> Float[Array, "b s d"]:
+        """x is the RMS-normed layer input; returns the attention output (before the residual)."""
+        if cache is not None:
+            raise ValueError("NSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
+        cfg = self.config
+        b, s, _ = x.shape
+        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        inv_freq = rope.rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+        q = rope.apply_rope(self.q_proj(x).reshape(b, s, hq, hd), positions, inv_freq)
+        k = rope.apply_rope(self.k_proj(x).reshape(b, s, hkv, hd), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, s, hkv, hd)
+        gates = jax.nn.sigmoid(self.nsa_gate(x).reshape(b, s, hq, 3))
+        selected_fn = None
+        if self.selected_backend != "reference":
+            bs, be = self.block_sel, self.selected_backend
+
+            def selected_fn(q, k, v, bm):
+                return nsa.nsa_selected_kernel(
+                    q, k, v, bm, positions, block_sel=bs, segment_ids=segment_ids, backend=be
+                )
+
+        out, _ = nsa.nsa_attention(
+            q, k, v, gates, positions,
+            cmp_weights_k=self.nsa_cmp_weights_k[...], cmp_pos_k=self.nsa_cmp_pos_k[...],
+            cmp_weights_v=self.nsa_cmp_weights_v[...], cmp_pos_v=self.nsa_cmp_pos_v[...],
+            block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
+            segment_ids=segment_ids, selected_fn=selected_fn,
+        )  # fmt: skip
+        return self.o_proj(out.reshape(b, s, hq * hd))

@@ -1,0 +1,47 @@
+"""The NSA / DSA benchmark script runs end to end at a tiny size on CPU and writes its record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def test_nsa_dsa_bench_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "experiments" / "nsa_dsa_bench.py"),
+        "--seq",
+        "128",
+        "--block",
+        "16",
+        "--top-n",
+        "3",
+        "--window",
+        "32",
+        "--top-k",
+        "16",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "16",
+        "--dense-impl",
+        "xla",
+        "--kernel-backend",
+        "reference",
+        "--dtype",
+        "float32",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"})
+    rec = json.loads(out.read_text())
+    assert [r["op"] for r in rec["rows"]] == ["dense_causal", "nsa_selected", "nsa_window", "dsa_gather"]
+    assert all(r["ms_fwd"] > 0 and r["ms_fwdbwd"] > 0 for r in rec["rows"])

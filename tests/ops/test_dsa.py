@@ -1,0 +1,100 @@
+"""DSA: the lightning indexer, top-k selection, the gather attention against the dense masked reference (values
+and gradients; GQA, padding, packed segments) and the indexer's KL warm-up loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sra_jax.ops import dsa
+from sra_jax.ops.nsa import token_mask
+from tests.ops._sparse_inputs import dense_oracle, inputs
+
+
+def _indexer(seed, b, s, hi=2, di=8):
+    ks = jax.random.split(jax.random.PRNGKey(seed + 100), 3)
+    return (
+        jax.random.normal(ks[0], (b, s, hi, di)),
+        jax.random.normal(ks[1], (b, s, di)),
+        jax.random.normal(ks[2], (b, s, hi)),
+    )
+
+
+def test_indexer_scores_formula():
+    qi, ki, wi = _indexer(0, 1, 5)
+    pos = jnp.arange(5)[None]
+    got = dsa.indexer_scores(qi, ki, wi, pos)
+    want = np.zeros((5, 5))
+    for t in range(5):
+        for s_ in range(5):
+            want[t, s_] = sum(float(wi[0, t, j]) * max(float(qi[0, t, j] @ ki[0, s_]), 0.0) for j in range(2))
+    want = np.where(np.tril(np.ones((5, 5), bool)), want, -np.inf)
+    np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-5, atol=1e-5)  # f32 dots
+
+
+@settings(max_examples=8)  # each example compiles a gradient on new shapes; 8 cover the strategies below
+@given(
+    s=st.sampled_from([9, 16]),
+    top_k=st.sampled_from([1, 3, 7]),
+    hq_group=st.sampled_from([(2, 1), (4, 2), (2, 2)]),
+    pad=st.integers(0, 4),
+    seed=st.integers(0, 1000),
+)
+def test_gather_matches_reference(s, top_k, hq_group, pad, seed):
+    hq, hkv = hq_group
+    split = s // 2
+    q, k, v, pos, seg = inputs(seed, 2, s, hq, hkv, 8, min(pad, s - split - 1), split)
+    qi, ki, wi = _indexer(seed, 2, s)
+    idx, valid = dsa.top_k_keys(dsa.indexer_scores(qi, ki, wi, pos, seg), top_k)
+    ref = dsa.dsa_attention_reference(q, k, v, idx, valid, pos, seg)
+    got = dsa.dsa_attention_gather(q, k, v, idx, valid, pos, seg, block_q=4)
+    oracle = dense_oracle(q, k, v, dsa.selection_mask(idx, valid, s) & token_mask(pos, pos, seg))
+    np.testing.assert_allclose(np.asarray(ref), oracle, atol=2e-5)  # f32 against f64: summation order
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5)
+    # each query sees at most top_k keys, always within its visible set
+    sel = dsa.selection_mask(idx, valid, s)
+    assert int(sel.sum(-1).max()) <= top_k
+    assert not bool((sel & ~token_mask(pos, pos, seg)).any())
+    loss = lambda f: lambda q, k, v: (f(q, k, v) * jnp.cos(jnp.arange(q.shape[-1]))).sum()
+    gr = jax.grad(loss(lambda *a: dsa.dsa_attention_reference(*a, idx, valid, pos, seg)), (0, 1, 2))(q, k, v)
+    gg = jax.grad(loss(lambda *a: dsa.dsa_attention_gather(*a, idx, valid, pos, seg, block_q=4)), (0, 1, 2))(q, k, v)
+    for a, b_ in zip(gg, gr):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=5e-5)  # f32 summation order
+
+
+def test_full_top_k_is_dense_causal():
+    q, k, v, pos, seg = inputs(3, 2, 12, 4, 2, 8, 2, 5)
+    qi, ki, wi = _indexer(3, 2, 12)
+    idx, valid = dsa.top_k_keys(dsa.indexer_scores(qi, ki, wi, pos, seg), 12)
+    got = dsa.dsa_attention_gather(q, k, v, idx, valid, pos, seg, block_q=5)
+    np.testing.assert_allclose(np.asarray(got), dense_oracle(q, k, v, token_mask(pos, pos, seg)), atol=2e-5)
+
+
+def test_kl_loss_zero_at_target_and_stops_main_gradient():
+    q, k, _, pos, seg = inputs(4, 2, 10, 4, 2, 8, 2, 4)
+    mask = token_mask(pos, pos, seg)
+    from sra_jax.ops.nsa import masked_attention
+
+    t = masked_attention(q, k, k, mask)[1].sum(1)
+    t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
+    perfect = jnp.where(mask, jnp.log(jnp.maximum(t, 1e-30)), -jnp.inf)
+    assert abs(float(dsa.indexer_kl_loss(q, k, perfect, pos, seg))) < 1e-5
+    qi, ki, wi = _indexer(4, 2, 10)
+    f = lambda q, k, qi: dsa.indexer_kl_loss(q, k, dsa.indexer_scores(qi, ki, wi, pos, seg), pos, seg)
+    val = f(q, k, qi)
+    assert float(val) > 0 and np.isfinite(float(val))
+    gq, gk, gqi = jax.grad(f, (0, 1, 2))(q, k, qi)
+    assert float(jnp.abs(gq).max()) == 0 and float(jnp.abs(gk).max()) == 0
+    assert np.isfinite(np.asarray(gqi)).all() and float(jnp.abs(gqi).max()) > 0
+
+
+def test_bad_arguments():
+    q, k, v, pos, seg = inputs(0, 2, 8, 2, 1, 8, 0, 4)
+    with pytest.raises(ValueError, match="top_k"):
+        dsa.top_k_keys(jnp.zeros((1, 4, 4)), 0)
+    with pytest.raises(ValueError, match="block_q"):
+        dsa.dsa_attention_gather(q, k, v, jnp.zeros((2, 8, 2), jnp.int32), jnp.ones((2, 8, 2), bool), pos, block_q=0)
