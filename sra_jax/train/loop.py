@@ -101,7 +101,7 @@ def run(
         if restored is not None:
             state = restored
             _logger.info("resumed from %s at step %d", checkpointer.directory, host_int(state.step))
-    logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard)
+    logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard, config_yaml=config.to_yaml())
     run_meta = {"config": config.to_dict()}  # lets `sra_jax.convert.source` rebuild the model from a step folder
     model_cfg = config.model
     num_params = count_params(state.params)

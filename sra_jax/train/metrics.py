@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,10 @@ def train_flops(num_params: int, num_embed_params: int, positions: np.ndarray, *
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to `dir/metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to `dir/metrics.jsonl` (with "time", wall-clock Unix seconds) and
+    mirrors scalars to TensorBoard; `config_yaml` (the resolved run config) is written to `dir/config.yaml`."""
 
-    def __init__(self, directory: str | os.PathLike | None, *, tensorboard: bool = True):
+    def __init__(self, directory: str | os.PathLike | None, *, tensorboard: bool = True, config_yaml: str | None = None):
         self.enabled = directory is not None and jax.process_index() == 0
         self.jsonl = None
         self.writer = None
@@ -63,6 +65,8 @@ class MetricsLogger:
             return
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        if config_yaml is not None:
+            (path / "config.yaml").write_text(config_yaml)
         self.jsonl = open(path / "metrics.jsonl", "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -73,7 +77,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in metrics.items() if v is not None}}
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
             for name, value in record.items():

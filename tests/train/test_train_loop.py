@@ -4,6 +4,8 @@ non-finite steps are skipped and, repeated, stop the run with finite checkpoints
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 import os
 import random
 import signal
@@ -12,6 +14,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from sra_jax.train.checkpoint import Checkpointer
 from sra_jax.train.config import TrainConfig
@@ -141,3 +144,13 @@ def test_a_stop_flag_passed_in_and_set_later_stops_the_run(tmp_path):
     assert result.exit_code == 0 and len(result.history) < 10
     with Checkpointer(tmp_path / "ckpt", config.checkpoint) as checkpointer:
         assert checkpointer.latest_step() == len(result.history)
+
+
+def test_the_log_folder_holds_the_resolved_config_and_timestamped_rows(tmp_path):
+    config = TrainConfig.load(None, [*TINY, "steps=2", "checkpoint.dir=null", f"log.dir={tmp_path}"])
+    started = time.time()
+    run(config)
+    assert TrainConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == config
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    times = [row["time"] for row in rows]
+    assert len(rows) == 2 and started <= times[0] <= times[1] <= time.time()
