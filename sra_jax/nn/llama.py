@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
@@ -160,12 +161,18 @@ class Llama(nnx.Module):
         key: jax.Array | None = None,
         critical: Shaped[Array, "..."] | None = None,
         tau: float | Float[Array, ""] | None = None,
-    ) -> tuple[Float[Array, "b s v"], ModelAux]:
+        max_segments: int | None = None,
+        logits_to_keep: int | None = None,
+    ) -> tuple[Float[Array, "b n v"], ModelAux]:
         """Logits (float32) and aux for `tokens` [b, s]. positions default to arange (after the cache's tokens);
         a negative position marks padding. `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
         forces them. `tau` is the selection temperature of this call (default: sra.tau); pass a jnp scalar to anneal it
         under jit without recompiling. With a cache the call writes its tokens at `cache.index` and returns the cache
-        in `aux.cache`.
+        in `aux.cache`. `max_segments` (static, with segment_ids): at most this many packed segments with valid
+        tokens in a row; it bounds the critical keys of packed rows (num_critical(s) + max_segments), which lets
+        attention gather them instead of visiting every causal block; checked when segment_ids are concrete.
+        `logits_to_keep` (static int n): logits of the last n positions only, [b, n, vocab] (a long prefill then
+        never builds [b, s, vocab]); None keeps all.
         (Annotations are loose here on purpose: `_check_inputs` names the problem in a ValueError.)"""
         self._check_inputs(tokens, positions, cache, segment_ids, critical)
         b, s = tokens.shape
@@ -174,7 +181,28 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         if isinstance(tau, (int, float)) and not tau > 0:
             raise ValueError(f"tau={tau} must be > 0")
-        return self._forward(tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical, tau)
+        if logits_to_keep is not None and (
+            not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or not 1 <= logits_to_keep <= s
+        ):
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} must be None or an integer in [1, {s}]")
+        self._check_max_segments(max_segments, segment_ids, positions)
+        return self._forward(
+            tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical, tau, max_segments, logits_to_keep
+        )
+
+    @staticmethod
+    def _check_max_segments(max_segments: int | None, segment_ids, positions) -> None:
+        """A segment counts when it holds a valid token (position >= 0)."""
+        if max_segments is None:
+            return
+        if not isinstance(max_segments, int) or isinstance(max_segments, bool) or max_segments < 1:
+            raise ValueError(f"max_segments={max_segments!r} must be None or an integer >= 1")
+        if any(isinstance(x, jax.core.Tracer) for x in (segment_ids, positions)) or segment_ids is None:
+            return
+        ids, valid = np.asarray(segment_ids), np.asarray(positions) >= 0
+        most = max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+        if most > max_segments:
+            raise ValueError(f"max_segments={max_segments}, but a row of segment_ids holds {most} segments")
 
     def _forward(
         self,
@@ -185,7 +213,9 @@ class Llama(nnx.Module):
         key: jax.Array | None,
         critical: Bool[Array, "layers b s"] | None,
         tau: float | Float[Array, ""] | None = None,
-    ) -> tuple[Float[Array, "b s v"], ModelAux]:
+        max_segments: int | None = None,
+        logits_to_keep: int | None = None,
+    ) -> tuple[Float[Array, "b n v"], ModelAux]:
         num_layers = self.config.num_hidden_layers
         if cache is not None:
             cache = cache.replace(
@@ -205,9 +235,12 @@ class Llama(nnx.Module):
                 shared=shared if self.sra is not None and self.sra.mask == "static" else None,
                 cache=cache,
                 tau=tau,
+                max_segments=max_segments,
             )
             shared = shared or layer_shared
             rows.append(stats)
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         h = self.norm(x)
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         if cache is not None:
