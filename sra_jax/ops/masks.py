@@ -282,23 +282,31 @@ def _sort_keys(segments: Int[Array, "b k"], positions: Int[Array, "b k"], keep: 
     return jax.lax.sort((seg, pos), dimension=1, num_keys=2)
 
 
-def _count_below(sorted_keys, segment: Int[Array, "b q"], position: Int[Array, "b q"]) -> Int[Array, "b q"]:
-    """Per query: how many sorted keys have (segment, position) < (segment_q, position_q), by binary search
-    (ceil(log2(k + 1)) rounds of one gather each, so O(q log k) and no [q, k] array)."""
+def _count_below(sorted_keys, segment: Int[Array, "b t"], position: Int[Array, "b t"]) -> Int[Array, "b t"]:
+    """Per target: how many sorted keys have (segment, position) < (segment_t, position_t), by binary search in a
+    `fori_loop` (ceil(log2(k + 1)) rounds of one gather each, so O(t log k) and no [t, k] array)."""
     seg_keys, pos_keys = sorted_keys
     n = seg_keys.shape[1]
-    lo = jnp.zeros(segment.shape, jnp.int32)
-    hi = jnp.full(segment.shape, n, jnp.int32)
-    for _ in range(max(1, int(n).bit_length())):
+
+    def step(_, bounds):
+        lo, hi = bounds
         mid = (lo + hi) // 2
         at = jnp.minimum(mid, n - 1)
         s_mid = jnp.take_along_axis(seg_keys, at, axis=1)
         p_mid = jnp.take_along_axis(pos_keys, at, axis=1)
         below = (s_mid < segment) | ((s_mid == segment) & (p_mid < position))
         open_ = lo < hi
-        lo = jnp.where(open_ & below, mid + 1, lo)
-        hi = jnp.where(open_ & ~below, mid, hi)
-    return lo
+        return jnp.where(open_ & below, mid + 1, lo), jnp.where(open_ & ~below, mid, hi)
+
+    start = (jnp.zeros(segment.shape, jnp.int32), jnp.full(segment.shape, n, jnp.int32))
+    return jax.lax.fori_loop(0, max(1, int(n).bit_length()), step, start)[0]
+
+
+def _range_counts(keys, segment: Int[Array, "b q"], bounds: list[Array]) -> list[Array]:
+    """`_count_below` of every bound in one search (targets stacked along the query axis)."""
+    num_q = segment.shape[1]
+    stacked = _count_below(keys, jnp.tile(segment, (1, len(bounds))), jnp.concatenate(bounds, axis=1))
+    return [stacked[:, i * num_q:(i + 1) * num_q] for i in range(len(bounds))]
 
 
 @jax.jit
@@ -322,16 +330,16 @@ def visible_pair_counts(spec: SRAMaskSpec) -> tuple[Float[Array, " b"], Float[Ar
     every = _sort_keys(k_seg, spec.k_positions, k_valid)
     critical = _sort_keys(k_seg, spec.k_positions, k_valid & spec.k_critical)
 
-    def in_range(keys, lo, hi):  # keys of the query's segment at positions [lo, hi] (empty when lo > hi)
-        count = _count_below(keys, q_seg, hi + 1) - _count_below(keys, q_seg, lo)
-        return jnp.where(lo <= hi, count, 0)
-
     valid_q = p >= 0
-    causal = jnp.where(valid_q, in_range(every, zeros_q, p), 0)
     a = jnp.maximum(p - (spec.window - 1), 0)
-    window = in_range(every, a, p)
-    globals_ = in_range(every, zeros_q, jnp.minimum(spec.num_global, a) - 1)
+    g = jnp.minimum(spec.num_global, a)
+    # Keys of the query's segment at positions [lo, hi] = below(hi + 1) - below(lo); one search per key set.
+    below_0, below_a, below_g, below_end = _range_counts(every, q_seg, [zeros_q, a, g, p + 1])
+    crit_g, crit_a = _range_counts(critical, q_seg, [jnp.full_like(p, spec.num_global), a])
+    causal = jnp.where(valid_q, below_end - below_0, 0)
+    window = below_end - below_a  # [a, p]
+    globals_ = below_g - below_0  # [0, min(num_global, a) - 1]
     takes_critical = spec.q_critical | (spec.queries == "all")
-    crit = jnp.where(takes_critical, in_range(critical, jnp.full_like(p, spec.num_global), a - 1), 0)
+    crit = jnp.where(takes_critical & (spec.num_global < a), crit_a - crit_g, 0)  # critical keys at [num_global, a - 1]
     visible = jnp.where(valid_q, window + globals_ + crit, 0)
     return causal.sum(-1, dtype=jnp.float32), visible.sum(-1, dtype=jnp.float32)
