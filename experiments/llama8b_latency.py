@@ -44,6 +44,7 @@ from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: E402
 from sra_jax.convert.mapping import param_specs  # noqa: E402
 from sra_jax.convert.params import abstract_model, fresh_router_values, merge  # noqa: E402
 from sra_jax.nn import KVCache  # noqa: E402
+from sra_jax.nn.cache import generation_capacity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": (jnp.bfloat16, "bfloat16"), "float32": (jnp.float32, "float32")}
@@ -211,8 +212,10 @@ def jax_functions(model, max_len: int, decode_steps: int):
     def prefill(state, tokens):
         m = nnx.merge(graph, state)
         # Positions 0.. from slot 0: the left-padded layout (no padding), declared as generate declares it.
-        cache = KVCache.init(config, tokens.shape[0], max_len, dtype, layout="left_padded")
-        logits, aux = m(tokens, cache=cache)
+        # As generate builds it: the critical capacity bounds the prefill's critical keys (it gathers them).
+        capacity = generation_capacity(m.sra, tokens.shape[1], max_len)
+        cache = KVCache.init(config, tokens.shape[0], max_len, dtype, layout="left_padded", critical_capacity=capacity)
+        logits, aux = m(tokens, cache=cache, logits_to_keep=1)  # never [b, s, vocab] (128k fits)
         stats = dict(critical=aux.critical, selected_fraction=aux.selected_fraction.mean(),
                      mask_density=aux.visible_pairs.sum() / aux.causal_pairs.sum())
         return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), aux.cache, stats
@@ -404,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = jax.default_backend() == "gpu"
     config = tiny_config() if args.tiny else llama8b_config()
-    lengths = args.lengths or ([32, 64] if args.tiny else [4096, 16384, 32768])
+    lengths = args.lengths or ([32, 64] if args.tiny else [4096, 32768, 131072])
     decode_steps = args.decode_steps or (4 if args.tiny else 16)
     reps = args.reps or (2 if args.tiny else 3)
     sanity_length = args.sanity_length or (16 if args.tiny else 128)

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.nn import KVCache
+from sra_jax.nn.cache import generation_capacity
 from sra_jax.nn.llama import check_token_ids
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +77,12 @@ def _generate(
     batch, prompt_len = tokens.shape
     # Prompts are padded on the left with position -1 and decoded at the next positions: declare that layout,
     # so decode steps skip the per-layer layout check (and its cond).
-    cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.dtype, layout="left_padded")
+    max_len = prompt_len + max_new_tokens
+    # Critical keys per row are bounded by construction, so the prefill gathers them (SRAMaskSpec.max_critical).
+    capacity = generation_capacity(model.sra, prompt_len, max_len)
+    cache = KVCache.init(
+        model.config, batch, max_len, model.dtype, layout="left_padded", critical_capacity=capacity
+    )
 
     def choose(logits, step):
         if greedy:
@@ -85,7 +91,7 @@ def _generate(
             jnp.int32
         )
 
-    logits, aux = model(tokens, positions, cache=cache)
+    logits, aux = model(tokens, positions, cache=cache, logits_to_keep=1)  # never [b, p, vocab]
     # Prompts are left-padded, so the last column holds every row's last prompt token.
     first = choose(logits[:, -1], 0)
     next_position = positions[:, -1] + 1

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Int
 
 from sra_jax.nn import KVCache
+from sra_jax.nn.cache import generation_capacity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,11 @@ def _sra_counts(aux, valid: Bool[Array, "b s"]) -> tuple[jax.Array, jax.Array]:
 def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "b p"], *, max_len: int):
     model = nnx.merge(graphdef, state)
     # Left-padded prompts (position -1), then the next positions: the layout the decode kernel reads.
-    cache = KVCache.init(model.config, tokens.shape[0], max_len, model.dtype, layout="left_padded")
-    _, aux = model(tokens, positions, cache=cache)  # the logits are unused, so XLA never computes them
+    capacity = generation_capacity(model.sra, tokens.shape[1], max_len)  # critical keys bounded: prefill gathers them
+    cache = KVCache.init(
+        model.config, tokens.shape[0], max_len, model.dtype, layout="left_padded", critical_capacity=capacity
+    )
+    _, aux = model(tokens, positions, cache=cache, logits_to_keep=1)  # unused logits: the last position only
     return aux.cache, _sra_counts(aux, positions >= 0)
 
 

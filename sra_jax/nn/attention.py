@@ -36,6 +36,7 @@ class SharedSelection(NamedTuple):
     router_logits: Float[Array, "b s"]
     selection: Selection
     threshold: Float[Array, " b"] | None
+    max_critical: int  # static bound on the critical tokens of a row of this call (see _critical_bound)
 
 
 class SparseReasoningAttention(nnx.Module):
@@ -90,10 +91,13 @@ class SparseReasoningAttention(nnx.Module):
         shared: SharedSelection | None = None,
         cache: KVCache | None = None,
         tau: float | Float[Array, ""] | None = None,
+        max_segments: int | None = None,
     ) -> tuple[Float[Array, "b s d"], LayerStats, SharedSelection | None, KVCache | None]:
         """x is the RMS-normed layer input. With a cache, `cache.positions` must already hold this call's positions
         (the model writes them once for all layers); this layer writes its keys, values and critical flags.
-        `tau` is the selection temperature of this call (default sra.tau; a traced value does not recompile)."""
+        `tau` is the selection temperature of this call (default sra.tau; a traced value does not recompile).
+        `max_segments` (static, packed rows): at most this many segments with valid tokens in any row; it makes
+        the critical-key bound of packed rows num_critical(s) + max_segments instead of s (see _critical_bound)."""
         cfg = self.config
         b, s, _ = x.shape
         hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -120,7 +124,11 @@ class SparseReasoningAttention(nnx.Module):
             chosen, threshold = self._select(
                 router_logits, valid, key=key, critical=critical, cache=cache, tau=tau, segment_ids=segment_ids
             )
-            shared_out = SharedSelection(router_logits, chosen, threshold)
+            if cache is not None:  # flags past the cache's static capacity are cleared (none along generate's path)
+                kept = cache.within_capacity(self.layer, chosen.critical)
+                chosen = chosen._replace(critical=kept, gate=jnp.where(kept, chosen.gate, 0.0))
+            bound = self._critical_bound(s, critical, segment_ids, max_segments)
+            shared_out = SharedSelection(router_logits, chosen, threshold, bound)
         if self.sra is not None:
             # Identity in the forward pass; carries d loss / d gate to the router (see sra_jax.nn.router).
             gate = chosen.gate - jax.lax.stop_gradient(chosen.gate)
@@ -133,25 +141,26 @@ class SparseReasoningAttention(nnx.Module):
             window = num_slots if self.attention_impl in ("gather", "pallas") else _UNBOUNDED_WINDOW
             rule = dict(window=window, num_global=0, max_critical=0)
         else:
-            # At most k critical keys per row, unless the caller forced the sets or a cache holds earlier ones, or the
-            # row is packed (each segment takes num_critical(its length); the sum of those can exceed the row's k).
-            bounded = critical is None and cache is None and segment_ids is None
+            # A true static bound on the critical keys of a row (the compact paths gather that many and would drop
+            # any beyond it): the cache's capacity when the keys are its slots, else this call's selection bound.
             rule = dict(
                 window=self.sra.window,
                 num_global=self.sra.num_global,
                 queries=self.sra.queries,
-                max_critical=self.sra.num_critical(s) if bounded else None,
+                max_critical=shared_out.max_critical if cache is None else cache.capacity,
             )
         if cache is None:
             spec = masks.SRAMaskSpec.create(positions, chosen.critical, segment_ids=segment_ids, **rule)
         else:
             cache = self._write_cache(cache, k, v, chosen.critical, threshold)
+            k_critical = cache.critical[self.layer]
+            if cache.capacity < cache.max_len:
+                # Only written slots count (a reused cache may hold stale flags past them): at most num_critical
+                # (<= capacity, enforced above) critical keys.
+                written = jnp.arange(cache.max_len) < cache.index + s
+                k_critical = k_critical & written
             spec = masks.SRAMaskSpec.create(
-                positions,
-                chosen.critical,
-                k_positions=cache.positions,
-                k_critical=cache.critical[self.layer],
-                **rule,
+                positions, chosen.critical, k_positions=cache.positions, k_critical=k_critical, **rule
             )
         if self._uses_decode_kernel(s, cache):
             out = self._decode_attention(q, spec, cache, chosen.critical)
@@ -161,8 +170,9 @@ class SparseReasoningAttention(nnx.Module):
             out = attention_ops.attention(q, k, v, spec=spec, impl=self.attention_impl)
         out = self.o_proj(out.reshape(b, s, hq * hd))
 
-        causal = spec.dense_mask().sum((1, 2), dtype=jnp.float32)
-        visible = causal if self.sra is None else spec.to_mask().sum((1, 2), dtype=jnp.float32)
+        causal, visible = masks.visible_pair_counts(spec)  # from counts: no [b, q, k] array
+        if self.sra is None:
+            visible = causal
         num_valid = jnp.maximum(valid.sum(-1), 1).astype(jnp.float32)
         stats = LayerStats(
             router_logits=router_logits,
@@ -173,6 +183,31 @@ class SparseReasoningAttention(nnx.Module):
             causal_pairs=causal,
         )
         return out, stats, shared_out, cache
+
+    def _critical_bound(
+        self,
+        s: int,
+        critical: Bool[Array, "b s"] | None,
+        segment_ids: Int[Array, "b s"] | None,
+        max_segments: int | None,
+    ) -> int:
+        """Static upper bound on the critical tokens a row of this call selects (keys = this call's tokens).
+
+        - forced `critical`: its largest row count when concrete, else s.
+        - packed rows: segment g of valid length L_g takes c_g = clamp(ceil(f * L_g - 1e-9), 1, L_g) tokens (f the
+          critical fraction). c_g <= max(1, ceil(f * L_g)) < f * L_g + 1, so with G segments sum_g c_g < f * s + G
+          <= num_critical(s) + 1e-9 + G (num_critical(s) >= f * s - 1e-9); both sides are integers, so
+          sum_g c_g <= num_critical(s) + G. G <= max_segments when given; without it the bound is s.
+        - otherwise num_critical(s): top-k and Gumbel top-k take k_row <= k, sparsemax a subset of the top-k,
+          Bernoulli is capped at k.
+        """
+        if critical is not None:
+            if isinstance(critical, jax.core.Tracer):
+                return s
+            return min(s, int(jnp.max(jnp.sum(critical, axis=-1))))
+        if segment_ids is not None:
+            return s if max_segments is None else min(s, self.sra.num_critical(s) + max_segments)
+        return self.sra.num_critical(s)
 
     def _uses_decode_kernel(self, s: int, cache: KVCache | None) -> bool:
         """Static: a decode step (cache given, at most MAX_DECODE_TOKENS new tokens) of a "pallas" layer."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Int
 
-from sra_jax.config import LlamaConfig
+from sra_jax.config import LlamaConfig, SRAConfig
 
 
 LAYOUTS = ("checked", "left_padded")
@@ -37,6 +37,12 @@ class KVCache:
                    stream once per layer. "left_padded" declares it: no check, no cond. Declare it only for caches
                    filled as `sra_jax.generate` fills them (prompts padded on the left with position -1, every
                    later call at the next positions); a wrong declaration gives wrong attention, not an error.
+    critical_capacity static: at most this many critical keys per layer and row (default max_len: no limit). It is
+                   the static bound prefill attention over the cache gathers (`SRAMaskSpec.max_critical`); the SRA
+                   layer enforces it by clearing, in slot order, critical flags that would exceed it. A capacity of
+                   num_critical(prompt length) + (max_len - prompt length), as `sra_jax.generate` sets, never clears
+                   one: a prefill from slot 0 flags at most num_critical(its length) tokens and each later token at
+                   most itself.
 
     Rewriting `critical` by hand (tests, synthetic caches) needs `with_critical`, which rebuilds the lists.
     """
@@ -51,15 +57,27 @@ class KVCache:
     critical_slots: Any
     num_critical: Any
     layout: str = struct.field(pytree_node=False, default="checked")
+    critical_capacity: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def init(
-        cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *, layout: str = "checked"
+        cls,
+        config: LlamaConfig,
+        batch: int,
+        max_len: int,
+        dtype=jnp.float32,
+        *,
+        layout: str = "checked",
+        critical_capacity: int | None = None,
     ) -> KVCache:
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         if layout not in LAYOUTS:
             raise ValueError(f"KVCache layout={layout!r} must be one of {LAYOUTS}")
+        if critical_capacity is not None and (
+            not isinstance(critical_capacity, int) or isinstance(critical_capacity, bool) or critical_capacity < 0
+        ):
+            raise ValueError(f"KVCache critical_capacity={critical_capacity!r} must be None or an integer >= 0")
         layers = config.num_hidden_layers
         shape = (layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         return cls(
@@ -72,6 +90,7 @@ class KVCache:
             critical_slots=jnp.full((layers, batch, max_len), -1, jnp.int32),
             num_critical=jnp.zeros((layers, batch), jnp.int32),
             layout=layout,
+            critical_capacity=None if critical_capacity is None or critical_capacity >= max_len else critical_capacity,
         )
 
     def with_critical(self, critical: Bool[Array, "layers b n"]) -> KVCache:
@@ -100,6 +119,20 @@ class KVCache:
         )
 
     @property
+    def capacity(self) -> int:
+        """The static bound on critical keys per layer and row: `critical_capacity`, or max_len without one."""
+        return self.max_len if self.critical_capacity is None else min(self.critical_capacity, self.max_len)
+
+    def within_capacity(self, layer: int, critical: Bool[Array, "b s"]) -> Bool[Array, "b s"]:
+        """`critical` of a call at `index` with the flags past `layer`'s capacity cleared (in slot order): the
+        flags the cache can hold. Unchanged (no work) without a capacity below max_len."""
+        if self.critical_capacity is None or self.critical_capacity >= self.max_len:
+            return critical
+        count = jnp.where(self.index == 0, 0, self.num_critical[layer])
+        rank = jnp.cumsum(critical, axis=1, dtype=jnp.int32)  # 1-based rank among this call's flags
+        return critical & (count[:, None] + rank <= self.critical_capacity)
+
+    @property
     def batch(self) -> int:
         return self.positions.shape[0]
 
@@ -110,6 +143,16 @@ class KVCache:
     @property
     def num_layers(self) -> int:
         return self.k.shape[0]
+
+
+def generation_capacity(sra: SRAConfig | None, prompt_len: int, max_len: int) -> int | None:
+    """`critical_capacity` for a cache filled by one prefill of `prompt_len` tokens from slot 0, then tokens one
+    call at a time up to `max_len`: num_critical(prompt_len) + (max_len - prompt_len). A true bound that never
+    clears a flag: the prefill selects at most num_critical(its length) per row (top-k, Gumbel top-k, sparsemax's
+    subset of the top-k, Bernoulli's cap), and each later token flags at most itself. None without SRA."""
+    if sra is None:
+        return None
+    return min(max_len, sra.num_critical(prompt_len) + max_len - prompt_len)
 
 
 def critical_slot_lists(critical: Bool[Array, "*lead n"]) -> tuple[Int[Array, "*lead n"], Int[Array, " *lead"]]:

@@ -28,14 +28,14 @@ ATTENTION_IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
 REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
-def _remat_layer(layer: nnx.Module, policy, tau):
+def _remat_layer(layer: nnx.Module, policy, tau, max_segments: int | None):
     """`layer` as a pure function under jax.checkpoint: its state goes in as an argument and the module is rebuilt
     inside, so nothing crosses trace levels (a layer's forward pass changes no state)."""
     graphdef, state = nnx.split(layer)
 
     def pure(state, x, positions, segment_ids, key, critical, shared):
         return nnx.merge(graphdef, state)(x, positions, segment_ids=segment_ids, key=key, critical=critical,
-                                          shared=shared, cache=None, tau=tau)
+                                          shared=shared, cache=None, tau=tau, max_segments=max_segments)
 
     return functools.partial(jax.checkpoint(pure, policy=policy), state)
 
@@ -204,12 +204,18 @@ class Llama(nnx.Module):
         key: jax.Array | None = None,
         critical: Shaped[Array, "..."] | None = None,
         tau: float | Float[Array, ""] | None = None,
-    ) -> tuple[Float[Array, "b s v"], ModelAux]:
+        max_segments: int | None = None,
+        logits_to_keep: int | None = None,
+    ) -> tuple[Float[Array, "b n v"], ModelAux]:
         """Logits (float32) and aux for `tokens` [b, s]. positions default to arange (after the cache's tokens);
         a negative position marks padding. `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
         forces them. `tau` is the selection temperature of this call (default: sra.tau); pass a jnp scalar to anneal it
         under jit without recompiling. With a cache the call writes its tokens at `cache.index` and returns the cache
-        in `aux.cache`.
+        in `aux.cache`. `max_segments` (static, with segment_ids): at most this many packed segments with valid
+        tokens in a row; it bounds the critical keys of packed rows (num_critical(s) + max_segments), which lets
+        attention gather them instead of visiting every causal block; checked when segment_ids are concrete.
+        `logits_to_keep` (static int n): logits of the last n positions only, [b, n, vocab] (a long prefill then
+        never builds [b, s, vocab]); None keeps all.
         (Annotations are loose here on purpose: `_check_inputs` names the problem in a ValueError.)"""
         self._check_inputs(tokens, positions, cache, segment_ids, critical)
         check_token_ids(tokens, self.config.vocab_size)
@@ -219,7 +225,28 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         if isinstance(tau, (int, float)) and not tau > 0:
             raise ValueError(f"tau={tau} must be > 0")
-        return self._forward(tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical, tau)
+        if logits_to_keep is not None and (
+            not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or not 1 <= logits_to_keep <= s
+        ):
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} must be None or an integer in [1, {s}]")
+        self._check_max_segments(max_segments, segment_ids, positions)
+        return self._forward(
+            tokens, positions.astype(jnp.int32), cache, segment_ids, key, critical, tau, max_segments, logits_to_keep
+        )
+
+    @staticmethod
+    def _check_max_segments(max_segments: int | None, segment_ids, positions) -> None:
+        """A segment counts when it holds a valid token (position >= 0)."""
+        if max_segments is None:
+            return
+        if not isinstance(max_segments, int) or isinstance(max_segments, bool) or max_segments < 1:
+            raise ValueError(f"max_segments={max_segments!r} must be None or an integer >= 1")
+        if any(isinstance(x, jax.core.Tracer) for x in (segment_ids, positions)) or segment_ids is None:
+            return
+        ids, valid = np.asarray(segment_ids), np.asarray(positions) >= 0
+        most = max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+        if most > max_segments:
+            raise ValueError(f"max_segments={max_segments}, but a row of segment_ids holds {most} segments")
 
     def _forward(
         self,
@@ -230,7 +257,9 @@ class Llama(nnx.Module):
         key: jax.Array | None,
         critical: Bool[Array, "layers b s"] | None,
         tau: float | Float[Array, ""] | None = None,
-    ) -> tuple[Float[Array, "b s v"], ModelAux]:
+        max_segments: int | None = None,
+        logits_to_keep: int | None = None,
+    ) -> tuple[Float[Array, "b n v"], ModelAux]:
         num_layers = self.config.num_hidden_layers
         if cache is not None:
             cache = cache.replace(
@@ -250,14 +279,16 @@ class Llama(nnx.Module):
             layer_critical = None if critical is None else critical[i]
             layer_in = shared if self.sra is not None and self.sra.mask == "static" else None
             if remat:
-                call = _remat_layer(layer, REMAT_POLICIES[self.remat], tau)
+                call = _remat_layer(layer, REMAT_POLICIES[self.remat], tau, max_segments)
                 out = call(x, positions, segment_ids, layer_key, layer_critical, layer_in)
             else:
                 out = layer(x, positions, segment_ids=segment_ids, key=layer_key, critical=layer_critical,
-                            shared=layer_in, cache=cache, tau=tau)
+                            shared=layer_in, cache=cache, tau=tau, max_segments=max_segments)
             x, stats, layer_shared, cache = out
             shared = shared or layer_shared
             rows.append(stats)
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         h = self.norm(x)
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         if cache is not None:

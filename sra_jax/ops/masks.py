@@ -272,3 +272,74 @@ def mask_density(
     visible = jnp.sum(mask & causal, axis=axes, dtype=jnp.float32)
     total = jnp.sum(causal, axis=axes, dtype=jnp.float32)
     return visible / jnp.maximum(total, 1.0)
+
+
+def _sort_keys(segments: Int[Array, "b k"], positions: Int[Array, "b k"], keep: Bool[Array, "b k"]):
+    """(segment, position) of the kept keys, sorted lexicographically per row; dropped keys sort last."""
+    top = jnp.iinfo(jnp.int32).max
+    seg = jnp.where(keep, segments.astype(jnp.int32), top)
+    pos = jnp.where(keep, positions.astype(jnp.int32), top)
+    return jax.lax.sort((seg, pos), dimension=1, num_keys=2)
+
+
+def _count_below(sorted_keys, segment: Int[Array, "b t"], position: Int[Array, "b t"]) -> Int[Array, "b t"]:
+    """Per target: how many sorted keys have (segment, position) < (segment_t, position_t), by binary search in a
+    `fori_loop` (ceil(log2(k + 1)) rounds of one gather each, so O(t log k) and no [t, k] array)."""
+    seg_keys, pos_keys = sorted_keys
+    n = seg_keys.shape[1]
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        at = jnp.minimum(mid, n - 1)
+        s_mid = jnp.take_along_axis(seg_keys, at, axis=1)
+        p_mid = jnp.take_along_axis(pos_keys, at, axis=1)
+        below = (s_mid < segment) | ((s_mid == segment) & (p_mid < position))
+        open_ = lo < hi
+        return jnp.where(open_ & below, mid + 1, lo), jnp.where(open_ & ~below, mid, hi)
+
+    start = (jnp.zeros(segment.shape, jnp.int32), jnp.full(segment.shape, n, jnp.int32))
+    return jax.lax.fori_loop(0, max(1, int(n).bit_length()), step, start)[0]
+
+
+def _range_counts(keys, segment: Int[Array, "b q"], bounds: list[Array]) -> list[Array]:
+    """`_count_below` of every bound in one search (targets stacked along the query axis)."""
+    num_q = segment.shape[1]
+    stacked = _count_below(keys, jnp.tile(segment, (1, len(bounds))), jnp.concatenate(bounds, axis=1))
+    return [stacked[:, i * num_q:(i + 1) * num_q] for i in range(len(bounds))]
+
+
+@jax.jit
+def visible_pair_counts(spec: SRAMaskSpec) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
+    """(causal pairs, visible pairs) per batch row: `spec.dense_mask().sum((1, 2))` and `spec.to_mask().sum((1, 2))`
+    computed from counts, in O((q + k) log k) time and memory, never an `[q, k]` array.
+
+    For a valid query at position p (segment g) the visible keys are the disjoint union of: keys of g at positions
+    [a, p] with a = max(0, p - window + 1) (the window), keys of g at [0, min(num_global, a) - 1] (globals not
+    already in the window), and, when the query takes critical keys, critical keys of g at [num_global, a - 1].
+    Each term is a range count over the row's keys sorted by (segment, position); positions may be any integers
+    (duplicates and gaps included), exactly as the mask evaluates them.
+    """
+    b, num_q = spec.q_positions.shape
+    zeros_q = jnp.zeros((b, num_q), jnp.int32)
+    zeros_k = jnp.zeros(spec.k_positions.shape, jnp.int32)
+    q_seg = zeros_q if spec.q_segment_ids is None else spec.q_segment_ids.astype(jnp.int32)
+    k_seg = zeros_k if spec.k_segment_ids is None else spec.k_segment_ids.astype(jnp.int32)
+    p = spec.q_positions.astype(jnp.int32)
+    k_valid = spec.k_positions >= 0
+    every = _sort_keys(k_seg, spec.k_positions, k_valid)
+    critical = _sort_keys(k_seg, spec.k_positions, k_valid & spec.k_critical)
+
+    valid_q = p >= 0
+    a = jnp.maximum(p - (spec.window - 1), 0)
+    g = jnp.minimum(spec.num_global, a)
+    # Keys of the query's segment at positions [lo, hi] = below(hi + 1) - below(lo); one search per key set.
+    below_0, below_a, below_g, below_end = _range_counts(every, q_seg, [zeros_q, a, g, p + 1])
+    crit_g, crit_a = _range_counts(critical, q_seg, [jnp.full_like(p, spec.num_global), a])
+    causal = jnp.where(valid_q, below_end - below_0, 0)
+    window = below_end - below_a  # [a, p]
+    globals_ = below_g - below_0  # [0, min(num_global, a) - 1]
+    takes_critical = spec.q_critical | (spec.queries == "all")
+    crit = jnp.where(takes_critical & (spec.num_global < a), crit_a - crit_g, 0)  # critical keys at [num_global, a - 1]
+    visible = jnp.where(valid_q, window + globals_ + crit, 0)
+    return causal.sum(-1, dtype=jnp.float32), visible.sum(-1, dtype=jnp.float32)

@@ -19,6 +19,7 @@ from sra_jax.ops.masks import (
     sra_mask,
     strided_mask,
     to_block_layout,
+    visible_pair_counts,
     window_mask,
 )
 
@@ -199,3 +200,35 @@ def test_bad_mask_arguments_raise_value_errors_naming_the_problem(kwargs, messag
 def test_bad_block_sizes_are_rejected():
     with pytest.raises(ValueError, match=r"block_k \(0\)"):
         to_block_layout(jnp.ones((1, 4, 4), bool), 2, 0)
+
+
+@settings(deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 5]), st.sampled_from([1, 7, 12]), st.booleans(), st.booleans(),
+       st.sampled_from(["critical", "all"]), st.integers(1, 6), st.integers(0, 3))
+def test_visible_pair_counts_equal_the_mask_sums(seed, num_q, num_k, packed, cache_layout, queries, window, num_global):
+    """Counts from sorted (segment, position) keys equal the [b, q, k] mask sums: padding (negative positions), any
+    positions (gaps, duplicates), segments, cache-shaped keys (more slots than queries) and both query modes."""
+    rng = np.random.default_rng(seed)
+    b = 2
+    if cache_layout:  # a cache: keys at slots holding positions 0..n-1 after left padding, queries the last ones
+        pad = rng.integers(0, 3, b)
+        k_pos = np.array([[p - pad[r] if p >= pad[r] else -1 for p in range(num_k)] for r in range(b)])
+        q_pos = k_pos[:, -min(num_q, num_k):]
+    else:
+        k_pos = rng.integers(-2, 10, (b, num_k))
+        q_pos = rng.integers(-2, 10, (b, num_q))
+    segments = dict(segment_ids=jnp.asarray(rng.integers(0, 3, q_pos.shape)),
+                    k_segment_ids=jnp.asarray(rng.integers(0, 3, k_pos.shape))) if packed else {}
+    spec = SRAMaskSpec.create(
+        jnp.asarray(q_pos), jnp.asarray(rng.random(q_pos.shape) < 0.4), window=window, num_global=num_global,
+        queries=queries, k_positions=jnp.asarray(k_pos), k_critical=jnp.asarray(rng.random(k_pos.shape) < 0.4),
+        **segments,
+    )
+    causal, visible = visible_pair_counts(spec)
+    np.testing.assert_array_equal(causal, spec.dense_mask().sum((1, 2)))
+    np.testing.assert_array_equal(visible, spec.to_mask().sum((1, 2)))
+    self_spec = SRAMaskSpec.create(jnp.asarray(q_pos), spec.q_critical, window=window, num_global=num_global,
+                                   queries=queries)  # keys are the queries
+    causal, visible = visible_pair_counts(self_spec)
+    np.testing.assert_array_equal(causal, self_spec.dense_mask().sum((1, 2)))
+    np.testing.assert_array_equal(visible, self_spec.to_mask().sum((1, 2)))
