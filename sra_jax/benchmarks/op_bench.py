@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     record = {
         "device": jax.devices()[0].device_kind,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions,
         "rows": rows,
     }
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             impl = "xla" if a.smoke and impl == "cudnn" else impl
 
-            def op(q, k, v, k_critical, impl=impl, bound=bound, rule=rule):
+            def op(q, k, v, k_critical, impl=impl, bound=bound, rule=rule, q_positions=q_positions,
+                   first_pos=first_pos, n_q=n_q, k_positions=k_positions):
                 spec = SRAMaskSpec.create(q_positions, k_critical[:, first_pos:first_pos + n_q],
                                           k_positions=k_positions, k_critical=k_critical, max_critical=bound,
                                           queries="critical", **rule)
