@@ -31,7 +31,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from sra_jax.config import LlamaConfig
@@ -42,8 +41,7 @@ from sra_jax.nn import Llama
 from sra_jax.train import sharding
 from sra_jax.train.config import InitConfig, TrainConfig
 from sra_jax.train.loop import run
-from sra_jax.train.optimizer import make_optimizer
-from sra_jax.train.step import Batch, Trainer, TrainState, build_model, trainable_part
+from sra_jax.train.step import Batch, Trainer, TrainState, train_layout
 
 SRA = {"critical_fraction": 0.125, "window": 256, "num_global": 4, "selection": "gumbel_topk", "router_hidden": 128}
 TINY_SRA = {"critical_fraction": 0.25, "window": 8, "num_global": 1, "selection": "gumbel_topk", "router_hidden": 16}
@@ -82,26 +80,13 @@ def write_source(config: LlamaConfig, path: Path, dtype) -> float:
 def compiled_memory(config: TrainConfig) -> dict[str, int]:
     """memory_analysis() of the compiled train step of `config` on abstract state and batch (nothing allocated)."""
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
-
-    def create():
-        with nnx.use_eager_sharding(False):
-            return nnx.split(build_model(config), nnx.Param, ...)
-
-    graphdef, abstract_params, abstract_rest = jax.eval_shape(create)
-    param_shardings = sharding.state_shardings(abstract_params, mesh)
+    layout = train_layout(config, mesh)
+    abstract_params, abstract_opt = layout.abstract_params, layout.abstract_opt
+    param_shardings, opt_shardings = layout.state_shardings.params, layout.state_shardings.opt_state
     replicated = sharding.replicated(mesh)
-    tx = make_optimizer(config.optim, config.steps)
-    abstract_opt = jax.eval_shape(tx.init, trainable_part(config, abstract_params))
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract_opt, trainable_part(config, param_shardings),
-        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, (jax.sharding.NamedSharding,
-                                                                                    nnx.Variable)))
-    batch_sh = sharding.batch_sharding(mesh, 3, leading=1)
-    state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
-    batch_shardings = Batch(tokens=batch_sh, positions=batch_sh, loss_mask=batch_sh,
-                            segment_ids=batch_sh if config.data.pack else None)
-    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_rest)
-    trainer = Trainer(config, graphdef, rest, tx, mesh, state_shardings, batch_shardings)
+    batch_sh = layout.batch_shardings.tokens
+    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), layout.abstract_rest)
+    trainer = Trainer(config, layout.graphdef, rest, layout.tx, mesh, layout.state_shardings, layout.batch_shardings)
 
     def specs(abstract, shardings):
         def spec(x, sh):

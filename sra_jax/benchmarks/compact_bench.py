@@ -22,17 +22,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels.block_sparse.compact import compact_indices
-
-
-def _time(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+from sra_jax.benchmarks.timing import fwd_bwd, time_call
 
 
 def _spec(key, s, fraction, batch=1):
@@ -71,14 +61,6 @@ def _dense(impl):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
     return f
-
-
-def _fwd_bwd(f):
-    def g(q, k, v, do):
-        out, vjp = jax.vjp(f, q, k, v)
-        return vjp(do)
-
-    return g
 
 
 def _densities(positions, critical, *, window, num_global, queries, max_critical):
@@ -199,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         base = {"seq_len": s, "batch": 1, "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
                 "dtype": "bfloat16"}
         dense = _dense(a.dense)
-        ms_f = _time(jax.jit(dense), (q, k, v), a.iters)
-        ms_fb = _time(jax.jit(_fwd_bwd(dense)), (q, k, v, do), a.iters)
+        ms_f = time_call(jax.jit(dense), (q, k, v), a.iters)[0]
+        ms_fb = time_call(jax.jit(fwd_bwd(dense)), (q, k, v, do), a.iters)[0]
         ref_row = {"op": "attention", "impl": f"{a.dense}_dense_causal", **base, "density": 1.0,
                    "ms_fwd": ms_f, "ms_fwdbwd": ms_fb, "speedup_fwd_vs_cudnn": 1.0, "speedup_fwdbwd_vs_cudnn": 1.0,
                    "run": a.run_label}
@@ -217,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, f in _impls(positions, critical, backend=a.backend, **kw).items():
                     if name == "block_sparse" and a.block_sparse_seq is not None and s not in a.block_sparse_seq:
                         continue
-                    ms_f = _time(jax.jit(f), (q, k, v), a.iters)
-                    ms_fb = _time(jax.jit(_fwd_bwd(f)), (q, k, v, do), a.iters)
+                    ms_f = time_call(jax.jit(f), (q, k, v), a.iters)[0]
+                    ms_fb = time_call(jax.jit(fwd_bwd(f)), (q, k, v, do), a.iters)[0]
                     row = {"op": "sra_attention", "impl": name, **base, **kw, "critical_fraction": a.fraction,
                            "density": dens[name], "ms_fwd": ms_f, "ms_fwdbwd": ms_fb,
                            "speedup_fwd_vs_cudnn": ref_row["ms_fwd"] / ms_f,

@@ -24,30 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sra_jax.benchmarks.timing import fwd_bwd, time_call
 from sra_jax.ops.attention import attention
 from sra_jax.ops.masks import SRAMaskSpec
-
-
-def _time(fn, args, iters: int) -> tuple[float, float]:
-    """(median ms per call, seconds of the first call: compile + one run)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3), first
-
-
-def _fwd_bwd(f):
-    def g(q, k, v, do, *rest):
-        _, vjp = jax.vjp(lambda q, k, v: f(q, k, v, *rest), q, k, v)
-        return vjp(do)
-
-    return g
 
 
 def _critical(key, s: int, fraction: float) -> jax.Array:
@@ -156,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     critical = _critical(kc, s, a.fraction)
     positions = jnp.arange(s, dtype=jnp.int32)[None]
     dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=a.dense)
-    dense_f, dense_first = _time(jax.jit(dense), (q, k, v), a.iters)
-    dense_fb, _ = _time(jax.jit(_fwd_bwd(dense)), (q, k, v, do), a.iters)
+    dense_f, dense_first = time_call(jax.jit(dense), (q, k, v), a.iters)
+    dense_fb, _ = time_call(jax.jit(fwd_bwd(dense)), (q, k, v, do), a.iters)
     add({"op": "attention", "impl": f"{a.dense}_dense_causal", "seq_len": s, **base, "density": 1.0,
          "ms_fwd": dense_f, "ms_fwdbwd": dense_fb, "speedup_fwd_vs_cudnn": 1.0, "speedup_fwdbwd_vs_cudnn": 1.0,
          "first_call_s": dense_first})
@@ -179,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                                           queries=queries, max_critical=bound)
                 return attention(q, k, v, spec=spec, impl="pallas")
 
-            ms_f, first_f = _time(jax.jit(op), (q, k, v, critical), a.iters)
-            ms_fb, first_fb = _time(jax.jit(_fwd_bwd(op)), (q, k, v, do, critical), a.iters)
+            ms_f, first_f = time_call(jax.jit(op), (q, k, v, critical), a.iters)
+            ms_fb, first_fb = time_call(jax.jit(fwd_bwd(op)), (q, k, v, do, critical), a.iters)
             row = {"op": "sra_attention", "impl": name, "seq_len": s, "queries": queries, **base,
                    "max_critical": bound, "ms_fwd": ms_f, "ms_fwdbwd": ms_fb,
                    "speedup_fwd_vs_cudnn": dense_f / ms_f, "speedup_fwdbwd_vs_cudnn": dense_fb / ms_fb,
@@ -218,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                                           queries="critical", **rule)
                 return attention(q, k, v, spec=spec, impl=impl)
 
-            ms_f, _ = _time(jax.jit(op), (qc, kc_, vc_, k_critical), a.iters)
-            ms_fb, _ = _time(jax.jit(_fwd_bwd(op)), (qc, kc_, vc_, do[:, :n_q], k_critical), a.iters)
+            ms_f, _ = time_call(jax.jit(op), (qc, kc_, vc_, k_critical), a.iters)
+            ms_fb, _ = time_call(jax.jit(fwd_bwd(op)), (qc, kc_, vc_, do[:, :n_q], k_critical), a.iters)
             timings[name] = (ms_f, ms_fb)
             add({"op": "sra_attention_cache", "impl": name, **row_base, "max_critical": bound, "ms_fwd": ms_f,
                  "ms_fwdbwd": ms_fb, "speedup_fwd_vs_dense": timings["dense_on_cache"][0] / ms_f,

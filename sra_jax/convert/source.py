@@ -6,7 +6,7 @@ A source is one of:
   `sra_config.json` beside them when it holds routers),
 - an sra-jax orbax model folder (config.json + params/, see `sra_jax.convert.orbax_io`),
 - an sra-jax training checkpoint: a run's checkpoint folder (its newest step is used) or one step folder DIR/STEP.
-  Its model settings come from the run config stored in the step's `meta` item (written by `sra_jax.train.loop`);
+  Its model settings come from the run config stored in the step's `meta` item (written by `Checkpointer.save`);
   only the `params` of the saved `TrainState` are read (the optimizer state is never touched).
 
 `resolve_source` reads metadata only; `load_source` streams the weights onto devices, each parameter straight

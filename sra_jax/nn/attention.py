@@ -13,10 +13,10 @@ from jaxtyping import Array, Bool, Float, Int
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn import decode
 from sra_jax.nn.cache import KVCache
-from sra_jax.nn.layers import linear
+from sra_jax.nn.layers import attention_projections, project_qkv
 from sra_jax.nn.router import Router, Selection, critical_counts, decode_threshold, forced_selection, select
 from sra_jax.ops import attention as attention_ops
-from sra_jax.ops import masks, rope
+from sra_jax.ops import masks
 
 
 class LayerStats(NamedTuple):
@@ -69,12 +69,9 @@ class SparseReasoningAttention(nnx.Module):
         self.layer = layer
         self.dtype = dtype
         self.attention_impl = attention_impl
-        hidden, hd = config.hidden_size, config.head_dim
+        hidden = config.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = linear(hidden, config.num_attention_heads * hd, ("embed", "q_heads"), **kw)
-        self.k_proj = linear(hidden, config.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
-        self.v_proj = linear(hidden, config.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
-        self.o_proj = linear(config.num_attention_heads * hd, hidden, ("q_heads", "embed"), **kw)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(config, **kw)
         if self.sra is not None and selects:
             self.router = Router(hidden, self.sra.router_hidden, param_dtype=param_dtype, rngs=rngs)
         else:
@@ -100,13 +97,8 @@ class SparseReasoningAttention(nnx.Module):
         the critical-key bound of packed rows num_critical(s) + max_segments instead of s (see _critical_bound)."""
         cfg = self.config
         b, s, _ = x.shape
-        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = self.q_proj(x).reshape(b, s, hq, hd)
-        k = self.k_proj(x).reshape(b, s, hkv, hd)
-        v = self.v_proj(x).reshape(b, s, hkv, hd)
-        inv_freq = rope.rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
-        q = rope.apply_rope(q, positions, inv_freq)
-        k = rope.apply_rope(k, positions, inv_freq)
+        hq, hd = cfg.num_attention_heads, cfg.head_dim
+        q, k, v = project_qkv(cfg, self.q_proj, self.k_proj, self.v_proj, x, positions)
         valid = positions >= 0
 
         if self.sra is None:

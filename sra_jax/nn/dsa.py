@@ -9,8 +9,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from sra_jax.config import LlamaConfig
-from sra_jax.nn.layers import linear
-from sra_jax.ops import dsa, rope
+from sra_jax.nn.layers import attention_projections, linear, project_qkv
+from sra_jax.ops import dsa
 
 
 class DSAAttention(nnx.Module):
@@ -31,13 +31,9 @@ class DSAAttention(nnx.Module):
                              f"{top_k}, {indexer_heads}, {indexer_dim}, {block_q}")  # fmt: skip
         self.config = config
         self.top_k, self.indexer_heads, self.indexer_dim, self.block_q = top_k, indexer_heads, indexer_dim, block_q
-        hidden, hd = config.hidden_size, config.head_dim
-        hq, hkv = config.num_attention_heads, config.num_key_value_heads
+        hidden = config.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = linear(hidden, hq * hd, ("embed", "q_heads"), **kw)
-        self.k_proj = linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw)
-        self.v_proj = linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw)
-        self.o_proj = linear(hq * hd, hidden, ("q_heads", "embed"), **kw)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(config, **kw)
         self.indexer_q = linear(hidden, indexer_heads * indexer_dim, ("embed", None), **kw)
         self.indexer_k = linear(hidden, indexer_dim, ("embed", None), **kw)
         self.indexer_w = linear(hidden, indexer_heads, ("embed", None), **kw)
@@ -54,16 +50,11 @@ class DSAAttention(nnx.Module):
         the main q/k projections)."""
         if cache is not None:
             raise ValueError("DSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
-        cfg = self.config
         b, s, _ = x.shape
-        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        inv_freq = rope.rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
-        q = rope.apply_rope(self.q_proj(x).reshape(b, s, hq, hd), positions, inv_freq)
-        k = rope.apply_rope(self.k_proj(x).reshape(b, s, hkv, hd), positions, inv_freq)
-        v = self.v_proj(x).reshape(b, s, hkv, hd)
+        q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         qi = self.indexer_q(x).reshape(b, s, self.indexer_heads, self.indexer_dim)
         scores = dsa.indexer_scores(qi, self.indexer_k(x), self.indexer_w(x), positions, segment_ids)
         idx, valid = dsa.top_k_keys(scores, self.top_k)
         out = dsa.dsa_attention_gather(q, k, v, idx, valid, positions, segment_ids, block_q=self.block_q)
         loss = dsa.indexer_kl_loss(q, k, scores, positions, segment_ids)
-        return self.o_proj(out.reshape(b, s, hq * hd)), loss
+        return self.o_proj(out.reshape(b, s, -1)), loss

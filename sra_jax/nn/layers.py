@@ -1,4 +1,5 @@
-"""Small building blocks shared by the model: logical-axis initialisers, `RMSNorm`, the SwiGLU `MLP`."""
+"""Small building blocks shared by the model: logical-axis initialisers, the attention layers' q/k/v/o projections
+(`attention_projections`, `project_qkv`), `RMSNorm`, the SwiGLU `MLP`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from sra_jax.config import LlamaConfig
+from sra_jax.ops import rope
 
 Initializer = Callable[..., jax.Array]
 
@@ -45,6 +47,40 @@ def linear(
         bias_init=partitioned(nnx.initializers.zeros_init(), (names[1],)),
         rngs=rngs,
     )
+
+
+def attention_projections(
+    config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs
+) -> tuple[nnx.Linear, nnx.Linear, nnx.Linear, nnx.Linear]:
+    """The Llama attention projections `(q_proj, k_proj, v_proj, o_proj)`, bias-free, created in that order, with the
+    shapes and logical axis names a Llama checkpoint loads into (every attention layer of the model uses them)."""
+    hidden, hd = config.hidden_size, config.head_dim
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return (
+        linear(hidden, hq * hd, ("embed", "q_heads"), **kw),
+        linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw),
+        linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw),
+        linear(hq * hd, hidden, ("q_heads", "embed"), **kw),
+    )
+
+
+def project_qkv(
+    config: LlamaConfig,
+    q_proj: nnx.Linear,
+    k_proj: nnx.Linear,
+    v_proj: nnx.Linear,
+    x: Float[Array, "b s d"],
+    positions: Int[Array, "b s"],
+) -> tuple[Float[Array, "b s hq hd"], Float[Array, "b s hkv hd"], Float[Array, "b s hkv hd"]]:
+    """Project x to per-head q, k, v and apply RoPE (the config's theta and scaling) to q and k at `positions`."""
+    b, s, _ = x.shape
+    hq, hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    inv_freq = rope.rope_frequencies(hd, config.rope_theta, config.rope_scaling)
+    q = rope.apply_rope(q_proj(x).reshape(b, s, hq, hd), positions, inv_freq)
+    k = rope.apply_rope(k_proj(x).reshape(b, s, hkv, hd), positions, inv_freq)
+    v = v_proj(x).reshape(b, s, hkv, hd)
+    return q, k, v
 
 
 class RMSNorm(nnx.Module):

@@ -11,8 +11,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from sra_jax.config import LlamaConfig
-from sra_jax.nn.layers import linear
-from sra_jax.ops import nsa, rope
+from sra_jax.nn.layers import attention_projections, linear, project_qkv
+from sra_jax.ops import nsa
 
 
 class NSAAttention(nnx.Module):
@@ -37,13 +37,9 @@ class NSAAttention(nnx.Module):
         self.config = config
         self.block, self.stride, self.block_sel, self.top_n, self.window = block, stride, block_sel, top_n, window
         self.selected_backend = selected_backend
-        hidden, hd = config.hidden_size, config.head_dim
-        hq, hkv = config.num_attention_heads, config.num_key_value_heads
+        hidden, hd, hq = config.hidden_size, config.head_dim, config.num_attention_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = linear(hidden, hq * hd, ("embed", "q_heads"), **kw)
-        self.k_proj = linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw)
-        self.v_proj = linear(hidden, hkv * hd, ("embed", "kv_heads"), **kw)
-        self.o_proj = linear(hq * hd, hidden, ("q_heads", "embed"), **kw)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(config, **kw)
         self.nsa_gate = linear(hidden, hq * 3, ("embed", None), use_bias=True, **kw)
         mean = jnp.full((block,), 1.0 / block, param_dtype)
         self.nsa_cmp_weights_k = nnx.Param(mean)
@@ -62,13 +58,9 @@ class NSAAttention(nnx.Module):
         """x is the RMS-normed layer input; returns the attention output (before the residual)."""
         if cache is not None:
             raise ValueError("NSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
-        cfg = self.config
         b, s, _ = x.shape
-        hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        inv_freq = rope.rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
-        q = rope.apply_rope(self.q_proj(x).reshape(b, s, hq, hd), positions, inv_freq)
-        k = rope.apply_rope(self.k_proj(x).reshape(b, s, hkv, hd), positions, inv_freq)
-        v = self.v_proj(x).reshape(b, s, hkv, hd)
+        hq = self.config.num_attention_heads
+        q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         gates = jax.nn.sigmoid(self.nsa_gate(x).reshape(b, s, hq, 3))
         selected_fn = None
         if self.selected_backend != "reference":
@@ -86,4 +78,4 @@ class NSAAttention(nnx.Module):
             block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
             segment_ids=segment_ids, selected_fn=selected_fn,
         )  # fmt: skip
-        return self.o_proj(out.reshape(b, s, hq * hd))
+        return self.o_proj(out.reshape(b, s, -1))

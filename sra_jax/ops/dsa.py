@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from sra_jax.ops.nsa import _check_gqa, masked_attention, token_mask
+from sra_jax.ops.nsa import check_gqa, masked_attention, masked_softmax, token_mask
 
 
 def indexer_scores(
@@ -80,7 +80,7 @@ def dsa_attention_gather(
     (lax.map, rematerialised in the backward pass), each gathering its queries' k keys, so memory is
     O(block_q * k * hkv * d) per step and O(s * k) overall instead of O(s^2). Each slot is also masked per token
     (causal, padding, segment), so any index list is safe. Equals `dsa_attention_reference` (plain autodiff)."""
-    _check_gqa(q, k, v)
+    check_gqa(q, k, v)
     b, s, hq, d = q.shape
     hkv, kk = k.shape[2], idx.shape[-1]
     if idx.shape != (b, s, kk) or valid.shape != idx.shape:
@@ -107,13 +107,7 @@ def dsa_attention_gather(
         ok = vb & (pb[..., None] >= 0) & (kp >= 0) & (kp <= pb[..., None]) & (ksg == sb[..., None])
         qg = qb.reshape(b, block_q, hkv, hq // hkv, d)
         logits = jnp.einsum("bqhgd,bqkhd->bqhgk", qg, kg, preferred_element_type=jnp.float32) * scale
-        m = ok[:, :, None, None, :]
-        logits = jnp.where(m, logits, -jnp.inf)
-        mx = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
-        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-        e = jnp.where(m, jnp.exp(logits - mx), 0.0)
-        den = e.sum(-1, keepdims=True)
-        p = e / jnp.where(den > 0, den, 1.0)
+        p = masked_softmax(logits, ok[:, :, None, None, :])
         return jnp.einsum("bqhgk,bqkhd->bqhgd", p.astype(v.dtype), vg).reshape(b, block_q, hq, d)
 
     out = jax.lax.map(step, xs)  # [nb, b, bq, hq, d]

@@ -17,7 +17,8 @@ from jaxtyping import Array, Bool, Float, Int
 from pallas_kernels.block_sparse.layout import BlockLayout, layout_from_block_mask
 
 
-def _check_gqa(q: Array, k: Array, v: Array) -> None:
+def check_gqa(q: Array, k: Array, v: Array) -> None:
+    """Raise ValueError unless q is [b, s, hq, d] and k, v are [b, s, hkv, d] with hq a multiple of hkv."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"q must be [b, s, hq, d] and k, v [b, s, hkv, d], got {q.shape}, {k.shape}, {v.shape}")
     if q.shape[2] % k.shape[2]:
@@ -43,6 +44,17 @@ def token_mask(
     return m
 
 
+def masked_softmax(logits: Float[Array, "*b k"], mask: Bool[Array, "*#b #k"]) -> Float[Array, "*b k"]:
+    """Softmax over the last axis among the `mask`ed entries (mask broadcasts against logits); masked entries get
+    probability 0, and rows with nothing visible give zeros and zero gradients (no nan)."""
+    logits = jnp.where(mask, logits, -jnp.inf)
+    mx = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    e = jnp.where(mask, jnp.exp(logits - mx), 0.0)
+    den = e.sum(-1, keepdims=True)
+    return e / jnp.where(den > 0, den, 1.0)
+
+
 def masked_attention(
     q: Float[Array, "b sq hq d"],
     k: Float[Array, "b sk hkv d"],
@@ -53,19 +65,14 @@ def masked_attention(
 ) -> tuple[Float[Array, "b sq hq d"], Float[Array, "b hq sq sk"]]:
     """Dense masked softmax attention (GQA; a mask per batch or per kv head); rows with nothing visible give zeros
     and zero gradients. Returns (output, probabilities)."""
-    _check_gqa(q, k, v)
+    check_gqa(q, k, v)
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     scale = d**-0.5 if sm_scale is None else sm_scale
     qg = q.reshape(b, sq, hkv, hq // hkv, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     m = mask[:, None, None] if mask.ndim == 3 else mask[:, :, None]
-    logits = jnp.where(m, logits, -jnp.inf)
-    mx = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    e = jnp.where(m, jnp.exp(logits - mx), 0.0)
-    den = e.sum(-1, keepdims=True)
-    p = e / jnp.where(den > 0, den, 1.0)
+    p = masked_softmax(logits, m)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v).reshape(b, sq, hq, d)
     return o, p.reshape(b, hq, sq, -1)
 
@@ -205,7 +212,7 @@ def nsa_attention(
     """The three NSA branches mixed by `gates` (already in [0, 1]: compressed, selected, window). Returns (output,
     selection block mask). `selected_fn(q, k, v, block_mask)` computes the selected branch (default: the dense
     masked reference here; `nsa_selected_kernel` runs it on the block-sparse kernel)."""
-    _check_gqa(q, k, v)
+    check_gqa(q, k, v)
     b, s, hq, d = q.shape
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")

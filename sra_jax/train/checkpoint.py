@@ -80,7 +80,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 class Checkpointer:
     """`ocp.CheckpointManager` for `TrainState` pytrees plus manifests, verified rotation and fallback restores.
 
-    `run_config` (a `TrainConfig.to_dict()`) is written into each manifest and compared on restore. `owner=True` is
+    `run_config` (a `TrainConfig.to_dict()`) is written into each manifest (compared on restore) and, as "config",
+    into each step's `meta` item (which `sra_jax.convert.source` reads to rebuild the model). `owner=True` is
     for the one run that writes the folder: only it saves, removes temporary folders of killed saves and moves damaged
     steps aside. A reader (an evaluation next to a live run) skips damaged steps and touches nothing, so it never
     removes a save in progress. Usable as a context manager.
@@ -118,7 +119,10 @@ class Checkpointer:
             raise ValueError(f"Checkpointer({self.directory}) was opened as a reader; pass owner=True to save")
         self._verify_pending()
         step = host_int(state.step) if step is None else int(step)
-        meta = {"step": step, "data_position": step, **(extra or {})}
+        meta = {"step": step, "data_position": step}
+        if self.run_config is not None:
+            meta["config"] = self.run_config
+        meta.update(extra or {})
         try:
             started = self.manager.save(
                 step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

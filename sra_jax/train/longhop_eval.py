@@ -50,7 +50,7 @@ def start_from(config: TrainConfig, params) -> None:
     run_config = config.to_dict()
     with Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=run_config, owner=True) as manager:
         if manager.latest_step() is None:
-            manager.save(with_weights(config, params)[1], step=0, force=True, extra={"config": run_config})
+            manager.save(with_weights(config, params)[1], step=0, force=True)
             manager.wait()
 
 

@@ -102,7 +102,6 @@ def run(
             state = restored
             _logger.info("resumed from %s at step %d", checkpointer.directory, host_int(state.step))
     logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard, config_yaml=config.to_yaml())
-    run_meta = {"config": config.to_dict()}  # lets `sra_jax.convert.source` rebuild the model from a step folder
     model_cfg = config.model
     num_params = count_params(state.params)
     num_embed = model_cfg.vocab_size * model_cfg.hidden_size
@@ -188,7 +187,7 @@ def run(
             if not record(current):
                 break
             if save_now:
-                checkpointer.save(state, step=step + 1, force=stopping or last, extra=run_meta)
+                checkpointer.save(state, step=step + 1, force=stopping or last)
             if stopping:
                 _logger.warning("signal %s: checkpoint at step %d saved; exiting", stop.signal, step + 1)
                 reason = "preempted"

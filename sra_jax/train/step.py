@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,22 +118,30 @@ def build_model(config: TrainConfig, seed: int | None = None) -> nnx.Module:
     )
 
 
-def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
-    """Initialise params directly into their shardings (no host copy of the full model) and the optimizer state."""
-    def create():
-        with nnx.use_eager_sharding(False):
-            return nnx.split(build_model(config), nnx.Param, ...)
+def _split_fresh_model(config: TrainConfig):
+    """(graphdef, params, rest) of a freshly initialised model, nothing sharded eagerly (jit places it)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(build_model(config), nnx.Param, ...)
 
-    graphdef, abstract_params, abstract_rest = jax.eval_shape(create)
+
+class TrainLayout(NamedTuple):
+    """The abstract train state of a config on a mesh and every sharding of it; nothing is allocated."""
+
+    graphdef: Any
+    abstract_params: Any  # nnx.State of ShapeDtypeStructs
+    abstract_rest: Any
+    abstract_opt: Any  # optimizer state of the trainable part
+    tx: optax.GradientTransformation
+    state_shardings: TrainState  # of NamedShardings
+    batch_shardings: Batch  # of NamedShardings
+
+
+def train_layout(config: TrainConfig, mesh: Mesh) -> TrainLayout:
+    """Shapes and shardings of the model, optimizer state and batches of `config` on `mesh` (abstract evaluation
+    only): what `create_trainer` materialises, and what a memory estimate lowers the step on."""
+    graphdef, abstract_params, abstract_rest = jax.eval_shape(functools.partial(_split_fresh_model, config))
     param_shardings = sharding.state_shardings(abstract_params, mesh)
     replicated = sharding.replicated(mesh)
-    rest_shardings = jax.tree.map(lambda _: replicated, abstract_rest)
-    if config.init.from_ is None:
-        params, rest = jax.jit(lambda: create()[1:], out_shardings=(param_shardings, rest_shardings))()
-    else:
-        params = load_initial_params(config, param_shardings)
-        rest = jax.jit(lambda: create()[2], out_shardings=rest_shardings)()
-
     tx = make_optimizer(config.optim, config.steps)
     trained_params, trained_shardings = trainable_part(config, abstract_params), trainable_part(config, param_shardings)
     abstract_opt = jax.eval_shape(tx.init, trained_params)
@@ -141,16 +149,32 @@ def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState
         tx, lambda _, sh: sh, abstract_opt, trained_shardings,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, (NamedSharding, nnx.Variable)),
     )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable_part(config, params))
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    # Every leaf placed with its final sharding, so the first donated step does not compile a second time.
-    state = TrainState(params=params, opt_state=opt_state, step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                       rng=jax.device_put(rng, replicated))
     state_shardings = TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
     batch_sh = sharding.batch_sharding(mesh, 3, leading=1)
     batch_shardings = Batch(tokens=batch_sh, positions=batch_sh, loss_mask=batch_sh,
                             segment_ids=batch_sh if config.data.pack else None)
-    trainer = Trainer(config, graphdef, rest, tx, mesh, state_shardings, batch_shardings)
+    return TrainLayout(graphdef, abstract_params, abstract_rest, abstract_opt, tx, state_shardings, batch_shardings)
+
+
+def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState]:
+    """Initialise params directly into their shardings (no host copy of the full model) and the optimizer state."""
+    layout = train_layout(config, mesh)
+    shardings = layout.state_shardings
+    replicated = sharding.replicated(mesh)
+    rest_shardings = jax.tree.map(lambda _: replicated, layout.abstract_rest)
+    if config.init.from_ is None:
+        params, rest = jax.jit(lambda: _split_fresh_model(config)[1:],
+                               out_shardings=(shardings.params, rest_shardings))()
+    else:
+        params = load_initial_params(config, shardings.params)
+        rest = jax.jit(lambda: _split_fresh_model(config)[2], out_shardings=rest_shardings)()
+
+    opt_state = jax.jit(layout.tx.init, out_shardings=shardings.opt_state)(trainable_part(config, params))
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    # Every leaf placed with its final sharding, so the first donated step does not compile a second time.
+    state = TrainState(params=params, opt_state=opt_state, step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                       rng=jax.device_put(rng, replicated))
+    trainer = Trainer(config, layout.graphdef, rest, layout.tx, mesh, shardings, layout.batch_shardings)
     return trainer, state
 
 
