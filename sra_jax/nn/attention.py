@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.config import LlamaConfig, SRAConfig
@@ -30,13 +30,15 @@ class LayerStats(NamedTuple):
     causal_pairs: Float[Array, " b"]
 
 
-class SharedSelection(NamedTuple):
-    """What the first SRA layer hands to later ones when `SRAConfig.mask == "static"`."""
+@struct.dataclass
+class SharedSelection:
+    """What the first SRA layer hands to later ones when `SRAConfig.mask == "static"`. `max_critical` is static (not a
+    pytree leaf), so it stays a Python int when the selection crosses jax.checkpoint (remat) or jit boundaries."""
 
     router_logits: Float[Array, "b s"]
     selection: Selection
     threshold: Float[Array, " b"] | None
-    max_critical: int  # static bound on the critical tokens of a row of this call (see _critical_bound)
+    max_critical: int = struct.field(pytree_node=False)  # bound on a row's critical tokens (see _critical_bound)
 
 
 class SparseReasoningAttention(nnx.Module):
