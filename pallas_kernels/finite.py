@@ -35,5 +35,6 @@ def exclude_nonfinite_keys(
         share = attend(zeros_q, zeros_k, jnp.broadcast_to(bad, v.shape).astype(v.dtype))
         return jax.lax.stop_gradient(share > 0)
 
-    seen = jax.lax.cond(jnp.any(bad), rows_that_see_a_bad_key, lambda: jnp.zeros(out.shape, bool))
+    # zeros_like keeps `out`'s varying manual axes (inside shard_map both branches must carry the same ones).
+    seen = jax.lax.cond(jnp.any(bad), rows_that_see_a_bad_key, lambda: jnp.zeros_like(out, dtype=bool))
     return jnp.where(seen, jnp.asarray(jnp.nan, out.dtype), out)
