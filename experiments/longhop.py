@@ -320,7 +320,7 @@ def _version(package: str) -> str:
 def markdown(record: dict[str, Any]) -> str:
     """The results page: hypothesis first, then one table per split (rows pooled over seeds: accuracy is the mean
     of the seeds; the CI is the Wilson interval of the pooled counts)."""
-    from sra_jax.evals.text_tasks import wilson_interval
+    from sra_jax.evals.stats import wilson_interval
 
     lines = [f"# longhop on {record['device']} ({record['date']}, scale {record['scale']})", "",
              f"**Hypothesis (stated before running).** {record['hypothesis']}", "",

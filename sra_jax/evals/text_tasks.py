@@ -21,9 +21,8 @@ import numpy as np
 
 from sra_jax.data import datasets as task_data
 from sra_jax.data.grading import extract_gsm8k_answer, extract_math_answer, is_equivalent
-from sra_jax.extras import require
+from sra_jax.evals.stats import wilson_interval
 
-scipy_stats = require("scipy.stats", "eval", needed_by="the GSM8K / MATH evaluation (sra_jax.evals.text_tasks)")
 
 TASKS = ("gsm8k", "math")
 # The few-shot format starts every block with its label, so a model that carries on writes the next label.
@@ -116,12 +115,6 @@ def grade(task: str, text: str, gold: str) -> tuple[str, str | None, bool]:
     extract = extract_gsm8k_answer if task == "gsm8k" else extract_math_answer
     extracted = extract(completion)
     return completion, extracted, extracted is not None and is_equivalent(extracted, gold)
-
-
-def wilson_interval(correct: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (scipy)."""
-    ci = scipy_stats.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(ci.low), float(ci.high)
 
 
 def evaluate(

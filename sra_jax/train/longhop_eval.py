@@ -23,7 +23,7 @@ from flax import nnx
 from jaxtyping import Bool
 
 from sra_jax.data import longhop
-from sra_jax.evals.text_tasks import wilson_interval
+from sra_jax.evals.stats import wilson_interval
 from sra_jax.nn import attention_flops, router_flops
 from sra_jax.train import losses, sharding
 from sra_jax.train.checkpoint import Checkpointer
