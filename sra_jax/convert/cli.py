@@ -8,6 +8,7 @@ import sys
 
 from sra_jax.convert.hf import DEFAULT_MAX_SHARD_BYTES
 from sra_jax.convert.orbax_io import hf_to_orbax, orbax_to_hf
+from sra_jax.convert.source import resolve_path
 
 _logger = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         ("orbax-to-hf", "sra-jax orbax checkpoint -> Hugging Face directory that transformers loads"),
     ):
         command = sub.add_parser(name, help=help_)
-        command.add_argument("src")
+        command.add_argument("src", help="a folder, or for hf-to-orbax a hub name hf://org/name[@revision] "
+                             "(read from the local huggingface_hub cache)")
         command.add_argument("dst")
         command.add_argument("--dtype", choices=DTYPES, help="cast parameters (default: keep stored dtypes)")
         command.add_argument("--overwrite", action="store_true", help="replace an existing DST")
@@ -36,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.direction == "hf-to-orbax":
-            hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+            hf_to_orbax(resolve_path(args.src), args.dst, dtype=args.dtype, overwrite=args.overwrite)
         else:
             orbax_to_hf(
-                args.src,
+                resolve_path(args.src),
                 args.dst,
                 dtype=args.dtype,
                 max_shard_bytes=args.max_shard_bytes,

@@ -2,6 +2,9 @@
 and export.
 
 A source is one of:
+- a hub name `hf://org/name` or `hf://org/name@revision`: the snapshot in the local `huggingface_hub` cache
+  (HF_HUB_CACHE / HF_HOME as huggingface_hub reads them; never downloaded here, see `resolve_path`), which is then
+  a Hugging Face folder,
 - a Hugging Face Llama folder (config.json + safetensors, sharded or not; `sra_router.safetensors` and
   `sra_config.json` beside them when it holds routers),
 - an sra-jax orbax model folder (config.json + params/, see `sra_jax.convert.orbax_io`),
@@ -28,6 +31,7 @@ from flax import nnx
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.convert import params as P
 
+HUB_PREFIX = "hf://"
 TRAIN_STATE_ITEM = "state"
 TRAIN_META_ITEM = "meta"
 _META_FILE = "metadata"
@@ -66,12 +70,52 @@ def _train_meta(step_dir: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def parse_hub_name(name: str) -> tuple[str, str | None]:
+    """`hf://org/name[@revision]` -> (repo id, revision or None); ValueError naming `name` when malformed."""
+    if not name.startswith(HUB_PREFIX):
+        raise ValueError(f"{name!r} is not a hub name (hf://org/name or hf://org/name@revision)")
+    repo_id, _, revision = name.removeprefix(HUB_PREFIX).partition("@")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or (revision == "" and name.endswith("@")):
+        raise ValueError(f"hub name {name!r} must look like hf://org/name or hf://org/name@revision")
+    return repo_id, revision or None
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The local folder of a model path: `path` itself, or for `hf://org/name[@revision]` its snapshot folder in the
+    huggingface_hub cache, found offline (`local_files_only`; the cache folder is huggingface_hub's: HF_HUB_CACHE,
+    else HF_HOME/hub, else ~/.cache/huggingface/hub). A name not in the cache is a FileNotFoundError naming the repo,
+    the cache folder searched and the download command."""
+    if not isinstance(path, str) or not path.startswith(HUB_PREFIX):
+        return Path(path)
+    repo_id, revision = parse_hub_name(path)
+    from sra_jax.extras import require
+
+    hub = require("huggingface_hub", "data", needed_by=f"hub model names ({path})")
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(hub.snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except HFValidationError as error:
+        raise ValueError(f"hub name {path!r}: {error}") from None
+    except LocalEntryNotFoundError:
+        at = f" at revision {revision!r}" if revision else ""
+        flag = f" --revision {revision}" if revision else ""
+        raise FileNotFoundError(
+            f"{path}: {repo_id}{at} is not in the Hugging Face cache {cache} (searched offline; set HF_HUB_CACHE or "
+            f"HF_HOME to use another cache); download it first with `hf download {repo_id}{flag}` (huggingface_hub "
+            f">= 1.0; `huggingface-cli download {repo_id}{flag}` before)") from None
+
+
 def resolve_source(path: str | os.PathLike, *, step: int | None = None) -> ModelSource:
     """What kind of model folder `path` is and its model settings (no weights are read).
 
-    step: for a run's checkpoint folder, which step (default: the newest). FileNotFoundError when `path` is none
-    of the known layouts, naming what was looked for."""
-    path = Path(path)
+    path: a folder, or a hub name `hf://org/name[@revision]` (see `resolve_path`). step: for a run's checkpoint
+    folder, which step (default: the newest). FileNotFoundError when `path` is none of the known layouts, naming
+    what was looked for."""
+    path = resolve_path(path)
     if not path.exists():
         raise FileNotFoundError(f"model source {str(path)!r} does not exist")
     if step is not None and not _is_train_step(path):
@@ -193,4 +237,5 @@ def describe(source: ModelSource) -> str:
     return f"{kind} {source.path}{step}"
 
 
-__all__ = ["ModelSource", "describe", "load_source", "resolve_source", "train_steps"]
+__all__ = ["HUB_PREFIX", "ModelSource", "describe", "load_source", "parse_hub_name", "resolve_path", "resolve_source",
+           "train_steps"]

@@ -129,6 +129,10 @@ class Llama3Tokenizer:
                 raise ValueError(f"token id {int(token)} is outside the vocabulary of {self.vocab_size}")
         return self.encoding.decode([int(token) for token in ids])
 
+    def format_chat(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The Llama 3 chat text of `messages` (see the module function `format_chat`)."""
+        return format_chat(messages, add_generation_prompt=add_generation_prompt)
+
     def encode_chat(
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
     ) -> list[int]:
