@@ -183,28 +183,37 @@ def load_checkpoint(path: str | os.PathLike):
     return config, model
 
 
-def _default_tokenizer(checkpoint: Path) -> Path | None:
-    candidates = [checkpoint / "tokenizer.model", checkpoint / "original" / "tokenizer.model"]
-    data = os.environ.get("SRA_JAX_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    candidates.append(Path(data) / "llama3" / "tokenizer.model")
-    return next((c for c in candidates if c.is_file()), None)
+def _default_tokenizer(checkpoint: str) -> str | Path | None:
+    """The model's own tokenizer (`sra_jax.data.text_tokenizer.model_tokenizer`), else the Llama 3 tokenizer.model of
+    the data folder ($SRA_JAX_DATA or ../shared/data)."""
+    from sra_jax.data.text_tokenizer import model_tokenizer
+
+    found = model_tokenizer(checkpoint)
+    if found is not None:
+        return found
+    data = Path(os.environ.get("SRA_JAX_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
+    fallback = data / "llama3" / "tokenizer.model"
+    return fallback if fallback.is_file() else None
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """`sra-jax generate --checkpoint DIR --prompt TEXT [...]`."""
     parser = argparse.ArgumentParser(prog="sra-jax generate", description=cli_main.__doc__)
     parser.add_argument(
-        "--checkpoint", required=True, type=Path,
-        help="Hugging Face or sra-jax orbax directory, or a training checkpoint folder (newest step) or step folder"
+        "--checkpoint", required=True,
+        help="Hugging Face or sra-jax orbax directory, a hub name hf://org/name[@revision] (local huggingface_hub "
+             "cache), or a training checkpoint folder (newest step) or step folder"
     )
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     parser.add_argument(
         "--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids"
     )
     parser.add_argument(
-        "--tokenizer", type=Path, help="Llama 3 tokenizer.model (default: beside the checkpoint)"
+        "--tokenizer", help="tokenizer.json or Llama 3 tokenizer.model, a folder holding one, or hf://org/name "
+                            "(default: the checkpoint's own, see sra_jax.data.text_tokenizer)"
     )
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt as a Llama 3 chat user turn")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a chat user turn (the checkpoint's chat template)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -217,13 +226,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     config, model = load_checkpoint(args.checkpoint)
     tokenizer = None
     if args.prompt:
-        from sra_jax.data.tokenizer import Llama3Tokenizer
+        from sra_jax.data.text_tokenizer import load_tokenizer
 
         path = args.tokenizer or _default_tokenizer(args.checkpoint)
         if path is None:
-            parser.error("no tokenizer.model found beside the checkpoint; pass --tokenizer")
-        tokenizer = Llama3Tokenizer(path)
-        if tokenizer.vocab_size != config.vocab_size:
+            parser.error("no tokenizer.json or tokenizer.model found beside the checkpoint; pass --tokenizer")
+        tokenizer = load_tokenizer(path)
+        if tokenizer.vocab_size > config.vocab_size:
             parser.error(f"the tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}: its text would be garbage; pass the model's own --tokenizer")
     try:
@@ -234,7 +243,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         if args.chat:
             prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
         else:
-            prompts.append(tokenizer.encode(text, bos=True))
+            prompts.append(tokenizer.encode(text, bos=tokenizer.bos_id is not None))
     eos = config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     if tokenizer is not None:
@@ -252,7 +261,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     seconds = time.perf_counter() - start
     for ids in outputs:
-        print(tokenizer.decode([t for t in ids if t not in stop]) if tokenizer else ",".join(map(str, ids)))
+        # a model vocabulary wider than the tokenizer's may sample ids that have no text
+        text_ids = [t for t in ids if t not in stop and tokenizer is not None and t < tokenizer.vocab_size]
+        print(tokenizer.decode(text_ids) if tokenizer else ",".join(map(str, ids)))
     produced = sum(len(o) for o in outputs)
     _logger.info("%d tokens in %.2f s incl. compile", produced, seconds)
     return 0

@@ -123,3 +123,34 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=timeout):
         return True
     return _normalised_text(pred) == _normalised_text(gold)
+
+
+def _exact(completion: str, gold: str) -> tuple[str | None, bool]:
+    """The whole completion against the gold answer, whitespace-normalised (runs collapsed, ends stripped)."""
+    pred = " ".join(completion.split())
+    return pred or None, bool(pred) and pred == " ".join(gold.split())
+
+
+def _numeric(completion: str, gold: str) -> tuple[str | None, bool]:
+    """The final number of each (`extract_gsm8k_answer`: after `####`, after "The answer is", else the last number),
+    compared exactly."""
+    pred, want = extract_gsm8k_answer(completion), extract_gsm8k_answer(gold)
+    return pred, want is not None and is_equivalent(pred, want)
+
+
+def _math(completion: str, gold: str) -> tuple[str | None, bool]:
+    """The completion's `\\boxed{}` / "final answer is" answer (`extract_math_answer`) against the gold's (or the
+    whole gold when it has none), by `is_equivalent` (math-verify)."""
+    pred = extract_math_answer(completion)
+    return pred, is_equivalent(pred, extract_math_answer(gold) or gold.strip())
+
+
+# name -> (completion text, gold answer text) -> (extracted answer or None, correct); `data.grader` picks one.
+GRADERS = {"exact": _exact, "numeric": _numeric, "math": _math}
+
+
+def grade_answer(grader: str, completion: str, gold: str) -> tuple[str | None, bool]:
+    """(the answer extracted from `completion`, whether it matches `gold`) under the grader named `grader`."""
+    if grader not in GRADERS:
+        raise ValueError(f"grader {grader!r} must be one of {sorted(GRADERS)}")
+    return GRADERS[grader](completion, gold)

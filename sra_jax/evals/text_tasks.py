@@ -1,9 +1,10 @@
-"""Few-shot GSM8K / MATH evaluation: prompts, a completion function, grading, and results files.
+"""Few-shot GSM8K / MATH evaluation (and the user's own prompt / answer data): prompts, a completion function,
+grading, and results files.
 
 The harness is model-agnostic: `evaluate(task, items, complete)` sends batches of `EvalItem`s to `complete` (a model
 through `ModelCompleter`, or any scripted function in tests) and grades each completion with the same path:
-cut at the first stop string, extract the final answer (`extract_gsm8k_answer` / `extract_math_answer`) and
-compare with `is_equivalent`. Shots come from the train split with a fixed seed and never repeat the evaluated
+cut at the first stop string (GSM8K / MATH), then a grader of `sra_jax.data.grading.GRADERS` (GSM8K: "numeric",
+MATH: "math"; the user's data: `data.grader`) extracts the final answer and compares it with the gold one. Shots come from the train split with a fixed seed and never repeat the evaluated
 question; MATH has no train split in the shared data, so its shots come from the test split, leaving the evaluated
 problem out (the summary says which source was used).
 """
@@ -20,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from sra_jax.data import datasets as task_data
-from sra_jax.data.grading import extract_gsm8k_answer, extract_math_answer, is_equivalent
+from sra_jax.data.grading import grade_answer
 from sra_jax.evals.stats import wilson_interval
 
 
 TASKS = ("gsm8k", "math")
 # The few-shot format starts every block with its label, so a model that carries on writes the next label.
 STOP_STRINGS = {"gsm8k": ("Question:",), "math": ("Problem:",)}
+TASK_GRADERS = {"gsm8k": "numeric", "math": "math"}  # names in sra_jax.data.grading.GRADERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class EvalItem:
     question: str
     gold: str  # the final answer
     prompt: str
+    prompt_ids: tuple[int, ...] | None = None  # the prompt already tokenised (chat templates); else `prompt` + bos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +112,12 @@ def cut_at_stop(task: str, text: str) -> str:
     return text[:cut]
 
 
-def grade(task: str, text: str, gold: str) -> tuple[str, str | None, bool]:
-    """(completion cut at the stop string, extracted answer, correct) for one raw completion."""
-    completion = cut_at_stop(task, text)
-    extract = extract_gsm8k_answer if task == "gsm8k" else extract_math_answer
-    extracted = extract(completion)
-    return completion, extracted, extracted is not None and is_equivalent(extracted, gold)
+def grade(task: str, text: str, gold: str, grader: str | None = None) -> tuple[str, str | None, bool]:
+    """(completion cut at the stop string, extracted answer, correct) for one raw completion. grader: a name of
+    `sra_jax.data.grading.GRADERS` (default: the task's own, TASK_GRADERS); only GSM8K / MATH have stop strings."""
+    completion = cut_at_stop(task, text) if task in STOP_STRINGS else text
+    extracted, correct = grade_answer(grader or TASK_GRADERS[task], completion, gold)
+    return completion, extracted, correct
 
 
 def evaluate(
@@ -124,11 +127,13 @@ def evaluate(
     *,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    grader: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Complete every item (batches of similar prompt length), grade, and return (per-problem records in item order,
     summary with accuracy, Wilson 95% CI, n, generated tokens and wall time). `progress(done, total)` is called
-    after each batch."""
-    _check_task(task)
+    after each batch. grader: see `grade` (a task other than GSM8K / MATH names its data set and needs one)."""
+    if grader is None:
+        _check_task(task)
     if not items:
         raise ValueError("no items to evaluate")
     if batch_size < 1:
@@ -146,7 +151,7 @@ def evaluate(
             progress(len(completions), len(items))
     records = []
     for index, item in enumerate(items):
-        completion, extracted, correct = grade(task, completions[index].text, item.gold)
+        completion, extracted, correct = grade(task, completions[index].text, item.gold, grader)
         records.append({
             "id": item.id, "prompt": item.prompt, "completion": completion, "extracted": extracted,
             "gold": item.gold, "correct": correct, "generated_tokens": completions[index].tokens,
@@ -156,7 +161,7 @@ def evaluate(
     low, high = wilson_interval(hits, n)
     tokens = [r["generated_tokens"] for r in records]
     summary = {
-        "task": task, "n": n, "correct": hits, "accuracy": hits / n, "ci95_wilson": [low, high],
+        "task": task, "grader": grader or TASK_GRADERS[task], "n": n, "correct": hits, "accuracy": hits / n, "ci95_wilson": [low, high],
         "generated_tokens": int(sum(tokens)), "generated_tokens_mean": float(np.mean(tokens)),
         "stopped_fraction": float(np.mean([r["stopped"] for r in records])),
         "wall_time_s": time.perf_counter() - start,
@@ -178,12 +183,12 @@ class ModelCompleter:
     """Greedy completions of a Llama model (KV cache, stop tokens, stop strings), with SRA selection counts."""
 
     def __init__(self, model, tokenizer, task: str, *, max_new_tokens: int, chunk: int = 32):
+        """task: GSM8K / MATH cut completions at their stop strings; any other name only at stop tokens."""
         from sra_jax.evals.generation import greedy_generate
 
-        _check_task(task)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
-                             f"{tokenizer.vocab_size}: not a Llama 3 vocabulary")
+                             f"{tokenizer.vocab_size}: not the model's tokenizer")
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.max_new_tokens, self.chunk = max_new_tokens, chunk
         self.stop_ids = sorted({*tokenizer.stop_ids, *_config_eos(model.config)})
@@ -191,13 +196,22 @@ class ModelCompleter:
         self.counts = np.zeros(4)  # prompt critical, prompt tokens, generated critical, generated tokens (SRA layers)
 
     def _text(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([t for t in ids if t not in self.stop_ids])
+        # a model vocabulary wider than the tokenizer's may produce ids that have no text
+        return self.tokenizer.decode([t for t in ids if t not in self.stop_ids and t < self.tokenizer.vocab_size])
+
+    def _prompt_ids(self, item: EvalItem) -> list[int]:
+        if item.prompt_ids is not None:
+            return list(item.prompt_ids)
+        return self.tokenizer.encode(item.prompt, bos=self.tokenizer.bos_id is not None)
+
+    def _stop_string(self, ids: Sequence[int]) -> bool:
+        return cut_at_stop(self.task, self._text(ids)) != self._text(ids)
 
     def __call__(self, items: Sequence[EvalItem]) -> list[Completion]:
-        prompts = [self.tokenizer.encode(item.prompt, bos=True) for item in items]
+        prompts = [self._prompt_ids(item) for item in items]
         result = self._generate(
             self.model, prompts, max_new_tokens=self.max_new_tokens, stop_tokens=self.stop_ids,
-            stop=lambda ids: cut_at_stop(self.task, self._text(ids)) != self._text(ids), chunk=self.chunk,
+            stop=self._stop_string if self.task in STOP_STRINGS else None, chunk=self.chunk,
             pad_id=self.tokenizer.pad_id,
         )
         self.counts += [result.prompt_critical, result.prompt_tokens, result.generated_critical,

@@ -20,6 +20,7 @@ import yaml
 
 from sra_jax import configs
 from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: F401  (SRAConfig: type hints)
+from sra_jax.data.grading import GRADERS
 from sra_jax.data.longhop import LonghopConfig, LonghopTokenizer
 from sra_jax.data.synthetic import SyntheticConfig
 
@@ -160,9 +161,26 @@ class LossConfig:
         return self.kind in ("rl", "sl+rl")
 
 
+# the user's own prompt / answer examples (sra_jax.data.records)
+RECORD_TASKS = ("jsonl", "datasets")
+DATA_TASKS = ("synthetic", "longhop", "gsm8k", "math", *RECORD_TASKS)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Training data: the built-in synthetic task (no download) or GSM8K / MATH jsonl through sra_jax.data.
+    """Training data: the built-in synthetic task (no download), GSM8K / MATH jsonl through sra_jax.data, or the
+    user's own prompt / answer examples (task "jsonl" or "datasets", see sra_jax.data.records).
+
+    jsonl: `path` is a .jsonl file; each line a JSON object holding either `prompt_field` and `answer_field`, or
+        `messages_field` (a chat: [{role, content}, ...] whose final assistant message is the target).
+    datasets: `datasets.load_dataset(path, name, split=split, data_files=data_files)` (a local folder, a builder
+        such as "json" / "parquet" with data_files, or a hub data set name), with the same fields per row.
+    chat: prompt / answer examples go through the tokenizer's chat template as one user turn and the assistant's
+        answer (chat examples always do); false: `bos prompt answer eos`.
+    grader: how generated text is graded against the answer: "exact" (whitespace-normalised equality), "numeric"
+        (the final number) or "math" (the boxed / final answer, math-verify); see sra_jax.data.grading.GRADERS.
+    tokenizer: a tokenizer.json or tiktoken tokenizer.model, a folder holding one, or hf://org/name; null: the one
+        beside init.from (see sra_jax.data.text_tokenizer).
 
     pack: several whole examples per row of seq_len (first-fit over each epoch's order; for the endless synthetic
         task over chunks of 1024 problems), told apart by segment ids: attention never crosses examples and
@@ -176,14 +194,33 @@ class DataConfig:
     seq_len: int = 64
     seed: int = 0
     eval_size: int = 256
-    path: str | None = None  # GSM8K / MATH: the folder holding gsm8k/, math/, llama3/
+    path: str | None = None  # GSM8K / MATH: the folder holding gsm8k/, math/, llama3/; jsonl / datasets: see above
     pack: bool = False
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     longhop: LonghopConfig = dataclasses.field(default_factory=LonghopConfig)  # data.task="longhop"
+    name: str | None = None  # datasets: the data set's configuration name
+    split: str = "train"  # datasets: the split to train on
+    data_files: tuple[str, ...] = ()  # datasets: files for a builder such as "json" or "parquet"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    messages_field: str = "messages"
+    chat: bool = False
+    grader: str = "exact"
+    tokenizer: str | None = None
 
     def __post_init__(self):
-        if self.task not in ("synthetic", "longhop", "gsm8k", "math"):
-            raise ValueError(f"data.task={self.task!r} must be one of 'synthetic', 'longhop', 'gsm8k', 'math'")
+        if self.task not in DATA_TASKS:
+            raise ValueError(f"data.task={self.task!r} must be one of {', '.join(map(repr, DATA_TASKS))}")
+        if self.task in RECORD_TASKS and not self.path:
+            raise ValueError(f"data.task={self.task!r} needs data.path ("
+                             f"{'a .jsonl file' if self.task == 'jsonl' else 'the datasets.load_dataset path'})")
+        if self.grader not in GRADERS:
+            raise ValueError(f"data.grader={self.grader!r} must be one of {', '.join(map(repr, GRADERS))}")
+        for name in ("prompt_field", "answer_field", "messages_field", "split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be a non-empty string")
+        if not isinstance(self.chat, bool):
+            raise ValueError(f"data.chat={self.chat!r} must be true or false")
         if self.task == "longhop" and self.pack:
             raise ValueError("data.pack=true is not available for data.task='longhop' (one problem per row)")
         if self.form not in ("direct", "cot"):

@@ -1,7 +1,8 @@
 """Deterministic training batches: batch number `step` is a pure function of (config, step), so the data position
 saved in a checkpoint is just the step and resuming replays exactly the same stream.
 
-Streams: `SyntheticStream` (the built-in multi-hop task) and `TextTaskStream` (GSM8K / MATH jsonl, Llama 3 tokens).
+Streams: `SyntheticStream` (the built-in multi-hop task), `LonghopStream`, and `TextTaskStream` (GSM8K / MATH jsonl
+with Llama 3 tokens, or the user's own jsonl / `datasets` examples with the model's tokenizer).
 Unpacked (the default), row g of the stream holds example g alone, right-padded. With `data.pack` row g of the stream
 is row g of a `sra_jax.data.packing.PackingPlan`: each epoch's examples (in that epoch's order) packed first-fit into
 rows of data.seq_len, whole, with segment ids; batches then also carry "segment_ids" [accum, micro, seq].
@@ -20,7 +21,7 @@ import numpy as np
 
 from sra_jax.data import longhop, synthetic
 from sra_jax.data.packing import PackingPlan, pack_rows
-from sra_jax.train.config import DataConfig, TrainConfig
+from sra_jax.train.config import RECORD_TASKS, DataConfig, TrainConfig
 
 # The synthetic task is endless; with data.pack it is packed in chunks of this many problems (its "epochs").
 SYNTHETIC_PACK_CHUNK = 1024
@@ -193,8 +194,46 @@ def _tokenized_train_split(root: str, task: str, form: str):
     return tokenizer, examples
 
 
+def load_records(data: DataConfig) -> list:
+    """The `sra_jax.data.records.Record`s of data.task "jsonl" / "datasets"."""
+    from sra_jax.data import records
+
+    fields = records.Fields(prompt=data.prompt_field, answer=data.answer_field, messages=data.messages_field)
+    if data.task == "jsonl":
+        return records.read_jsonl(data.path, fields)
+    if data.task == "datasets":
+        return records.load_dataset_records(data.path, name=data.name, split=data.split, data_files=data.data_files,
+                                            fields=fields)
+    raise ValueError(f"data.task={data.task!r} has no records (only {', '.join(RECORD_TASKS)})")
+
+
+def record_examples(data: DataConfig, tokenizer) -> list:
+    """The examples of data.task "jsonl" / "datasets" (sra_jax.data.records), tokenised with `tokenizer`."""
+    from sra_jax.data import records
+
+    return [records.tokenize_record(row, tokenizer, chat=data.chat) for row in load_records(data)]
+
+
+def train_tokenizer(config: TrainConfig):
+    """The tokenizer of data.task "jsonl" / "datasets": data.tokenizer, else the one of the init.from model
+    (`sra_jax.data.text_tokenizer.model_tokenizer`)."""
+    from sra_jax.data.text_tokenizer import load_tokenizer, model_tokenizer
+
+    if config.data.tokenizer:
+        return load_tokenizer(config.data.tokenizer)
+    found = model_tokenizer(config.init.from_) if config.init.from_ else None
+    if found is None:
+        where = f" and init.from={config.init.from_!r} has none beside it" if config.init.from_ else ""
+        raise ValueError(f"data.task={config.data.task!r} needs a tokenizer: data.tokenizer is null{where}; set "
+                         f"data.tokenizer to a tokenizer.json / tokenizer.model (or a folder or hf://org/name "
+                         f"holding one)")
+    return load_tokenizer(found)
+
+
 class TextTaskStream:
-    """The GSM8K / MATH train split as [grad_accum, micro_batch, seq_len] numpy batches (only this process's rows).
+    """The GSM8K / MATH train split, or the user's jsonl / `datasets` examples (data.task "jsonl" / "datasets",
+    tokenised with `tokenizer`, see `record_examples`), as [grad_accum, micro_batch, seq_len] numpy batches (only
+    this process's rows).
 
     Each example is `<bos>Question: q\nAnswer: target<eos>` (MATH: Problem / Solution), tokenised with the Llama 3
     tokenizer; the loss mask covers the target (the worked solution ending in its answer when data.form is "cot",
@@ -209,21 +248,26 @@ class TextTaskStream:
     `step` holds rows [step * batch_size, (step + 1) * batch_size) of `packing`: epoch e's permutation packed first-fit.
     """
 
-    def __init__(self, data: DataConfig, batch_size: int, grad_accum: int = 1):
-        if data.task not in ("gsm8k", "math"):
-            raise ValueError(f"TextTaskStream reads data.task 'gsm8k' or 'math', got {data.task!r}")
+    def __init__(self, data: DataConfig, batch_size: int, grad_accum: int = 1, tokenizer=None):
+        if data.task not in ("gsm8k", "math", *RECORD_TASKS):
+            raise ValueError(f"TextTaskStream reads data.task 'gsm8k', 'math', 'jsonl' or 'datasets', got {data.task!r}")
         if batch_size % (grad_accum * jax.process_count()):
             raise ValueError(f"batch_size={batch_size} must divide evenly into grad_accum={grad_accum} "
                              f"micro-batches over {jax.process_count()} processes")
         self.data, self.batch_size, self.grad_accum = data, batch_size, grad_accum
-        root = Path(data.path) if data.path else default_data_dir()
-        folder, tokenizer_file = root / data.task, root / "llama3" / "tokenizer.model"
-        for needed in (folder, tokenizer_file):
-            if not needed.exists():
-                raise FileNotFoundError(f"data.path: {needed} not found (data.path names the folder holding "
-                                        f"{data.task}/ and llama3/tokenizer.model; default $SRA_JAX_DATA or "
-                                        f"../shared/data)")
-        self.tokenizer, examples = _tokenized_train_split(str(root.resolve()), data.task, data.form)
+        if data.task in RECORD_TASKS:
+            if tokenizer is None:
+                raise ValueError(f"data.task={data.task!r} needs the model's tokenizer (see train_tokenizer)")
+            self.tokenizer, examples = tokenizer, record_examples(data, tokenizer)
+        else:
+            root = Path(data.path) if data.path else default_data_dir()
+            folder, tokenizer_file = root / data.task, root / "llama3" / "tokenizer.model"
+            for needed in (folder, tokenizer_file):
+                if not needed.exists():
+                    raise FileNotFoundError(f"data.path: {needed} not found (data.path names the folder holding "
+                                            f"{data.task}/ and llama3/tokenizer.model; default $SRA_JAX_DATA or "
+                                            f"../shared/data)")
+            self.tokenizer, examples = _tokenized_train_split(str(root.resolve()), data.task, data.form)
         self.source_index = [i for i, e in enumerate(examples) if len(e.tokens) <= data.seq_len]
         self.examples = [examples[i] for i in self.source_index]
         self.skipped = len(examples) - len(self.examples)
@@ -254,7 +298,8 @@ class TextTaskStream:
 
     def describe(self) -> str:
         """One line for the run's log: examples kept / left out and, packed, how full rows are."""
-        head = (f"data: {self.data.task} train, {len(self.examples)} examples of <= {self.data.seq_len} tokens "
+        what = self.data.path if self.data.task in RECORD_TASKS else "train"
+        head = (f"data: {self.data.task} {what}, {len(self.examples)} examples of <= {self.data.seq_len} tokens "
                 f"({self.skipped} longer ones left out)")
         if self.packing is None:
             return f"{head}, one per row"
@@ -286,8 +331,13 @@ def make_stream(config: TrainConfig) -> SyntheticStream | LonghopStream | TextTa
         return SyntheticStream(config.data, config.batch_size, config.grad_accum)
     if config.data.task == "longhop":
         return LonghopStream(config.data, config.batch_size, config.grad_accum)
-    stream = TextTaskStream(config.data, config.batch_size, config.grad_accum)
+    if config.data.task in RECORD_TASKS and config.loss.kind == "grpo":
+        raise ValueError(f"loss.kind='grpo' cannot train on data.task={config.data.task!r}: GRPO grades its rollouts "
+                         f"with the synthetic / GSM8K / MATH graders only; use loss.kind 'sl', 'rl' or 'sl+rl' (router "
+                         f"RL rewards the teacher-forced exact answer) and `sra-jax eval` for data.grader")
+    tokenizer = train_tokenizer(config) if config.data.task in RECORD_TASKS else None
+    stream = TextTaskStream(config.data, config.batch_size, config.grad_accum, tokenizer)
     if config.model.vocab_size < stream.tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the Llama 3 tokenizer's "
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                          f"{stream.tokenizer.vocab_size}")
     return stream

@@ -1,7 +1,11 @@
-"""`sra-jax eval`: accuracy of a checkpoint on held-out synthetic problems or few-shot GSM8K / MATH.
+"""`sra-jax eval`: accuracy of a checkpoint on held-out synthetic problems, few-shot GSM8K / MATH, or the user's own
+prompt / answer data.
 
 GSM8K / MATH (`--task gsm8k|math`): see sra_jax.evals.text_tasks (few-shot prompts, greedy KV-cache generation,
-grading, a JSONL of every problem and a summary JSON).
+grading, a JSONL of every problem and a summary JSON). jsonl / datasets (`--task jsonl|datasets`, or a training
+checkpoint of a run on such data): the data section of the run (`--config`, else the checkpoint's stored config;
+`--data` replaces data.path) read by sra_jax.data.records, each prompt completed greedily and graded by data.grader
+(`--grader` overrides it), with the same results files.
 
 Synthetic direct-answer problems are scored by teacher-forced exact match, which equals greedy decoding of the
 answer (the answer follows the prompt, so greedy reproduces it iff each answer token is the argmax given the gold
@@ -26,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sra_jax.data import synthetic
+from sra_jax.train.config import RECORD_TASKS, DataConfig
 from sra_jax.nn import attention_flops
 from sra_jax.train import losses
 
@@ -88,15 +93,11 @@ def _load_model(args, parser: argparse.ArgumentParser):
     return trainer.model(restored.params), f"{directory} (step {int(restored.step)})"
 
 
-def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
-    """Few-shot GSM8K / MATH: generate, grade, write `<output>/<name>.jsonl` and `<name>.summary.json`."""
-    from sra_jax.data.tokenizer import Llama3Tokenizer
+def _evaluate_items(args, parser, items, tokenizer, *, label: str, name: str, grader: str | None,
+                    **summary_fields) -> int:
+    """Complete and grade `items` with the model of `args`, write `<output>/<name>.jsonl` and `.summary.json`."""
     from sra_jax.evals import text_tasks
 
-    data_dir = Path(args.data_dir) if args.data_dir else _default_data_dir()
-    items, shot_source = text_tasks.load_items(args.task, data_dir, shots=args.shots, cot=args.cot, seed=args.seed,
-                                               limit=args.limit)
-    tokenizer = Llama3Tokenizer(data_dir / "llama3" / "tokenizer.model")
     model, checkpoint_name = _load_model(args, parser)
     completer = text_tasks.ModelCompleter(model, tokenizer, args.task, max_new_tokens=args.max_new_tokens,
                                           chunk=args.chunk)
@@ -106,35 +107,105 @@ def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
         _logger.info("%d/%d problems, %.0f s", done, total, time.perf_counter() - started)
 
     records, summary = text_tasks.evaluate(args.task, items, completer.__call__, batch_size=args.batch_size,
-                                           progress=progress)
+                                           progress=progress, grader=grader)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     summary = {
-        **summary, "split": "test", "shots": args.shots, "cot": args.cot, "shot_seed": args.seed,
-        "shot_source": shot_source, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        **summary, **summary_fields, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         **completer.sra_summary(), "checkpoint": str(checkpoint_name), "parameters": params,
         "model": model.config.to_hf() if hasattr(model.config, "to_hf") else None,
         "sra": dataclasses.asdict(model.sra) if getattr(model, "sra", None) is not None else None,
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "data_dir": str(data_dir),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    name = args.name or f"{args.task}-{args.shots}shot-{'cot' if args.cot else 'direct'}"
     output = Path(args.output)
     text_tasks.write_results(records, summary, output / f"{name}.jsonl", output / f"{name}.summary.json")
     low, high = summary["ci95_wilson"]
-    print(f"{args.task} {args.shots}-shot {'CoT' if args.cot else 'direct'}: accuracy {summary['accuracy']:.4f} "
+    print(f"{label}: accuracy {summary['accuracy']:.4f} "
           f"({summary['correct']}/{summary['n']}, Wilson 95% CI [{low:.4f}, {high:.4f}]), "
           f"{summary['generated_tokens']} tokens in {summary['wall_time_s']:.1f}s -> {output / name}.*")
     return 0
+
+
+def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
+    """Few-shot GSM8K / MATH: generate, grade, write `<output>/<name>.jsonl` and `<name>.summary.json`."""
+    from sra_jax.data.tokenizer import Llama3Tokenizer
+    from sra_jax.evals import text_tasks
+
+    data_dir = Path(args.data_dir) if args.data_dir else _default_data_dir()
+    items, shot_source = text_tasks.load_items(args.task, data_dir, shots=args.shots, cot=args.cot, seed=args.seed,
+                                               limit=args.limit)
+    tokenizer = Llama3Tokenizer(data_dir / "llama3" / "tokenizer.model")
+    form = "cot" if args.cot else "direct"
+    return _evaluate_items(
+        args, parser, items, tokenizer, grader=None, name=args.name or f"{args.task}-{args.shots}shot-{form}",
+        label=f"{args.task} {args.shots}-shot {'CoT' if args.cot else 'direct'}", split="test", shots=args.shots,
+        cot=args.cot, shot_seed=args.seed, shot_source=shot_source, data_dir=str(data_dir))
+
+
+def _run_data(args) -> DataConfig | None:
+    """The data section of `--config` (with `--set`), else of the training checkpoint's stored run config."""
+    from sra_jax.convert.source import resolve_source
+    from sra_jax.train.config import TrainConfig
+
+    if args.config is not None:
+        return TrainConfig.load(args.config, args.overrides).data
+    if args.checkpoint is not None:
+        source = resolve_source(args.checkpoint)
+        if source.kind == "train":
+            return TrainConfig.from_dict({k: v for k, v in source.train_config.items() if k != "init"}).data
+    return None
+
+
+def evaluate_records(args, parser: argparse.ArgumentParser) -> int:
+    """The user's jsonl / datasets examples (sra_jax.data.records): complete each prompt, grade with data.grader."""
+    from sra_jax.data import records
+    from sra_jax.data.text_tokenizer import load_tokenizer, model_tokenizer
+    from sra_jax.evals import text_tasks
+    from sra_jax.train.data import load_records
+
+    data = _run_data(args)
+    changes = {"task": args.task, **({"path": args.data} if args.data else {}),
+               **({"grader": args.grader} if args.grader else {})}
+    if data is None:
+        if not args.data:
+            parser.error(f"--task {args.task} needs --data (or --config / a training checkpoint whose run read it)")
+        data = DataConfig(**changes)
+    else:
+        data = dataclasses.replace(data, **changes)
+    tokenizer_path = args.tokenizer or data.tokenizer or (model_tokenizer(args.checkpoint) if args.checkpoint else None)
+    if tokenizer_path is None:
+        parser.error("no tokenizer: give --tokenizer (a tokenizer.json / tokenizer.model, or a folder holding one)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    rows = load_records(data)
+    if args.limit is not None:
+        if args.limit < 1:
+            parser.error(f"--limit {args.limit} must be >= 1")
+        rows = rows[: args.limit]
+    items = [text_tasks.EvalItem(id=row.where, question=row.prompt if row.prompt is not None else row.messages[-1]["content"],
+                                 gold=row.answer, prompt=records.prompt_text(row, tokenizer, chat=data.chat),
+                                 prompt_ids=tuple(records.prompt_ids(row, tokenizer, chat=data.chat)))
+             for row in rows]
+    name = args.name or f"{args.task}-{Path(data.path).stem}-{data.grader}"
+    return _evaluate_items(args, parser, items, tokenizer, grader=data.grader, name=name,
+                           label=f"{args.task} {data.path} ({data.grader} grader)", data_path=data.path,
+                           chat=data.chat, tokenizer=str(tokenizer_path))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sra-jax eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="the run's YAML config (as given to sra-jax train)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--checkpoint", help="checkpoint directory: a training checkpoint (with --config; default "
-                        "checkpoint.dir) or, for gsm8k / math, a converted orbax or Hugging Face Llama directory")
-    parser.add_argument("--task", choices=["synthetic", "gsm8k", "math"],
-                        help="default: data.task of --config (synthetic without one)")
+    parser.add_argument("--checkpoint", help="a training checkpoint folder (or step folder; with --config, default "
+                        "checkpoint.dir), a converted orbax or Hugging Face Llama directory, or hf://org/name "
+                        "(local huggingface_hub cache)")
+    parser.add_argument("--task", choices=["synthetic", "gsm8k", "math", *RECORD_TASKS],
+                        help="default: data.task of --config or of the training checkpoint's run (else synthetic)")
+    parser.add_argument("--data", help="jsonl / datasets: the examples (replaces data.path: a .jsonl file, or the "
+                        "datasets.load_dataset path)")
+    parser.add_argument("--grader", choices=["exact", "numeric", "math"],
+                        help="jsonl / datasets: how answers are graded (default data.grader)")
+    parser.add_argument("--tokenizer", help="jsonl / datasets: tokenizer.json / tokenizer.model or a folder holding "
+                        "one (default: data.tokenizer, else the checkpoint's own)")
     parser.add_argument("--split", default="test", choices=["train", "test"], help="synthetic only")
     parser.add_argument("--size", type=int, help="synthetic: number of problems (default data.eval_size)")
     parser.add_argument("--shots", type=int, default=8, help="gsm8k / math: few-shot examples per prompt")
@@ -154,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     task = args.task
     if task is None:
         task = "synthetic" if args.config is None else _config_task(args.config, args.overrides)
+        if args.config is None and args.checkpoint is not None:
+            data = _run_data(args)
+            task = data.task if data is not None else task
+    if task in RECORD_TASKS:
+        args.task = task
+        if args.batch_size < 1 or args.max_new_tokens < 1 or args.chunk < 1:
+            parser.error("need --batch-size >= 1, --max-new-tokens >= 1, --chunk >= 1")
+        return evaluate_records(args, parser)
     if task != "synthetic":
         args.task = task
         if args.shots < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or args.chunk < 1:
