@@ -59,6 +59,7 @@ def _chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
 def compile_chat_template(template: str):
     """A jinja2 template compiled in the sandbox transformers uses for chat templates (they come from checkpoints)."""
     jinja2 = require("jinja2", "data", needed_by="chat templates of tokenizer.json checkpoints")
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -67,7 +68,7 @@ def compile_chat_template(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
