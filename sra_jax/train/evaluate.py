@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sra_jax.data import synthetic
-from sra_jax.train.config import RECORD_TASKS, DataConfig
+from sra_jax.train.config import RECORD_TASKS
 from sra_jax.nn import attention_flops
 from sra_jax.train import losses
 
@@ -94,8 +94,9 @@ def _load_model(args, parser: argparse.ArgumentParser):
 
 
 def _evaluate_items(args, parser, items, tokenizer, *, label: str, name: str, grader: str | None,
-                    **summary_fields) -> int:
-    """Complete and grade `items` with the model of `args`, write `<output>/<name>.jsonl` and `.summary.json`."""
+                    summary_fields: dict) -> int:
+    """Complete and grade `items` with the model of `args`, write `<output>/<name>.jsonl` and `.summary.json` (with
+    `summary_fields`)."""
     from sra_jax.evals import text_tasks
 
     model, checkpoint_name = _load_model(args, parser)
@@ -138,12 +139,13 @@ def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
     form = "cot" if args.cot else "direct"
     return _evaluate_items(
         args, parser, items, tokenizer, grader=None, name=args.name or f"{args.task}-{args.shots}shot-{form}",
-        label=f"{args.task} {args.shots}-shot {'CoT' if args.cot else 'direct'}", split="test", shots=args.shots,
-        cot=args.cot, shot_seed=args.seed, shot_source=shot_source, data_dir=str(data_dir))
+        label=f"{args.task} {args.shots}-shot {'CoT' if args.cot else 'direct'}",
+        summary_fields={"split": "test", "shots": args.shots, "cot": args.cot, "shot_seed": args.seed,
+                        "shot_source": shot_source, "data_dir": str(data_dir)})
 
 
-def _run_data(args) -> DataConfig | None:
-    """The data section of `--config` (with `--set`), else of the training checkpoint's stored run config."""
+def _run_data(args):
+    """The DataConfig of `--config` (with `--set`), else of the training checkpoint's stored run config, else None."""
     from sra_jax.convert.source import resolve_source
     from sra_jax.train.config import TrainConfig
 
@@ -163,15 +165,19 @@ def evaluate_records(args, parser: argparse.ArgumentParser) -> int:
     from sra_jax.evals import text_tasks
     from sra_jax.train.data import load_records
 
+    from sra_jax.train.config import TrainConfig
+
     data = _run_data(args)
     changes = {"task": args.task, **({"path": args.data} if args.data else {}),
                **({"grader": args.grader} if args.grader else {})}
-    if data is None:
+    if data is None:  # no run config: the defaults, the --set data.* keys (field names, chat, ...), then --data
         if not args.data:
             parser.error(f"--task {args.task} needs --data (or --config / a training checkpoint whose run read it)")
-        data = DataConfig(**changes)
-    else:
-        data = dataclasses.replace(data, **changes)
+        data = TrainConfig.load(None, [f"data.task={args.task}", f"data.path={args.data}", *args.overrides]).data
+    elif args.overrides and args.config is None:
+        parser.error("--set needs --config or no training checkpoint (a training checkpoint is evaluated with its "
+                     "stored run config; --data, --grader and --tokenizer replace its data settings)")
+    data = dataclasses.replace(data, **changes)
     tokenizer_path = args.tokenizer or data.tokenizer or (model_tokenizer(args.checkpoint) if args.checkpoint else None)
     if tokenizer_path is None:
         parser.error("no tokenizer: give --tokenizer (a tokenizer.json / tokenizer.model, or a folder holding one)")
@@ -187,8 +193,9 @@ def evaluate_records(args, parser: argparse.ArgumentParser) -> int:
              for row in rows]
     name = args.name or f"{args.task}-{Path(data.path).stem}-{data.grader}"
     return _evaluate_items(args, parser, items, tokenizer, grader=data.grader, name=name,
-                           label=f"{args.task} {data.path} ({data.grader} grader)", data_path=data.path,
-                           chat=data.chat, tokenizer=str(tokenizer_path))
+                           label=f"{args.task} {data.path} ({data.grader} grader)",
+                           summary_fields={"data_path": data.path, "chat": data.chat,
+                                           "tokenizer": str(tokenizer_path)})
 
 
 def main(argv: list[str] | None = None) -> int:
