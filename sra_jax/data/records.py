@@ -76,8 +76,9 @@ def record_from_row(row: Any, where: str, fields: Fields = Fields()) -> Record:
         return Record(None, tuple(dict(m) for m in messages[:-1]), messages[-1]["content"], where)
     prompt = _text_field(row, fields.prompt, "data.prompt_field", where)
     answer = _text_field(row, fields.answer, "data.answer_field", where)
-    if not answer.strip():
-        raise ValueError(f"{where}: field {fields.answer!r} (data.answer_field) is empty")
+    for text, field, key in ((prompt, fields.prompt, "data.prompt_field"), (answer, fields.answer, "data.answer_field")):
+        if not text.strip():
+            raise ValueError(f"{where}: field {field!r} ({key}) is empty")
     return Record(prompt, None, answer, where)
 
 

@@ -44,6 +44,7 @@ def test_jsonl_rows_become_prompt_answer_and_chat_records(tmp_path):
     ('["a list"]', r":2: each row must be a JSON object, got list"),
     ('{"question": "q"}', r":2: no field 'solution' \(data.answer_field\); the row has fields \['question'\]"),
     ('{"question": ["q"], "solution": "a"}', r":2: field 'question' \(data.prompt_field\) must be a string"),
+    ('{"question": " ", "solution": "a"}', r":2: field 'question' \(data.prompt_field\) is empty"),
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}',
      r":2: field 'messages' \(data.messages_field\): the last message is the target and must have role 'assistant'"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}',
