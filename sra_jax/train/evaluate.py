@@ -129,19 +129,21 @@ def _evaluate_items(args, parser, items, tokenizer, *, label: str, name: str, gr
 
 def evaluate_text(args, parser: argparse.ArgumentParser) -> int:
     """Few-shot GSM8K / MATH: generate, grade, write `<output>/<name>.jsonl` and `<name>.summary.json`."""
-    from sra_jax.data.tokenizer import Llama3Tokenizer
+    from sra_jax.data.text_tokenizer import load_tokenizer, model_tokenizer
     from sra_jax.evals import text_tasks
 
     data_dir = Path(args.data_dir) if args.data_dir else _default_data_dir()
     items, shot_source = text_tasks.load_items(args.task, data_dir, shots=args.shots, cot=args.cot, seed=args.seed,
                                                limit=args.limit)
-    tokenizer = Llama3Tokenizer(data_dir / "llama3" / "tokenizer.model")
+    own = model_tokenizer(args.checkpoint) if args.checkpoint and args.config is None else None
+    tokenizer_path = args.tokenizer or own or data_dir / "llama3" / "tokenizer.model"
+    tokenizer = load_tokenizer(tokenizer_path)
     form = "cot" if args.cot else "direct"
     return _evaluate_items(
         args, parser, items, tokenizer, grader=None, name=args.name or f"{args.task}-{args.shots}shot-{form}",
         label=f"{args.task} {args.shots}-shot {'CoT' if args.cot else 'direct'}",
         summary_fields={"split": "test", "shots": args.shots, "cot": args.cot, "shot_seed": args.seed,
-                        "shot_source": shot_source, "data_dir": str(data_dir)})
+                        "shot_source": shot_source, "data_dir": str(data_dir), "tokenizer": str(tokenizer_path)})
 
 
 def _run_data(args):
@@ -211,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                         "datasets.load_dataset path)")
     parser.add_argument("--grader", choices=["exact", "numeric", "math"],
                         help="jsonl / datasets: how answers are graded (default data.grader)")
-    parser.add_argument("--tokenizer", help="jsonl / datasets: tokenizer.json / tokenizer.model or a folder holding "
-                        "one (default: data.tokenizer, else the checkpoint's own)")
+    parser.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model, a folder holding one, or hf://org/name "
+                        "(default: jsonl / datasets: data.tokenizer, else the checkpoint's own; gsm8k / math: the "
+                        "checkpoint's own, else <data-dir>/llama3/tokenizer.model)")
     parser.add_argument("--split", default="test", choices=["train", "test"], help="synthetic only")
     parser.add_argument("--size", type=int, help="synthetic: number of problems (default data.eval_size)")
     parser.add_argument("--shots", type=int, default=8, help="gsm8k / math: few-shot examples per prompt")
