@@ -96,3 +96,12 @@ def test_cli_convert_and_generate_take_hub_names(offline_cache, tmp_path, capsys
     assert capsys.readouterr().out.strip() != ""
     assert cli(["-q", "generate", "--checkpoint", "hf://org/absent", "--prompt", "x"]) == 2
     assert "hf download org/absent" in capsys.readouterr().err
+
+
+def test_init_from_a_hub_name_takes_the_model_section_and_refuses_a_missing_name(offline_cache):
+    from sra_jax.train.config import TrainConfig
+
+    config = TrainConfig.load(None, ["init.from=hf://org/tiny", "sra.window=4"])
+    assert (config.model.vocab_size, config.model.hidden_size) == (300, 32)
+    with pytest.raises(ValueError, match=r"init.from='hf://org/absent': .*hf download org/absent"):
+        TrainConfig.load(None, ["init.from=hf://org/absent"])
