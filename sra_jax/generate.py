@@ -261,9 +261,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     seconds = time.perf_counter() - start
     for ids in outputs:
-        # a model vocabulary wider than the tokenizer's may sample ids that have no text
-        text_ids = [t for t in ids if t not in stop and tokenizer is not None and t < tokenizer.vocab_size]
-        print(tokenizer.decode(text_ids) if tokenizer else ",".join(map(str, ids)))
+        if tokenizer is None:
+            print(",".join(map(str, ids)))
+        else:  # a model vocabulary wider than the tokenizer's may sample ids that have no text
+            print(tokenizer.decode([t for t in ids if t not in stop and t < tokenizer.vocab_size]))
     produced = sum(len(o) for o in outputs)
     _logger.info("%d tokens in %.2f s incl. compile", produced, seconds)
     return 0
