@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sra_jax.train import lm_rl
-from sra_jax.train.config import TrainConfig
+from sra_jax.train import lm_rl, objectives
+from sra_jax.train.cli import main as cli
+from sra_jax.train.config import LOSS_KINDS, MOVED_KEYS, TrainConfig
 from sra_jax.train.sharding import make_mesh
 from sra_jax.train.step import create_trainer
 
@@ -19,8 +20,8 @@ TINY = ["model.vocab_size=128", "model.hidden_size=32", "model.intermediate_size
 SRA = ["sra={critical_fraction: 0.5, window: 2, num_global: 1, router_hidden: 8, selection: gumbel_topk}"]
 # Bernoulli selection: each sample of a group selects a different fraction, so the router's advantages are not 0.
 RL_SRA = ["sra={critical_fraction: 0.5, window: 2, num_global: 1, router_hidden: 8, selection: bernoulli}"]
-RL = ["loss.group_size=2", "loss.token_penalty=0.3", "loss.length_penalty=0.01", "loss.rl_weight=0.7",
-      "loss.entropy_weight=0.05", "loss.temperature_start=2.0", "loss.temperature_end=0.5",
+RL = ["loss.group_size=2", "loss.token_penalty=0.3", "loss.length_penalty=0.01", "loss.router_rl.weight=0.7",
+      "loss.router_rl.entropy_weight=0.05", "loss.temperature_start=2.0", "loss.temperature_end=0.5",
       "loss.temperature_steps=4"]
 
 # name -> (overrides, {metric: value}); values measured on CPU (float32) with the code this test was written against.
@@ -40,8 +41,8 @@ CASES = {
          "policy_loss": -0.3528822958469391, "router_entropy": 2.3834400177001953, "reward": -0.16525350511074066,
          "selected_fraction": 0.4258449971675873, "grad_norm": 17.133333206176758, "tau": 2.0}),
 }
-GRPO = ["loss.kind=grpo", *RL_SRA, *RL, "loss.max_new_tokens=4", "loss.kl_weight=0.1",
-        "loss.clip_eps=0.2"]
+GRPO = ["loss.kind=grpo", *RL_SRA, *RL, "loss.grpo.max_new_tokens=4", "loss.grpo.kl_weight=0.1",
+        "loss.grpo.clip_eps=0.2"]
 GRPO_PINNED = {"loss": -0.5727583169937134, "policy_loss": -0.849703848361969, "router_entropy": 2.383439779281616,
                "reward": 0.3254224956035614, "selected_fraction": 0.45692500472068787,
                "grad_norm": 28.682024002075195, "lm_loss": 0.10545472800731659, "kl": 0.052135173231363297,
@@ -93,3 +94,32 @@ def test_grpo_gives_its_pinned_values_on_a_fixed_rollout():
                                  completion_mask=jnp.asarray(arrays["loss_mask"]), correct=rows)
     _, metrics = step.update(state, rollout, step.reference_params())
     _check({k: float(v) for k, v in jax.device_get(metrics).items()}, GRPO_PINNED)
+
+
+def test_every_loss_kind_names_registered_terms():
+    assert set(objectives.KIND_TERMS) == set(LOSS_KINDS)
+    for kind, names in objectives.KIND_TERMS.items():
+        assert names and all(name in objectives.LOSS_TERMS for name in names), kind
+    router_rl = TrainConfig.load(None, [*TINY, "loss.kind=rl", *RL_SRA, "loss.teacher_kl_weight=0.1"]).loss
+    assert objectives.active_terms(router_rl, has_sra=True) == ("teacher_kl", "router_rl")
+    assert objectives.active_terms(TrainConfig.load(None, GRPO[:1]).loss, has_sra=False) == ("grpo",)
+    with pytest.raises(ValueError, match="registered twice"):
+        objectives.register_loss_term("grpo")(lambda outputs, loss: (0.0, {}))
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_KEYS))
+def test_an_old_flat_loss_key_is_refused_naming_its_new_place(old, capsys):
+    new = MOVED_KEYS[old]
+    with pytest.raises(ValueError, match=f"^config key '{old}' is now '{new}'$"):
+        TrainConfig.load(None, [f"{old}=1"])
+    assert cli(["--set", f"{old}=1", "--print-config"]) == 2
+    assert f"'{old}' is now '{new}'" in capsys.readouterr().err
+
+
+def test_a_run_config_saved_with_flat_loss_keys_still_loads():
+    saved = TrainConfig.load(None, GRPO[:1]).to_dict()
+    saved["loss"] = {k: v for k, v in saved["loss"].items() if k not in ("router_rl", "grpo")}
+    saved["loss"].update(rl_weight=0.3, entropy_weight=0.02, max_new_tokens=5, kl_weight=0.1)
+    config = TrainConfig.from_saved(saved)
+    assert (config.loss.router_rl.weight, config.loss.router_rl.entropy_weight) == (0.3, 0.02)
+    assert (config.loss.grpo.max_new_tokens, config.loss.grpo.kl_weight) == (5, 0.1)
