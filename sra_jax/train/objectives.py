@@ -103,10 +103,12 @@ def cross_entropy_term(outputs: Outputs, loss: LossConfig):
 @register_loss_term("teacher_kl", active=lambda loss, has_sra: bool(loss.teacher_kl_weight) and has_sra)
 def teacher_kl_term(outputs: Outputs, loss: LossConfig):
     """`teacher_kl_weight` * KL(dense teacher || student) on the answer tokens; the teacher is the same weights with
-    every token critical (SRA attention is then exactly dense), under stop_gradient."""
+    every token critical (SRA attention is then exactly dense; packed rows stay within each example), under
+    stop_gradient."""
     num_layers = outputs.aux.critical.shape[0]
     everything = jnp.ones((num_layers, *outputs.tokens.shape), bool)
-    teacher_logits, _ = outputs.model(outputs.tokens, outputs.positions, critical=everything)
+    teacher_logits, _ = outputs.model(outputs.tokens, outputs.positions, segment_ids=outputs.segment_ids,
+                                      critical=everything)
     kl = losses.teacher_kl(outputs.logits, teacher_logits, outputs.target_mask)
     return loss.teacher_kl_weight * kl, {"teacher_kl": kl}
 
