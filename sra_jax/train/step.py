@@ -1,4 +1,6 @@
-"""The train step shared by `sra-jax train`, the demo and the tests: state, loss, gradient accumulation, update.
+"""The train step shared by `sra-jax train`, the demo and the tests: the trainer (model, optimizer, shardings), its
+state, and the jitted step of each loss kind (loss terms: `objectives`; gradient accumulation and update: `update`;
+GRPO's rollouts: `lm_rl`).
 
 `TrainState` holds everything a checkpoint needs (params, optimizer state, step, base RNG key); the per-step key is
 `fold_in(rng, step)`, so a resumed run draws exactly the keys an uninterrupted one would. One step = one global batch
