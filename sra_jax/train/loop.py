@@ -35,7 +35,7 @@ EXIT_OK, EXIT_BAD_STEPS = 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
-class _Pending:
+class PendingStep:
     """A dispatched step whose metrics the host has not read yet."""
 
     step: int  # 0-based index of the batch it consumed
@@ -102,7 +102,7 @@ class Recorder:
         """`max_bad_steps` consecutive steps were skipped."""
         return self.bad_steps >= self.config.max_bad_steps
 
-    def record(self, done: _Pending) -> dict[str, float]:
+    def record(self, done: PendingStep) -> dict[str, float]:
         """Read and log the metrics of the finished step `done`; returns its row (without "step")."""
         model_cfg = self.config.model
         host = jax.device_get({k: v.addressable_data(0) for k, v in done.metrics.items()})
@@ -175,9 +175,9 @@ def run(
                             TextColumn("{task.fields[status]}"), console=console, transient=False)
     task = progress.add_task(description, total=config.steps, completed=start, status="") if progress else None
     recorder = Recorder(config, num_params=count_params(state.params), progress=progress, task=task, on_step=on_step)
-    pending: _Pending | None = None
+    pending: PendingStep | None = None
 
-    def record(done: _Pending) -> bool:
+    def record(done: PendingStep) -> bool:
         """Record a finished step; False once the run must stop (too many consecutive bad steps)."""
         recorder.record(done)
         if recorder.must_stop:
@@ -195,7 +195,7 @@ def run(
             batch = trainer.put_batch(arrays)
             dispatched = time.perf_counter()
             state, device_metrics = trainer.step_fn(state, batch)
-            current = _Pending(step, arrays["positions"], arrays.get("segment_ids"), device_metrics, dispatched)
+            current = PendingStep(step, arrays["positions"], arrays.get("segment_ids"), device_metrics, dispatched)
             if pending is not None and not record(pending):
                 recorder.record(current)  # already run: keep its metrics too
                 pending = None
