@@ -42,7 +42,8 @@ from flax import nnx
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.data import longhop
 from sra_jax.train import longhop_eval
-from sra_jax.train.config import CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, TrainConfig
+from sra_jax.train.config import (CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, RouterRLConfig,
+                                  TrainConfig)
 from sra_jax.train.data import LonghopStream
 from sra_jax.train.loop import StopFlag, run
 
@@ -193,11 +194,11 @@ class Experiment:
         """A router trained from the base: "rl" (token penalty), "rl_kl" (+ KL to the dense teacher), "joint"
         (sl+rl of everything, starting from the rl_kl routers)."""
         name = f"router-{form}-{kind}-a{alpha}-seed{seed}"
+        explore = RouterRLConfig(entropy_weight=0.01)
         losses = {
-            "rl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, entropy_weight=0.01),
-            "rl_kl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, entropy_weight=0.01,
-                                teacher_kl_weight=1.0),
-            "joint": LossConfig(kind="sl+rl", token_penalty=0.1, group_size=4, entropy_weight=0.01,
+            "rl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, router_rl=explore),
+            "rl_kl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, router_rl=explore, teacher_kl_weight=1.0),
+            "joint": LossConfig(kind="sl+rl", token_penalty=0.1, group_size=4, router_rl=explore,
                                 teacher_kl_weight=1.0),
         }
         start = base_params

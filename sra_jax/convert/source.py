@@ -135,7 +135,7 @@ def resolve_source(path: str | os.PathLike, *, step: int | None = None) -> Model
                              f"store it): cannot tell the model's shape")
         from sra_jax.train.config import TrainConfig
 
-        train = TrainConfig.from_dict({k: v for k, v in run.items() if k != "init"})
+        train = TrainConfig.from_saved(run)
         return ModelSource("train", path, train.model, train.sra, int(meta.get("step", path.name)), run)
     if (path / "config.json").exists():
         from sra_jax.convert import hf as hf_io

@@ -87,48 +87,83 @@ class OptimConfig:
             raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0 or null")
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Which losses train the model and their weights.
+LOSS_KINDS = ("sl", "rl", "sl+rl", "grpo")  # each one's loss terms: sra_jax.train.objectives.KIND_TERMS
 
-    kind: "sl" next-token cross-entropy on loss-masked tokens; "rl" router policy gradient only; "sl+rl" both;
-        "grpo" LM RL: sample `group_size` completions of each prompt, grade the answer, clipped policy-gradient
-        update of the whole model (and the router's selection, when SRA is on); see sra_jax.train.lm_rl.
-    teacher_kl_weight: KL(dense teacher || student) on loss-masked tokens; the teacher is the same weights with every
-        token critical (so SRA attention is exactly dense), under stop_gradient.
-    token_penalty (lambda) and length_penalty (mu): reward = correct - lambda * selected_fraction - mu * generated tokens.
-    group_size: samples per prompt for the GRPO-style group baseline (each sample draws its own router selection).
-    max_new_tokens, sample_temperature: generation length and softmax temperature of GRPO rollouts.
-    clip_eps: GRPO ratio clipping; kl_weight: weight of the k3 KL estimate to the initial parameters (GRPO).
+
+@dataclasses.dataclass(frozen=True)
+class RouterRLConfig:
+    """The router's policy-gradient term (loss.kind 'rl', 'sl+rl', and 'grpo' with SRA on):
+    `weight * (REINFORCE on the selection log-prob - entropy_weight * router entropy)`.
+
     entropy_weight: bonus on the entropy of the router's first-draw distribution (keeps the policy exploring).
-    temperature_start/end/steps: the router's selection temperature tau (Gumbel top-k relaxation, Bernoulli
-        p = sigmoid(logit / tau), sparsemax(logit / tau); also the router-entropy temperature), annealed by a cosine
-        from start to end over `temperature_steps` and passed to the model as a traced scalar each step (no
-        recompilation); logged as `tau`. Null (the default): tau stays at sra.tau. `temperature_end` null = start.
     """
 
-    kind: str = "sl"
-    sl_weight: float = 1.0
-    rl_weight: float = 1.0
-    teacher_kl_weight: float = 0.0
-    token_penalty: float = 0.1
-    length_penalty: float = 0.0
-    group_size: int = 4
+    weight: float = 1.0
     entropy_weight: float = 0.0
-    advantage_eps: float = 1e-6
-    temperature_start: float | None = None
-    temperature_end: float | None = None
-    temperature_steps: int = 1
+
+    def __post_init__(self):
+        for name in ("weight", "entropy_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.router_rl.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """LM GRPO (loss.kind 'grpo', see sra_jax.train.lm_rl): rollouts of `max_new_tokens` sampled at
+    `sample_temperature`; clipped ratio (`clip_eps`) and the k3 KL to the initial parameters (`kl_weight`)."""
+
     max_new_tokens: int = 16
     sample_temperature: float = 1.0
     clip_eps: float = 0.2
     kl_weight: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("sl", "rl", "sl+rl", "grpo"):
-            raise ValueError(f"loss.kind={self.kind!r} must be one of 'sl', 'rl', 'sl+rl', 'grpo'")
-        for name in ("sl_weight", "rl_weight", "teacher_kl_weight", "token_penalty", "length_penalty",
-                     "entropy_weight", "kl_weight"):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"loss.grpo.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.sample_temperature <= 0:
+            raise ValueError(f"loss.grpo.sample_temperature={self.sample_temperature} must be > 0 (GRPO samples)")
+        if self.clip_eps <= 0:
+            raise ValueError(f"loss.grpo.clip_eps={self.clip_eps} must be > 0")
+        if self.kl_weight < 0:
+            raise ValueError(f"loss.grpo.kl_weight={self.kl_weight} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which losses train the model and their weights (the terms of each kind: sra_jax.train.objectives).
+
+    kind: "sl" next-token cross-entropy on loss-masked tokens; "rl" router policy gradient only; "sl+rl" both;
+        "grpo" LM RL: sample `group_size` completions of each prompt, grade the answer, clipped policy-gradient
+        update of the whole model (and the router's selection, when SRA is on); see sra_jax.train.lm_rl.
+    teacher_kl_weight: KL(dense teacher || student) on loss-masked tokens ('sl', 'rl', 'sl+rl'); the teacher is the
+        same weights with every token critical (so SRA attention is exactly dense), under stop_gradient.
+    token_penalty (lambda) and length_penalty (mu): reward = correct - lambda * selected_fraction - mu * generated
+        tokens (router RL and GRPO).
+    group_size: samples per prompt for the GRPO-style group baseline (each sample draws its own router selection).
+    temperature_start/end/steps: the router's selection temperature tau (Gumbel top-k relaxation, Bernoulli
+        p = sigmoid(logit / tau), sparsemax(logit / tau); also the router-entropy temperature), annealed by a cosine
+        from start to end over `temperature_steps` and passed to the model as a traced scalar each step (no
+        recompilation); logged as `tau`. Null (the default): tau stays at sra.tau. `temperature_end` null = start.
+    router_rl: the router's policy-gradient term; grpo: LM GRPO's sampling and objective.
+    """
+
+    kind: str = "sl"
+    sl_weight: float = 1.0
+    teacher_kl_weight: float = 0.0
+    token_penalty: float = 0.1
+    length_penalty: float = 0.0
+    group_size: int = 4
+    advantage_eps: float = 1e-6
+    temperature_start: float | None = None
+    temperature_end: float | None = None
+    temperature_steps: int = 1
+    router_rl: RouterRLConfig = dataclasses.field(default_factory=RouterRLConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"loss.kind={self.kind!r} must be one of {', '.join(map(repr, LOSS_KINDS))}")
+        for name in ("sl_weight", "teacher_kl_weight", "token_penalty", "length_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0")
         if self.group_size < 1:
@@ -145,12 +180,6 @@ class LossConfig:
                              f"starts there); set both or neither")
         if self.temperature_steps < 1:
             raise ValueError(f"loss.temperature_steps={self.temperature_steps} must be >= 1")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"loss.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.sample_temperature <= 0:
-            raise ValueError(f"loss.sample_temperature={self.sample_temperature} must be > 0 (GRPO samples)")
-        if self.clip_eps <= 0:
-            raise ValueError(f"loss.clip_eps={self.clip_eps} must be > 0")
 
     @property
     def uses_sl(self) -> bool:
@@ -164,6 +193,14 @@ class LossConfig:
 # the user's own prompt / answer examples (sra_jax.data.records)
 RECORD_TASKS = ("jsonl", "datasets")
 DATA_TASKS = ("synthetic", "longhop", "gsm8k", "math", *RECORD_TASKS)
+
+# Keys that live in a sub-section of their section: an old flat key is refused naming its place.
+MOVED_KEYS = {
+    "loss.rl_weight": "loss.router_rl.weight",
+    "loss.entropy_weight": "loss.router_rl.entropy_weight",
+    **{f"loss.{name}": f"loss.grpo.{name}" for name in ("max_new_tokens", "sample_temperature", "clip_eps",
+                                                         "kl_weight")},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,10 +378,10 @@ class TrainConfig:
         if self.data.task in ("gsm8k", "math") and self.model.vocab_size < 128256:  # Llama 3: 128000 BPE + 256 special
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must be >= 128256 for the Llama 3 tokenizer "
                              f"(data.task={self.data.task!r})")
-        rollout_len = self.data.seq_len + self.loss.max_new_tokens
+        rollout_len = self.data.seq_len + self.loss.grpo.max_new_tokens
         if self.loss.kind == "grpo" and rollout_len > self.model.max_position_embeddings:
-            raise ValueError(f"loss.kind='grpo': data.seq_len + loss.max_new_tokens = "
-                             f"{self.data.seq_len + self.loss.max_new_tokens} exceeds model.max_position_embeddings="
+            raise ValueError(f"loss.kind='grpo': data.seq_len + loss.grpo.max_new_tokens = "
+                             f"{rollout_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings} (a rollout is prompt + completion)")
         if self.data.pack and self.loss.kind != "sl":
             raise ValueError(f"data.pack=true cannot train loss.kind={self.loss.kind!r}: the router's selection "
@@ -362,9 +399,6 @@ class TrainConfig:
                              f"{self.model.max_position_embeddings}")
         if self.init.trainable == "router" and self.sra is None:
             raise ValueError("init.trainable='router' trains the SRA routers, so `sra` must be set (it is null)")
-        if self.init.from_ is not None and self.loss.kind == "grpo":
-            raise ValueError("init.from cannot be used with loss.kind='grpo': GRPO's KL reference rebuilds the "
-                             "initial parameters from the seed; use loss.kind 'sl', 'rl' or 'sl+rl'")
 
     @property
     def micro_batch_size(self) -> int:
@@ -379,6 +413,22 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         return _build(cls, _with_init_source(values), "")
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """The run config a training checkpoint stored (its `to_dict()`), without its `init` (the weights are the
+        checkpoint's); keys a checkpoint written before they moved holds flat (MOVED_KEYS) are read from there."""
+        values = {k: v for k, v in values.items() if k != "init"}
+        loss = values.get("loss")
+        if isinstance(loss, Mapping):
+            loss = dict(loss)
+            for old, new in MOVED_KEYS.items():
+                name = old.removeprefix("loss.")
+                if name in loss:
+                    section, field = new.removeprefix("loss.").split(".")
+                    loss[section] = {**(loss.get(section) or {}), field: loss.pop(name)}
+            values["loss"] = loss
+        return cls.from_dict(values)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -479,6 +529,9 @@ def _build(cls: type, values: Mapping[str, Any] | None, prefix: str) -> Any:
     values = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in values.items()}
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - set(fields))
+    for key in unknown:
+        if prefix + key in MOVED_KEYS:
+            raise ValueError(f"config key '{prefix}{key}' is now '{MOVED_KEYS[prefix + key]}'")
     if unknown:
         raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
                          f"{prefix.rstrip('.') or 'top level'} accepts {sorted(map(_yaml_key, fields))}")

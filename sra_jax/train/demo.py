@@ -24,7 +24,8 @@ from sra_jax import log
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.data import longhop
 from sra_jax.train import longhop_eval
-from sra_jax.train.config import CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, TrainConfig
+from sra_jax.train.config import (CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, RouterRLConfig,
+                                  TrainConfig)
 from sra_jax.train.data import LonghopStream
 from sra_jax.train.loop import run
 
@@ -34,7 +35,8 @@ DEMO_SRA = SRAConfig(critical_fraction=0.1, window=16, num_global=longhop.HEADER
                      router_hidden=32)
 DEMO_STEPS, DEMO_ROUTER_STEPS = 800, 40  # dense base, then routers on the frozen base
 # Routers learn on the frozen base: policy gradient with a token penalty and KL to the dense teacher.
-DEMO_ROUTER_LOSS = LossConfig(kind="rl", token_penalty=0.1, group_size=4, entropy_weight=0.01, teacher_kl_weight=1.0)
+DEMO_ROUTER_LOSS = LossConfig(kind="rl", token_penalty=0.1, group_size=4, teacher_kl_weight=1.0,
+                              router_rl=RouterRLConfig(entropy_weight=0.01))
 ROWS = (("dense", "dense"), ("window only", "window"), ("SRA random", "random"), ("SRA oracle", "oracle"),
         ("SRA learned", "learned"))
 

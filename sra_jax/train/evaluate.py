@@ -310,7 +310,7 @@ def _evaluate_synthetic_source(args) -> int:
         print("sra-jax eval: --set needs --config (a training checkpoint alone is evaluated with its stored run "
               "config)", file=sys.stderr)
         return 2
-    config = TrainConfig.from_dict({k: v for k, v in source.train_config.items() if k != "init"})
+    config = TrainConfig.from_saved(source.train_config)
     if config.data.task != "synthetic":
         print(f"sra-jax eval: --task synthetic needs data.task=synthetic, the run has {config.data.task!r}",
               file=sys.stderr)

@@ -3,16 +3,18 @@
 Each step: the prompts of the step's batch (each row's tokens before its first loss-masked token; the loss-masked
 tokens are the reference answer) are sampled `group_size` times with `sra_jax.generate` (KV cache, deterministic
 router selection, stop at eos), graded by a `Grader`, and laid out as a fixed-width right-padded rollout batch. One
-jitted update then scores the rollout teacher-forced and applies
+jitted update then scores the rollout teacher-forced and applies the loss terms of `loss.kind: grpo`
+(`sra_jax.train.objectives`)
 
-    loss = grpo_loss(LM token log-probs, old, A)  +  rl_weight * (policy_gradient_loss(router log-prob, A) - ent)
+    loss = grpo_loss(LM token log-probs, old, A)  +  router_rl.weight * (policy_gradient_loss(router log-prob, A) - ent)
 
 with rewards `rl.reward(correct, selected_fraction, completion length)` and group advantages `rl.group_advantages`
 (the code router RL uses). The scoring pass samples the router's selection (key, annealed tau), so the LM log-probs
 are those of the policy being trained; the old log-probs come from a second pass with the deterministic selection
 generation used (key=None), so the clipped ratio corrects for the difference (for a dense model the ratio is 1 at the
-update: one update per rollout). The KL term (`loss.kl_weight`, k3 estimator) is to the initial parameters, which
-are rebuilt from the seed (they are not part of the checkpoint). With SRA on the router learns from the policy
+update: one update per rollout). The KL term (`loss.grpo.kl_weight`, k3 estimator) is to the initial parameters,
+built again as the run built them (from the seed, or loaded from `init.from`; they are not part of the checkpoint);
+with `init.trainable: router` only the initial routers are held, the frozen Llama is the state's. With SRA on the router learns from the policy
 gradient on its selection log-prob (token penalty) and from the LM loss through its straight-through value gate.
 Rollouts are generated on the host of one process: multi-process GRPO is refused with a clear error.
 """
@@ -26,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 from jaxtyping import Bool, Int
 
-from sra_jax.train import losses, rl, rollout, sharding
-from sra_jax.train.config import LossConfig, TrainConfig
+from sra_jax.train import rollout, sharding
+from sra_jax.train.config import TrainConfig
+from sra_jax.train.objectives import grpo_loss_fn
+from sra_jax.train.update import apply_step, frozen_part, trainable_part
 
 # (completion token ids, reference token ids) -> reward for correctness (1.0 right, 0.0 wrong)
 Grader = Callable[[Sequence[int], Sequence[int]], float]
@@ -93,55 +96,6 @@ class RolloutBatch:
     correct: Any  # float32 [a, n]
 
 
-def grpo_loss_fn(params, batch: RolloutBatch, key, step, ref_params=None, *, graphdef, rest, loss: LossConfig,
-                 has_sra: bool, mesh=None):
-    """The GRPO objective on one micro-batch of rollouts, and its metrics (see the module docstring)."""
-    from sra_jax.train.step import _mean_over_layers, selection_temperature
-
-    model = nnx.merge(graphdef, params, rest)
-    tokens = sharding.constrain_batch(batch.tokens, mesh)
-    positions = sharding.constrain_batch(batch.positions, mesh)
-    tau = selection_temperature(loss, step)
-    logits, aux = model(tokens, positions, key=key if has_sra else None, tau=tau)
-    log_probs = losses.shifted_token_log_probs(sharding.constrain_batch(logits, mesh), tokens)
-    if has_sra:  # the policy that sampled: the same weights with the deterministic selection generation uses
-        old_logits, _ = model(tokens, positions, tau=tau)
-        old_log_probs = jax.lax.stop_gradient(losses.shifted_token_log_probs(old_logits, tokens))
-    else:
-        old_log_probs = jax.lax.stop_gradient(log_probs)
-    ref_log_probs = None
-    if loss.kl_weight:
-        ref_logits, _ = nnx.merge(graphdef, ref_params, rest)(tokens, positions, tau=tau)
-        ref_log_probs = losses.shifted_token_log_probs(ref_logits, tokens)
-    mask = batch.completion_mask[:, 1:]
-    selected = _mean_over_layers(aux.selected_fraction, aux.sra_layers)
-    generated = jnp.sum(batch.completion_mask, axis=-1)
-    rewards = rl.reward(batch.correct, selected, generated, token_penalty=loss.token_penalty,
-                        length_penalty=loss.length_penalty)
-    advantages = rl.group_advantages(rewards, loss.group_size, eps=loss.advantage_eps)
-    lm_loss = rl.grpo_loss(log_probs, old_log_probs, advantages, mask, clip_eps=loss.clip_eps,
-                           kl_weight=loss.kl_weight, ref_log_probs=ref_log_probs)
-    total = lm_loss
-    ratio = jnp.exp(log_probs - old_log_probs)
-    metrics = {"lm_loss": lm_loss, "reward": rewards.mean(), "accuracy": batch.correct.mean(),
-               "selected_fraction": selected.mean(), "mask_density": _mean_over_layers(aux.mask_density).mean(),
-               "tokens": jnp.sum(positions >= 0).astype(jnp.float32),
-               "padded_tokens": jnp.asarray(positions.size, jnp.float32), "completion_tokens": generated.mean(),
-               "clip_fraction": losses.masked_mean((jnp.abs(ratio - 1.0) > loss.clip_eps).astype(jnp.float32), mask)}
-    if has_sra:
-        pg = rl.policy_gradient_loss(aux.selection_log_prob, advantages)
-        entropy = rl.router_entropy(aux.router_logits, positions >= 0,
-                                    temperature=model.sra.tau if tau is None else tau)
-        total = total + loss.rl_weight * (pg - loss.entropy_weight * entropy)
-        metrics.update(policy_loss=pg, router_entropy=entropy,
-                       tau=jnp.asarray(model.sra.tau if tau is None else tau, jnp.float32))
-    if loss.kl_weight:
-        delta = ref_log_probs - log_probs
-        metrics["kl"] = losses.masked_mean(jnp.exp(delta) - delta - 1.0, mask)
-    metrics["loss"] = total
-    return total, metrics
-
-
 def rollout_seed(seed: int, step: int) -> int:
     """The sampling seed of step `step`: a pure function of (run seed, step), so a resumed run samples the same."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -159,27 +113,28 @@ class GRPOStep:
         self.trainer, self.config, self.loss = trainer, config, config.loss
         self.tokenizer = tokenizer if tokenizer is not None else task_tokenizer(config)
         self.grader = grader or answer_grader(config.data.task, self.tokenizer)
-        self.width = config.data.seq_len + config.loss.max_new_tokens
+        self.width = config.data.seq_len + config.loss.grpo.max_new_tokens
         self._ref_params = None
         self.last_rollout: rollout.Rollout | None = None  # for inspection (tests, logging)
 
     @functools.cached_property
     def update(self):
         """jit(train step on a RolloutBatch [, reference params]), state donated; compiled once (fixed width)."""
-        from sra_jax.train.step import apply_step
-
-        trainer = self.trainer
+        trainer, config = self.trainer, self.config
         objective = functools.partial(grpo_loss_fn, graphdef=trainer.graphdef, rest=trainer.rest, loss=self.loss,
-                                      has_sra=self.config.sra is not None, mesh=trainer.mesh)
-        router_only = self.config.init.trainable == "router"
+                                      has_sra=config.sra is not None, mesh=trainer.mesh)
+        router_only = config.init.trainable == "router"
         shardings = (trainer.state_shardings, self._batch_shardings())
         out = (trainer.state_shardings, sharding.replicated(trainer.mesh))
-        if self.loss.kl_weight:
-            def step(state, batch, ref_params):
+        if self.loss.grpo.kl_weight:
+            def step(state, batch, ref_trainable):
+                # the reference is the initial trainable part with the (unchanged) frozen part of the state
+                frozen = frozen_part(config, state.params)
+                ref_params = ref_trainable if frozen is None else nnx.merge_state(ref_trainable, frozen)
                 return apply_step(state, batch, functools.partial(objective, ref_params=ref_params), tx=trainer.tx,
                                   router_only=router_only)
 
-            shardings = (*shardings, trainer.state_shardings.params)
+            shardings = (*shardings, trainable_part(config, trainer.state_shardings.params))
         else:
             def step(state, batch):
                 return apply_step(state, batch, objective, tx=trainer.tx, router_only=router_only)
@@ -187,15 +142,11 @@ class GRPOStep:
         return jax.jit(step, in_shardings=shardings, out_shardings=out, donate_argnums=0)
 
     def reference_params(self):
-        """The initial parameters (rebuilt from the seed exactly as `create_trainer` builds them), for the KL."""
+        """The KL reference: the trainable part of the run's initial parameters (`Trainer.initial_params`, fresh
+        from the seed or loaded from init.from); with init.trainable='router' the routers only, the frozen Llama
+        is read from the state instead of held twice."""
         if self._ref_params is None:
-            from sra_jax.train.step import build_model
-
-            def create():
-                with nnx.use_eager_sharding(False):
-                    return nnx.split(build_model(self.config), nnx.Param, ...)[1]
-
-            self._ref_params = jax.jit(create, out_shardings=self.trainer.state_shardings.params)()
+            self._ref_params = trainable_part(self.config, self.trainer.initial_params())
         return self._ref_params
 
     def rollout(self, state, batch) -> tuple[RolloutBatch, dict[str, float]]:
@@ -206,8 +157,8 @@ class GRPOStep:
         step = int(np.asarray(state.step))
         model = self.trainer.model(state.params)
         sampled = rollout.sample_group(
-            model, prompts, group_size=loss.group_size, max_new_tokens=loss.max_new_tokens, seq_len=self.width,
-            temperature=loss.sample_temperature, stop_tokens=list(self.tokenizer_stop_ids()),
+            model, prompts, group_size=loss.group_size, max_new_tokens=loss.grpo.max_new_tokens, seq_len=self.width,
+            temperature=loss.grpo.sample_temperature, stop_tokens=list(self.tokenizer_stop_ids()),
             pad_id=self.tokenizer_pad_id(), seed=rollout_seed(self.config.seed, step))
         correct = np.array([self.grader(c, references[row // loss.group_size])
                             for row, c in enumerate(sampled.completions)], np.float32)
@@ -230,7 +181,7 @@ class GRPOStep:
     def __call__(self, state, batch):
         rollout_batch, _ = self.rollout(state, batch)
         placed = jax.tree.map(jax.device_put, rollout_batch, self._batch_shardings())
-        if self.loss.kl_weight:
+        if self.loss.grpo.kl_weight:
             return self.update(state, placed, self.reference_params())
         return self.update(state, placed)
 

@@ -35,7 +35,7 @@ EXIT_OK, EXIT_BAD_STEPS = 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
-class _Pending:
+class PendingStep:
     """A dispatched step whose metrics the host has not read yet."""
 
     step: int  # 0-based index of the batch it consumed
@@ -79,6 +79,71 @@ class StopFlag:
         self.signal = signum
 
 
+class Recorder:
+    """The host side of finished steps: reads a step's metrics (the only host sync), adds step time, throughput,
+    MFU and the learning rate, keeps the rows (`history`), writes them to `log.dir` (metrics.jsonl with a "time"
+    field, TensorBoard, config.yaml) every `log.every` steps and at the last step, advances the progress bar and
+    counts consecutive skipped (non-finite) steps."""
+
+    def __init__(self, config: TrainConfig, *, num_params: int, progress: Progress | None, task: Any,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None):
+        self.config = config
+        self.history: list[dict[str, Any]] = []  # one row per step recorded ("step" counts from 1)
+        self.bad_steps = 0  # consecutive skipped steps
+        self._logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard, config_yaml=config.to_yaml())
+        self._num_params = num_params
+        self._peak = peak_flops_per_device()
+        self._schedule = learning_rate_schedule(config.optim, config.steps)
+        self._progress, self._task, self._on_step = progress, task, on_step
+        self._last_ready = time.perf_counter()
+
+    @property
+    def must_stop(self) -> bool:
+        """`max_bad_steps` consecutive steps were skipped."""
+        return self.bad_steps >= self.config.max_bad_steps
+
+    def record(self, done: PendingStep) -> dict[str, float]:
+        """Read and log the metrics of the finished step `done`; returns its row (without "step")."""
+        model_cfg = self.config.model
+        host = jax.device_get({k: v.addressable_data(0) for k, v in done.metrics.items()})
+        metrics = {k: float(np.asarray(v)) for k, v in host.items()}
+        ready = time.perf_counter()
+        # Steps run back to back, so the time between two finished steps is the step time (the first one counts
+        # from its dispatch).
+        elapsed = ready - max(self._last_ready, done.dispatched)
+        self._last_ready = ready
+        flops = train_flops(self._num_params, model_cfg.vocab_size * model_cfg.hidden_size, done.positions,
+                            num_layers=model_cfg.num_hidden_layers, num_heads=model_cfg.num_attention_heads,
+                            head_dim=model_cfg.head_dim, mask_density=metrics["mask_density"],
+                            segment_ids=done.segment_ids) * jax.process_count()
+        # tokens_per_s and mfu count real tokens only; padded_tokens_per_s counts every slot (real + padding).
+        metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed,
+                       lr=float(self._schedule(done.step)))
+        if "padded_tokens" in metrics:
+            metrics["padded_tokens_per_s"] = metrics["padded_tokens"] / elapsed
+        if self._peak is not None:
+            metrics["mfu"] = flops / elapsed / (self._peak * jax.device_count())
+        self.history.append({"step": done.step + 1, **metrics})
+        if metrics["skipped"]:
+            self.bad_steps += 1
+            _logger.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped", done.step,
+                            metrics["loss"], metrics["grad_norm"])
+        else:
+            self.bad_steps = 0
+        if (done.step + 1) % self.config.log.every == 0 or done.step + 1 == self.config.steps:
+            self._logger.log(done.step + 1, metrics)
+        if self._task is not None:
+            self._progress.update(self._task, completed=done.step + 1, status=(
+                f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f} sel {metrics['selected_fraction']:.2f} "
+                f"{metrics['tokens_per_s']:.0f} tok/s"))
+        if self._on_step is not None:
+            self._on_step(done.step + 1, metrics)
+        return metrics
+
+    def close(self) -> None:
+        self._logger.close()
+
+
 def run(
     config: TrainConfig,
     *,
@@ -101,64 +166,24 @@ def run(
         if restored is not None:
             state = restored
             _logger.info("resumed from %s at step %d", checkpointer.directory, host_int(state.step))
-    logger = MetricsLogger(config.log.dir, tensorboard=config.log.tensorboard, config_yaml=config.to_yaml())
-    model_cfg = config.model
-    num_params = count_params(state.params)
-    num_embed = model_cfg.vocab_size * model_cfg.hidden_size
-    peak = peak_flops_per_device()
-    schedule = learning_rate_schedule(config.optim, config.steps)
     stop = StopFlag() if stop is None else stop  # not `or`: an unset flag is falsy
-    history: list[dict[str, Any]] = []
-    bad_steps, reason, exit_code = 0, "finished", EXIT_OK
+    reason, exit_code = "finished", EXIT_OK
     start = host_int(state.step)
     own_progress = progress is None and config.log.progress
     if own_progress:
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("{task.fields[status]}"), console=console, transient=False)
     task = progress.add_task(description, total=config.steps, completed=start, status="") if progress else None
-    pending: _Pending | None = None
-    last_ready = time.perf_counter()
+    recorder = Recorder(config, num_params=count_params(state.params), progress=progress, task=task, on_step=on_step)
+    pending: PendingStep | None = None
 
-    def record(done: _Pending) -> bool:
-        """Read the metrics of a finished step (the only host sync), log them; False once the run must stop."""
-        nonlocal bad_steps, reason, exit_code, last_ready
-        host = jax.device_get({k: v.addressable_data(0) for k, v in done.metrics.items()})
-        metrics = {k: float(np.asarray(v)) for k, v in host.items()}
-        ready = time.perf_counter()
-        # Steps run back to back, so the time between two finished steps is the step time (the first one counts
-        # from its dispatch).
-        elapsed = ready - max(last_ready, done.dispatched)
-        last_ready = ready
-        flops = train_flops(num_params, num_embed, done.positions, num_layers=model_cfg.num_hidden_layers,
-                            num_heads=model_cfg.num_attention_heads, head_dim=model_cfg.head_dim,
-                            mask_density=metrics["mask_density"], segment_ids=done.segment_ids) * jax.process_count()
-        # tokens_per_s and mfu count real tokens only; padded_tokens_per_s counts every slot (real + padding).
-        metrics.update(step_time=elapsed, tokens_per_s=metrics["tokens"] / elapsed, lr=float(schedule(done.step)))
-        if "padded_tokens" in metrics:
-            metrics["padded_tokens_per_s"] = metrics["padded_tokens"] / elapsed
-        if peak is not None:
-            metrics["mfu"] = flops / elapsed / (peak * jax.device_count())
-        history.append({"step": done.step + 1, **metrics})
-        if metrics["skipped"]:
-            bad_steps += 1
-            _logger.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped", done.step,
-                           metrics["loss"], metrics["grad_norm"])
-        else:
-            bad_steps = 0
-        if (done.step + 1) % config.log.every == 0 or done.step + 1 == config.steps:
-            logger.log(done.step + 1, metrics)
-        if task is not None:
-            progress.update(task, completed=done.step + 1, status=(
-                f"loss {metrics['loss']:.3f} acc {metrics['accuracy']:.2f} sel {metrics['selected_fraction']:.2f} "
-                f"{metrics['tokens_per_s']:.0f} tok/s"))
-        if on_step is not None:
-            on_step(done.step + 1, metrics)
-        if bad_steps >= config.max_bad_steps:
+    def record(done: PendingStep) -> bool:
+        """Record a finished step; False once the run must stop (too many consecutive bad steps)."""
+        recorder.record(done)
+        if recorder.must_stop:
             _logger.error("%d consecutive non-finite steps: stopping; the last checkpoint is the last good state",
-                         bad_steps)
-            reason, exit_code = "bad_steps", EXIT_BAD_STEPS
-            return False
-        return True
+                          recorder.bad_steps)
+        return not recorder.must_stop
 
     # The host never waits for the step it just dispatched: it builds and uploads batch n + 1 and dispatches step
     # n + 1 while step n runs, then reads step n's metrics (one step behind). It reads a step's metrics at once
@@ -170,10 +195,11 @@ def run(
             batch = trainer.put_batch(arrays)
             dispatched = time.perf_counter()
             state, device_metrics = trainer.step_fn(state, batch)
-            current = _Pending(step, arrays["positions"], arrays.get("segment_ids"), device_metrics, dispatched)
+            current = PendingStep(step, arrays["positions"], arrays.get("segment_ids"), device_metrics, dispatched)
             if pending is not None and not record(pending):
-                record(current)  # already run: keep its metrics too
+                recorder.record(current)  # already run: keep its metrics too
                 pending = None
+                reason, exit_code = "bad_steps", EXIT_BAD_STEPS
                 break
             pending = current
             last = step + 1 == config.steps
@@ -181,10 +207,11 @@ def run(
             # and still exit as "preempted". One that lands after this read is handled at the next step.
             stopping = bool(stop)
             save_now = checkpointer is not None and (stopping or last or checkpointer.due(step + 1))
-            if not (save_now or bad_steps or stopping or last):
+            if not (save_now or recorder.bad_steps or stopping or last):
                 continue
             pending = None
             if not record(current):
+                reason, exit_code = "bad_steps", EXIT_BAD_STEPS
                 break
             if save_now:
                 checkpointer.save(state, step=step + 1, force=stopping or last)
@@ -195,8 +222,8 @@ def run(
     if checkpointer is not None:
         checkpointer.wait()
         checkpointer.close()
-    logger.close()
-    return RunResult(trainer=trainer, state=state, exit_code=exit_code, history=history, reason=reason)
+    recorder.close()
+    return RunResult(trainer=trainer, state=state, exit_code=exit_code, history=recorder.history, reason=reason)
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:

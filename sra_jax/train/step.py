@@ -1,4 +1,6 @@
-"""The train step shared by `sra-jax train`, the demo and the tests: state, loss, gradient accumulation, update.
+"""The train step shared by `sra-jax train`, the demo and the tests: the trainer (model, optimizer, shardings), its
+state, and the jitted step of each loss kind (loss terms: `objectives`; gradient accumulation and update: `update`;
+GRPO's rollouts: `lm_rl`).
 
 `TrainState` holds everything a checkpoint needs (params, optimizer state, step, base RNG key); the per-step key is
 `fold_in(rng, step)`, so a resumed run draws exactly the keys an uninterrupted one would. One step = one global batch
@@ -20,16 +22,16 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
-from sra_jax.train import losses, rl, sharding
+from sra_jax.train import sharding
 from sra_jax.train.config import LossConfig, TrainConfig
+from sra_jax.train.lm_rl import GRPOStep
+from sra_jax.train.objectives import loss_fn, selection_temperature  # noqa: F401  (public here too)
 from sra_jax.train.optimizer import make_optimizer
+from sra_jax.train.update import SUMMED_METRICS, apply_step, is_router_param, trainable_part  # noqa: F401
 
 _logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Counts, summed over micro-batches (every other metric is averaged). "examples" / "examples_correct" (packed rows
-# only) make "accuracy" exact over the whole batch although micro-batches hold different numbers of examples.
-SUMMED_METRICS = ("tokens", "padded_tokens", "examples", "examples_correct")
 
 
 # Fields are typed Any because the same containers also carry the NamedShardings of their arrays (jit in/out specs).
@@ -69,8 +71,6 @@ class Trainer:
         """jit(train_step) with in/out shardings; the state argument is donated. For loss.kind == "grpo" a
         `sra_jax.train.lm_rl.GRPOStep` (same call signature; it samples and grades rollouts between the steps)."""
         if self.config.loss.kind == "grpo":
-            from sra_jax.train.lm_rl import GRPOStep
-
             return GRPOStep(self)
         fn = functools.partial(
             train_step, graphdef=self.graphdef, rest=self.rest, tx=self.tx, loss=self.config.loss,
@@ -82,6 +82,13 @@ class Trainer:
 
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, params, self.rest)
+
+    def initial_params(self):
+        """The parameters the run starts from, built again (fresh from `seed`, or loaded from `init.from`) into
+        their shardings: GRPO's KL reference."""
+        if self.config.init.from_ is None:
+            return jax.jit(lambda: _split_fresh_model(self.config)[1], out_shardings=self.state_shardings.params)()
+        return load_initial_params(self.config, self.state_shardings.params)
 
     def put_batch(self, arrays: dict[str, np.ndarray]) -> Batch:
         """Global numpy batch [a, b, s] -> sharded Batch. Each process passes only its own rows (see `local_rows`).
@@ -178,18 +185,6 @@ def create_trainer(config: TrainConfig, mesh: Mesh) -> tuple[Trainer, TrainState
     return trainer, state
 
 
-def is_router_param(path, _value=None) -> bool:
-    """nnx filter: the SRA routers' parameters (everything else is the Llama)."""
-    return any(str(getattr(k, "key", k)) == "router" for k in path)
-
-
-def trainable_part(config: TrainConfig, params):
-    """The parameters the optimizer updates: all of them, or the routers' only (init.trainable == "router")."""
-    if config.init.trainable == "router":
-        return nnx.filter_state(params, is_router_param)
-    return params
-
-
 def load_initial_params(config: TrainConfig, param_shardings):
     """The parameters of `init.from` (routers fresh unless the source holds them), each streamed into its
     sharding."""
@@ -211,92 +206,6 @@ def load_initial_params(config: TrainConfig, param_shardings):
     return jax.device_put(params, param_shardings)
 
 
-def _mean_over_layers(x: jax.Array, layers: tuple[int, ...] | None = None) -> jax.Array:
-    """[L, b] -> [b]: the mean over `layers` (default all); 1 when there are none (a dense model)."""
-    if layers is not None:
-        if not layers:
-            return jnp.ones(x.shape[1:], jnp.float32)
-        x = x[jnp.asarray(layers)]
-    return x.astype(jnp.float32).mean(axis=0)
-
-
-def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *, graphdef, rest, loss: LossConfig,
-            has_sra: bool, mesh: Mesh | None):
-    """Weighted sum of the configured losses on one micro-batch, and its metrics (scalars).
-
-    `segment_ids` (packed rows) go to the model, so attention stays within each example; the CE is the same masked
-    mean over target tokens, and "accuracy" is over examples (segments) instead of rows. "tokens" counts real tokens,
-    "padded_tokens" every slot (real + padding)."""
-    model = nnx.merge(graphdef, params, rest)
-    group = loss.group_size if loss.uses_rl else 1
-    if group > 1:
-        tokens, positions, loss_mask = (jnp.repeat(x, group, axis=0) for x in (tokens, positions, loss_mask))
-    tokens = sharding.constrain_batch(tokens, mesh)
-    positions = sharding.constrain_batch(positions, mesh)
-    if segment_ids is not None:
-        if loss.uses_rl:
-            raise ValueError("packed rows (segment_ids) cannot train the router with RL: rewards are per row")
-        segment_ids = sharding.constrain_batch(segment_ids, mesh)
-    tau = selection_temperature(loss, step)
-    logits, aux = model(tokens, positions, segment_ids=segment_ids, key=key if has_sra else None, tau=tau)
-    logits = sharding.constrain_batch(logits, mesh)
-    ce = losses.cross_entropy(logits, tokens, loss_mask)
-    correct = losses.answer_correct(logits, tokens, loss_mask)
-    counts = {}
-    if segment_ids is None:
-        accuracy = correct.mean()
-    else:
-        per_segment, present = losses.segment_answer_correct(logits, tokens, loss_mask, segment_ids)
-        counts = {"examples": jnp.sum(present).astype(jnp.float32),
-                  "examples_correct": jnp.sum(per_segment & present).astype(jnp.float32)}
-        accuracy = counts["examples_correct"] / jnp.maximum(counts["examples"], 1.0)
-    selected = _mean_over_layers(aux.selected_fraction, aux.sra_layers)
-    density = _mean_over_layers(aux.mask_density)
-    total = jnp.zeros((), jnp.float32)
-    metrics = {"ce": ce, "accuracy": accuracy.astype(jnp.float32), "selected_fraction": selected.mean(),
-               "mask_density": density.mean(), "tokens": jnp.sum(positions >= 0).astype(jnp.float32),
-               "padded_tokens": jnp.asarray(positions.size, jnp.float32), **counts}
-    if has_sra:
-        metrics["tau"] = jnp.asarray(model.sra.tau if tau is None else tau, jnp.float32)
-    if loss.uses_sl:
-        total += loss.sl_weight * ce
-    if loss.teacher_kl_weight and has_sra:
-        num_layers = aux.critical.shape[0]
-        everything = jnp.ones((num_layers, *tokens.shape), bool)  # all critical: SRA attention == dense attention
-        teacher_logits, _ = model(tokens, positions, critical=everything)
-        kl = losses.teacher_kl(logits, teacher_logits, loss_mask)
-        total += loss.teacher_kl_weight * kl
-        metrics["teacher_kl"] = kl
-    if loss.uses_rl:
-        generated = jnp.sum(loss_mask, axis=-1)
-        rewards = rl.reward(correct, selected, generated, token_penalty=loss.token_penalty,
-                            length_penalty=loss.length_penalty)
-        advantages = rl.group_advantages(rewards, group, eps=loss.advantage_eps)
-        pg = rl.policy_gradient_loss(aux.selection_log_prob, advantages)
-        temperature = metrics["tau"]
-        entropy = rl.router_entropy(aux.router_logits, positions >= 0, temperature=temperature)
-        total += loss.rl_weight * (pg - loss.entropy_weight * entropy)
-        metrics.update(reward=rewards.mean(), policy_loss=pg, router_entropy=entropy, temperature=temperature)
-    metrics["loss"] = total
-    return total, metrics
-
-
-def selection_temperature(loss: LossConfig, step) -> jax.Array | None:
-    """The router's selection temperature at `step` (a traced scalar), or None to keep the model's sra.tau."""
-    if loss.temperature_start is None:
-        return None
-    end = loss.temperature_start if loss.temperature_end is None else loss.temperature_end
-    return rl.temperature_schedule(step, start=loss.temperature_start, end=end, steps=loss.temperature_steps)
-
-
-def _only_router(grads):
-    """Zero every gradient except the routers' (loss.kind == "rl" trains the selection policy alone)."""
-    def keep(path, g):
-        return g if any("router" in str(getattr(p, "key", p)) for p in path) else jnp.zeros_like(g)
-
-    return jax.tree_util.tree_map_with_path(keep, grads)
-
-
 def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: LossConfig, has_sra: bool,
                mesh: Mesh | None = None, router_only: bool = False):
     """One optimizer step over `batch` (accumulating gradients over its leading micro-batch axis)."""
@@ -306,64 +215,3 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: Los
         return objective(params, micro.tokens, micro.positions, micro.loss_mask, key, step, micro.segment_ids)
 
     return apply_step(state, batch, micro_loss, tx=tx, only_router=loss.kind == "rl", router_only=router_only)
-
-
-def apply_step(state: TrainState, batch: Any, objective, *, tx, only_router: bool = False,
-               router_only: bool = False):
-    """Gradient accumulation and the guarded update shared by every loss kind.
-
-    `batch` is a pytree whose leaves have a leading micro-batch axis; `objective(params, micro_batch, key, step)`
-    returns (loss, metrics of scalars). Gradients and metrics are averaged over micro-batches (the counts in
-    SUMMED_METRICS summed; "real_token_fraction" = tokens / padded_tokens is added when both are there, and
-    "accuracy" = examples_correct / examples when the counts are there); a
-    non-finite loss or gradient leaves params and optimizer state untouched (`skipped` = 1).
-
-    router_only (init.trainable == "router"): gradients are taken with respect to the routers' parameters alone (no
-    gradient buffer exists for the Llama's), `tx` and its state cover the routers only, and every other parameter
-    passes through unchanged.
-    """
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    if router_only:
-        trained, frozen = nnx.split_state(state.params, is_router_param, ...)
-        full_objective = objective
-
-        def objective(params, *args):
-            return full_objective(nnx.merge_state(params, frozen), *args)
-    else:
-        trained, frozen = state.params, None
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    accum = jax.tree.leaves(batch)[0].shape[0]
-
-    def micro_step(carry, xs):
-        grads_sum, metrics_sum = carry
-        index, micro = xs
-        (_, metrics), grads = grad_fn(trained, micro, jax.random.fold_in(key, index), state.step)
-        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
-        metrics_sum = jax.tree.map(jnp.add, metrics_sum, metrics)
-        return (grads_sum, metrics_sum), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
-    first = jax.tree.map(lambda x: x[0], batch)
-    metric_shapes = jax.eval_shape(lambda: grad_fn(trained, first, key, state.step)[0][1])
-    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-    (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = {k: (v if k in SUMMED_METRICS else v / accum) for k, v in metrics.items()}
-    if "examples" in metrics:
-        metrics["accuracy"] = metrics["examples_correct"] / jnp.maximum(metrics["examples"], 1.0)
-    if "tokens" in metrics and "padded_tokens" in metrics:
-        metrics["real_token_fraction"] = metrics["tokens"] / jnp.maximum(metrics["padded_tokens"], 1.0)
-    if only_router:
-        grads = _only_router(grads)
-
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, trained)
-    new_params = optax.apply_updates(trained, updates)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    params = keep(new_params, trained)
-    if frozen is not None:
-        params = nnx.merge_state(params, frozen)
-    state = state.replace(params=params, opt_state=keep(new_opt_state, state.opt_state), step=state.step + 1)
-    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-    return state, metrics

@@ -148,3 +148,30 @@ def test_an_orbax_model_folder_is_a_source_too(runs, tmp_path):
     assert sra == config.sra and any(is_router_param(p) for p in loaded)
     for p, value in reference.items():
         np.testing.assert_array_equal(loaded[p], value)
+
+
+GRPO = ["loss.kind=grpo", "loss.group_size=2", "loss.grpo.max_new_tokens=2", "loss.grpo.kl_weight=0.1",
+        "loss.token_penalty=0.1"]
+
+
+def test_grpo_from_a_hugging_face_llama_trains_the_routers_only_or_everything(runs, tmp_path):
+    """`loss.kind: grpo` starts from init.from like SL does: router-only keeps the Llama bit-identical and moves the
+    routers; `all` moves the Llama. The KL reference is the loaded weights (the routers alone when they are all
+    that trains, the frozen Llama being read from the state)."""
+    from sra_jax.train.lm_rl import GRPOStep
+
+    root, _ = runs
+    for trainable in ("router", "all"):
+        overrides = [f"init.from={root / 'src'}", f"init.trainable={trainable}", *GRPO]
+        _train(tmp_path / trainable, *overrides)
+        config = TrainConfig.load("synthetic_sra", [*FAST, *overrides])
+        trainer, state = create_trainer(config, sharding.make_mesh((1, 1, 1)))
+        initial = dict(nnx.to_flat_state(state.params))
+        trained = _flat(load_source(tmp_path / trainable)[2])
+        changed = {p for p in initial if not np.array_equal(initial[p].get_value(), trained[p])}
+        assert any(is_router_param(p) for p in changed), trainable
+        assert any(not is_router_param(p) for p in changed) == (trainable == "all"), trainable
+        reference = dict(nnx.to_flat_state(GRPOStep(trainer).reference_params()))
+        assert set(reference) == {p for p in initial if trainable == "all" or is_router_param(p)}
+        for p, value in reference.items():
+            np.testing.assert_array_equal(value.get_value(), initial[p].get_value())

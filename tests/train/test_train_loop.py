@@ -154,3 +154,20 @@ def test_the_log_folder_holds_the_resolved_config_and_timestamped_rows(tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     times = [row["time"] for row in rows]
     assert len(rows) == 2 and started <= times[0] <= times[1] <= time.time()
+
+
+def test_the_recorder_logs_every_n_steps_and_the_last_and_counts_consecutive_skipped_steps(tmp_path):
+    from sra_jax.train.loop import Recorder, PendingStep
+
+    config = TrainConfig.load(None, [*TINY, "steps=5", "log.every=2", "max_bad_steps=2", f"log.dir={tmp_path}"])
+    recorder = Recorder(config, num_params=1000, progress=None, task=None)
+    positions = np.zeros((1, 8, 48), np.int32)
+    for step, skipped in enumerate([0.0, 1.0, 0.0, 1.0, 1.0]):
+        metrics = {"loss": 1.0 + step, "grad_norm": 1.0, "mask_density": 1.0, "tokens": 384.0, "skipped": skipped}
+        recorder.record(PendingStep(step, positions, None, jax.tree.map(jax.numpy.asarray, metrics), time.perf_counter()))
+        assert recorder.bad_steps == [0, 1, 0, 1, 2][step] and recorder.must_stop == (step == 4)
+    recorder.close()
+    assert [row["step"] for row in recorder.history] == [1, 2, 3, 4, 5]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 5] and all("time" in row and "lr" in row for row in rows)
+    assert rows[-1]["loss"] == 5.0 and TrainConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == config

@@ -1,66 +1,20 @@
-"""LM GRPO: sampled groups are laid out right, and one update moves the policy toward rewarded completions."""
+"""LM GRPO (`loss.kind: grpo`, sra_jax.train.lm_rl): the objective against hand-computed values, prompts and
+grading, rollouts laid out in groups, and the train step moving the policy toward rewarded completions."""
 
 from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+import pytest
 
-from sra_jax.config import LlamaConfig, SRAConfig
-from sra_jax.data import synthetic
-from sra_jax.nn import Llama
-from sra_jax.train import rollout
-
-
-def test_grpo_step_samples_groups_and_raises_log_prob_of_rewarded_completions():
-    config = LlamaConfig.tiny(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=96)
-    model = Llama(config, SRAConfig(critical_fraction=0.5, window=4, num_global=1, router_hidden=8),
-                  rngs=nnx.Rngs(0))
-    tokenizer = synthetic.SyntheticTokenizer()
-    problems = synthetic.generate(synthetic.SyntheticConfig(min_hops=1, max_hops=2, min_distractors=0, max_distractors=1), 2)
-    prompts = [tokenizer.prompt_ids(p) for p in problems]
-    group, seq_len, new_tokens = 4, 64, 3  # the grpo_step calls below reuse this generate compile (same shapes)
-
-    sampled = rollout.sample_group(model, prompts, group_size=group, max_new_tokens=new_tokens, seq_len=seq_len,
-                                   temperature=1.0, stop_tokens=[tokenizer.eos_id], seed=1)
-    assert sampled.tokens.shape == (len(prompts) * group, seq_len)
-    for row, completion in enumerate(sampled.completions):
-        prompt = prompts[row // group]
-        np.testing.assert_array_equal(sampled.tokens[row, : len(prompt)], prompt)
-        assert sampled.completion_mask[row].sum() == len(completion)
-
-    # Reward completions whose first token is even; GRPO should make such first tokens more likely.
-    def grade(_, completion):
-        return completion[0] % 2 == 0
-
-    def even_first_token_prob():
-        logits, _ = model(jnp.asarray([prompts[0]]))
-        probs = jax.nn.softmax(logits[0, -1])
-        return float(probs[::2].sum())
-
-    before = even_first_token_prob()
-    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
-    for step in range(4):
-        metrics = rollout.grpo_step(model, optimizer, prompts, grade, group_size=group, max_new_tokens=new_tokens,
-                                    seq_len=seq_len, stop_tokens=[tokenizer.eos_id], seed=step)
-        assert np.isfinite(metrics["loss"])
-    assert even_first_token_prob() > before
-
-
-# --- loss.kind = "grpo": the LM GRPO step of `sra-jax train` ------------------------------------------------------
-
-import functools  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from sra_jax.train import lm_rl, losses, rl  # noqa: E402
-from sra_jax.train.config import TrainConfig  # noqa: E402
+from sra_jax.train import lm_rl, losses, objectives, rl
+from sra_jax.train.config import TrainConfig
 
 TINY_GRPO = Path(__file__).resolve().parent / "configs" / "tiny_grpo.yaml"
 
@@ -87,10 +41,10 @@ def test_grpo_loss_of_a_dense_model_is_the_hand_computed_advantage_weighted_log_
     """Dense model, one update per rollout: ratio = 1, so the loss is -mean_r(A_r) (= 0 within a group) and its
     gradient that of -mean_r(A_r * mean over completion tokens of log p). correct = [1, 0, 0, 1] in one group of 4
     gives A = [1, -1, -1, 1] (mean 0.5, std 0.5)."""
-    trainer, state = _grpo_trainer("sra=null", "loss.kl_weight=0", "loss.token_penalty=0")
+    trainer, state = _grpo_trainer("sra=null", "loss.grpo.kl_weight=0", "loss.token_penalty=0")
     batch = _rollout_batch(trainer.config, [1.0, 0.0, 0.0, 1.0])
     micro = jax.tree.map(lambda x: x[0], batch)
-    objective = functools.partial(lm_rl.grpo_loss_fn, graphdef=trainer.graphdef, rest=trainer.rest,
+    objective = functools.partial(objectives.grpo_loss_fn, graphdef=trainer.graphdef, rest=trainer.rest,
                                   loss=trainer.config.loss, has_sra=False)
     # jitted as the train step runs it: one compile instead of op-by-op eager compiles (~4x faster on CPU)
     (value, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(state.params, micro,
@@ -114,11 +68,11 @@ def test_grpo_loss_of_a_dense_model_is_the_hand_computed_advantage_weighted_log_
 
 
 def test_grpo_loss_with_sra_adds_the_routers_policy_gradient_on_the_same_advantages():
-    trainer, state = _grpo_trainer("loss.kl_weight=0", "loss.token_penalty=0.5", "loss.rl_weight=0.7")
+    trainer, state = _grpo_trainer("loss.grpo.kl_weight=0", "loss.token_penalty=0.5", "loss.router_rl.weight=0.7")
     micro = jax.tree.map(lambda x: x[0], _rollout_batch(trainer.config, [1.0, 0.0, 0.0, 1.0]))
     key = jax.random.key(3)
     # both jitted (one compile each instead of op-by-op eager compiles); the same key draws the same selections
-    objective = functools.partial(lm_rl.grpo_loss_fn, graphdef=trainer.graphdef, rest=trainer.rest,
+    objective = functools.partial(objectives.grpo_loss_fn, graphdef=trainer.graphdef, rest=trainer.rest,
                                   loss=trainer.config.loss, has_sra=True)
     _, metrics = jax.jit(objective)(state.params, micro, key, 0)
     # by hand: the selection drawn with the same key and tau (the schedule starts at 2.0)
@@ -156,9 +110,9 @@ def test_synthetic_answer_grader_compares_the_final_answers():
 
 def test_grpo_config_is_validated():
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        TrainConfig.load(TINY_GRPO, ["loss.max_new_tokens=40"])
+        TrainConfig.load(TINY_GRPO, ["loss.grpo.max_new_tokens=40"])
     with pytest.raises(ValueError, match="sample_temperature"):
-        TrainConfig.load(TINY_GRPO, ["loss.sample_temperature=0"])
+        TrainConfig.load(TINY_GRPO, ["loss.grpo.sample_temperature=0"])
     with pytest.raises(ValueError, match="group_size"):
         TrainConfig.load(TINY_GRPO, ["loss.group_size=1"])
 
@@ -166,19 +120,40 @@ def test_grpo_config_is_validated():
 def test_grpo_learns_an_easy_reward_through_the_train_step():
     """Honest learning check on CPU: reward 1 when the first sampled token is in the lower half of the vocabulary
     (about 1/2 at init, so every group has signal). The real GRPOStep (rollout via generate, jitted update with SRA
-    on) must raise the mean reward. Measured: 0.44 over the first 3 steps -> 0.81 over the last 3 of 12."""
+    on) must raise the mean reward and the policy's probability of a rewarded first token. Measured: 0.44 over the
+    first 3 steps -> 0.81 over the last 3 of 12. Each rollout is laid out as `group_size` rows per prompt: the prompt,
+    then its completion under the completion mask."""
     from sra_jax.train.data import SyntheticStream
 
-    trainer, state = _grpo_trainer("loss.kl_weight=0", "loss.token_penalty=0", "optim.learning_rate=0.03",
-                                   "batch_size=4", "loss.max_new_tokens=2", "steps=12")
+    trainer, state = _grpo_trainer("loss.grpo.kl_weight=0", "loss.token_penalty=0", "optim.learning_rate=0.03",
+                                   "batch_size=4", "loss.grpo.max_new_tokens=2", "steps=12")
     config = trainer.config
+    group = config.loss.group_size
     step_fn = lm_rl.GRPOStep(trainer, grader=lambda completion, reference: float(completion[0] < 64))
     stream = SyntheticStream(config.data, config.batch_size, config.grad_accum)
+    first = stream.batch(0)
+    prompts, _ = lm_rl.split_prompts(*(x.reshape(-1, x.shape[-1]) for x in
+                                       (first["tokens"], first["positions"], first["loss_mask"])))
+
+    def rewarded_first_token_prob(params):
+        logits, _ = trainer.model(params)(jnp.asarray([prompts[0]]))
+        return float(jax.nn.softmax(logits[0, -1])[:64].sum())
+
+    before = rewarded_first_token_prob(state.params)
     rewards = []
     for step in range(config.steps):
         state, metrics = step_fn(state, trainer.put_batch(stream.batch(step)))
         rewards.append(float(metrics["accuracy"]))
+        if step == 0:
+            sampled = step_fn.last_rollout
+            assert sampled.tokens.shape == (len(prompts) * group, config.data.seq_len + 2)
+            for row, completion in enumerate(sampled.completions):
+                prompt = prompts[row // group]
+                np.testing.assert_array_equal(sampled.tokens[row, : len(prompt)], prompt)
+                np.testing.assert_array_equal(sampled.tokens[row, sampled.completion_mask[row]], completion)
+                assert sampled.completion_mask[row, : len(prompt)].sum() == 0
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
+    assert rewarded_first_token_prob(state.params) > before + 0.1
 
 
 def test_sra_jax_train_runs_grpo_from_a_yaml_and_resumes_exactly(tmp_path):
