@@ -331,10 +331,6 @@ def make_stream(config: TrainConfig) -> SyntheticStream | LonghopStream | TextTa
         return SyntheticStream(config.data, config.batch_size, config.grad_accum)
     if config.data.task == "longhop":
         return LonghopStream(config.data, config.batch_size, config.grad_accum)
-    if config.data.task in RECORD_TASKS and config.loss.kind == "grpo":
-        raise ValueError(f"loss.kind='grpo' cannot train on data.task={config.data.task!r}: GRPO grades its rollouts "
-                         f"with the synthetic / GSM8K / MATH graders only; use loss.kind 'sl', 'rl' or 'sl+rl' (router "
-                         f"RL rewards the teacher-forced exact answer) and `sra-jax eval` for data.grader")
     tokenizer = train_tokenizer(config) if config.data.task in RECORD_TASKS else None
     stream = TextTaskStream(config.data, config.batch_size, config.grad_accum, tokenizer)
     if config.model.vocab_size < stream.tokenizer.vocab_size:

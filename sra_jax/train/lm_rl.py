@@ -33,7 +33,7 @@ from flax import nnx, struct
 from jaxtyping import Bool, Int
 
 from sra_jax.train import rollout, sharding
-from sra_jax.train.config import TrainConfig
+from sra_jax.train.config import RECORD_TASKS, TrainConfig
 from sra_jax.train.objectives import grpo_loss_fn
 from sra_jax.train.update import apply_step, frozen_part, trainable_part
 
@@ -41,16 +41,19 @@ from sra_jax.train.update import apply_step, frozen_part, trainable_part
 Grader = Callable[[Sequence[int], Sequence[int]], float]
 
 
-def answer_grader(task: str, tokenizer: Any) -> Grader:
+def answer_grader(task: str, tokenizer: Any, *, grader: str = "exact") -> Grader:
     """Exact-answer grading of decoded text: synthetic `#n` answers, GSM8K final numbers, MATH boxed answers
-    (`sra_jax.data.grading.is_equivalent`). The reference is the dataset's target (the loss-masked tokens)."""
+    (`sra_jax.data.grading.is_equivalent`), and for the user's records (data.task "jsonl" / "datasets") the grader
+    named `grader` (`sra_jax.data.grading.GRADERS`: exact, numeric, math). The reference is the dataset's target
+    (the loss-masked tokens); stop ids (eos, end of turn) are not part of either text."""
     from sra_jax.data import grading, synthetic
 
     vocab = getattr(tokenizer, "vocab_size", None)
+    stop = set(getattr(tokenizer, "stop_ids", ()) or ())
 
     def text(ids: Sequence[int]) -> str:
         # a model whose vocabulary is wider than the tokenizer's may sample ids the tokenizer has no text for
-        return tokenizer.decode([int(t) for t in ids if vocab is None or int(t) < vocab])
+        return tokenizer.decode([int(t) for t in ids if (vocab is None or int(t) < vocab) and int(t) not in stop])
 
     if task == "synthetic":
         def grade(completion: Sequence[int], reference: Sequence[int]) -> float:
@@ -62,6 +65,12 @@ def answer_grader(task: str, tokenizer: Any) -> Grader:
         def grade(completion: Sequence[int], reference: Sequence[int]) -> float:
             gold = extract(text(reference))
             return float(gold is not None and grading.is_equivalent(extract(text(completion)), gold))
+    elif task in RECORD_TASKS:
+        if grader not in grading.GRADERS:
+            raise ValueError(f"data.grader={grader!r} must be one of {sorted(grading.GRADERS)}")
+
+        def grade(completion: Sequence[int], reference: Sequence[int]) -> float:
+            return float(grading.grade_answer(grader, text(completion), text(reference))[1])
     else:
         raise ValueError(f"no answer grader for data.task={task!r}")
     return grade
@@ -112,7 +121,7 @@ class GRPOStep:
                              "implemented (run it on one process, on any number of local devices)")
         self.trainer, self.config, self.loss = trainer, config, config.loss
         self.tokenizer = tokenizer if tokenizer is not None else task_tokenizer(config)
-        self.grader = grader or answer_grader(config.data.task, self.tokenizer)
+        self.grader = grader or answer_grader(config.data.task, self.tokenizer, grader=config.data.grader)
         self.width = config.data.seq_len + config.loss.grpo.max_new_tokens
         self._ref_params = None
         self.last_rollout: rollout.Rollout | None = None  # for inspection (tests, logging)
@@ -194,12 +203,16 @@ class GRPOStep:
 
 def task_tokenizer(config: TrainConfig):
     """The tokenizer of `data.task` (decodes completions for the grader; its stop ids end generation): the synthetic
-    character tokenizer, or for GSM8K / MATH the Llama 3 tokenizer at `<data.path or $SRA_JAX_DATA or
+    character tokenizer, for "jsonl" / "datasets" the run's (`sra_jax.train.data.train_tokenizer`), or for GSM8K / MATH the Llama 3 tokenizer at `<data.path or $SRA_JAX_DATA or
     ../shared/data>/llama3/tokenizer.model` (where the text-task training stream reads it)."""
     if config.data.task == "synthetic":
         from sra_jax.data.synthetic import SyntheticTokenizer
 
         return SyntheticTokenizer()
+    if config.data.task in RECORD_TASKS:
+        from sra_jax.train.data import train_tokenizer
+
+        return train_tokenizer(config)
     from sra_jax.data.tokenizer import Llama3Tokenizer
 
     default = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -134,3 +134,34 @@ def test_eval_on_a_hub_model_with_an_explicit_data_file(runs, tmp_path):
     summary = json.loads((tmp_path / "hub.summary.json").read_text())
     assert (summary["n"], summary["grader"], summary["chat"]) == (2, "exact", False)
     assert Path(summary["tokenizer"]).name == "tokenizer.json"
+
+
+def test_grpo_trains_on_jsonl_rows_graded_with_the_run_grader(runs, tmp_path):
+    """GRPO from a hub checkpoint on the user's rows: rollouts decoded with the checkpoint's tokenizer, graded by
+    data.grader; routers only, so the Llama stays bit-identical."""
+    root, data = runs
+    out = tmp_path / "grpo"
+    argv = ["-q", "train", *_sets(*FAST, "init.from=hf://org/tiny", "loss.kind=grpo", "loss.group_size=2",
+                                   "loss.grpo.max_new_tokens=4", "data.task=jsonl", f"data.path={data}",
+                                   f"checkpoint.dir={out}")]
+    assert cli(argv) == 0
+    _, _, source = load_source("hf://org/tiny")
+    _, _, trained = load_source(out)
+    np.testing.assert_array_equal(np.asarray(trained.embed.embedding.get_value()),
+                                  np.asarray(source.embed.embedding.get_value()))
+
+
+def test_the_grpo_grader_of_records_drops_stop_ids_and_uses_data_grader(offline_hub):
+    from sra_jax.data.text_tokenizer import load_tokenizer
+    from sra_jax.train.lm_rl import answer_grader
+
+    tokenizer = load_tokenizer("hf://org/tiny")
+    stop = list(tokenizer.stop_ids)
+    numeric = answer_grader("jsonl", tokenizer, grader="numeric")
+    exact = answer_grader("jsonl", tokenizer, grader="exact")
+    gold = tokenizer.encode("42") + stop
+    assert numeric(tokenizer.encode("so 42.0") + stop, gold) == 1.0
+    assert exact(tokenizer.encode("so 42.0"), gold) == 0.0 and exact(tokenizer.encode(" 42 "), gold) == 1.0
+    assert numeric(tokenizer.encode("41"), gold) == 0.0
+    with pytest.raises(ValueError, match="data.grader='nope'"):
+        answer_grader("jsonl", tokenizer, grader="nope")
