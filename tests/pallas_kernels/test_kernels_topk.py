@@ -121,3 +121,14 @@ def test_bad_arguments_name_the_problem(change, match):
         args["v"] = change["k"]
     with pytest.raises(ValueError, match=match):
         topk_attention(**args)
+
+
+def test_triton_kernels_lower_for_the_gpu_platform_on_cpu():
+    # jax's Pallas -> Triton lowering runs without a GPU (the Triton compiler itself does not): odd sizes, a GQA
+    # group of 3 padded to 16 rows, a list length that is not a multiple of block_k
+    q = jnp.zeros((2, 300, 6, 64), jnp.bfloat16)
+    k = jnp.zeros((2, 300, 2, 64), jnp.bfloat16)
+    idx = jnp.zeros((2, 300, 100), jnp.int32)
+    loss = lambda q, k, v: topk_attention(q, k, v, idx, backend="triton").astype(jnp.float32).sum()
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
