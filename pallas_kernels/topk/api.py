@@ -11,13 +11,14 @@ from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.topk import gpu, reference
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "tpu", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
 class TopkCall:
     """Static arguments of one call (hashable: the custom_vjp's non-differentiable argument)."""
 
+    backend: str
     causal: bool
     sm_scale: float
     block_k: int
@@ -25,24 +26,42 @@ class TopkCall:
     num_stages: int
     interpret: bool
 
-    def kernel_kwargs(self) -> dict:
-        return dataclasses.asdict(self)
+    def forward(self, q, k, v, idx, aux):
+        if self.backend == "tpu":
+            from pallas_kernels.topk import tpu  # Mosaic TPU imports only when that backend is used
+
+            return tpu.forward(q, k, v, idx, *aux, sm_scale=self.sm_scale, block_k=self.block_k,
+                               interpret=self.interpret)  # fmt: skip
+        return gpu.forward(q, k, v, idx, *aux, **self._triton_kwargs())
+
+    def backward(self, q, k, v, out, lse, do, idx, aux):
+        if self.backend == "tpu":
+            from pallas_kernels.topk import tpu
+
+            return tpu.backward(q, k, v, out, lse, do, idx, *aux, sm_scale=self.sm_scale, block_k=self.block_k,
+                                interpret=self.interpret)  # fmt: skip
+        return gpu.backward(q, k, v, out, lse, do, idx, *aux, **self._triton_kwargs())
+
+    def _triton_kwargs(self) -> dict:
+        kw = dataclasses.asdict(self)
+        del kw["backend"]
+        return kw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, idx, ntile, tokens, call: TopkCall):
-    return gpu.forward(q, k, v, idx, ntile, tokens, **call.kernel_kwargs())[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, idx, aux, call: TopkCall):
+    return call.forward(q, k, v, idx, aux)[0]
 
 
-def _attention_fwd(q, k, v, idx, ntile, tokens, call: TopkCall):
-    out, lse = gpu.forward(q, k, v, idx, ntile, tokens, **call.kernel_kwargs())
-    return out, (q, k, v, idx, ntile, tokens, out, lse)
+def _attention_fwd(q, k, v, idx, aux, call: TopkCall):
+    out, lse = call.forward(q, k, v, idx, aux)
+    return out, (q, k, v, idx, aux, out, lse)
 
 
 def _attention_bwd(call: TopkCall, residuals, do):
-    q, k, v, idx, ntile, tokens, out, lse = residuals
-    dq, dk, dv = gpu.backward(q, k, v, out, lse, do, idx, ntile, tokens, **call.kernel_kwargs())
-    return dq, dk, dv, None, None, None
+    q, k, v, idx, aux, out, lse = residuals
+    dq, dk, dv = call.backward(q, k, v, out, lse, do, idx, aux)
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -107,8 +126,8 @@ def topk_attention(
     to 0 .. s - 1 and segment ids to one segment (k_segment_ids to segment_ids when sq == sk). Every slot counts:
     lists are expected to hold distinct keys, as a top-k does. Rows with no visible slot give zeros and zero
     gradients. Differentiable (custom_vjp: the backward scatters dK and dV to the listed keys).
-    backend: "triton" (GPU Pallas), "reference" (gathered jnp), "auto" (triton on GPU, else reference);
-    interpret=True runs the Triton kernels in interpret mode (CPU tests)."""
+    backend: "triton" (GPU Pallas), "tpu" (Mosaic TPU), "reference" (gathered jnp), "auto" (by platform);
+    interpret=True runs the Triton / TPU kernels in interpret mode (CPU tests). num_warps / num_stages tune Triton."""
     _check(q, k, v, indices, valid, backend, block_k)
     b, sq, _, d = q.shape
     sk = k.shape[1]
@@ -127,12 +146,17 @@ def topk_attention(
     idx = jax.lax.stop_gradient(idx)
     scale = d**-0.5 if sm_scale is None else float(sm_scale)
     if backend == "auto":
-        backend = "triton" if jax.default_backend() in ("gpu", "cuda", "rocm") else "reference"
+        backend = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "tpu"}.get(
+            jax.default_backend(), "reference"
+        )
     if backend == "reference":
         return reference.topk_attention(q, k, v, idx, q_pos, k_pos, q_seg, k_seg, causal=causal, sm_scale=scale)
     idx = jnp.pad(idx, [(0, 0)] * 3 + [(0, -idx.shape[-1] % block_k)], constant_values=-1)
+    call = TopkCall(backend, causal, scale, block_k, num_warps, num_stages, interpret)
+    if backend == "tpu":  # the kernel reads the token rule's verdict per slot
+        ok = reference.slot_visible(idx, q_pos, k_pos, q_seg, k_seg, causal=causal)
+        return _attention(q, k, v, idx, (ok,), call)
     # Tiles after the last non-empty slot hold nothing: each program's loop stops there.
     last = jnp.max(jnp.where(idx >= 0, jnp.arange(idx.shape[-1]), -1), axis=-1)
     ntile = ((last + block_k) // block_k).astype(jnp.int32)
-    call = TopkCall(causal, scale, block_k, num_warps, num_stages, interpret)
-    return _attention(q, k, v, idx, ntile, (q_pos, q_seg, k_pos, k_seg), call)
+    return _attention(q, k, v, idx, (ntile, (q_pos, q_seg, k_pos, k_seg)), call)

@@ -213,8 +213,8 @@ def indexer_kl_loss(
 def _resolve_impl(impl: str) -> str:
     if impl not in DSA_IMPLS:
         raise ValueError(f"impl {impl!r} not in {DSA_IMPLS}")
-    if impl == "auto":  # the Pallas kernel where it compiles (Triton on GPU), the jnp gather elsewhere
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm") else "gather"
+    if impl == "auto":  # the Pallas kernel where it compiles (Triton on GPU, Mosaic on TPU), the jnp gather elsewhere
+        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "gather"
     return impl
 
 
@@ -233,8 +233,8 @@ def dsa_attention(
     **kernel_kwargs,
 ) -> Float[Array, "b s hq d"]:
     """Attention over each query's selected keys (shared by all heads). impl: "reference" (dense masked, O(s^2)),
-    "gather" (`dsa_attention_gather`, jnp, O(s * k)), "pallas" (`pallas_kernels.topk_attention`, the Triton kernel
-    on GPU; kernel_kwargs such as backend, interpret, block_k go to it), "auto" (pallas on GPU, else gather).
+    "gather" (`dsa_attention_gather`, jnp, O(s * k)), "pallas" (`pallas_kernels.topk_attention`: Triton on GPU, Mosaic
+    on TPU; kernel_kwargs such as backend, interpret, block_k go to it), "auto" (pallas on GPU and TPU, else gather).
     Selected lists hold distinct keys (as `top_k_keys` / `indexer_top_k` give them)."""
     impl = _resolve_impl(impl)
     if kernel_kwargs and impl != "pallas":
@@ -335,7 +335,7 @@ def dsa_decode(
     scores over the row's filled slots (index_cache holds the indexer keys), its top_k (ties to the lower slot),
     and attention over those k gathered keys only. slot_positions (default: the slot number; < 0 marks padding,
     e.g. a left-padded prompt) give causality as in prefill, so the result equals the last row of the full
-    recompute. impl: "pallas" (`pallas_kernels.topk_attention` on GPU), "gather" (the same gather in jnp,
+    recompute. impl: "pallas" (`pallas_kernels.topk_attention` on GPU / TPU), "gather" (the same gather in jnp,
     memory O(b * k * d)), "reference" (dense over the cache), "auto". Returns (output, selected slots, valid)."""
     b, L = k_cache.shape[:2]
     if q.ndim != 4 or q.shape[1] != 1 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
