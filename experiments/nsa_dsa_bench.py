@@ -11,8 +11,8 @@ Rows (benchmarks record format: device, date, versions, rows): the NSA selected-
 `pallas_kernels.block_sparse_attention` with a per-kv-head top-n layout (first block, own block and random causal
 blocks up to top-n, as the selection would produce), the NSA sliding-window branch on the same kernel, DSA
 attention over random causal top-k keys with the jnp gather and with the Pallas top-k kernel
-(`pallas_kernels.topk_attention`), and dense causal attention: median milliseconds of the jitted forward and
-forward+backward. Then the streaming indexer top-k at this length (`ops.dsa.indexer_top_k`, forward only) and DSA
+(`pallas_kernels.topk_attention`, one row per `--topk-configs` entry, each with its output and gradient errors
+against the gather), and dense causal attention: median milliseconds of the jitted forward and forward+backward. Then the streaming indexer top-k at this length (`ops.dsa.indexer_top_k`, forward only) and DSA
 decode of one token over a cache of `--seq` slots (`ops.dsa.dsa_decode`: indexer, top-k, attention over k gathered
 keys) with the kernel and the jnp gather, beside dense decode over the whole cache; the decode rows carry
 `hbm_floor_ms`, the bytes decode must read (the indexer keys, and K and V of the k selected keys) over the copy
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import time
 
@@ -56,6 +57,23 @@ def nsa_block_mask(key, s: int, block: int, top_n: int, kv_heads: int) -> jax.Ar
     score = jnp.where((j == 0) | (j == i), 2.0, jnp.where(j <= i, score, -1.0))
     vals, idx = jax.lax.top_k(score, min(top_n, nb))
     return (jax.nn.one_hot(idx, nb, dtype=jnp.bool_) & (vals >= 0)[..., None]).any(-2)
+
+
+def _dsa_kernel(q, k, v, *, idx, valid, pos, backend, **tuning):
+    return dsa.dsa_attention(q, k, v, idx, valid, pos, impl="pallas", backend=backend, **tuning)
+
+
+def errors_vs(fn, ref, q, k, v) -> dict:
+    """Relative errors ||x - ref|| / ||ref|| of fn's output and of its q/k/v gradients against ref's (the kernel
+    against the jnp gather on the benchmark's own inputs: the GPU check of the kernel)."""
+    w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+    loss = lambda f: jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v).astype(jnp.float32) * w).sum(), (0, 1, 2)))
+    (_, g), (_, g_ref) = loss(fn)(q, k, v), loss(ref)(q, k, v)
+    rel = lambda x, y: float(jnp.linalg.norm((x - y).astype(jnp.float32)) / jnp.linalg.norm(y.astype(jnp.float32)))
+    return {
+        "rel_err_fwd_vs_gather": rel(jax.jit(fn)(q, k, v), jax.jit(ref)(q, k, v)),
+        **{f"rel_err_d{n}_vs_gather": rel(x, y) for n, x, y in zip("qkv", g, g_ref)},
+    }
 
 
 def copy_bandwidth_gbs(mib: int, reps: int) -> float:
@@ -120,6 +138,9 @@ def main() -> None:
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument(
         "--dsa-backend", default="auto", help="pallas_kernels.topk_attention backend (auto, triton, reference)"
+    )
+    ap.add_argument(
+        "--topk-configs", default="64:4:2,32:4:2,128:8:2", help="block_k:num_warps:num_stages of each timed kernel row"
     )
     ap.add_argument("--indexer-heads", type=int, default=4)
     ap.add_argument("--indexer-dim", type=int, default=64)
@@ -192,12 +213,13 @@ def main() -> None:
         impl="gather_jnp",
         top_k=kk,
     )
-    add(
-        "dsa_topk_kernel",
-        lambda q, k, v: dsa.dsa_attention(q, k, v, idx, valid, pos, impl="pallas", backend=a.dsa_backend),
-        impl=f"topk:{a.dsa_backend}",
-        top_k=kk,
-    )
+    gather = lambda q, k, v: dsa.dsa_attention_gather(q, k, v, idx, valid, pos, block_q=a.dsa_block_q)
+    for config in a.topk_configs.split(","):
+        block_k, num_warps, num_stages = (int(x) for x in config.split(":"))
+        tuning = dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        kernel = functools.partial(_dsa_kernel, idx=idx, valid=valid, pos=pos, backend=a.dsa_backend, **tuning)
+        add("dsa_topk_kernel", kernel, impl=f"topk:{a.dsa_backend}", top_k=kk, **tuning)
+        rows[-1].update(errors_vs(kernel, gather, q, k, v))
     dense = rows[0]
     for r in rows[1:]:
         r["speedup_fwd_vs_dense"] = dense["ms_fwd"] / r["ms_fwd"]

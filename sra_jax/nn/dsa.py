@@ -65,7 +65,7 @@ class DSAAttention(nnx.Module):
         qi = self.indexer_q(x).reshape(b, s, self.indexer_heads, self.indexer_dim)
         ki, wi = self.indexer_k(x), self.indexer_w(x)
         idx, valid = dsa.indexer_top_k(
-            qi, ki, wi, positions, segment_ids, top_k=self.top_k, block_k=min(self.indexer_block_k, s)
+            qi, ki, wi, positions, segment_ids, top_k=self.top_k, block_k=self.indexer_block_k
         )
         out = dsa.dsa_attention(q, k, v, idx, valid, positions, segment_ids, impl=self.impl, block_q=self.block_q)
         if self.indexer_loss == "dense":

@@ -80,7 +80,7 @@ def indexer_top_k(
     if top_k < 1 or block_k < 1:
         raise ValueError(f"top_k and block_k must be >= 1, got {top_k}, {block_k}")
     b, s = positions.shape
-    kk = min(top_k, s)
+    kk, block_k = min(top_k, s), min(block_k, s)
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
     pad = -s % block_k
     nb = (s + pad) // block_k
