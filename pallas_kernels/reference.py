@@ -1,5 +1,6 @@
 """Plain-jnp references for every kernel: dense masked softmax in float32 (O(N^2) memory; tests only). The
-block-sparse references live beside their kernels (`pallas_kernels.block_sparse.reference`) and are re-exported here."""
+block-sparse and top-k references live beside their kernels (`pallas_kernels.block_sparse.reference`,
+`pallas_kernels.topk.reference`) and are reached from here with the public arguments."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.block_sparse.reference import block_sparse_attention, layout_token_mask, masked_attention
+from pallas_kernels.topk import api as topk_api
 
 __all__ = [
     "block_sparse_attention",
@@ -14,6 +16,7 @@ __all__ = [
     "layout_token_mask",
     "masked_attention",
     "sparse_decode_attention",
+    "topk_attention",
 ]
 
 
@@ -65,3 +68,14 @@ def sparse_decode_attention(
     )
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     return masked_attention(q, k_cache, v_cache, mask[:, None], scale)
+
+
+def topk_attention(
+    q: Float[Array, "b sq hq d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
+    indices: Int[Array, "b sq k"] | Int[Array, "b sq hkv k"],
+    **kwargs,
+) -> Float[Array, "b sq hq d"]:
+    """Reference of `pallas_kernels.topk_attention` (same arguments): its gathered-jnp backend."""
+    return topk_api.topk_attention(q, k, v, indices, backend="reference", **kwargs)
