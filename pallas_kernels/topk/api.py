@@ -123,9 +123,10 @@ def topk_attention(
     heads, [b, sq, k], or by the query heads of each GQA group, [b, sq, hkv, k]). A slot is empty when its index is
     negative or out of range or `valid` is False there, and invisible when the token rule fails: positions < 0 are
     padding, segment ids must match, and (causal) the key's position must not exceed the query's. Positions default
-    to 0 .. s - 1 and segment ids to one segment (k_segment_ids to segment_ids when sq == sk). Every slot counts:
-    lists are expected to hold distinct keys, as a top-k does. Rows with no visible slot give zeros and zero
-    gradients. Differentiable (custom_vjp: the backward scatters dK and dV to the listed keys).
+    to 0 .. s - 1 and segment ids to one segment (k_segment_ids to segment_ids when sq == sk). Lists must hold
+    distinct keys, as a top-k does: the forward counts every slot, but a key repeated within one tile of `block_k`
+    slots gets one of its dK/dV shares in interpret mode and in the TPU backward (a gather, add, write-back). Rows
+    with no visible slot give zeros and zero gradients. Differentiable (custom_vjp: the backward scatters dK and dV to the listed keys).
     backend: "triton" (GPU Pallas), "tpu" (Mosaic TPU), "reference" (gathered jnp), "auto" (by platform);
     interpret=True runs the Triton / TPU kernels in interpret mode (CPU tests). num_warps / num_stages tune Triton."""
     _check(q, k, v, indices, valid, backend, block_k)
