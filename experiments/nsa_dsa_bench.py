@@ -1,22 +1,29 @@
 """NSA selected-blocks and DSA top-k attention, forward+backward, against dense attention (cuDNN on GPU).
 
-GPU (H200, about 2 minutes):
+GPU (H200, about 3 minutes):
     python experiments/nsa_dsa_bench.py --out benchmarks/results/nsa-dsa-<date>.json
 CPU smoke test (tiny):
     python experiments/nsa_dsa_bench.py --seq 256 --block 16 --top-n 4 --window 32 --top-k 32 --heads 4 \
-        --kv-heads 1 --head-dim 16 --dense-impl xla --kernel-backend reference --dtype float32 --out /tmp/x.json
+        --kv-heads 1 --head-dim 16 --dense-impl xla --kernel-backend reference --dsa-backend reference \
+        --dtype float32 --copy-mib 16 --out /tmp/x.json
 
 Rows (benchmarks record format: device, date, versions, rows): the NSA selected-blocks branch on
 `pallas_kernels.block_sparse_attention` with a per-kv-head top-n layout (first block, own block and random causal
 blocks up to top-n, as the selection would produce), the NSA sliding-window branch on the same kernel, DSA
-attention over random causal top-k keys with the gather implementation (the indexer is not timed), and dense causal
-attention. Each: median milliseconds of the jitted forward and forward+backward.
+attention over random causal top-k keys with the jnp gather and with the Pallas top-k kernel
+(`pallas_kernels.topk_attention`, one row per `--topk-configs` entry, each with its output and gradient errors
+against the gather), and dense causal attention: median milliseconds of the jitted forward and forward+backward. Then the streaming indexer top-k at this length (`ops.dsa.indexer_top_k`, forward only) and DSA
+decode of one token over a cache of `--seq` slots (`ops.dsa.dsa_decode`: indexer, top-k, attention over k gathered
+keys) with the kernel and the jnp gather, beside dense decode over the whole cache; the decode rows carry
+`hbm_floor_ms`, the bytes decode must read (the indexer keys, and K and V of the k selected keys) over the copy
+bandwidth measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import time
 
@@ -52,6 +59,69 @@ def nsa_block_mask(key, s: int, block: int, top_n: int, kv_heads: int) -> jax.Ar
     return (jax.nn.one_hot(idx, nb, dtype=jnp.bool_) & (vals >= 0)[..., None]).any(-2)
 
 
+def _dsa_kernel(q, k, v, *, idx, valid, pos, backend, **tuning):
+    return dsa.dsa_attention(q, k, v, idx, valid, pos, impl="pallas", backend=backend, **tuning)
+
+
+def errors_vs(fn, ref, q, k, v) -> dict:
+    """Relative errors ||x - ref|| / ||ref|| of fn's output and of its q/k/v gradients against ref's (the kernel
+    against the jnp gather on the benchmark's own inputs: the GPU check of the kernel)."""
+    w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+    loss = lambda f: jax.jit(jax.value_and_grad(lambda q, k, v: (f(q, k, v).astype(jnp.float32) * w).sum(), (0, 1, 2)))
+    (_, g), (_, g_ref) = loss(fn)(q, k, v), loss(ref)(q, k, v)
+    rel = lambda x, y: float(jnp.linalg.norm((x - y).astype(jnp.float32)) / jnp.linalg.norm(y.astype(jnp.float32)))
+    return {
+        "rel_err_fwd_vs_gather": rel(jax.jit(fn)(q, k, v), jax.jit(ref)(q, k, v)),
+        **{f"rel_err_d{n}_vs_gather": rel(x, y) for n, x, y in zip("qkv", g, g_ref)},
+    }
+
+
+def copy_bandwidth_gbs(mib: int, reps: int) -> float:
+    """GB/s of a device copy (read + write) of a `mib` MiB array: the bandwidth decode can hope for."""
+    x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
+    ms = _time(jax.jit(lambda x: x + 1.0), x, reps=reps)
+    return 2 * x.nbytes / (ms * 1e-3) / 1e9
+
+
+def indexer_and_decode_rows(a, keys, q, k, v, base) -> list[dict]:
+    """The streaming indexer top-k over the whole sequence, and one-token DSA decode over a full cache."""
+    s, hkv, d, hi, di = a.seq, a.kv_heads, a.head_dim, a.indexer_heads, a.indexer_dim
+    dt = q.dtype
+    kk = min(a.top_k, s)
+    qi = jax.random.normal(keys[0], (1, s, hi, di), dt)
+    ki = jax.random.normal(keys[1], (1, s, di), dt)
+    wi = jax.random.normal(keys[2], (1, s, hi), dt)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    rows = []
+    select = jax.jit(lambda qi, ki, wi: dsa.indexer_top_k(qi, ki, wi, pos, top_k=kk))
+    rows.append({"op": "dsa_indexer_topk", **base, "top_k": kk, "indexer_heads": hi, "indexer_dim": di,
+                 "ms_fwd": _time(select, qi, ki, wi, reps=a.reps)})  # fmt: skip
+    print(json.dumps(rows[-1]), flush=True)
+    lengths = jnp.array([s], jnp.int32)
+    last = slice(s - 1, s)
+    gbs = copy_bandwidth_gbs(a.copy_mib, a.reps)
+    itemsize = jnp.dtype(dt).itemsize
+    floor_bytes = (s * di + 2 * kk * hkv * d) * itemsize
+    decode_base = {**base, "seq_len": s, "top_k": kk, "copy_gbs": gbs, "hbm_floor_ms": 1e3 * floor_bytes / (gbs * 1e9)}
+    for impl, kw in (("pallas", {"backend": a.dsa_backend}), ("gather", {})):
+        step = jax.jit(
+            lambda q, k, v, ki, qi, wi, impl=impl, kw=kw: dsa.dsa_decode(
+                q, k, v, ki, qi, wi, lengths, top_k=kk, impl=impl, **kw
+            )[0]
+        )
+        ms = _time(step, q[:, last], k, v, ki, qi[:, last], wi[:, last], reps=a.reps)
+        rows.append({"op": "dsa_decode", "impl": impl if impl == "gather" else f"topk:{a.dsa_backend}",
+                     **decode_base, "ms": ms})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    impl = None if a.dense_impl == "xla" else a.dense_impl
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl))
+    rows.append({"op": "dense_decode", "impl": a.dense_impl, **base, "seq_len": s, "copy_gbs": gbs,
+                 "hbm_floor_ms": 1e3 * 2 * s * hkv * d * itemsize / (gbs * 1e9),
+                 "ms": _time(dense, q[:, last], k, v, reps=a.reps)})  # fmt: skip
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=32768)
@@ -66,6 +136,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--dense-impl", default="cudnn", help="jax.nn.dot_product_attention implementation (cudnn, xla)")
     ap.add_argument("--kernel-backend", default="auto")
+    ap.add_argument(
+        "--dsa-backend", default="auto", help="pallas_kernels.topk_attention backend (auto, triton, reference)"
+    )
+    ap.add_argument(
+        "--topk-configs", default="64:4:2,32:4:2,128:8:2", help="block_k:num_warps:num_stages of each timed kernel row"
+    )
+    ap.add_argument("--indexer-heads", type=int, default=4)
+    ap.add_argument("--indexer-dim", type=int, default=64)
+    ap.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -73,7 +152,7 @@ def main() -> None:
         raise ValueError(f"--heads {a.heads} must be a multiple of --kv-heads {a.kv_heads}")
     dt = jnp.dtype(a.dtype)
     s, hq, hkv, d = a.seq, a.heads, a.kv_heads, a.head_dim
-    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    ks = jax.random.split(jax.random.PRNGKey(0), 8)
     q = jax.random.normal(ks[0], (1, s, hq, d), dt)
     k = jax.random.normal(ks[1], (1, s, hkv, d), dt)
     v = jax.random.normal(ks[2], (1, s, hkv, d), dt)
@@ -134,10 +213,18 @@ def main() -> None:
         impl="gather_jnp",
         top_k=kk,
     )
+    gather = lambda q, k, v: dsa.dsa_attention_gather(q, k, v, idx, valid, pos, block_q=a.dsa_block_q)
+    for config in a.topk_configs.split(","):
+        block_k, num_warps, num_stages = (int(x) for x in config.split(":"))
+        tuning = dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        kernel = functools.partial(_dsa_kernel, idx=idx, valid=valid, pos=pos, backend=a.dsa_backend, **tuning)
+        add("dsa_topk_kernel", kernel, impl=f"topk:{a.dsa_backend}", top_k=kk, **tuning)
+        rows[-1].update(errors_vs(kernel, gather, q, k, v))
     dense = rows[0]
     for r in rows[1:]:
         r["speedup_fwd_vs_dense"] = dense["ms_fwd"] / r["ms_fwd"]
         r["speedup_fwdbwd_vs_dense"] = dense["ms_fwdbwd"] / r["ms_fwdbwd"]
+    rows.extend(indexer_and_decode_rows(a, ks[5:], q, k, v, base))
     rec = {
         "device": jax.devices()[0].device_kind,
         "date": datetime.date.today().isoformat(),

@@ -1,4 +1,4 @@
-"""Block-sparse and sparse-decode attention kernels in Pallas (GPU via Triton, TPU via Mosaic), with references.
+"""Block-sparse, top-k gather and sparse-decode attention kernels in Pallas (GPU via Triton, TPU via Mosaic), with references.
 
 jax only: this package never imports sra_jax.
 """
@@ -20,6 +20,7 @@ from pallas_kernels.block_sparse import (
     sra_layout,
 )
 from pallas_kernels.decode import sparse_decode_attention
+from pallas_kernels.topk import topk_attention
 
 __all__ = [
     "BlockLayout",
@@ -38,4 +39,5 @@ __all__ = [
     "sparse_decode_attention",
     "sra_compact_attention",
     "sra_layout",
+    "topk_attention",
 ]

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels import reference
-from pallas_kernels.finite import exclude_nonfinite_keys
-from pallas_kernels.block_sparse import gpu, mosaic, mosaic_common
+from pallas_kernels.block_sparse import gpu, mosaic, mosaic_common, reference
 from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout
 from pallas_kernels.block_sparse.token_mask import make_rule_and_tokens
+from pallas_kernels.finite import exclude_nonfinite_keys
+
 
 def _forward(q, k, v, layout, q_tok, k_tok, st: KernelCall):
     kernels, kwargs = st.kernels()

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels import reference
+
 
 def sort_critical(critical_indices: Int[Array, "b c"]) -> Int[Array, "b c"]:
     """Rows sorted ascending with every negative entry (padding) moved to the end: a sort of the uint32 view."""
@@ -142,8 +144,6 @@ def sparse_decode_attention(
     if backend == "auto":
         backend = {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(jax.default_backend(), "reference")
     if backend == "reference":
-        from pallas_kernels import reference
-
         return reference.sparse_decode_attention(
             q,
             k_cache if layer is None else k_cache[layer],

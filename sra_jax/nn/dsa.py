@@ -1,6 +1,8 @@
 """`DSAAttention`: a Llama attention layer with DeepSeek Sparse Attention (see `sra_jax.ops.dsa`). q/k/v/o as
 `SparseReasoningAttention`; the lightning indexer's weights are `indexer_q` (hidden -> heads_i * dim_i),
-`indexer_k` (hidden -> dim_i) and `indexer_w` (hidden -> heads_i)."""
+`indexer_k` (hidden -> dim_i) and `indexer_w` (hidden -> heads_i). The selection streams over key blocks
+(`ops.dsa.indexer_top_k`) and the default indexer loss reads only the selected keys, so no [s, s] array is built
+and 32k contexts fit; indexer_loss="dense" gives the warm-up KL over every visible key (O(s^2) memory)."""
 
 from __future__ import annotations
 
@@ -22,15 +24,23 @@ class DSAAttention(nnx.Module):
         indexer_heads: int = 4,
         indexer_dim: int = 64,
         block_q: int = 64,
+        indexer_block_k: int = 1024,
+        indexer_loss: str = "selected",
+        impl: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if min(top_k, indexer_heads, indexer_dim, block_q) < 1:
-            raise ValueError(f"top_k, indexer_heads, indexer_dim, block_q must be >= 1, got "
-                             f"{top_k}, {indexer_heads}, {indexer_dim}, {block_q}")  # fmt: skip
+        if min(top_k, indexer_heads, indexer_dim, block_q, indexer_block_k) < 1:
+            raise ValueError(f"top_k, indexer_heads, indexer_dim, block_q, indexer_block_k must be >= 1, got "
+                             f"{top_k}, {indexer_heads}, {indexer_dim}, {block_q}, {indexer_block_k}")  # fmt: skip
+        if indexer_loss not in ("selected", "dense"):
+            raise ValueError(f"indexer_loss must be 'selected' or 'dense', got {indexer_loss!r}")
+        if impl not in dsa.DSA_IMPLS:
+            raise ValueError(f"impl {impl!r} not in {dsa.DSA_IMPLS}")
         self.config = config
         self.top_k, self.indexer_heads, self.indexer_dim, self.block_q = top_k, indexer_heads, indexer_dim, block_q
+        self.indexer_block_k, self.indexer_loss, self.impl = indexer_block_k, indexer_loss, impl
         hidden = config.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(config, **kw)
@@ -53,8 +63,16 @@ class DSAAttention(nnx.Module):
         b, s, _ = x.shape
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         qi = self.indexer_q(x).reshape(b, s, self.indexer_heads, self.indexer_dim)
-        scores = dsa.indexer_scores(qi, self.indexer_k(x), self.indexer_w(x), positions, segment_ids)
-        idx, valid = dsa.top_k_keys(scores, self.top_k)
-        out = dsa.dsa_attention_gather(q, k, v, idx, valid, positions, segment_ids, block_q=self.block_q)
-        loss = dsa.indexer_kl_loss(q, k, scores, positions, segment_ids)
+        ki, wi = self.indexer_k(x), self.indexer_w(x)
+        idx, valid = dsa.indexer_top_k(
+            qi, ki, wi, positions, segment_ids, top_k=self.top_k, block_k=self.indexer_block_k
+        )
+        out = dsa.dsa_attention(q, k, v, idx, valid, positions, segment_ids, impl=self.impl, block_q=self.block_q)
+        if self.indexer_loss == "dense":
+            loss = dsa.indexer_kl_loss(q, k, dsa.indexer_scores(qi, ki, wi, positions, segment_ids), positions,
+                                       segment_ids)  # fmt: skip
+        else:
+            loss = dsa.indexer_kl_loss_selected(
+                q, k, qi, ki, wi, idx, valid, positions, segment_ids, block_q=self.block_q
+            )
         return self.o_proj(out.reshape(b, s, -1)), loss

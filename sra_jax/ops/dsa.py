@@ -1,8 +1,13 @@
 """DeepSeek Sparse Attention (DeepSeek-V3.2) in pure jnp: the lightning indexer
 `I[t, s] = sum_j w[t, j] * ReLU(q_idx[t, j] . k_idx[s])`, per-query top-k keys (causal, shared by all heads),
-attention over each query's selected keys (a dense masked reference and a gather implementation with memory
-O(s * k)), and the indexer's warm-up loss: KL from the dense attention distribution (summed over heads,
-L1-normalised) to the indexer's softmax, with the main model's attention stopped from receiving its gradient.
+attention over each query's selected keys (`dsa_attention`: a dense masked reference, a jnp gather with memory
+O(s * k), and the Pallas top-k gather kernel `pallas_kernels.topk_attention`), the indexer's losses (the warm-up
+KL from the dense attention distribution, summed over heads and L1-normalised, to the indexer's softmax, and the
+sparse-stage KL over each query's selected keys; the main model's q and k get no gradient from either), the
+streaming indexer top-k that never builds the [s, s] score array, and one-token decode over a cache.
+
+Ties in every top-k here go to the lower key index (`jax.lax.top_k`'s rule), so the streaming and one-shot
+selections are equal.
 
 Conventions as `sra_jax.ops.nsa`: q [b, s, hq, d], k/v [b, s, hkv, d], positions -1 for padding, segment_ids for
 packed sequences, causality by position.
@@ -14,7 +19,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels.topk import topk_attention
 from sra_jax.ops.nsa import check_gqa, masked_attention, masked_softmax, token_mask
+
+DSA_IMPLS = ("auto", "reference", "gather", "pallas")
 
 
 def indexer_scores(
@@ -24,18 +32,27 @@ def indexer_scores(
     positions: Int[Array, "b s"],
     segment_ids: Int[Array, "b s"] | None = None,
 ) -> Float[Array, "b s s"]:
-    """Lightning indexer scores, -inf where the key is not visible (future, padding, other segment)."""
+    """Lightning indexer scores, -inf where the key is not visible (future, padding, other segment). O(s^2) memory:
+    `indexer_top_k` gives the same selection without this array."""
+    _check_indexer(q_idx, k_idx, w_idx)
+    return jnp.where(token_mask(positions, positions, segment_ids), _indexer_logits(q_idx, k_idx, w_idx), -jnp.inf)
+
+
+def _check_indexer(q_idx, k_idx, w_idx):
     if q_idx.ndim != 4 or k_idx.ndim != 3 or w_idx.shape != q_idx.shape[:3] or k_idx.shape[-1] != q_idx.shape[-1]:
         raise ValueError(
             f"q_idx [b, s, hi, di], k_idx [b, s, di], w_idx [b, s, hi] expected, got "
             f"{q_idx.shape}, {k_idx.shape}, {w_idx.shape}"
         )
+
+
+def _indexer_logits(q_idx, k_idx, w_idx):
+    """[b, t, s] = sum_j w[t, j] * ReLU(q_idx[t, j] . k_idx[s]) in float32 (k_idx may be any set of keys)."""
     dots = jax.nn.relu(jnp.einsum("bthd,bsd->bths", q_idx, k_idx, preferred_element_type=jnp.float32))
-    scores = jnp.einsum("bths,bth->bts", dots, w_idx.astype(jnp.float32))
-    return jnp.where(token_mask(positions, positions, segment_ids), scores, -jnp.inf)
+    return jnp.einsum("bths,bth->bts", dots, w_idx.astype(jnp.float32))
 
 
-def top_k_keys(scores: Float[Array, "b s s"], top_k: int) -> tuple[Int[Array, "b s k"], Bool[Array, "b s k"]]:
+def top_k_keys(scores: Float[Array, "b t s"], top_k: int) -> tuple[Int[Array, "b t k"], Bool[Array, "b t k"]]:
     """Indices of each query's top_k visible keys and whether each slot holds a visible key (fewer than top_k
     visible keys leave invalid slots). The selection carries no gradient."""
     if not 1 <= top_k:
@@ -43,6 +60,47 @@ def top_k_keys(scores: Float[Array, "b s s"], top_k: int) -> tuple[Int[Array, "b
     kk = min(top_k, scores.shape[-1])
     vals, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), kk)
     return idx.astype(jnp.int32), vals > -jnp.inf
+
+
+def indexer_top_k(
+    q_idx: Float[Array, "b s hi di"],
+    k_idx: Float[Array, "b s di"],
+    w_idx: Float[Array, "b s hi"],
+    positions: Int[Array, "b s"],
+    segment_ids: Int[Array, "b s"] | None = None,
+    *,
+    top_k: int,
+    block_k: int = 1024,
+) -> tuple[Int[Array, "b s k"], Bool[Array, "b s k"]]:
+    """`top_k_keys(indexer_scores(...), top_k)` without the [s, s] array: the keys stream past in blocks of block_k
+    and each query keeps its running best top_k, merged with each block by one sort on (score descending, key index
+    ascending), so memory is O(s * (top_k + block_k)) and ties go to the lower key index exactly as in the one-shot
+    top-k. Seeds of the running lists carry indices past every key, so they lose every tie with a real key."""
+    _check_indexer(q_idx, k_idx, w_idx)
+    if top_k < 1 or block_k < 1:
+        raise ValueError(f"top_k and block_k must be >= 1, got {top_k}, {block_k}")
+    b, s = positions.shape
+    kk, block_k = min(top_k, s), min(block_k, s)
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    pad = -s % block_k
+    nb = (s + pad) // block_k
+    k_blocks = jnp.pad(k_idx, [(0, 0), (0, pad), (0, 0)]).reshape(b, nb, block_k, -1).swapaxes(0, 1)
+    pos_blocks = jnp.pad(positions, [(0, 0), (0, pad)], constant_values=-1).reshape(b, nb, block_k).swapaxes(0, 1)
+    seg_blocks = jnp.pad(seg, [(0, 0), (0, pad)]).reshape(b, nb, block_k).swapaxes(0, 1)
+
+    def merge(carry, blk):
+        vals, idx = carry
+        j, kb, pb, sb = blk
+        scores = _indexer_logits(q_idx, kb, w_idx)
+        scores = jnp.where(token_mask(positions, pb, seg, sb), scores, -jnp.inf)
+        keys = jnp.broadcast_to(j * block_k + jnp.arange(block_k, dtype=jnp.int32), scores.shape)
+        neg, ids = jax.lax.sort((jnp.concatenate([-vals, -scores], -1), jnp.concatenate([idx, keys], -1)), num_keys=2)
+        return (-neg[..., :kk], ids[..., :kk]), None
+
+    seed_ids = jnp.broadcast_to(s + pad + jnp.arange(kk, dtype=jnp.int32), (b, s, kk))
+    init = (jnp.full((b, s, kk), -jnp.inf, jnp.float32), seed_ids)
+    (vals, idx), _ = jax.lax.scan(merge, init, (jnp.arange(nb), k_blocks, pos_blocks, seg_blocks))
+    return jax.lax.stop_gradient(idx), vals > -jnp.inf
 
 
 def selection_mask(idx: Int[Array, "b s k"], valid: Bool[Array, "b s k"], num_keys: int) -> Bool[Array, "b s sk"]:
@@ -62,6 +120,26 @@ def dsa_attention_reference(
     """Attention over each query's selected keys: dense masked reference, O(s^2) memory."""
     m = selection_mask(idx, valid, k.shape[1]) & token_mask(positions, positions, segment_ids)
     return masked_attention(q, k, v, m)[0]
+
+
+def _take(x, idx):
+    """x [b, s, ...] gathered per batch row at idx [b, ...] (indices clipped into range)."""
+    return jax.vmap(lambda a, i: a[jnp.clip(i, 0, a.shape[0] - 1)])(x, idx)
+
+
+def slot_visible(
+    idx: Int[Array, "b t k"],
+    valid: Bool[Array, "b t k"],
+    q_positions: Int[Array, "b t"],
+    q_segment_ids: Int[Array, "b t"],
+    k_positions: Int[Array, "b s"],
+    k_segment_ids: Int[Array, "b s"],
+) -> Bool[Array, "b t k"]:
+    """Whether each slot holds a key its query may see: valid, in range, not padding, same segment, not later."""
+    kp, ks = _take(k_positions, idx), _take(k_segment_ids, idx)
+    qp, qs = q_positions[..., None], q_segment_ids[..., None]
+    in_range = (idx >= 0) & (idx < k_positions.shape[1])
+    return valid & in_range & (qp >= 0) & (kp >= 0) & (kp <= qp) & (ks == qs)
 
 
 def dsa_attention_gather(
@@ -97,14 +175,12 @@ def dsa_attention_gather(
         return jnp.moveaxis(x.reshape(b, nb, block_q, *x.shape[2:]), 1, 0)
 
     xs = (blocks(q, 0), blocks(idx, 0), blocks(valid, False), blocks(positions, -1), blocks(seg, 0))
-    take = jax.vmap(lambda a, i: a[i])  # per batch row: [s, ...] gathered at [bq, k]
 
     @jax.checkpoint
     def step(args):
         qb, ib, vb, pb, sb = args
-        kg, vg = take(k, ib), take(v, ib)  # [b, bq, k, hkv, d]
-        kp, ksg = take(positions, ib), take(seg, ib)
-        ok = vb & (pb[..., None] >= 0) & (kp >= 0) & (kp <= pb[..., None]) & (ksg == sb[..., None])
+        kg, vg = _take(k, ib), _take(v, ib)  # [b, bq, k, hkv, d]
+        ok = slot_visible(ib, vb, pb, sb, positions, seg)
         qg = qb.reshape(b, block_q, hkv, hq // hkv, d)
         logits = jnp.einsum("bqhgd,bqkhd->bqhgk", qg, kg, preferred_element_type=jnp.float32) * scale
         p = masked_softmax(logits, ok[:, :, None, None, :])
@@ -132,3 +208,156 @@ def indexer_kl_loss(
     kl = jnp.where(mask & (t > 0), t * (jnp.log(jnp.where(t > 0, t, 1.0)) - jnp.where(mask, logq, 0.0)), 0.0).sum(-1)
     rows = mask.any(-1)
     return jnp.where(rows, kl, 0.0).sum() / jnp.maximum(rows.sum(), 1)
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in DSA_IMPLS:
+        raise ValueError(f"impl {impl!r} not in {DSA_IMPLS}")
+    if impl == "auto":  # the Pallas kernel where it compiles (Triton on GPU, Mosaic on TPU), the jnp gather elsewhere
+        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "gather"
+    return impl
+
+
+def dsa_attention(
+    q: Float[Array, "b s hq d"],
+    k: Float[Array, "b s hkv d"],
+    v: Float[Array, "b s hkv d"],
+    idx: Int[Array, "b s k"],
+    valid: Bool[Array, "b s k"],
+    positions: Int[Array, "b s"],
+    segment_ids: Int[Array, "b s"] | None = None,
+    *,
+    impl: str = "auto",
+    block_q: int = 64,
+    sm_scale: float | None = None,
+    **kernel_kwargs,
+) -> Float[Array, "b s hq d"]:
+    """Attention over each query's selected keys (shared by all heads). impl: "reference" (dense masked, O(s^2)),
+    "gather" (`dsa_attention_gather`, jnp, O(s * k)), "pallas" (`pallas_kernels.topk_attention`: Triton on GPU, Mosaic
+    on TPU; kernel_kwargs such as backend, interpret, block_k go to it), "auto" (pallas on GPU and TPU, else gather).
+    Selected lists hold distinct keys (as `top_k_keys` / `indexer_top_k` give them)."""
+    impl = _resolve_impl(impl)
+    if kernel_kwargs and impl != "pallas":
+        raise ValueError(f"kernel arguments {sorted(kernel_kwargs)} only apply to impl='pallas', got impl={impl!r}")
+    if impl == "reference":
+        m = selection_mask(idx, valid, k.shape[1]) & token_mask(positions, positions, segment_ids)
+        return masked_attention(q, k, v, m, sm_scale=sm_scale)[0]
+    if impl == "gather":
+        return dsa_attention_gather(q, k, v, idx, valid, positions, segment_ids, block_q=block_q, sm_scale=sm_scale)
+    check_gqa(q, k, v)
+    return topk_attention(
+        q,
+        k,
+        v,
+        idx,
+        valid=valid,
+        q_positions=positions,
+        k_positions=positions,
+        segment_ids=segment_ids,
+        sm_scale=sm_scale,
+        **kernel_kwargs,
+    )
+
+
+def indexer_kl_loss_selected(
+    q: Float[Array, "b s hq d"],
+    k: Float[Array, "b s hkv d"],
+    q_idx: Float[Array, "b s hi di"],
+    k_idx: Float[Array, "b s di"],
+    w_idx: Float[Array, "b s hi"],
+    idx: Int[Array, "b s k"],
+    valid: Bool[Array, "b s k"],
+    positions: Int[Array, "b s"],
+    segment_ids: Int[Array, "b s"] | None = None,
+    *,
+    block_q: int = 64,
+) -> Float[Array, ""]:
+    """Sparse-stage loss of the indexer: mean over queries with a visible selected key of KL(p_target ||
+    softmax(indexer scores)), both over the query's selected keys only; p_target is the attention distribution of
+    q over those keys summed over heads and L1-normalised. Query blocks of block_q run one after another
+    (rematerialised in the backward), so memory is O(block_q * k * (hq + hkv * d)). With every visible key
+    selected it equals `indexer_kl_loss`. q and k get no gradient from it."""
+    check_gqa(q, k, k)
+    _check_indexer(q_idx, k_idx, w_idx)
+    if block_q < 1:
+        raise ValueError(f"block_q must be >= 1, got {block_q}")
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    pad = -s % block_q
+    nb = (s + pad) // block_q
+
+    def blocks(x, fill):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(b, nb, block_q, *x.shape[2:]), 1, 0)
+
+    xs = tuple(blocks(x, f) for x, f in ((q, 0), (q_idx, 0), (w_idx, 0), (idx, 0), (valid, False), (positions, -1)))
+    xs += (blocks(seg, 0),)
+
+    @jax.checkpoint
+    def step(args):
+        qb, qib, wib, ib, vb, pb, sb = args
+        ok = slot_visible(ib, vb, pb, sb, positions, seg)  # [b, bq, k]
+        kg = _take(k, ib)  # [b, bq, k, hkv, d]
+        logits = jnp.einsum(
+            "bqhgd,bqkhd->bqhgk", qb.reshape(b, block_q, hkv, hq // hkv, d), kg, preferred_element_type=jnp.float32
+        )
+        t = masked_softmax(logits * d**-0.5, ok[:, :, None, None, :]).sum((2, 3))
+        t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
+        dots = jax.nn.relu(jnp.einsum("bqhd,bqkd->bqhk", qib, _take(k_idx, ib), preferred_element_type=jnp.float32))
+        scores = jnp.einsum("bqhk,bqh->bqk", dots, wib.astype(jnp.float32))
+        logq = jax.nn.log_softmax(jnp.where(ok, scores, -1e30), axis=-1)  # finite fill: empty rows stay nan-free
+        kl = jnp.where(ok & (t > 0), t * (jnp.log(jnp.where(t > 0, t, 1.0)) - jnp.where(ok, logq, 0.0)), 0.0)
+        rows = ok.any(-1)
+        return jnp.where(rows, kl.sum(-1), 0.0).sum(), rows.sum()
+
+    total, count = jax.lax.map(step, xs)
+    return total.sum() / jnp.maximum(count.sum(), 1)
+
+
+def dsa_decode(
+    q: Float[Array, "b 1 hq d"],
+    k_cache: Float[Array, "b L hkv d"],
+    v_cache: Float[Array, "b L hkv d"],
+    index_cache: Float[Array, "b L di"],
+    q_idx: Float[Array, "b 1 hi di"],
+    w_idx: Float[Array, "b 1 hi"],
+    lengths: Int[Array, " b"],
+    *,
+    top_k: int,
+    slot_positions: Int[Array, "b L"] | None = None,
+    impl: str = "auto",
+    sm_scale: float | None = None,
+    **kernel_kwargs,
+) -> tuple[Float[Array, "b 1 hq d"], Int[Array, "b 1 k"], Bool[Array, "b 1 k"]]:
+    """One new token per row whose k, v and indexer key already sit in slot lengths - 1 of the caches: indexer
+    scores over the row's filled slots (index_cache holds the indexer keys), its top_k (ties to the lower slot),
+    and attention over those k gathered keys only. slot_positions (default: the slot number; < 0 marks padding,
+    e.g. a left-padded prompt) give causality as in prefill, so the result equals the last row of the full
+    recompute. impl: "pallas" (`pallas_kernels.topk_attention` on GPU / TPU), "gather" (the same gather in jnp,
+    memory O(b * k * d)), "reference" (dense over the cache), "auto". Returns (output, selected slots, valid)."""
+    b, L = k_cache.shape[:2]
+    if q.ndim != 4 or q.shape[1] != 1 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q [b, 1, hq, d] and caches [b, L, hkv, d] expected, got {q.shape}, {k_cache.shape}")
+    _check_indexer(q_idx, index_cache, w_idx)
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths {lengths.shape} must be [batch={b}]")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    impl = _resolve_impl(impl)
+    slot = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (b, L))
+    k_pos = jnp.where(slot < lengths[:, None], slot if slot_positions is None else slot_positions, -1)
+    q_pos = jnp.take_along_axis(k_pos, jnp.clip(lengths - 1, 0, L - 1)[:, None], axis=1)  # [b, 1]
+    scores = _indexer_logits(q_idx, index_cache, w_idx)  # [b, 1, L]
+    scores = jnp.where(token_mask(q_pos, k_pos), scores, -jnp.inf)
+    idx, valid = top_k_keys(scores, top_k)
+    if impl == "reference":
+        m = selection_mask(idx, valid, L) & token_mask(q_pos, k_pos)
+        return masked_attention(q, k_cache, v_cache, m, sm_scale=sm_scale)[0], idx, valid
+    if impl == "gather":
+        kernel_kwargs = {**kernel_kwargs, "backend": "reference"}
+    out = topk_attention(
+        q, k_cache, v_cache, idx, valid=valid, q_positions=q_pos, k_positions=k_pos, sm_scale=sm_scale, **kernel_kwargs
+    )
+    return out, idx, valid

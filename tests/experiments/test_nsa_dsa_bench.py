@@ -34,6 +34,12 @@ def test_nsa_dsa_bench_tiny(tmp_path):
         "xla",
         "--kernel-backend",
         "reference",
+        "--dsa-backend",
+        "reference",
+        "--copy-mib",
+        "4",
+        "--topk-configs",
+        "16:4:2",
         "--dtype",
         "float32",
         "--reps",
@@ -43,5 +49,9 @@ def test_nsa_dsa_bench_tiny(tmp_path):
     ]
     subprocess.run(cmd, check=True, cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"})
     rec = json.loads(out.read_text())
-    assert [r["op"] for r in rec["rows"]] == ["dense_causal", "nsa_selected", "nsa_window", "dsa_gather"]
-    assert all(r["ms_fwd"] > 0 and r["ms_fwdbwd"] > 0 for r in rec["rows"])
+    ops = ["dense_causal", "nsa_selected", "nsa_window", "dsa_gather", "dsa_topk_kernel", "dsa_indexer_topk"]
+    assert [r["op"] for r in rec["rows"]] == ops + ["dsa_decode", "dsa_decode", "dense_decode"]
+    timed = rec["rows"][:5]
+    assert all(r["ms_fwd"] > 0 and r["ms_fwdbwd"] > 0 and "speedup_fwdbwd_vs_dense" in r for r in timed[1:])
+    assert all(r["ms"] > 0 and r["hbm_floor_ms"] > 0 for r in rec["rows"][6:])
+    assert rec["rows"][4]["rel_err_fwd_vs_gather"] < 1e-5 and rec["rows"][4]["rel_err_dk_vs_gather"] < 1e-5

@@ -1,5 +1,6 @@
-"""NSAAttention / DSAAttention: Llama-shaped projections, outputs against the ops composed by hand, full-budget
-limits equal dense causal attention, the indexer loss trains only the indexer, and a cache is refused."""
+"""NSAAttention / DSAAttention: Llama-shaped projections, outputs against the ops composed by hand (DSA: the
+streaming selection against the one-shot one), full-budget limits equal dense causal attention, the indexer loss
+trains only the indexer (selected and dense losses agree at full budget), and a cache is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sra_jax.config import LlamaConfig
 from sra_jax.nn.attention import SparseReasoningAttention
 from sra_jax.nn.dsa import DSAAttention
 from sra_jax.nn.nsa import NSAAttention
-from sra_jax.ops import rope
+from sra_jax.ops import dsa, rope
 from sra_jax.ops.nsa import masked_attention, token_mask
 
 CFG = LlamaConfig.tiny()
@@ -53,6 +54,27 @@ def test_dsa_full_budget_is_dense_and_loss_trains_indexer_only():
     grads = nnx.grad(lambda m: m(x, pos, segment_ids=seg)[1])(m)
     assert float(jnp.abs(grads["q_proj"]["kernel"][...]).max()) == 0
     assert float(jnp.abs(grads["indexer_q"]["kernel"][...]).max()) > 0
+
+
+def test_dsa_partial_budget_matches_the_one_shot_ops_and_both_losses_agree_at_full_budget():
+    m = DSAAttention(CFG, top_k=5, indexer_heads=2, indexer_dim=8, block_q=8, indexer_block_k=6, rngs=nnx.Rngs(3))
+    x, pos, seg = _x()
+    out, _ = m(x, pos, segment_ids=seg)
+    b, s, _ = x.shape
+    hq, hkv, hd = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+    f = rope.rope_frequencies(hd, CFG.rope_theta, CFG.rope_scaling)
+    q = rope.apply_rope(m.q_proj(x).reshape(b, s, hq, hd), pos, f)
+    k = rope.apply_rope(m.k_proj(x).reshape(b, s, hkv, hd), pos, f)
+    qi = m.indexer_q(x).reshape(b, s, 2, 8)
+    idx, valid = dsa.top_k_keys(dsa.indexer_scores(qi, m.indexer_k(x), m.indexer_w(x), pos, seg), 5)
+    o = dsa.dsa_attention_reference(q, k, m.v_proj(x).reshape(b, s, hkv, hd), idx, valid, pos, seg)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(m.o_proj(o.reshape(b, s, -1))), atol=3e-5)  # f32 order
+    loss = lambda kind: DSAAttention(
+        CFG, top_k=64, indexer_heads=2, indexer_dim=8, block_q=8, indexer_loss=kind, rngs=nnx.Rngs(1)
+    )(x, pos, segment_ids=seg)[1]
+    np.testing.assert_allclose(float(loss("selected")), float(loss("dense")), rtol=1e-5)  # f32 summation order
+    with pytest.raises(ValueError, match="indexer_loss"):
+        DSAAttention(CFG, indexer_loss="kl", rngs=nnx.Rngs(0))
 
 
 def test_nsa_window_gate_only_with_long_window_is_dense():

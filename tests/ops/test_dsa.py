@@ -3,6 +3,8 @@ and gradients; GQA, padding, packed segments) and the indexer's KL warm-up loss.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +100,98 @@ def test_bad_arguments():
         dsa.top_k_keys(jnp.zeros((1, 4, 4)), 0)
     with pytest.raises(ValueError, match="block_q"):
         dsa.dsa_attention_gather(q, k, v, jnp.zeros((2, 8, 2), jnp.int32), jnp.ones((2, 8, 2), bool), pos, block_q=0)
+
+
+@pytest.mark.parametrize(
+    "s, top_k, block_k, pad",
+    [(16, 5, 4, 0), (19, 7, 8, 3), (12, 20, 5, 2)],  # blocks that divide s or not, top_k beyond s (invalid slots)
+)
+def test_streaming_top_k_equals_one_shot(s, top_k, block_k, pad):
+    _, _, _, pos, seg = inputs(s, 2, s, 2, 1, 8, pad, s // 2)
+    qi, ki, wi = _indexer(s, 2, s)
+    want = dsa.top_k_keys(dsa.indexer_scores(qi, ki, wi, pos, seg), top_k)
+    got = dsa.indexer_top_k(qi, ki, wi, pos, seg, top_k=top_k, block_k=block_k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))  # invalid slots too
+
+
+def test_top_k_ties_go_to_the_lower_key_index():
+    # integer-valued indexer inputs give exact scores: every visible key of a query scores the same
+    s = 11
+    _, _, _, pos, seg = inputs(0, 2, s, 2, 1, 8, 2, 6)
+    qi, ki, wi = jnp.ones((2, s, 2, 4)), jnp.ones((2, s, 4)), jnp.ones((2, s, 2))
+    idx, valid = dsa.indexer_top_k(qi, ki, wi, pos, seg, top_k=3, block_k=4)
+    vis = np.asarray(token_mask(pos, pos, seg))
+    for b in range(2):
+        for t in range(s):
+            lowest = np.flatnonzero(vis[b, t])[:3]
+            np.testing.assert_array_equal(np.asarray(idx[b, t, : len(lowest)]), lowest)
+            assert int(valid[b, t].sum()) == len(lowest)
+    want = dsa.top_k_keys(dsa.indexer_scores(qi, ki, wi, pos, seg), 3)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want[0]))
+
+
+def _dsa(q, k, v, *, idx, valid, pos, seg, **kw):
+    return dsa.dsa_attention(q, k, v, idx, valid, pos, seg, **kw)
+
+
+def test_dsa_attention_impls_agree_forward_and_gradients():
+    q, k, v, pos, seg = inputs(5, 2, 13, 4, 2, 16, 3, 6)
+    qi, ki, wi = _indexer(5, 2, 13)
+    idx, valid = dsa.indexer_top_k(qi, ki, wi, pos, seg, top_k=6, block_k=8)
+    w = jnp.cos(jnp.arange(16.0))
+    runs = {
+        "reference": {},
+        "gather": {"block_q": 4},
+        "pallas": {"backend": "triton", "interpret": True, "block_k": 16},
+    }
+    outs, grads = {}, {}
+    for impl, kw in runs.items():
+        f = functools.partial(_dsa, idx=idx, valid=valid, pos=pos, seg=seg, impl=impl, **kw)
+        outs[impl] = f(q, k, v)
+        grads[impl] = jax.grad(lambda q, k, v, f=f: (f(q, k, v) * w).sum(), (0, 1, 2))(q, k, v)
+    for impl in ("gather", "pallas"):
+        np.testing.assert_allclose(np.asarray(outs[impl]), np.asarray(outs["reference"]), atol=2e-5)  # f32 order
+        for a, b_ in zip(grads[impl], grads["reference"]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=5e-5)  # f32 summation order
+    with pytest.raises(ValueError, match="impl"):
+        dsa.dsa_attention(q, k, v, idx, valid, pos, seg, impl="cudnn")
+    with pytest.raises(ValueError, match="only apply"):
+        dsa.dsa_attention(q, k, v, idx, valid, pos, seg, impl="gather", interpret=True)
+
+
+def test_selected_kl_loss_equals_dense_kl_at_full_budget_and_trains_only_the_indexer():
+    q, k, _, pos, seg = inputs(6, 2, 10, 4, 2, 8, 2, 4)
+    qi, ki, wi = _indexer(6, 2, 10)
+    full = dsa.indexer_top_k(qi, ki, wi, pos, seg, top_k=10, block_k=4)
+    dense = dsa.indexer_kl_loss(q, k, dsa.indexer_scores(qi, ki, wi, pos, seg), pos, seg)
+    sel = lambda q, k, qi, sel_: dsa.indexer_kl_loss_selected(q, k, qi, ki, wi, *sel_, pos, seg, block_q=3)
+    np.testing.assert_allclose(float(sel(q, k, qi, full)), float(dense), rtol=1e-5)  # f32 summation order
+    part = dsa.indexer_top_k(qi, ki, wi, pos, seg, top_k=3, block_k=4)
+    gq, gk, gqi = jax.grad(sel, (0, 1, 2))(q, k, qi, part)
+    assert float(jnp.abs(gq).max()) == 0 and float(jnp.abs(gk).max()) == 0
+    assert np.isfinite(np.asarray(gqi)).all() and float(jnp.abs(gqi).max()) > 0
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather", "pallas"])
+def test_decode_equals_the_last_row_of_the_full_recompute(impl):
+    b, n, L, top_k = 2, 12, 16, 5
+    q, k, v, _, _ = inputs(7, b, L, 4, 2, 16, 0, L)
+    qi, ki, wi = _indexer(7, b, L)
+    # row 1 is left-padded by 3 slots (positions -1, then 0 ..); slots >= n are not yet written (garbage)
+    i = np.arange(L)
+    pos = jnp.asarray(np.stack([i, np.where(i < 3, -1, i - 3)]), jnp.int32)
+    lengths = jnp.array([n, n], jnp.int32)
+    live = pos[:, :n]
+    idx, valid = dsa.top_k_keys(dsa.indexer_scores(qi[:, :n], ki[:, :n], wi[:, :n], live), top_k)
+    full = dsa.dsa_attention(q[:, :n], k[:, :n], v[:, :n], idx, valid, live, impl="reference")
+    kw = {"backend": "triton", "interpret": True, "block_k": 16} if impl == "pallas" else {}
+    out, d_idx, d_valid = dsa.dsa_decode(
+        q[:, n - 1 : n], k, v, ki, qi[:, n - 1 : n], wi[:, n - 1 : n], lengths,
+        top_k=top_k, slot_positions=pos, impl=impl, **kw,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(d_valid), np.asarray(valid[:, n - 1 : n]))
+    np.testing.assert_array_equal(
+        np.asarray(jnp.where(d_valid, d_idx, -1)), np.asarray(jnp.where(valid, idx, -1)[:, n - 1 : n])
+    )
+    np.testing.assert_allclose(np.asarray(out), np.asarray(full[:, n - 1 : n]), atol=2e-5)  # f32 order
