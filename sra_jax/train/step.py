@@ -20,6 +20,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
+from sra_jax.ops import sequence_parallel
 from sra_jax.train import losses, rl, sharding
 from sra_jax.train.config import LossConfig, TrainConfig
 from sra_jax.train.optimizer import make_optimizer
@@ -238,7 +239,10 @@ def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *
             raise ValueError("packed rows (segment_ids) cannot train the router with RL: rewards are per row")
         segment_ids = sharding.constrain_batch(segment_ids, mesh)
     tau = selection_temperature(loss, step)
-    logits, aux = model(tokens, positions, segment_ids=segment_ids, key=key if has_sra else None, tau=tau)
+    # a mesh with sequence > 1: attention and the router's top-k run sequence-parallel (no-op otherwise)
+    sequence = functools.partial(sequence_parallel.sequence_sharding, mesh, batch_axes=sharding.BATCH_AXES)
+    with sequence():
+        logits, aux = model(tokens, positions, segment_ids=segment_ids, key=key if has_sra else None, tau=tau)
     logits = sharding.constrain_batch(logits, mesh)
     ce = losses.cross_entropy(logits, tokens, loss_mask)
     correct = losses.answer_correct(logits, tokens, loss_mask)
@@ -263,7 +267,8 @@ def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *
     if loss.teacher_kl_weight and has_sra:
         num_layers = aux.critical.shape[0]
         everything = jnp.ones((num_layers, *tokens.shape), bool)  # all critical: SRA attention == dense attention
-        teacher_logits, _ = model(tokens, positions, critical=everything)
+        with sequence():
+            teacher_logits, _ = model(tokens, positions, critical=everything)
         kl = losses.teacher_kl(logits, teacher_logits, loss_mask)
         total += loss.teacher_kl_weight * kl
         metrics["teacher_kl"] = kl
