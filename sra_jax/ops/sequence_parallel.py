@@ -566,22 +566,26 @@ def _dense_sequence_parallel(q, k, v, positions, segment_ids, *, mesh, shards, a
 
 
 class SequenceSharding(NamedTuple):
-    """The active context: the mesh, its sequence axis, and the mesh axes the batch is split over."""
+    """The active context: the mesh (None: `shards` simulated on one device under vmap), its sequence axis, the
+    number of shards, and the mesh axes the batch is split over."""
 
-    mesh: Mesh
+    mesh: Mesh | None
     axis: str
+    shards: int
     batch_axes: tuple[str, ...]
-
-    @property
-    def shards(self) -> int:
-        return self.mesh.shape[self.axis]
 
     def batch_axis(self, batch: int) -> tuple[str, ...] | None:
         """The batch axes of size > 1 when they divide `batch` (the shard_map then splits rows too), else None."""
+        if self.mesh is None:
+            return None
         axes = tuple(name for name in self.batch_axes if self.mesh.shape[name] > 1)
         if not axes or batch % math.prod(self.mesh.shape[name] for name in axes):
             return None
         return axes
+
+    def placement(self, batch: int) -> dict:
+        """The keyword arguments (mesh, shards, axis, batch_axis) of this module's sharded functions."""
+        return dict(mesh=self.mesh, shards=self.shards, axis=self.axis, batch_axis=self.batch_axis(batch))
 
 
 _ACTIVE: contextvars.ContextVar[SequenceSharding | None] = contextvars.ContextVar("sequence_sharding", default=None)
@@ -589,23 +593,30 @@ _ACTIVE: contextvars.ContextVar[SequenceSharding | None] = contextvars.ContextVa
 
 @contextlib.contextmanager
 def sequence_sharding(
-    mesh: Mesh | None, *, axis: str = "sequence", batch_axes: tuple[str, ...] = ()
+    mesh: Mesh | None, *, axis: str = "sequence", batch_axes: tuple[str, ...] = (), shards: int | None = None
 ) -> Iterator[SequenceSharding | None]:
     """While a model is traced inside this context, self-attention through `ops.attention.attention(spec=...)`
     runs sequence-parallel over mesh axis `axis` (SRA layers: `sra_attention_sequence_parallel`; dense layers:
     `dense_attention_sequence_parallel`), attention over a KV cache runs `sharded_cache_attention`, and the
     router's top-k and Plackett-Luce log-prob run `sharded_topk_indices` / `sharded_topk_log_prob`. Without a
-    mesh, or when the mesh has no `axis` or it has size 1, nothing changes (the context is cleared). Lengths that
-    the axis does not divide (e.g. a single decoded token's router scores) keep the unsharded path.
-    `batch_axes`: mesh axes the batch is split over (used by the shard_maps when they divide the batch)."""
-    if mesh is None or axis not in mesh.shape or mesh.shape[axis] == 1:
+    mesh (and without `shards`), or when the mesh has no `axis` or it has size 1, nothing changes (the context is
+    cleared). Lengths that the shards do not divide (e.g. a single decoded token's router scores) keep the
+    unsharded path. `batch_axes`: mesh axes the batch is split over (used by the shard_maps when they divide the
+    batch). `mesh=None, shards=S > 1`: S shards simulated on one device (vmap; the collectives act across the
+    mapped axis), to time the sharded program where one device exists. Enter it where the model is traced (the
+    context is not part of any jit cache key: a function jitted inside it must not be called with the same
+    arguments outside it, or the reverse)."""
+    if mesh is None:
+        count = 1 if shards is None else _num_shards(None, axis, shards)
+        active = SequenceSharding(None, axis, count, ()) if count > 1 else None
+    elif axis not in mesh.shape or mesh.shape[axis] == 1:
         active = None
     else:
-        _num_shards(mesh, axis, None)  # axis types
+        count = _num_shards(mesh, axis, shards)  # axis types, shards == the axis size
         batch_axes = tuple(batch_axes)
         if batch_axes:
             _check_batch_axis(mesh, batch_axes, axis)
-        active = SequenceSharding(mesh, axis, batch_axes)
+        active = SequenceSharding(mesh, axis, count, batch_axes)
     token = _ACTIVE.set(active)
     try:
         yield active
@@ -642,8 +653,8 @@ def spec_attention(
     active = active_sequence_sharding()
     if active is None:
         return None
-    shards, batch_axis = active.shards, active.batch_axis(q.shape[0])
-    common = dict(mesh=active.mesh, axis=active.axis, batch_axis=batch_axis, sm_scale=sm_scale)
+    shards = active.shards
+    common = dict(**active.placement(q.shape[0]), sm_scale=sm_scale)
     if not spec.keys_are_queries:
         if spec.q_segment_ids is not None or k.shape[1] % shards:
             return None
