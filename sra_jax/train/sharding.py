@@ -101,7 +101,7 @@ def _axis_size(mesh: Mesh | AbstractMesh, axis: str) -> int:
     return mesh.shape[axis] if axis in mesh.shape else 1
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, *, leading: int = 0, sequence: bool = True) -> NamedSharding:
+def batch_sharding(mesh: Mesh | AbstractMesh, ndim: int = 2, *, leading: int = 0, sequence: bool = True) -> NamedSharding:
     """Shard dimension `leading` of an `ndim`-array over ("data", "fsdp") and, with `sequence` and a sequence axis
     of size > 1, dimension `leading + 1` (the positions) over "sequence"; the rest is replicated."""
     spec: list = [None] * ndim
