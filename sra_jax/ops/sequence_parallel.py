@@ -62,7 +62,7 @@ def _check_batch_axis(mesh: Mesh | AbstractMesh | None, batch_axis: str | tuple[
 
 
 def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool, *, mesh, shards: int, axis: str,
-                 batch_axis: str | None, check_vma: bool = True):
+                 batch_axis: str | tuple[str, ...] | None, check_vma: bool = True):
     """`body` on every shard; `sharded[i]` says whether args[i] is split along axis 1 (else replicated). With a mesh:
     `jax.shard_map`. With mesh=None: `jax.vmap` over `shards` simulated shards on one device (the collectives act
     across the mapped axis), to time or test the sharded program where only one device exists."""
@@ -234,7 +234,7 @@ def sra_attention_sequence_parallel(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
     max_gathered: int | None = None,
     sm_scale: float | None = None,
     block_q: int | None = None,
@@ -245,8 +245,8 @@ def sra_attention_sequence_parallel(
     layout contract (module docstring) when no shard holds more than `max_gathered` keys that are critical or
     global (positions < num_global); beyond that a shard keeps its first `max_gathered` in slot order, as
     `impl="gather"` does with `max_critical`. Default: the chunk length (always exact, gathers every slot).
-    `batch_axis` optionally shards the batch too. `block_q` (a divisor of the chunk; default
-    `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
+    `batch_axis` (a mesh axis, or a tuple of them) optionally shards the batch too. `block_q` (a divisor of the
+    chunk; default `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
     """
     shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
@@ -326,7 +326,7 @@ def sharded_topk_indices(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
 ) -> Int[Array, "b _"]:
     """The k best valid scores' indices in descending order, with the last axis sharded over `axis`: equal to
     `selection.gumbel_topk_indices` for perturbed scores (and so to `selection.topk_mask` through
@@ -398,7 +398,7 @@ def sharded_topk_log_prob(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
 ) -> Float[Array, " b"]:
     """`selection.topk_log_prob` (Plackett-Luce log-prob of the ordered draw `indices`, global indices, -1 ignored,
     first k per row) with the logits sharded over `axis`; differentiable in the logits."""
@@ -451,7 +451,7 @@ def sharded_cache_attention(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
     sm_scale: float | None = None,
 ) -> Float[Array, "b sq hq d"]:
     """Decode-step SRA attention of replicated queries over a KV cache whose slots are sharded over `axis`: each
