@@ -1,6 +1,10 @@
 """One device: the time of sequence-parallel SRA attention with S shards simulated (`mesh=None, shards=S`: the shards
 run under `vmap` and the halo / gather collectives act across the mapped axis), against the same code with one
 shard and against unsharded SRA attention (`attention(..., spec=..., impl=...)`), forward and forward + backward.
+Then the model-level wiring: the loss and gradients of a Llama with one dense and one SRA layer (Gumbel top-k
+selection), traced inside `sequence_sharding(None, shards=S)` (every attention layer and the router's top-k and
+log-prob sequence-parallel, S shards simulated) against the same model unsharded (`impl`), and the differences of
+loss and gradients between the two.
 
 The critical set is a per-shard quota (the top ceil(alpha * chunk) of random router scores in each chunk), so
 `max_gathered = ceil(alpha * chunk) + num_global` is exact. Medians over repeats after a compiling warm-up; the
@@ -32,9 +36,10 @@ from sra_jax.ops.attention import attention
 from sra_jax.ops.masks import SRAMaskSpec
 
 FULL = {"length": 128 * 1024, "shards": 8, "window": 1024, "num_global": 4, "heads": 32, "kv_heads": 8,
-        "head_dim": 128, "dtype": "bfloat16", "impl": "pallas"}
+        "head_dim": 128, "dtype": "bfloat16", "impl": "pallas", "model_length": 32 * 1024, "hidden": 4096,
+        "intermediate": 14336, "vocab": 8192}
 TINY = {"length": 256, "shards": 4, "window": 16, "num_global": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
-        "dtype": "float32", "impl": "reference"}
+        "dtype": "float32", "impl": "reference", "model_length": 128, "hidden": 64, "intermediate": 128, "vocab": 256}
 
 
 def per_shard_quota(scores: jax.Array, shards: int, alpha: float) -> tuple[jax.Array, int]:
@@ -59,6 +64,62 @@ def timed(fn, *args, reps: int) -> tuple[float, float]:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - start) * 1e3)
     return first, statistics.median(times)
+
+
+def model_rows(config: dict, alpha: float, reps: int) -> list[dict]:
+    """Loss + gradients of a 2-layer Llama (layer 0 dense, layer 1 SRA) at `model_length`, unsharded against
+    `shards` simulated sequence shards through the model-level wiring (`sp.sequence_sharding`)."""
+    from flax import nnx
+
+    from sra_jax.config import LlamaConfig, SRAConfig
+    from sra_jax.nn import Llama
+    from sra_jax.train.losses import cross_entropy
+
+    llama = LlamaConfig(vocab_size=config["vocab"], hidden_size=config["hidden"],
+                        intermediate_size=config["intermediate"], num_hidden_layers=2,
+                        num_attention_heads=config["heads"], num_key_value_heads=config["kv_heads"],
+                        head_dim=config["head_dim"], max_position_embeddings=config["model_length"])
+    sra = SRAConfig(critical_fraction=alpha, window=config["window"], num_global=config["num_global"], layers=(1,))
+    dtype = jnp.dtype(config["dtype"])
+    model = Llama(llama, sra, rngs=nnx.Rngs(0), dtype=dtype, attention_impl=config["impl"])
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    n = config["model_length"]
+    tokens = jax.random.randint(jax.random.key(1), (1, n), 0, config["vocab"])
+    positions = jnp.arange(n, dtype=jnp.int32)[None]
+    mask = jnp.ones((1, n), bool)
+
+    def step(shards):
+        def loss(params):
+            logits, _ = nnx.merge(graphdef, params, rest)(tokens, positions, key=jax.random.key(2))
+            return cross_entropy(logits.astype(jnp.float32), tokens, mask)
+
+        def run(params):
+            with sp.sequence_sharding(None, shards=shards):  # shards=1: the unsharded model
+                return jax.value_and_grad(loss)(params)
+
+        return jax.jit(run)
+
+    rows, results = [], {}
+    for name, shards in (("model_step_unsharded", 1), (f"model_step_sequence_parallel_{config['shards']}_shards",
+                                                       config["shards"])):
+        try:
+            fn = step(shards)
+            first, ms = timed(fn, params, reps=reps)
+            results[name] = fn(params)
+        except Exception as error:  # noqa: BLE001 - recorded in the row, and the exit code says so
+            rows.append({"variant": name, "error": f"{type(error).__name__}: {str(error)[:2000]}"})
+        else:
+            rows.append({"variant": name, "ms_fwdbwd": ms, "first_call_ms_fwdbwd": first, "model_length": n})
+        print(json.dumps(rows[-1]), flush=True)
+    if len(results) == 2:
+        (loss_a, grads_a), (loss_b, grads_b) = results.values()
+        diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                 for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b))]
+        rows[-1].update(loss=float(loss_b), loss_abs_diff_vs_unsharded=float(jnp.abs(loss_a - loss_b)),
+                        grad_max_abs_diff_vs_unsharded=max(diffs),
+                        grad_max_abs=max(float(jnp.max(jnp.abs(g.astype(jnp.float32))))
+                                         for g in jax.tree.leaves(grads_a)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": name, "ms_fwd": ms_fwd, "ms_fwdbwd": ms_fwdbwd, "first_call_ms_fwd": compile_fwd,
                          "first_call_ms_fwdbwd": compile_bwd})
         print(json.dumps(rows[-1]), flush=True)
+    rows += model_rows(config, args.alpha, args.reps)
     reference = outputs.get(f"unsharded_{config['impl']}")
     for row in rows:
         if reference is not None and row["variant"] in outputs:

@@ -2,7 +2,9 @@
 
 The whole generation is one jitted function, compiled once per (batch, prompt bucket, max_new_tokens) and model
 graph: prompt lengths are rounded up to a power of two, sampling settings are traced values, and the loop stops
-early once every row has produced a stop token. Greedy decoding (temperature 0) skips the sampling sort.
+early once every row has produced a stop token. Greedy decoding (temperature 0) skips the sampling sort. With a mesh
+whose "sequence" axis has size > 1 the KV cache is split by slot over it and prefill and decode attention run
+sequence-parallel (`sra_jax.ops.sequence_parallel.sequence_sharding`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.nn import KVCache
 from sra_jax.nn.cache import generation_capacity
 from sra_jax.nn.llama import check_token_ids
+from sra_jax.ops import sequence_parallel
 
 _logger = logging.getLogger(__name__)
 
@@ -57,7 +61,18 @@ def sample_logits(
     return jax.random.categorical(key, jnp.where(logits >= cutoff[:, None], logits, -jnp.inf), axis=-1)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _shard_cache_slots(cache: KVCache, mesh: Mesh) -> KVCache:
+    """The cache's per-slot arrays split by slot over the mesh's "sequence" axis."""
+    def by_slot(x, slot_axis):
+        spec = [None] * x.ndim
+        spec[slot_axis] = "sequence"
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return cache.replace(k=by_slot(cache.k, 2), v=by_slot(cache.v, 2), critical=by_slot(cache.critical, 2),
+                         positions=by_slot(cache.positions, 1))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mesh"))
 def _generate(
     graphdef,
     state,
@@ -72,7 +87,15 @@ def _generate(
     *,
     max_new_tokens: int,
     greedy: bool,
+    mesh: Mesh | None = None,
 ) -> tuple[Int[Array, "b t"], Bool[Array, " b"]]:
+    with sequence_parallel.sequence_sharding(mesh):
+        return _generate_body(graphdef, state, tokens, positions, key, temperature, top_p, top_k, stop_tokens, pad_id,
+                              max_new_tokens=max_new_tokens, greedy=greedy, mesh=mesh)
+
+
+def _generate_body(graphdef, state, tokens, positions, key, temperature, top_p, top_k, stop_tokens, pad_id, *,
+                   max_new_tokens, greedy, mesh):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
     # Prompts are padded on the left with position -1 and decoded at the next positions: declare that layout,
@@ -83,6 +106,8 @@ def _generate(
     cache = KVCache.init(
         model.config, batch, max_len, model.dtype, layout="left_padded", critical_capacity=capacity
     )
+    if sequence_parallel.active_sequence_sharding() is not None:
+        cache = _shard_cache_slots(cache, mesh)
 
     def choose(logits, step):
         if greedy:
@@ -124,10 +149,12 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     pad_id: int = 0,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (token ids; prompts may differ in length), ending with the first stop token when
     one was produced, else `max_new_tokens` long. temperature == 0 is greedy; otherwise top_k (0 = off) and top_p
-    (1 = off) restrict the sampled tokens."""
+    (1 = off) restrict the sampled tokens. `mesh` with a "sequence" axis of size S > 1: the KV cache (prompt bucket
+    + max_new_tokens slots, which S must divide) is split by slot over it and attention runs sequence-parallel."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -146,6 +173,10 @@ def generate(
     width = prompt_bucket(int(lengths.max()))
     if width + max_new_tokens > limit:
         width = int(lengths.max())  # do not let bucketing push positions past what the model supports
+    shards = 1 if mesh is None else dict(mesh.shape).get("sequence", 1)
+    if (width + max_new_tokens) % shards:
+        raise ValueError(f"the KV cache's {width + max_new_tokens} slots (prompt bucket {width} + max_new_tokens="
+                         f"{max_new_tokens}) must be divisible by the mesh's sequence axis ({shards})")
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     positions = np.full((len(prompts), width), -1, np.int32)
     for row, prompt in enumerate(prompts):
@@ -165,6 +196,7 @@ def generate(
         jnp.int32(pad_id),
         max_new_tokens=max_new_tokens,
         greedy=temperature == 0,
+        mesh=mesh,
     )
     stops = set(stop_tokens)
     results = []

@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 from sra_jax.config import SRAConfig
 from sra_jax.nn.layers import linear
 from sra_jax.ops import selection as sel
+from sra_jax.ops import sequence_parallel
 
 
 class Router(nnx.Module):
@@ -88,8 +89,35 @@ def _indices_to_mask(indices: Int[Array, "b k"], n: int) -> Bool[Array, "b n"]:
     return jnp.any(indices[..., :, None] == jnp.arange(n), axis=-2)
 
 
+def _sequence_sharding(n: int) -> sequence_parallel.SequenceSharding | None:
+    """The active sequence-parallel context when it splits a row of `n` scores evenly (else the unsharded path)."""
+    active = sequence_parallel.active_sequence_sharding()
+    return None if active is None or n % active.shards else active
+
+
 def _top_indices(logits: Float[Array, "b n"], k: int, valid: Bool[Array, "b n"]) -> Int[Array, "b k"]:
+    active = _sequence_sharding(logits.shape[-1])
+    if active is not None:  # local top-k per shard, then a global merge: the same indices
+        return sequence_parallel.sharded_topk_indices(logits, k, valid=valid, **active.placement(logits.shape[0]))
     return jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k)[1]
+
+
+def _gumbel_top_indices(logits, k, *, key, valid, **bound) -> Int[Array, "b _"]:
+    """`ops.selection.gumbel_topk_indices`, sequence-parallel under an active `sequence_sharding` context."""
+    active = _sequence_sharding(logits.shape[-1])
+    if active is not None:
+        return sequence_parallel.sharded_topk_indices(sel.gumbel_perturb(logits, key), k, valid=valid, **bound,
+                                                      **active.placement(logits.shape[0]))
+    return sel.gumbel_topk_indices(logits, k, key=key, valid=valid, **bound)
+
+
+def _topk_log_prob(logits: Float[Array, "b n"], indices: Int[Array, "b k"], valid: Bool[Array, "b n"]):
+    """`ops.selection.topk_log_prob`, sequence-parallel under an active `sequence_sharding` context."""
+    active = _sequence_sharding(logits.shape[-1])
+    if active is not None:
+        return sequence_parallel.sharded_topk_log_prob(logits, indices, valid=valid,
+                                                       **active.placement(logits.shape[0]))
+    return sel.topk_log_prob(logits, indices, valid=valid)
 
 
 def _static_bound(k, n: int, k_max: int | None) -> int:
@@ -136,7 +164,7 @@ def select(
     per_row = not isinstance(k, int)
     bound = dict(k_max=size) if per_row else {}
     if sra.selection == "gumbel_topk" and key is not None:
-        indices = sel.gumbel_topk_indices(logits, k, key=key, valid=valid, **bound)
+        indices = _gumbel_top_indices(logits, k, key=key, valid=valid, **bound)
         critical = _indices_to_mask(indices, n) & valid
         relaxed = sel.gumbel_topk(logits, k, key=key, tau=tau, hard=sra.hard, valid=valid, **bound)
         gate = relaxed.astype(jnp.float32)
@@ -151,7 +179,7 @@ def select(
             probs = sel.sparsemax(jnp.where(valid, logits / tau, -1e9), axis=-1)
             critical = critical & (probs > 0)
             gate = critical.astype(jnp.float32) + probs - jax.lax.stop_gradient(probs)
-    log_prob = sel.topk_log_prob(logits, indices, valid=valid)
+    log_prob = _topk_log_prob(logits, indices, valid)
     return Selection(critical, gate, log_prob)
 
 

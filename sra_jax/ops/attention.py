@@ -16,6 +16,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from pallas_kernels.finite import exclude_nonfinite_keys
+from sra_jax.ops import sequence_parallel
 from sra_jax.ops.masks import SRAMaskSpec
 
 IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
@@ -219,11 +220,17 @@ def attention(
 
     impl: "reference" dense masked; "gather" sparse (needs spec); "xla" / "cudnn" jax.nn.dot_product_attention;
     "pallas" the block-sparse kernels in `sra_jax.ops.attention_pallas`. All agree where they apply.
+    Inside `sequence_parallel.sequence_sharding(mesh)` a `spec` runs sequence-parallel over the mesh's sequence
+    axis whatever the impl (`sequence_parallel.spec_attention`: per-shard XLA compute and collectives).
     (Annotations are loose on purpose: shapes are checked here, with messages that name the problem.)
     """
     _validate(q, k, v, mask, spec, impl)
     d = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if spec is not None:
+        sharded = sequence_parallel.spec_attention(q, k, v, spec, sm_scale=sm_scale)
+        if sharded is not None:
+            return sharded
     if impl == "pallas":
         try:
             from sra_jax.ops.attention_pallas import pallas_attention

@@ -97,6 +97,12 @@ def _gumbel_perturb(logits: Array, key: PRNGKeyArray) -> Array:
     return logits + jax.random.gumbel(key, logits.shape, logits.dtype)
 
 
+def gumbel_perturb(logits: Float[Array, "*b n"], key: PRNGKeyArray) -> Float[Array, "*b n"]:
+    """Logits (at least float32) plus standard Gumbel noise from `key`: the scores whose top-k (valid items, in
+    descending order) is `gumbel_topk_indices`' draw."""
+    return _gumbel_perturb(logits, key)
+
+
 def gumbel_topk_indices(
     logits: Float[Array, "*b n"],
     k: int | Int[Array, "*b"],

@@ -19,7 +19,10 @@ key within the window of a query lies within `window - 1` slots before it, so th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -50,13 +53,16 @@ def _num_shards(mesh: Mesh | AbstractMesh | None, axis: str, shards: int | None)
     return mesh.shape[axis]
 
 
-def _check_batch_axis(mesh: Mesh | AbstractMesh | None, batch_axis: str | None, axis: str) -> None:
-    if batch_axis is not None and (mesh is None or batch_axis not in mesh.shape or batch_axis == axis):
+def _check_batch_axis(mesh: Mesh | AbstractMesh | None, batch_axis: str | tuple[str, ...] | None, axis: str) -> None:
+    """batch_axis: None, a mesh axis other than `axis`, or a tuple of such axes (the batch split over all of them)."""
+    names = (batch_axis,) if isinstance(batch_axis, str) else batch_axis
+    if batch_axis is not None and (mesh is None or not isinstance(names, tuple) or not names
+                                   or any(name not in mesh.shape or name == axis for name in names)):
         raise ValueError(f"batch_axis ({batch_axis!r}) must be None or a mesh axis other than {axis!r}")
 
 
 def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool, *, mesh, shards: int, axis: str,
-                 batch_axis: str | None, check_vma: bool = True):
+                 batch_axis: str | tuple[str, ...] | None, check_vma: bool = True):
     """`body` on every shard; `sharded[i]` says whether args[i] is split along axis 1 (else replicated). With a mesh:
     `jax.shard_map`. With mesh=None: `jax.vmap` over `shards` simulated shards on one device (the collectives act
     across the mapped axis), to time or test the sharded program where only one device exists."""
@@ -228,7 +234,7 @@ def sra_attention_sequence_parallel(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
     max_gathered: int | None = None,
     sm_scale: float | None = None,
     block_q: int | None = None,
@@ -239,8 +245,8 @@ def sra_attention_sequence_parallel(
     layout contract (module docstring) when no shard holds more than `max_gathered` keys that are critical or
     global (positions < num_global); beyond that a shard keeps its first `max_gathered` in slot order, as
     `impl="gather"` does with `max_critical`. Default: the chunk length (always exact, gathers every slot).
-    `batch_axis` optionally shards the batch too. `block_q` (a divisor of the chunk; default
-    `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
+    `batch_axis` (a mesh axis, or a tuple of them) optionally shards the batch too. `block_q` (a divisor of the
+    chunk; default `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
     """
     shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
@@ -320,7 +326,7 @@ def sharded_topk_indices(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
 ) -> Int[Array, "b _"]:
     """The k best valid scores' indices in descending order, with the last axis sharded over `axis`: equal to
     `selection.gumbel_topk_indices` for perturbed scores (and so to `selection.topk_mask` through
@@ -392,7 +398,7 @@ def sharded_topk_log_prob(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
 ) -> Float[Array, " b"]:
     """`selection.topk_log_prob` (Plackett-Luce log-prob of the ordered draw `indices`, global indices, -1 ignored,
     first k per row) with the logits sharded over `axis`; differentiable in the logits."""
@@ -445,7 +451,7 @@ def sharded_cache_attention(
     mesh: Mesh | AbstractMesh | None = None,
     shards: int | None = None,
     axis: str = "sequence",
-    batch_axis: str | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
     sm_scale: float | None = None,
 ) -> Float[Array, "b sq hq d"]:
     """Decode-step SRA attention of replicated queries over a KV cache whose slots are sharded over `axis`: each
@@ -476,3 +482,195 @@ def _sharded_cache(q, k, v, q_positions, q_critical, k_positions, k_critical, *,
     args = (q, k, v, q_positions, q_critical, k_positions, k_critical)
     sharded = (False, True, True, False, False, True, True)
     return _over_shards(body, args, sharded, False, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Dense (causal) layers with the sequence sharded: all-gather context parallelism.
+
+
+def _dense_shard(q, k, v, positions, segment_ids, *, axis, sm_scale, block_q):
+    """This shard's queries, `block_q` at a time, against every key of the row (all-gathered over `axis`) under the
+    causal-by-position rule within each segment (`SRAMaskSpec.dense_mask`)."""
+    b = positions.shape[0]
+    has_segments = segment_ids is not None
+    k_all, v_all, k_positions = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, positions))
+    k_segments = jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True) if has_segments else None
+    if not has_segments:
+        segment_ids = jnp.zeros_like(positions)
+
+    def by_block(x):  # [b, c, ...] -> [c / block_q, b, block_q, ...]
+        return jnp.moveaxis(x.reshape(b, -1, block_q, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint  # the backward pass recomputes one block's scores rather than keeping every block's
+    def attend(blocks):
+        q_block, q_positions, q_segments = blocks
+        spec = SRAMaskSpec.create(
+            q_positions, jnp.zeros(q_positions.shape, bool), window=1, num_global=0,
+            segment_ids=q_segments if has_segments else None, k_positions=k_positions,
+            k_critical=jnp.zeros(k_positions.shape, bool), k_segment_ids=k_segments)
+        parts = _softmax_parts(q_block, k_all, v_all, spec.dense_mask(), sm_scale)
+        return _normalise(parts.weighted, parts.total, q.dtype)
+
+    out = jax.lax.map(attend, tuple(by_block(x) for x in (q, positions, segment_ids)))
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def dense_attention_sequence_parallel(
+    q: Float[Array, "b n hq d"],
+    k: Float[Array, "b n hkv d"],
+    v: Float[Array, "b n hkv d"],
+    positions: Int[Array, "b n"],
+    segment_ids: Int[Array, "b n"] | None = None,
+    *,
+    mesh: Mesh | AbstractMesh | None = None,
+    shards: int | None = None,
+    axis: str = "sequence",
+    batch_axis: str | tuple[str, ...] | None = None,
+    sm_scale: float | None = None,
+    block_q: int | None = None,
+) -> Float[Array, "b n hq d"]:
+    """Causal self-attention by position (within segments; padding at position -1 sees and is seen by nothing) with
+    the sequence split over mesh axis `axis`: all-gather context parallelism, each shard's queries against the
+    whole row's keys (N keys moved per device, what a dense layer needs). Equals `attention(q, k, v,
+    spec=SRAMaskSpec.create(...).dense_mask() as mask, impl="reference")`. `block_q` (a divisor of the chunk,
+    default `_default_block_q(chunk, 1)`) bounds the score block to `[block_q, n]` per head."""
+    shards = _num_shards(mesh, axis, shards)
+    _check_batch_axis(mesh, batch_axis, axis)
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q [b, n, hq, d] and k, v [b, n, hkv, d] must share b and n, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if positions.shape != q.shape[:2] or (segment_ids is not None and segment_ids.shape != positions.shape):
+        raise ValueError(f"positions {positions.shape} and segment_ids "
+                         f"{None if segment_ids is None else segment_ids.shape} must be (batch, length) = {q.shape[:2]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    chunk = _chunk(q.shape[1], shards, "sequence")
+    block_q = _default_block_q(chunk, 1) if block_q is None else block_q
+    if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1 or chunk % block_q:
+        raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return _dense_sequence_parallel(q, k, v, positions, segment_ids, mesh=mesh, shards=shards, axis=axis,
+                                    batch_axis=batch_axis, sm_scale=sm_scale, block_q=block_q)
+
+
+@partial(jax.jit, static_argnames=("mesh", "shards", "axis", "batch_axis", "sm_scale", "block_q"))
+def _dense_sequence_parallel(q, k, v, positions, segment_ids, *, mesh, shards, axis, batch_axis, sm_scale, block_q):
+    body = partial(_dense_shard, axis=axis, sm_scale=sm_scale, block_q=block_q)
+    args = (q, k, v, positions, segment_ids)
+    return _over_shards(body, args, (True,) * 5, True, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model-level wiring: a trace-time context that routes `ops.attention.attention(spec=...)` and the router's top-k
+# through the functions above, so a model runs sequence-sharded without being told.
+
+
+class SequenceSharding(NamedTuple):
+    """The active context: the mesh (None: `shards` simulated on one device under vmap), its sequence axis, the
+    number of shards, and the mesh axes the batch is split over."""
+
+    mesh: Mesh | None
+    axis: str
+    shards: int
+    batch_axes: tuple[str, ...]
+
+    def batch_axis(self, batch: int) -> tuple[str, ...] | None:
+        """The batch axes of size > 1 when they divide `batch` (the shard_map then splits rows too), else None."""
+        if self.mesh is None:
+            return None
+        axes = tuple(name for name in self.batch_axes if self.mesh.shape[name] > 1)
+        if not axes or batch % math.prod(self.mesh.shape[name] for name in axes):
+            return None
+        return axes
+
+    def placement(self, batch: int) -> dict:
+        """The keyword arguments (mesh, shards, axis, batch_axis) of this module's sharded functions."""
+        return dict(mesh=self.mesh, shards=self.shards, axis=self.axis, batch_axis=self.batch_axis(batch))
+
+
+_ACTIVE: contextvars.ContextVar[SequenceSharding | None] = contextvars.ContextVar("sequence_sharding", default=None)
+
+
+@contextlib.contextmanager
+def sequence_sharding(
+    mesh: Mesh | None, *, axis: str = "sequence", batch_axes: tuple[str, ...] = (), shards: int | None = None
+) -> Iterator[SequenceSharding | None]:
+    """While a model is traced inside this context, self-attention through `ops.attention.attention(spec=...)`
+    runs sequence-parallel over mesh axis `axis` (SRA layers: `sra_attention_sequence_parallel`; dense layers:
+    `dense_attention_sequence_parallel`), attention over a KV cache runs `sharded_cache_attention`, and the
+    router's top-k and Plackett-Luce log-prob run `sharded_topk_indices` / `sharded_topk_log_prob`. Without a
+    mesh (and without `shards`), or when the mesh has no `axis` or it has size 1, nothing changes (the context is
+    cleared). Lengths that the shards do not divide (e.g. a single decoded token's router scores) keep the
+    unsharded path. `batch_axes`: mesh axes the batch is split over (used by the shard_maps when they divide the
+    batch). `mesh=None, shards=S > 1`: S shards simulated on one device (vmap; the collectives act across the
+    mapped axis), to time the sharded program where one device exists. Enter it where the model is traced (the
+    context is not part of any jit cache key: a function jitted inside it must not be called with the same
+    arguments outside it, or the reverse)."""
+    if mesh is None:
+        count = 1 if shards is None else _num_shards(None, axis, shards)
+        active = SequenceSharding(None, axis, count, ()) if count > 1 else None
+    elif axis not in mesh.shape or mesh.shape[axis] == 1:
+        active = None
+    else:
+        count = _num_shards(mesh, axis, shards)  # axis types, shards == the axis size
+        batch_axes = tuple(batch_axes)
+        if batch_axes:
+            _check_batch_axis(mesh, batch_axes, axis)
+        active = SequenceSharding(mesh, axis, count, batch_axes)
+    token = _ACTIVE.set(active)
+    try:
+        yield active
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_sequence_sharding() -> SequenceSharding | None:
+    """The innermost `sequence_sharding` context's settings (None outside one, or when it shards nothing)."""
+    return _ACTIVE.get()
+
+
+def _is_dense(spec: SRAMaskSpec, num_keys: int) -> bool:
+    """A spec that reduces to causal attention: no globals, no critical keys, a window spanning every key."""
+    return spec.num_global == 0 and spec.max_critical == 0 and spec.window >= num_keys
+
+
+def spec_attention(
+    q: Float[Array, "b sq hq d"],
+    k: Float[Array, "b sk hkv d"],
+    v: Float[Array, "b sk hkv d"],
+    spec: SRAMaskSpec,
+    *,
+    sm_scale: float | None = None,
+) -> Float[Array, "b sq hq d"] | None:
+    """`attention(q, k, v, spec=spec)` sequence-parallel under the active `sequence_sharding` context, or None when
+    there is none or the lengths do not divide into its shards (the caller then runs its unsharded path).
+
+    Self-attention (`spec.keys_are_queries`): a dense spec (`_is_dense`) runs all-gather context parallelism; an SRA
+    spec the halo + gathered-critical path with `max_gathered` = min(chunk, spec.max_critical + num_global) (exact:
+    a shard holds at most the row's critical keys and its globals), or the chunk with packed rows or no bound.
+    Keys of a KV cache (not the queries): `sharded_cache_attention` over the cache's slots, the queries replicated.
+    """
+    active = active_sequence_sharding()
+    if active is None:
+        return None
+    shards = active.shards
+    common = dict(**active.placement(q.shape[0]), sm_scale=sm_scale)
+    if not spec.keys_are_queries:
+        if spec.q_segment_ids is not None or k.shape[1] % shards:
+            return None
+        return sharded_cache_attention(
+            q, k, v, spec.q_positions, spec.q_critical, spec.k_positions, spec.k_critical, window=spec.window,
+            num_global=spec.num_global, queries=spec.queries, **common)
+    n = q.shape[1]
+    if n % shards:
+        return None
+    if _is_dense(spec, n):
+        return dense_attention_sequence_parallel(q, k, v, spec.q_positions, spec.q_segment_ids, **common)
+    chunk = n // shards
+    if spec.q_segment_ids is not None or spec.max_critical is None:
+        max_gathered = chunk
+    else:
+        max_gathered = max(1, min(chunk, spec.max_critical + spec.num_global))
+    return sra_attention_sequence_parallel(
+        q, k, v, spec.q_positions, spec.q_critical, spec.q_segment_ids, window=spec.window,
+        num_global=spec.num_global, queries=spec.queries, max_gathered=max_gathered, **common)

@@ -27,32 +27,35 @@ from sra_jax.data.synthetic import SyntheticConfig
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape over the axes ("data", "fsdp", "tensor"); -1 on one axis means "all remaining devices"."""
+    """Device mesh shape over the axes ("data", "fsdp", "tensor", "sequence"); -1 on one axis means "all remaining
+    devices". `sequence` splits the positions of every row into contiguous chunks (long contexts, see docs/train.md);
+    data.seq_len must then be divisible by it."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    sequence: int = 1
 
     def __post_init__(self):
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "sequence": self.sequence}
         for name, size in sizes.items():
-            if not isinstance(size, int) or (size < 1 and size != -1):
+            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
                 raise ValueError(f"mesh.{name}={size!r} must be a positive integer or -1")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
 
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        """(data, fsdp, tensor) with the -1 axis filled so that the product is `num_devices`."""
-        shape = [self.data, self.fsdp, self.tensor]
-        known = abs(shape[0] * shape[1] * shape[2]) if -1 in shape else shape[0] * shape[1] * shape[2]
+    def resolve(self, num_devices: int) -> tuple[int, int, int, int]:
+        """(data, fsdp, tensor, sequence) with the -1 axis filled so that the product is `num_devices`."""
+        shape = [self.data, self.fsdp, self.tensor, self.sequence]
+        known = abs(math.prod(shape))
         if -1 in shape:
             if num_devices % known:
                 raise ValueError(f"mesh {shape}: {num_devices} devices are not divisible by {known}")
             shape[shape.index(-1)] = num_devices // known
-        if shape[0] * shape[1] * shape[2] != num_devices:
-            raise ValueError(f"mesh (data, fsdp, tensor)={tuple(shape)} needs {shape[0] * shape[1] * shape[2]} "
+        if math.prod(shape) != num_devices:
+            raise ValueError(f"mesh (data, fsdp, tensor, sequence)={tuple(shape)} needs {math.prod(shape)} "
                              f"devices but {num_devices} are available")
-        return shape[0], shape[1], shape[2]
+        return shape[0], shape[1], shape[2], shape[3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +400,12 @@ class TrainConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings}")
+        if self.mesh.sequence > 1 and self.data.seq_len % self.mesh.sequence:
+            raise ValueError(f"data.seq_len={self.data.seq_len} must be divisible by mesh.sequence="
+                             f"{self.mesh.sequence} (each device holds an equal contiguous chunk of every row)")
+        if self.mesh.sequence != 1 and self.loss.kind == "grpo":
+            raise ValueError(f"mesh.sequence={self.mesh.sequence} cannot train loss.kind='grpo': its rollouts decode "
+                             f"one token at a time (a sequence-sharded rollout is not built); use mesh.sequence=1")
         if self.init.trainable == "router" and self.sra is None:
             raise ValueError("init.trainable='router' trains the SRA routers, so `sra` must be set (it is null)")
 

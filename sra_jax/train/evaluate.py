@@ -32,14 +32,17 @@ from flax import nnx
 from sra_jax.data import synthetic
 from sra_jax.train.config import RECORD_TASKS
 from sra_jax.nn import attention_flops
+from sra_jax.ops import sequence_parallel
 from sra_jax.train import losses
+from sra_jax.train.sharding import BATCH_AXES
 
 _logger = logging.getLogger(__name__)
 
 
-@functools.partial(nnx.jit, static_argnames=("batch_rows",))
-def _score(model, tokens, positions, loss_mask, batch_rows: int):
-    logits, aux = model(tokens, positions)
+@functools.partial(nnx.jit, static_argnames=("batch_rows", "mesh"))
+def _score(model, tokens, positions, loss_mask, batch_rows: int, mesh=None):
+    with sequence_parallel.sequence_sharding(mesh, batch_axes=BATCH_AXES):  # no-op unless mesh.sequence > 1
+        logits, aux = model(tokens, positions)
     correct = losses.answer_correct(logits, tokens, loss_mask)
     dense, sparse = attention_flops(model.config, aux)
     layers = jnp.asarray(aux.sra_layers, jnp.int32)
@@ -47,14 +50,16 @@ def _score(model, tokens, positions, loss_mask, batch_rows: int):
     return correct, selected, dense, sparse, aux.mask_density.mean(0)
 
 
-def evaluate_synthetic(model: nnx.Module, batch: synthetic.SyntheticBatch, *, chunk: int = 128) -> dict[str, float]:
-    """accuracy, selected_fraction (SRA layers), mask_density and attention FLOPs relative to dense (all layers)."""
+def evaluate_synthetic(model: nnx.Module, batch: synthetic.SyntheticBatch, *, chunk: int = 128,
+                       mesh=None) -> dict[str, float]:
+    """accuracy, selected_fraction (SRA layers), mask_density and attention FLOPs relative to dense (all layers).
+    A `mesh` with a "sequence" axis of size > 1 runs the forward pass sequence-parallel."""
     outputs = []
     for start in range(0, batch.tokens.shape[0], chunk):
         rows = slice(start, start + chunk)
         tokens = jnp.asarray(batch.tokens[rows])
         outputs.append(jax.device_get(_score(model, tokens, jnp.asarray(batch.positions[rows]),
-                                             jnp.asarray(batch.loss_mask[rows]), tokens.shape[0])))
+                                             jnp.asarray(batch.loss_mask[rows]), tokens.shape[0], mesh)))
     correct, selected, dense, sparse, density = (np.concatenate(parts) for parts in zip(*outputs))
     return {
         "accuracy": float(correct.mean()),
@@ -285,7 +290,7 @@ def evaluate_synthetic_checkpoint(args) -> int:
             return 1
         state = restored
     stream = SyntheticStream(config.data, config.batch_size, config.grad_accum)
-    metrics = evaluate_synthetic(trainer.model(state.params), stream.eval_batch(args.size, args.split))
+    metrics = evaluate_synthetic(trainer.model(state.params), stream.eval_batch(args.size, args.split), mesh=mesh)
     print({"step": int(state.step), "split": args.split, **{k: round(v, 4) for k, v in metrics.items()}})
     return 0
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
+from sra_jax.ops import sequence_parallel
 from sra_jax.train import losses, rl, sharding
 from sra_jax.train.config import LossConfig
 
@@ -258,10 +259,13 @@ def rollout_outputs(params, batch, key, step, ref_params=None, *, graphdef, rest
 
 def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *, graphdef, rest, loss: LossConfig,
             has_sra: bool, mesh: Mesh | None):
-    """The supervised / router-RL objective on one micro-batch (loss.kind 'sl', 'rl', 'sl+rl') and its metrics."""
-    outputs = supervised_outputs(params, tokens, positions, loss_mask, key, step, segment_ids, graphdef=graphdef,
-                                 rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
-    return total_loss(outputs, loss, has_sra)
+    """The supervised / router-RL objective on one micro-batch (loss.kind 'sl', 'rl', 'sl+rl') and its metrics.
+    With a mesh whose "sequence" axis is > 1, every model call in it (the teacher's too) runs sequence-parallel:
+    attention and the router's top-k through `sra_jax.ops.sequence_parallel` (a no-op otherwise)."""
+    with sequence_parallel.sequence_sharding(mesh, batch_axes=sharding.BATCH_AXES):
+        outputs = supervised_outputs(params, tokens, positions, loss_mask, key, step, segment_ids, graphdef=graphdef,
+                                     rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
+        return total_loss(outputs, loss, has_sra)
 
 
 def grpo_loss_fn(params, batch, key, step, ref_params=None, *, graphdef, rest, loss: LossConfig, has_sra: bool,

@@ -1,8 +1,10 @@
-"""Device mesh ("data", "fsdp", "tensor") and the rules that map the model's logical axis names onto it.
+"""Device mesh ("data", "fsdp", "tensor", "sequence") and the rules that map the model's logical axis names onto it.
 
 The model never names a mesh axis: its parameters carry logical names (`nnx.with_partitioning`), and
 `LOGICAL_AXIS_RULES` says where each goes. A dimension whose size does not divide its mesh axes is replicated
-instead (tiny models on many devices), so every rule table works on every mesh.
+instead (tiny models on many devices), so every rule table works on every mesh. Activations are split by batch over
+("data", "fsdp") and by position over "sequence" (contiguous chunks of every row; attention and the router's top-k
+then run sequence-parallel, see `sra_jax.ops.sequence_parallel.sequence_sharding`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 # logical name -> mesh axes (None = replicated). FSDP shards the model dimension of every matrix; tensor parallelism
 # splits heads, the MLP width and the vocabulary (Megatron style). The router's hidden width is tiny and stays
@@ -34,13 +37,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh of `shape` = (data, fsdp, tensor) over `devices` (default: all devices of all processes)."""
-    if len(shape) != 3:
-        raise ValueError(f"mesh shape {tuple(shape)} must have 3 entries (data, fsdp, tensor)")
+    """A mesh of `shape` = (data, fsdp, tensor[, sequence]) over `devices` (default: all devices of all processes);
+    sequence is 1 when left out."""
+    if len(shape) not in (3, 4):
+        raise ValueError(f"mesh shape {tuple(shape)} must have 3 or 4 entries (data, fsdp, tensor[, sequence])")
+    shape = (*shape, 1) if len(shape) == 3 else tuple(shape)
     devices = list(jax.devices() if devices is None else devices)
     if int(np.prod(shape)) != len(devices):
         raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, got {len(devices)}")
-    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    axis_types = (jax.sharding.AxisType.Auto,) * 4
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types, devices=devices)
 
 
@@ -92,10 +97,17 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     return jax.tree.map(to_sharding, logical, state, is_leaf=_is_variable)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, *, leading: int = 0) -> NamedSharding:
-    """Shard dimension `leading` of an `ndim`-array over ("data", "fsdp"); the rest is replicated."""
-    spec = [None] * ndim
+def _axis_size(mesh: Mesh | AbstractMesh, axis: str) -> int:
+    return mesh.shape[axis] if axis in mesh.shape else 1
+
+
+def batch_sharding(mesh: Mesh | AbstractMesh, ndim: int = 2, *, leading: int = 0, sequence: bool = True) -> NamedSharding:
+    """Shard dimension `leading` of an `ndim`-array over ("data", "fsdp") and, with `sequence` and a sequence axis
+    of size > 1, dimension `leading + 1` (the positions) over "sequence"; the rest is replicated."""
+    spec: list = [None] * ndim
     spec[leading] = BATCH_AXES
+    if sequence and ndim > leading + 1 and _axis_size(mesh, SEQUENCE_AXIS) > 1:
+        spec[leading + 1] = SEQUENCE_AXIS
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
@@ -104,7 +116,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def constrain_batch(x: jax.Array, mesh: Mesh | None, *, leading: int = 0) -> jax.Array:
-    """Sharding constraint: activations split by batch over ("data", "fsdp") (no-op without a mesh)."""
+    """Sharding constraint: activations split by batch over ("data", "fsdp") and by position over "sequence" (the
+    dimension after the batch, when there is one and it divides; no-op without a mesh)."""
     if mesh is None or mesh.size == 1 or x.shape[leading] % (mesh.shape["data"] * mesh.shape["fsdp"]):
         return x
-    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, leading=leading))
+    shards = _axis_size(mesh, SEQUENCE_AXIS)
+    sequence = x.ndim > leading + 1 and shards > 1 and x.shape[leading + 1] % shards == 0
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, leading=leading, sequence=sequence))

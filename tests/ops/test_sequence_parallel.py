@@ -154,3 +154,40 @@ def test_gathered_per_shard_counts_critical_and_global_keys():
     critical = jnp.array([[True, False, False, True, False, False, True, True]])
     counts = sp.gathered_per_shard(positions, critical, num_global=1, shards=2)
     assert counts.tolist() == [[2, 3]]  # shard 0: position 0 and critical position 2; shard 1: 0 (global), 1, 2
+
+
+def test_dense_context_parallel_attention_and_its_gradients_equal_causal_attention():
+    """All-gather context parallelism (simulated shards on one device) against dense causal attention, packed rows
+    crossing shard edges and padding included; one row without segment ids."""
+    from sra_jax.ops.attention import attention
+    from sra_jax.ops.masks import SRAMaskSpec
+
+    worker = load_worker()
+    q, k, v, positions, critical, segments = worker.inputs(0, [([5, 13, 21], 3, False), ([9, 17], 4, True)], 0.25)
+    for segment_ids in (segments, None):
+        mask = SRAMaskSpec.create(positions, critical, window=1, num_global=0, segment_ids=segment_ids).dense_mask()
+        expect = worker.value_and_grads(
+            lambda q, k, v, mask=mask: attention(q, k, v, mask=mask, impl="reference"), q, k, v)
+        for shards, block_q in ((4, 2), (8, None)):
+            got = worker.value_and_grads(
+                lambda q, k, v, shards=shards, block_q=block_q, segment_ids=segment_ids:
+                sp.dense_attention_sequence_parallel(q, k, v, positions, segment_ids, shards=shards, block_q=block_q),
+                q, k, v)
+            assert worker.biggest(expect, got) <= ATTENTION_TOL, (shards, segment_ids is None)
+
+
+def test_sequence_sharding_is_a_no_op_without_a_sequence_axis_of_size_above_one(one_device_mesh):
+    from sra_jax.ops.masks import SRAMaskSpec
+
+    q, k, v, positions, critical = attention_args()
+    spec = SRAMaskSpec.create(positions, critical, window=2, num_global=0)
+    assert sp.spec_attention(q, k, v, spec) is None  # no context
+    for mesh in (None, one_device_mesh, jax.make_mesh((1,), ("data",), (jax.sharding.AxisType.Auto,),
+                                                      devices=jax.devices()[:1])):
+        with sp.sequence_sharding(mesh) as active:
+            assert active is None and sp.active_sequence_sharding() is None
+            assert sp.spec_attention(q, k, v, spec) is None
+    with pytest.raises(ValueError, match=r"batch_axis \(\('data', 'nope'\)\)"):
+        sp.dense_attention_sequence_parallel(q, k, v, positions, mesh=one_device_mesh, batch_axis=("data", "nope"))
+    with pytest.raises(ValueError, match=r"block_q \(3\)"):
+        sp.dense_attention_sequence_parallel(q, k, v, positions, shards=2, block_q=3)

@@ -47,9 +47,20 @@ def test_bad_values_raise_errors_naming_the_key(override, message):
 
 
 def test_mesh_resolves_minus_one_to_the_remaining_devices():
-    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
+    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 2, 1)
+    assert MeshConfig(data=2, sequence=-1).resolve(8) == (2, 1, 1, 4)
     with pytest.raises(ValueError, match="devices"):
         MeshConfig(data=3, fsdp=1, tensor=1).resolve(8)
+
+
+def test_a_sequence_axis_must_divide_the_length_and_is_refused_for_grpo():
+    assert TrainConfig.load(None, ["mesh.sequence=4", "data.seq_len=64"]).mesh.sequence == 4
+    with pytest.raises(ValueError, match=r"mesh\.sequence"):
+        TrainConfig.load(None, ["mesh.sequence=0"])
+    with pytest.raises(ValueError, match=r"data\.seq_len=66 must be divisible by mesh\.sequence=4"):
+        TrainConfig.load(None, ["mesh.sequence=4", "data.seq_len=66"])
+    with pytest.raises(ValueError, match=r"mesh\.sequence=2 cannot train loss\.kind='grpo'"):
+        TrainConfig.load(None, ["mesh.sequence=2", "sra={critical_fraction: 0.2}", "loss.kind=grpo"])
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -33,13 +33,25 @@ def run_worker(*args: str) -> dict:
 def test_logical_rules_shard_fsdp_and_tensor_axes_and_replicate_what_does_not_divide():
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     assert sharding.logical_to_mesh_spec(("embed", "mlp"), (64, 128), mesh) == P(None, None)  # axes of size 1
-    fake = jax.sharding.AbstractMesh((2, 4, 2), sharding.MESH_AXES)
+    fake = jax.sharding.AbstractMesh((2, 4, 2, 1), sharding.MESH_AXES)
     assert sharding.logical_to_mesh_spec(("embed", "mlp"), (64, 128), fake) == P("fsdp", "tensor")
     assert sharding.logical_to_mesh_spec(("vocab", "embed"), (99, 64), fake) == P(None, "fsdp")  # 99 % 2 != 0
     assert sharding.logical_to_mesh_spec(("norm",), (64,), fake) == P(None)
     assert sharding.logical_to_mesh_spec(None, (3,), fake) == P()
     with pytest.raises(ValueError, match="no sharding rule"):
         sharding.logical_to_mesh_spec(("experts",), (4,), fake)
+
+
+def test_activations_split_by_batch_and_by_position_over_the_sequence_axis():
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    assert mesh.axis_names == sharding.MESH_AXES and mesh.shape["sequence"] == 1
+    assert sharding.batch_sharding(mesh, 3, leading=1).spec == P(None, ("data", "fsdp"), None)  # sequence size 1
+    fake = jax.sharding.AbstractMesh((2, 1, 1, 4), sharding.MESH_AXES)
+    assert sharding.batch_sharding(fake, 3, leading=1).spec == P(None, ("data", "fsdp"), "sequence")
+    assert sharding.batch_sharding(fake, 2).spec == P(("data", "fsdp"), "sequence")
+    assert sharding.batch_sharding(fake, 2, sequence=False).spec == P(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="3 or 4 entries"):
+        sharding.make_mesh((1, 1), jax.devices()[:1])
 
 
 def _spec(specs: dict[str, str], *words: str) -> str:
