@@ -2,6 +2,7 @@
 
     DIR/config.yaml    the stage's TrainConfig (`sra-jax train --config DIR/config.yaml` runs it)
     DIR/checkpoints    its training checkpoints (checkpoint.dir; a stage cut short resumes from the newest)
+    DIR/logs           log.dir: metrics.jsonl and the resolved config the loop ran
     DIR/hf             `sra-jax export --checkpoint DIR/checkpoints --out DIR/hf`: a Hugging Face Llama folder
                        (+ sra_router.safetensors and sra_config.json when the model has routers)
     DIR/export.json    the stage's config, the export's step and the sha256 of each of its files, written once the
@@ -31,7 +32,7 @@ from sra_jax.train.loop import StopFlag, run
 
 _logger = logging.getLogger(__name__)
 
-CONFIG_FILE, CHECKPOINTS, EXPORT, MANIFEST = "config.yaml", "checkpoints", "hf", "export.json"
+CONFIG_FILE, CHECKPOINTS, LOGS, EXPORT, MANIFEST = "config.yaml", "checkpoints", "logs", "hf", "export.json"
 
 
 def _sha256(path: Path) -> str:
@@ -60,6 +61,10 @@ class Stage:
         return self.directory / CHECKPOINTS
 
     @property
+    def logs(self) -> Path:
+        return self.directory / LOGS
+
+    @property
     def export(self) -> Path:
         return self.directory / EXPORT
 
@@ -74,7 +79,7 @@ class Stage:
 
     def verified(self, config: TrainConfig) -> bool:
         """True when the export exists, was made by this stage from `config` (as config.yaml holds it, at step
-        `config.steps`), and every file matches export.json's sha256."""
+        `config.steps`; the log section aside), and every file matches export.json's sha256."""
         if not self.manifest.is_file() or not self.export.is_dir():
             return False
         try:
@@ -82,7 +87,9 @@ class Stage:
         except json.JSONDecodeError:
             return False
         files = manifest.get("files") or {}
-        if manifest.get("step") != config.steps or manifest.get("config") != self._values(config) or not files:
+        made_from = {k: v for k, v in (manifest.get("config") or {}).items() if k != "log"}
+        wanted = {k: v for k, v in self._values(config).items() if k != "log"}  # logging changes no weight
+        if manifest.get("step") != config.steps or made_from != wanted or not files:
             return False
         return all((self.export / name).is_file() and _sha256(self.export / name) == digest
                    for name, digest in files.items())
@@ -91,7 +98,7 @@ class Stage:
         """`config` with its checkpoints and logs in this stage's folder."""
         return dataclasses.replace(
             config, checkpoint=dataclasses.replace(config.checkpoint, dir=str(self.checkpoints)),
-            log=dataclasses.replace(config.log, dir=str(self.directory)))
+            log=dataclasses.replace(config.log, dir=str(self.logs)))
 
     def _values(self, config: TrainConfig) -> dict:
         """config.yaml's mapping for `config`: checkpoints and logs here; no `model:` when init.from is set (the model
