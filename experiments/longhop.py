@@ -18,12 +18,14 @@ exported by `sra-jax export` as a Hugging Face Llama folder), so the experiment 
                has CoT.
 Every variant answers the held-out splits test / new_values / more_hops / longer (longer: contexts past the trained
 length). A stage whose export verifies (WORKDIR/STAGE/export.json: step and sha256 of every file) is skipped, one cut
-short resumes from its checkpoint; rows are appended to WORKDIR/rows.jsonl as they finish and skipped when present.
-So an invocation cut by --time-budget (exit 3) or killed resumes where it stopped; every invocation rewrites the
-results JSON + MD.
+short resumes from its checkpoint; rows are appended to rows.jsonl (in --record-dir, default WORKDIR) as they finish
+and skipped when present. So an invocation cut by --time-budget (exit 3) or killed resumes where it stopped, and one
+on a machine that lost WORKDIR but has the record retrains only what unfinished rows need; every invocation rewrites
+the results JSON + MD.
 
     python experiments/longhop.py --scale cpu                       # ~12 min on 2 CPU cores
-    python experiments/longhop.py --scale gpu --time-budget 420     # repeat until it prints "all rows done"
+    python experiments/longhop.py --scale gpu --time-budget 300 --record-dir experiments/results/longhop-gpu-record
+                                                                    # repeat until it prints "all rows done"
 """
 
 from __future__ import annotations
@@ -115,17 +117,21 @@ class OutOfTime(Exception):
 
 class Experiment:
     def __init__(self, scale_name: str, workdir: Path, results_dir: Path, time_budget: float | None,
-                 overrides: dict[str, Any]):
+                 overrides: dict[str, Any], record_dir: Path | None = None):
         self.scale_name = scale_name
         self.scale = dataclasses.replace(SCALES[scale_name], **overrides)
         self.workdir, self.results_dir = workdir, results_dir
         self.deadline = None if time_budget is None else time.monotonic() + time_budget
         workdir.mkdir(parents=True, exist_ok=True)
-        meta_path = workdir / "meta.json"
+        # rows.jsonl and meta.json: small, and all a later invocation needs to skip finished rows (the stages' folders
+        # in workdir only save retraining); record_dir keeps them where they outlive a machine that loses workdir.
+        self.record_dir = Path(record_dir or workdir)
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        meta_path = self.record_dir / "meta.json"
         if not meta_path.exists():
             meta_path.write_text(json.dumps({"date": datetime.date.today().isoformat(), "scale": scale_name}))
         self.meta = json.loads(meta_path.read_text())
-        self.rows_path = workdir / "rows.jsonl"
+        self.rows_path = self.record_dir / "rows.jsonl"
         self.rows = [json.loads(line) for line in self.rows_path.read_text().splitlines()] if self.rows_path.exists() else []
         self.done = {self._key(r) for r in self.rows}
         self.training_tokens: dict[str, int] = self.meta.get("training_tokens", {})
@@ -186,7 +192,7 @@ class Experiment:
         print(f"[{name}] done: {export}", flush=True)
         self.training_tokens[name] = config.steps * config.batch_size * config.data.seq_len
         self.meta["training_tokens"] = self.training_tokens
-        (self.workdir / "meta.json").write_text(json.dumps(self.meta))
+        (self.record_dir / "meta.json").write_text(json.dumps(self.meta))
         return export
 
     def base(self, form: str, seed: int) -> Path:
@@ -362,7 +368,10 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--workdir", help="checkpoints and rows.jsonl (default runs/longhop-SCALE in the checkout)")
+    parser.add_argument("--workdir", help="the stages (checkpoints, exports) and, unless --record-dir, rows.jsonl and "
+                                          "meta.json (default runs/longhop-SCALE in the checkout)")
+    parser.add_argument("--record-dir", help="rows.jsonl and meta.json (kilobytes): finished rows are skipped, so keeping "
+                                             "these is enough to resume on a machine that lost --workdir")
     parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--time-budget", type=float, help="seconds; stop cleanly (checkpointed) after this")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -382,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides[name] = type(current)(value)
     workdir = Path(args.workdir or Path(__file__).parents[1] / "runs" / f"longhop-{args.scale}")
-    experiment = Experiment(args.scale, workdir, Path(args.results_dir), args.time_budget, overrides)
+    experiment = Experiment(args.scale, workdir, Path(args.results_dir), args.time_budget, overrides,
+                            Path(args.record_dir) if args.record_dir else None)
     finished = experiment.run()
     json_path, md_path = experiment.write()
     print(f"results: {json_path} and {md_path}")
