@@ -123,6 +123,7 @@ for row in table_rows:
 # 23.1], static 17.6% [13.4, 22.7] (dense 21.5%, window-only 7.8%, random tokens 14.1%, oracle set 47.7%). The dynamic
 # layers pick different sets (layer-0 / layer-1 Jaccard 0.11) with the same oracle recall (12.0% and 11.8%); the one
 # static set recalls 13.5% at precision 8.1% vs 6.9% for dynamic, both barely above a random pick's 5.7%. Static spends
-# half the router FLOPs (total 0.932x vs 0.945x dense) and, since both layers share one set, slightly more attention
-# (0.380x vs 0.351x: the critical tokens then see each other in both layers). At this scale per-layer selection buys
-# nothing measurable; neither router finds the chain.
+# half the router FLOPs (total 0.932x vs 0.945x dense) but slightly more attention (0.380x vs 0.351x for the same
+# number of critical tokens, so its picks sit where a critical key adds more visible pairs: earlier in the prompt, less
+# often inside the window or the globals). At this scale per-layer selection buys nothing measurable; neither router
+# finds the chain.
