@@ -75,6 +75,9 @@ axes[0].axhline(1 / s.task.value_range, color="gray", lw=0.8, label="uniform gue
 axes[0].set(xscale="log", xlabel="critical fraction α", ylabel="accuracy (95% CI)", title="accuracy")
 axes[1].set(xscale="log", xlabel="critical fraction α", ylabel="fraction", title="critical set vs the oracle set")
 axes[2].set(xlabel="attention FLOPs vs dense", ylabel="accuracy", title="accuracy vs attention cost")
+for ax in axes[:2]:
+    ax.set_xticks(ALPHAS, [str(a) for a in ALPHAS])
+    ax.minorticks_off()
 for ax in axes:
     ax.legend(fontsize=7)
 fig.suptitle(f"SRA sparsity on longhop ({'TINY smoke run' if TINY else 'CPU setting'}, seed 0)")

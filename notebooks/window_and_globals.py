@@ -94,7 +94,9 @@ axes[0].set(xscale="log", xlabel="window", ylabel="accuracy", title="inference-t
 axes[1].set(xscale="log", xlabel="window", ylabel="attention FLOPs vs dense", title="cost")
 axes[2].set(xscale="log", xlabel="window (trained and evaluated)", ylabel="accuracy (95% CI)",
             title="routers trained at each window")
-for ax in axes:
+for ax, ticks in zip(axes, (EVAL_WINDOWS, EVAL_WINDOWS, TRAINED_WINDOWS)):
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
 fig.suptitle(f"window and global tokens on longhop ({'TINY smoke run' if TINY else 'CPU setting'}, seed 0)")
 fig.tight_layout()
