@@ -78,7 +78,7 @@ fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 for num_global, style in zip(EVAL_GLOBALS, ("--", "-")):
     for source, marker in (("window", "o"), ("oracle", "s")):
         group = [r for r in sweep if r["variant"] == source and r["num_global"] == num_global]
-        label = f"{source}{' + oracle set' if source == 'oracle' else ' only'}, {num_global} globals"
+        label = f"{'window + oracle set' if source == 'oracle' else 'window only'}, {num_global} globals"
         axes[0].plot([r["window"] for r in group], [r["accuracy"] for r in group], marker + style, label=label)
         axes[1].plot([r["window"] for r in group], [r["attention_flops_vs_dense"] for r in group], marker + style,
                      label=label)
