@@ -1,7 +1,8 @@
 """experiments/longhop.py end to end at its tiny scale: every variant and split gets a row with every column, the
 results file states the hypothesis, SRA is retrofitted onto the exported base through init.from (routers only: the
 Llama tensors of the router export equal the base export's), and a second invocation resumes (trains and scores
-nothing twice); a damaged export no longer verifies."""
+nothing twice, also on a machine that kept only the record: rows.jsonl + meta.json); a damaged export no longer
+verifies."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ spec.loader.exec_module(longhop_experiment)
 
 
 def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
-    args = ["--scale", "tiny", "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
+    args = ["--scale", "tiny", "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"),
+            "--record-dir", str(tmp_path / "record")]
     assert longhop_experiment.main([*args, "--time-budget", "0"]) == 3  # out of time before any stage: resumable
     assert longhop_experiment.main(args) == 0
     (json_path,) = (tmp_path / "results").glob("longhop-*.json")
@@ -64,3 +66,8 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     data[-1] ^= 1  # one flipped bit in the last tensor
     damaged.write_bytes(bytes(data))
     assert not base.verified(config)
+    capsys.readouterr()
+    elsewhere = [*args[:3], str(tmp_path / "fresh-work"), *args[4:]]  # the stages are gone, the record is kept
+    assert longhop_experiment.main(elsewhere) == 0
+    assert "training" not in capsys.readouterr().out
+    assert len(json.loads(json_path.read_text())["rows"]) == len(record["rows"])
