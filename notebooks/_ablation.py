@@ -11,13 +11,14 @@ oracle critical set over the prompt).
 
 The full (CPU) setting is the `sra-jax demo` run: 2 layers x 64 wide, 128-token prompts, dense base 800 steps. Its
 stages live in runs/notebooks/ of the checkout, so the notebooks share one base and a re-run skips every stage whose
-export verifies; TINY stages live in a fresh temporary folder.
+export verifies; TINY stages live in $SRA_JAX_NOTEBOOK_WORKDIR or a fresh temporary folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,13 @@ class Setting:
 
 
 def setting(tiny: bool, *, router_steps: int = demo.DEMO_ROUTER_STEPS) -> Setting:
-    """TINY: a 40-token task, 2 base steps and 1 router step (a smoke run); else the `sra-jax demo` setting."""
+    """TINY: a 40-token task, 2 base steps and 1 router step (a smoke run) in $SRA_JAX_NOTEBOOK_WORKDIR (the tests
+    share one folder, so one tiny base serves every notebook) or a fresh temporary folder; else the `sra-jax demo`
+    setting."""
     sra = dataclasses.replace(demo.DEMO_SRA, selection="gumbel_topk")
     if tiny:
-        return Setting(True, TINY_TASK, 2, 1, 16, Path(tempfile.mkdtemp(prefix="sra-notebook-")),
-                       dataclasses.replace(sra, window=4))
+        workdir = os.environ.get("SRA_JAX_NOTEBOOK_WORKDIR") or tempfile.mkdtemp(prefix="sra-notebook-")
+        return Setting(True, TINY_TASK, 2, 1, 16, Path(workdir), dataclasses.replace(sra, window=4))
     return Setting(False, demo.DEMO_TASK, demo.DEMO_STEPS, router_steps, 256, ROOT / "runs" / "notebooks", sra)
 
 

@@ -36,7 +36,7 @@ import os
 
 TINY = os.environ.get("SRA_JAX_NOTEBOOK_TINY", "0") == "1"
 ALPHA = 0.1
-EVAL_WINDOWS = (2, 8) if TINY else (4, 8, 16, 32, 64)
+EVAL_WINDOWS = (8,) if TINY else (4, 8, 16, 32, 64)
 EVAL_GLOBALS = (0, 4)
 TRAINED_WINDOWS = (2,) if TINY else (8, 16, 32)
 
