@@ -1,25 +1,31 @@
 """Does a learned router find the tokens that matter? Dense, window-only, random, oracle and learned critical sets
 (and chain of thought) on the long-context multi-hop task (sra_jax.data.longhop), at matched budgets alpha.
 
-Per seed:
-  1. base      a dense Llama trained on longhop (direct answers; with CoT variants also one on the CoT form), through
-               `sra_jax.train.loop.run` with checkpoints in WORKDIR (resumable).
-  2. forced    the base wrapped with SRA layers (queries="all") and a forced critical set: `dense` (every token:
+Per seed, every training run is a stage of `sra_jax.train.stages` (a config.yaml run by `sra-jax train`'s loop,
+exported by `sra-jax export` as a Hugging Face Llama folder), so the experiment is the retrofit recipe a user runs:
+  1. base      a dense Llama pretrained on longhop (direct answers; with CoT variants also one on the CoT form),
+               exported to WORKDIR/base-FORM-seedS/hf.
+  2. forced    that export loaded with SRA layers (queries="all") and a forced critical set: `dense` (every token:
                exactly causal attention), `window` (no token: window + globals), `random` (alpha * tokens uniformly),
                `oracle` (the answer key: the chain's statements).
-  3. learned   routers trained on the frozen base (loss.kind="rl": only router parameters move) with reward
-               correctness - token_penalty * selected fraction, without (`learned_rl`) and with KL to the dense
-               teacher (`learned_rl_kl`); the gpu scale then trains router and base jointly from `learned_rl_kl`
-               (`learned_joint`, loss.kind="sl+rl"). The base reaches the router run as its step-0 checkpoint (one
-               process, no export); with `init: {from:, trainable: router}` in TrainConfig this becomes
-               `init.from=<base export>` and nothing else changes.
-  4. cot       `cot_dense` (the CoT base, dense) and `cot_sra` (a router trained on the CoT base) when the scale has CoT.
+  3. learned   SRA retrofitted onto the export through `init: {from: base export, trainable: router}` (only the
+               routers move; the Llama stays bit-identical): loss.kind="rl", reward correctness - token_penalty *
+               selected fraction, without (`learned_rl`) and with KL to the dense teacher (`learned_rl_kl`); the gpu
+               scale then trains routers and Llama jointly from the `learned_rl_kl` export (`learned_joint`:
+               `init: {from: router export, trainable: all}`, loss.kind="sl+rl"). Each variant is scored from its
+               export.
+  4. cot       `cot_dense` (the CoT base, dense) and `cot_sra` (routers retrofitted onto the CoT base) when the scale
+               has CoT.
 Every variant answers the held-out splits test / new_values / more_hops / longer (longer: contexts past the trained
-length). Rows are appended to WORKDIR/rows.jsonl as they finish and skipped when present, so an invocation cut by
---time-budget (or killed) resumes where it stopped; every invocation rewrites the results JSON + MD.
+length). A stage whose export verifies (WORKDIR/STAGE/export.json: step and sha256 of every file) is skipped, one cut
+short resumes from its checkpoint; rows are appended to rows.jsonl (in --record-dir, default WORKDIR) as they finish
+and skipped when present. So an invocation cut by --time-budget (exit 3) or killed resumes where it stopped, and one
+on a machine that lost WORKDIR but has the record retrains only what unfinished rows need; every invocation rewrites
+the results JSON + MD.
 
     python experiments/longhop.py --scale cpu                       # ~12 min on 2 CPU cores
-    python experiments/longhop.py --scale gpu --time-budget 420     # repeat until it prints "all rows done"
+    python experiments/longhop.py --scale gpu --time-budget 300 --record-dir experiments/results/longhop-gpu-record
+                                                                    # repeat until it prints "all rows done"
 """
 
 from __future__ import annotations
@@ -40,12 +46,13 @@ import numpy as np
 from flax import nnx
 
 from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.convert.source import load_source
 from sra_jax.data import longhop
-from sra_jax.train import longhop_eval
-from sra_jax.train.config import (CheckpointConfig, DataConfig, LogConfig, LossConfig, OptimConfig, RouterRLConfig,
-                                  TrainConfig)
+from sra_jax.train import longhop_eval, stages
+from sra_jax.train.config import (CheckpointConfig, DataConfig, InitConfig, LogConfig, LossConfig, OptimConfig,
+                                  RouterRLConfig, TrainConfig)
 from sra_jax.train.data import LonghopStream
-from sra_jax.train.loop import StopFlag, run
+from sra_jax.train.loop import StopFlag
 
 HYPOTHESIS = (
     "At alpha = 0.1, SRA with the learned router keeps >= 90% of dense accuracy on the test "
@@ -110,17 +117,21 @@ class OutOfTime(Exception):
 
 class Experiment:
     def __init__(self, scale_name: str, workdir: Path, results_dir: Path, time_budget: float | None,
-                 overrides: dict[str, Any]):
+                 overrides: dict[str, Any], record_dir: Path | None = None):
         self.scale_name = scale_name
         self.scale = dataclasses.replace(SCALES[scale_name], **overrides)
         self.workdir, self.results_dir = workdir, results_dir
         self.deadline = None if time_budget is None else time.monotonic() + time_budget
         workdir.mkdir(parents=True, exist_ok=True)
-        meta_path = workdir / "meta.json"
+        # rows.jsonl and meta.json: small, and all a later invocation needs to skip finished rows (the stages' folders
+        # in workdir only save retraining); record_dir keeps them where they outlive a machine that loses workdir.
+        self.record_dir = Path(record_dir or workdir)
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        meta_path = self.record_dir / "meta.json"
         if not meta_path.exists():
             meta_path.write_text(json.dumps({"date": datetime.date.today().isoformat(), "scale": scale_name}))
         self.meta = json.loads(meta_path.read_text())
-        self.rows_path = workdir / "rows.jsonl"
+        self.rows_path = self.record_dir / "rows.jsonl"
         self.rows = [json.loads(line) for line in self.rows_path.read_text().splitlines()] if self.rows_path.exists() else []
         self.done = {self._key(r) for r in self.rows}
         self.training_tokens: dict[str, int] = self.meta.get("training_tokens", {})
@@ -145,8 +156,9 @@ class Experiment:
         return SRAConfig(critical_fraction=alpha, window=self.scale.window, num_global=longhop.HEADER_LEN,
                          queries="all", router_hidden=32, selection="gumbel_topk")
 
-    def train_config(self, form: str, seed: int, *, sra: SRAConfig | None, loss: LossConfig, steps: int,
-                     directory: Path) -> TrainConfig:
+    def train_config(self, form: str, seed: int, *, sra: SRAConfig | None, loss: LossConfig,
+                     steps: int) -> TrainConfig:
+        """A stage's run (checkpoint.dir and log.dir are set by the stage)."""
         s = self.scale
         return TrainConfig(
             model=self.model_config(), sra=sra,
@@ -154,46 +166,43 @@ class Experiment:
             loss=loss,
             data=DataConfig(task="longhop", form=form, seq_len=longhop.sequence_length(s.task, form), seed=seed,
                             eval_size=s.eval_size, longhop=s.task),
-            checkpoint=CheckpointConfig(dir=str(directory / "checkpoints"), every=100, keep=1),
-            log=LogConfig(dir=str(directory), tensorboard=False, progress=False),
+            checkpoint=CheckpointConfig(every=100, keep=1),
+            log=LogConfig(tensorboard=False, progress=False),
             steps=steps, batch_size=s.batch_size, seed=seed,
         )
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _run(self, name: str, config: TrainConfig):
-        """loop.run with a stop flag raised when the time budget runs out (the loop then checkpoints and returns)."""
+    def _stage(self, name: str, config: TrainConfig) -> Path:
+        """Stage `name` (WORKDIR/name) of `config`: its verified export, trained and exported first unless present;
+        OutOfTime when the time budget stops the training (the next invocation resumes from its checkpoint)."""
+        stage = stages.Stage(self.workdir / name)
+        if stage.verified(config):
+            return stage.export
+        self.check_time()
         stop = StopFlag()
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 stop.signal = signal.SIGTERM
 
-        print(f"[{name}] training {config.steps} steps", flush=True)
-        result = run(config, on_step=on_step, stop=stop, description=name)
-        if result.reason == "preempted":
+        print(f"[{name}] training {config.steps} steps: {' && '.join(stage.commands())}", flush=True)
+        export = stage.run(config, stop=stop, on_step=on_step, description=name)
+        if export is None:
             raise OutOfTime
-        if result.reason != "finished":
-            raise RuntimeError(f"{name}: training stopped ({result.reason})")
-        tail = result.history[-10:]
-        if tail:
-            print(f"[{name}] done: loss {np.mean([h['loss'] for h in tail]):.3f}, train accuracy "
-                  f"{np.mean([h['accuracy'] for h in tail]):.3f}", flush=True)
+        print(f"[{name}] done: {export}", flush=True)
         self.training_tokens[name] = config.steps * config.batch_size * config.data.seq_len
         self.meta["training_tokens"] = self.training_tokens
-        (self.workdir / "meta.json").write_text(json.dumps(self.meta))
-        return result
+        (self.record_dir / "meta.json").write_text(json.dumps(self.meta))
+        return export
 
-    def base(self, form: str, seed: int):
-        """The trained dense base (nnx.State of its params) for `form`."""
-        name = f"base-{form}-seed{seed}"
-        config = self.train_config(form, seed, sra=None, loss=LossConfig(kind="sl"), steps=self.scale.base_steps,
-                                   directory=self.workdir / name)
-        return config, self._run(name, config).state.params
+    def base(self, form: str, seed: int) -> Path:
+        """The export (Hugging Face folder) of the dense base pretrained on `form` problems."""
+        config = self.train_config(form, seed, sra=None, loss=LossConfig(kind="sl"), steps=self.scale.base_steps)
+        return self._stage(f"base-{form}-seed{seed}", config)
 
-    def router(self, base_params, form: str, seed: int, alpha: float, kind: str):
-        """A router trained from the base: "rl" (token penalty), "rl_kl" (+ KL to the dense teacher), "joint"
-        (sl+rl of everything, starting from the rl_kl routers)."""
-        name = f"router-{form}-{kind}-a{alpha}-seed{seed}"
+    def router(self, base_export: Path, form: str, seed: int, alpha: float, kind: str) -> Path:
+        """The export of SRA retrofitted onto `base_export`: "rl" (routers only, token penalty), "rl_kl" (+ KL to the
+        dense teacher), "joint" (sl+rl of every parameter, starting from the rl_kl export)."""
         explore = RouterRLConfig(entropy_weight=0.01)
         losses = {
             "rl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, router_rl=explore),
@@ -201,26 +210,27 @@ class Experiment:
             "joint": LossConfig(kind="sl+rl", token_penalty=0.1, group_size=4, router_rl=explore,
                                 teacher_kl_weight=1.0),
         }
-        start = base_params
+        init = InitConfig(from_=str(base_export), trainable="router")
         if kind == "joint":
-            start = self.router(base_params, form, seed, alpha, "rl_kl")
-        config = self.train_config(form, seed, sra=self.sra_config(alpha), loss=losses[kind],
-                                   steps=self.scale.router_steps, directory=self.workdir / name)
-        longhop_eval.start_from(config, start)
-        return self._run(name, config).state.params
+            init = InitConfig(from_=str(self.router(base_export, form, seed, alpha, "rl_kl")), trainable="all")
+        config = dataclasses.replace(
+            self.train_config(form, seed, sra=self.sra_config(alpha), loss=losses[kind],
+                              steps=self.scale.router_steps), init=init)
+        return self._stage(f"router-{form}-{kind}-a{alpha}-seed{seed}", config)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate(self, variant: str, source: str, params, form: str, seed: int, alpha: float | None) -> None:
-        """Rows of `variant` on every split (skipping those already in rows.jsonl)."""
+    def evaluate(self, variant: str, source: str, export: Path, form: str, seed: int, alpha: float | None) -> None:
+        """Rows of `variant` on every split (skipping those already in rows.jsonl), scoring the model in `export`
+        (a Hugging Face folder) with SRA layers: its own routers for "learned", a forced critical set otherwise."""
         todo = [split for split in SPLITS if (variant, alpha, seed, split) not in self.done]
         if not todo:
             return
         self.check_time()
         sra_alpha = alpha if alpha and alpha < 1 else 0.1  # forced sets ignore critical_fraction
-        config = self.train_config(form, seed, sra=self.sra_config(sra_alpha), loss=LossConfig(kind="sl"), steps=1,
-                                   directory=self.workdir / "eval")
-        trainer, state = longhop_eval.with_weights(config, params)
-        model = trainer.model(state.params)
+        config = self.train_config(form, seed, sra=self.sra_config(sra_alpha), loss=LossConfig(kind="sl"), steps=1)
+        # An export with routers of this SRAConfig keeps them (the learned rows); a dense one gets fresh routers
+        # (unused: the forced rows override the critical set).
+        _, _, model = load_source(export, sra=config.sra, router_seed=seed)
         stream = LonghopStream(config.data, config.batch_size)
         for split in todo:
             batch = stream.eval_batch(self.scale.eval_size, split)
@@ -257,7 +267,7 @@ class Experiment:
                             self.needs(v, seed, s.alphas) for v in variants[len(fixed):]):
                         continue
                     self.check_time()
-                    _, base = self.base(form, seed)
+                    base = self.base(form, seed)
                     for variant, source, alpha in fixed:
                         self.evaluate(prefix + variant, source, base, form, seed, alpha)
                     for alpha in s.alphas:
@@ -267,8 +277,8 @@ class Experiment:
                             variant = f"learned_{kind}" if form == "direct" else "cot_sra"
                             if self.needs(variant, seed, [alpha]):
                                 self.check_time()
-                                params = self.router(base, form, seed, alpha, kind)
-                                self.evaluate(variant, "learned", params, form, seed, alpha)
+                                export = self.router(base, form, seed, alpha, kind)
+                                self.evaluate(variant, "learned", export, form, seed, alpha)
         except OutOfTime:
             print("time budget spent: run the same command again to resume", flush=True)
             return False
@@ -358,7 +368,10 @@ def markdown(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--workdir", help="checkpoints and rows.jsonl (default runs/longhop-SCALE in the checkout)")
+    parser.add_argument("--workdir", help="the stages (checkpoints, exports) and, unless --record-dir, rows.jsonl and "
+                                          "meta.json (default runs/longhop-SCALE in the checkout)")
+    parser.add_argument("--record-dir", help="rows.jsonl and meta.json (kilobytes): finished rows are skipped, so keeping "
+                                             "these is enough to resume on a machine that lost --workdir")
     parser.add_argument("--results-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--time-budget", type=float, help="seconds; stop cleanly (checkpointed) after this")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -378,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides[name] = type(current)(value)
     workdir = Path(args.workdir or Path(__file__).parents[1] / "runs" / f"longhop-{args.scale}")
-    experiment = Experiment(args.scale, workdir, Path(args.results_dir), args.time_budget, overrides)
+    experiment = Experiment(args.scale, workdir, Path(args.results_dir), args.time_budget, overrides,
+                            Path(args.record_dir) if args.record_dir else None)
     finished = experiment.run()
     json_path, md_path = experiment.write()
     print(f"results: {json_path} and {md_path}")

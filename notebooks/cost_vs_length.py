@@ -101,21 +101,22 @@ show(fig, "cost_8b")
 #
 # SRA's extra cost (routers) minus its saving (attention pairs the mask drops), as a percentage of the dense FLOPs of
 # the same sequence, against length: above zero SRA costs more than dense. Three Llama-3-8B-shaped SRA settings, and
-# the 2-layer, 64-wide model of the CPU experiments (`experiments/reasoning_tradeoff.py --preset cpu`: critical
-# fraction 0.25, window 8, 1 global, router width 32), whose routers are a large share of its tiny matmuls.
+# the 2-layer, 64-wide longhop model of `sra-jax demo` and the ablation notebooks (critical fraction 0.1, window 16,
+# 4 globals, router width 32; its prompts are 128 tokens), whose routers are a large share of its tiny matmuls.
 
 # %%
 OVERHEAD_LENGTHS = (16, 64, 256, 1024) if TINY else (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048,
                                                       4096)
-cpu_model = dict(hidden=64, layers=2, heads=4, head_dim=16, matmul_params=106_816)  # counted in the experiments
+# projections, MLPs and the untied head of the demo model (sra_jax.train.longhop_eval counts the same way)
+cpu_model = dict(hidden=64, layers=2, heads=4, head_dim=16, matmul_params=104_384)
 settings = {
     "8B: α=0.1, window 64, 4 globals": (llama8b, sra_8b),
     "8B: α=0.1, window 16, 1 global": (llama8b, SRAConfig(critical_fraction=0.1, window=16, num_global=1,
                                                           router_hidden=64)),
     "8B: α=0.05, window 64, 4 globals": (llama8b, SRAConfig(critical_fraction=0.05, window=64, num_global=4,
                                                             router_hidden=64)),
-    "CPU experiment model: α=0.25, window 8, 1 global": (cpu_model, SRAConfig(
-        critical_fraction=0.25, window=8, num_global=1, queries="all", router_hidden=32)),
+    "CPU longhop model: α=0.1, window 16, 4 globals": (cpu_model, SRAConfig(
+        critical_fraction=0.1, window=16, num_global=4, queries="all", router_hidden=32)),
 }
 overhead = {}
 for label, (shape, sra) in settings.items():
@@ -136,7 +137,7 @@ for label, (shape, sra) in settings.items():
 fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
 for label, values in overhead.items():
     (right if label.startswith("CPU") else left).plot(OVERHEAD_LENGTHS, values, "o-", ms=3, label=label)
-for ax, title in ((left, "Llama-3-8B shape"), (right, "2-layer 64-wide CPU experiment model")):
+for ax, title in ((left, "Llama-3-8B shape"), (right, "2-layer 64-wide CPU longhop model")):
     ax.axhline(0, color="gray", lw=0.8)
     ax.axhspan(0, max(1e-9, ax.get_ylim()[1]), color="red", alpha=0.06)
     ax.set(xscale="log", xlabel="sequence length n", ylabel="SRA - dense, % of dense FLOPs", title=title)
@@ -194,11 +195,13 @@ show(fig, "wall_time")
 # short queries SRA costs *more* than dense: +0.12% up to 128 tokens with window 64 + 4 globals (the window already
 # covers the whole causal triangle there; break-even between 128 and 192 tokens), up to 64 tokens with window 16 + 1
 # global (break-even between 64 and 96), and at 4k tokens it saves 6.7-6.9% whatever the window or α (0.05 vs 0.1
-# barely matters: the window and the matmuls dominate). The 2-layer, 64-wide model of the CPU experiments is the
-# opposite extreme: its routers are 4% of its tiny matmuls, so it pays +3.5% at 16 tokens, +2.5% at 32 (the length of the
-# synthetic problems) and +1.1% at 48, breaks even by 64 tokens (-0.3%), and saves 62% at 4k because attention dominates a model that
-# narrow. The measured CPU wall times of a tiny forward pass (noisy: a shared 2-core machine) show no consistent
-# advantage either way (SRA 22.5 vs dense 12.0 ms at 32 tokens, 752 vs 812 ms at 1024): `reference` attention is a
+# barely matters: the window and the matmuls dominate). The 2-layer, 64-wide longhop model of `sra-jax demo` and the
+# notebooks is the opposite extreme: its routers are 4% of its tiny matmuls, so it pays +4.0% at 16 tokens, +3.4% at 32
+# and +0.7% at 64, breaks even between 64 and 96 tokens, saves 5.2% at 128 (its prompt length; the notebooks measure
+# 0.93-0.95x total FLOPs from the masks actually used) and 74% at 4k because attention dominates a model that narrow.
+# The measured CPU wall times of a tiny forward pass (noisy: a shared 2-core machine, loaded by other jobs during this
+# run) show no consistent advantage either way (SRA 17.8 vs dense 2.8 ms at 32 tokens, 399.9 vs 357.3 ms at 1024,
+# SRA faster at 64, 256 and 512 tokens, slower at 128): `reference` attention is a
 # dense masked matmul, and the router, top-k and mask building are extra work; real savings need the block-sparse
 # kernels on a GPU (`sra_jax/benchmarks/`). So the seeds' "1.3x vs 4.2x FLOPs" cannot come from attention sparsity at GSM8K
 # lengths; it has to come from how many tokens are generated.

@@ -27,9 +27,16 @@ def test_the_ablation_notebooks_exist():
             "router_inspection", "cost_vs_length"} <= set(NAMES)
 
 
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+    """One folder for the TINY stages of every notebook: the first trains the tiny dense base, the others reuse it."""
+    return tmp_path_factory.mktemp("notebook-stages")
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_in_tiny_mode(name, monkeypatch):
+def test_notebook_runs_in_tiny_mode(name, monkeypatch, tiny_workdir):
     monkeypatch.setenv("SRA_JAX_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("SRA_JAX_NOTEBOOK_WORKDIR", str(tiny_workdir))
     notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
