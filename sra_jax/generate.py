@@ -21,8 +21,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from sra_jax.nn import KVCache
-from sra_jax.nn.cache import generation_capacity
+from sra_jax.nn.cache import LeftPaddedKVCache, generation_capacity
 from sra_jax.nn.llama import check_token_ids
 
 _logger = logging.getLogger(__name__)
@@ -75,13 +74,14 @@ def _generate(
 ) -> tuple[Int[Array, "b t"], Bool[Array, " b"]]:
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    # Prompts are padded on the left with position -1 and decoded at the next positions: declare that layout,
-    # so decode steps skip the per-layer layout check (and its cond).
     max_len = prompt_len + max_new_tokens
     # Critical keys per row are bounded by construction, so the prefill gathers them (SRAMaskSpec.max_critical).
     capacity = generation_capacity(model.sra, prompt_len, max_len)
-    cache = KVCache.init(
-        model.config, batch, max_len, model.dtype, layout="left_padded", critical_capacity=capacity
+    # Prompts are padded on the left: a cache built from their lengths has that layout by construction and sets
+    # every position itself, so decode steps skip the per-layer layout check (and its cond).
+    cache = LeftPaddedKVCache.create(
+        model.config, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=prompt_len, max_len=max_len,
+        dtype=model.dtype, critical_capacity=capacity,
     )
 
     def choose(logits, step):
@@ -91,10 +91,9 @@ def _generate(
             jnp.int32
         )
 
-    logits, aux = model(tokens, positions, cache=cache, logits_to_keep=1)  # never [b, p, vocab]
+    logits, aux = model(tokens, cache=cache, logits_to_keep=1)  # never [b, p, vocab]
     # Prompts are left-padded, so the last column holds every row's last prompt token.
     first = choose(logits[:, -1], 0)
-    next_position = positions[:, -1] + 1
 
     def cond(carry):
         step, _, done, _, _ = carry
@@ -104,7 +103,7 @@ def _generate(
         step, token, done, out, cache = carry
         out = out.at[:, step].set(jnp.where(done, pad_id, token))
         done = done | jnp.isin(token, stop_tokens)
-        logits, aux = model(token[:, None], (next_position + step)[:, None], cache=cache)
+        logits, aux = model(token[:, None], cache=cache)
         return step + 1, choose(logits[:, 0], step + 1), done, out, aux.cache
 
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
