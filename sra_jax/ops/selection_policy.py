@@ -222,9 +222,10 @@ class Bernoulli(SelectionPolicy):
 _POLICIES: dict[str, SelectionPolicy] = {}
 
 
-def register_selection_policy(name: str, policy: SelectionPolicy, *, replace: bool = False) -> SelectionPolicy:
-    """Make `policy` the one `SRAConfig(selection=name)` uses (register before building the config). A name already
-    taken is a ValueError unless `replace=True`. Returns the policy."""
+def register_selection_policy(name: str, policy: object, *, replace: bool = False) -> SelectionPolicy:
+    """Make `policy` (a `SelectionPolicy`) the one `SRAConfig(selection=name)` uses (register before building the
+    config). A name already taken is a ValueError unless `replace=True`. Returns the policy. (`policy` is typed
+    loosely so the runtime type checker lets the check below give the clearer error.)"""
     if not isinstance(name, str) or not name:
         raise ValueError(f"selection policy name {name!r} must be a non-empty string")
     if not isinstance(policy, SelectionPolicy):
