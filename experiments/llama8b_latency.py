@@ -8,7 +8,7 @@ length, batch 1:
 - transformers dense (SDPA): prefill `model(ids, logits_to_keep=1)`, decode `model(token, past_key_values=...)` in
   an eager Python loop (what `generate` does without torch.compile);
 - sra_jax dense (`attention_impl="cudnn"` on GPU) and SRA (`attention_impl="pallas"`, critical fraction 0.1 and the
-  SRAConfig defaults for window / globals): prefill is one jitted `model(tokens, cache=KVCache)` call, decode a
+  SRAConfig defaults for window / globals): prefill is one jitted `model(tokens, cache=LeftPaddedKVCache)` call, decode a
   jitted `lax.fori_loop` of greedy single-token `model(token, cache=cache)` calls with the cache donated.
 
 Medians over repeats after a warm-up (which also compiles), synchronised with `block_until_ready` /
@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: E402
 from sra_jax.convert.mapping import param_specs  # noqa: E402
 from sra_jax.convert.params import abstract_model, fresh_router_values, merge  # noqa: E402
-from sra_jax.nn import KVCache  # noqa: E402
+from sra_jax.nn import LeftPaddedKVCache  # noqa: E402
 from sra_jax.nn.cache import generation_capacity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,10 +211,12 @@ def jax_functions(model, max_len: int, decode_steps: int):
     @jax.jit
     def prefill(state, tokens):
         m = nnx.merge(graph, state)
-        # Positions 0.. from slot 0: the left-padded layout (no padding), declared as generate declares it.
+        # Positions 0.. from slot 0: the left-padded layout (no padding), built as generate builds its cache.
         # As generate builds it: the critical capacity bounds the prefill's critical keys (it gathers them).
         capacity = generation_capacity(m.sra, tokens.shape[1], max_len)
-        cache = KVCache.init(config, tokens.shape[0], max_len, dtype, layout="left_padded", critical_capacity=capacity)
+        lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        cache = LeftPaddedKVCache.create(config, lengths, prompt_len=tokens.shape[1], max_len=max_len, dtype=dtype,
+                                         critical_capacity=capacity)
         logits, aux = m(tokens, cache=cache, logits_to_keep=1)  # never [b, s, vocab] (128k fits)
         stats = dict(critical=aux.critical, selected_fraction=aux.selected_fraction.mean(),
                      mask_density=aux.visible_pairs.sum() / aux.causal_pairs.sum())

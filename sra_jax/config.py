@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from sra_jax.ops.selection_policy import selection_policy_names
+
 # Keys of a Hugging Face config.json without which the model shape is unknown (no Llama-3-8B defaults assumed).
 _HF_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # Keys a Llama config.json may carry that this model ignores safely (bookkeeping, generation defaults).
@@ -221,9 +223,10 @@ class SRAConfig:
     num_global: the first `num_global` positions are visible to every query (attention sinks).
     tau: Gumbel-softmax temperature of the relaxed top-k in training (bernoulli: p = sigmoid(logit / tau)).
     hard: straight-through hard mask (forward exact top-k, backward through the soft relaxation).
-    selection: how the router's scores become a critical set: "gumbel_topk" (sampled top-k, k fixed), "topk",
-        "sparsemax", or "bernoulli" (each token critical with probability sigmoid(logit / tau), capped at k;
-        deterministic logit > 0 without a key).
+    selection: how the router's scores become a critical set, the name of a registered selection policy
+        (`sra_jax.ops.selection_policy`): "gumbel_topk" (sampled top-k, k fixed), "topk", "sparsemax", or
+        "bernoulli" (each token critical with probability sigmoid(logit / tau), capped at k; deterministic
+        logit > 0 without a key).
     mask: "dynamic" selects per layer; "static" selects once (first SRA layer) and reuses it in every layer.
     queries: "critical" lets only critical queries see distant critical keys; "all" lets every query.
     layers: indices of layers that use SRA; None means all layers.
@@ -251,10 +254,10 @@ class SRAConfig:
             raise ValueError(f"SRAConfig.num_global={self.num_global!r} must be an integer >= 0")
         if self.tau <= 0:
             raise ValueError(f"SRAConfig.tau={self.tau} must be > 0")
-        if self.selection not in ("gumbel_topk", "topk", "sparsemax", "bernoulli"):
+        if self.selection not in selection_policy_names():
             raise ValueError(
-                f"SRAConfig.selection={self.selection!r} must be one of 'gumbel_topk', 'topk', 'sparsemax', "
-                f"'bernoulli'"
+                f"SRAConfig.selection={self.selection!r} must be one of {selection_policy_names()} (the registered "
+                f"selection policies; add one with sra_jax.ops.selection_policy.register_selection_policy)"
             )
         if self.mask not in ("dynamic", "static"):
             raise ValueError(f"SRAConfig.mask={self.mask!r} must be 'dynamic' or 'static'")

@@ -24,8 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from sra_jax.nn import KVCache
-from sra_jax.nn.cache import generation_capacity
+from sra_jax.nn.cache import LeftPaddedKVCache, generation_capacity
 from sra_jax.nn.llama import check_token_ids
 from sra_jax.ops import sequence_parallel
 
@@ -61,7 +60,7 @@ def sample_logits(
     return jax.random.categorical(key, jnp.where(logits >= cutoff[:, None], logits, -jnp.inf), axis=-1)
 
 
-def _shard_cache_slots(cache: KVCache, mesh: Mesh) -> KVCache:
+def _shard_cache_slots(cache: LeftPaddedKVCache, mesh: Mesh) -> LeftPaddedKVCache:
     """The cache's per-slot arrays split by slot over the mesh's "sequence" axis."""
     def by_slot(x, slot_axis):
         spec = [None] * x.ndim
@@ -98,13 +97,14 @@ def _generate_body(graphdef, state, tokens, positions, key, temperature, top_p, 
                    max_new_tokens, greedy, mesh):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    # Prompts are padded on the left with position -1 and decoded at the next positions: declare that layout,
-    # so decode steps skip the per-layer layout check (and its cond).
     max_len = prompt_len + max_new_tokens
     # Critical keys per row are bounded by construction, so the prefill gathers them (SRAMaskSpec.max_critical).
     capacity = generation_capacity(model.sra, prompt_len, max_len)
-    cache = KVCache.init(
-        model.config, batch, max_len, model.dtype, layout="left_padded", critical_capacity=capacity
+    # Prompts are padded on the left: a cache built from their lengths has that layout by construction and sets
+    # every position itself, so decode steps skip the per-layer layout check (and its cond).
+    cache = LeftPaddedKVCache.create(
+        model.config, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=prompt_len, max_len=max_len,
+        dtype=model.dtype, critical_capacity=capacity,
     )
     if sequence_parallel.active_sequence_sharding() is not None:
         cache = _shard_cache_slots(cache, mesh)
@@ -116,10 +116,9 @@ def _generate_body(graphdef, state, tokens, positions, key, temperature, top_p, 
             jnp.int32
         )
 
-    logits, aux = model(tokens, positions, cache=cache, logits_to_keep=1)  # never [b, p, vocab]
+    logits, aux = model(tokens, cache=cache, logits_to_keep=1)  # never [b, p, vocab]
     # Prompts are left-padded, so the last column holds every row's last prompt token.
     first = choose(logits[:, -1], 0)
-    next_position = positions[:, -1] + 1
 
     def cond(carry):
         step, _, done, _, _ = carry
@@ -129,7 +128,7 @@ def _generate_body(graphdef, state, tokens, positions, key, temperature, top_p, 
         step, token, done, out, cache = carry
         out = out.at[:, step].set(jnp.where(done, pad_id, token))
         done = done | jnp.isin(token, stop_tokens)
-        logits, aux = model(token[:, None], (next_position + step)[:, None], cache=cache)
+        logits, aux = model(token[:, None], cache=cache)
         return step + 1, choose(logits[:, 0], step + 1), done, out, aux.cache
 
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)

@@ -29,7 +29,7 @@ from flax import nnx
 
 import pallas_kernels
 from sra_jax.config import LlamaConfig, SRAConfig
-from sra_jax.nn import KVCache, Llama
+from sra_jax.nn import KVCache, LeftPaddedKVCache, Llama
 
 
 def model_config(tiny: bool) -> LlamaConfig:
@@ -61,6 +61,18 @@ def synthetic_cache(config: LlamaConfig, batch: int, max_len: int, filled: int, 
     ).with_critical((jax.random.uniform(keys[2], shape[:3]) < fraction) & (slots < filled))
 
 
+def left_padded(cache: KVCache, config: LlamaConfig, filled: int) -> LeftPaddedKVCache:
+    """The synthetic cache as a `LeftPaddedKVCache` (rows of `filled` tokens from slot 0: the same positions)."""
+    built = LeftPaddedKVCache.create(
+        config, jnp.full((cache.batch,), filled, jnp.int32), prompt_len=filled, max_len=cache.max_len,
+        dtype=cache.k.dtype,
+    )
+    return built.replace(
+        k=cache.k, v=cache.v, critical=cache.critical, threshold=cache.threshold, index=cache.index,
+        critical_slots=cache.critical_slots, num_critical=cache.num_critical, positions=cache.positions,
+    )
+
+
 def time_steps(model: Llama, cache: KVCache, steps: int, warmup: int = 3):
     """(mean ms per step, first step's logits, compile s): the jitted step on a private copy of the cache."""
     graphdef, state = nnx.split(model)
@@ -68,8 +80,7 @@ def time_steps(model: Llama, cache: KVCache, steps: int, warmup: int = 3):
     @jax.jit
     def step(state, token, cache):
         model = nnx.merge(graphdef, state)
-        position = jnp.broadcast_to(cache.index, token.shape).astype(jnp.int32)
-        logits, aux = model(token, position, cache)
+        logits, aux = model(token, cache=cache)  # at the cache's next position
         return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), logits, aux.cache
 
     step = jax.jit(step, donate_argnums=(2,))
@@ -138,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         result = {}
         for mode in ("off", "auto", "auto-unchecked"):
             model.set_decode_kernel(mode.removesuffix("-unchecked"))
-            # -unchecked: the cache declares its layout (as generate's do): no per-layer check and lax.cond
-            layout = "left_padded" if mode.endswith("-unchecked") else "checked"
-            ms, logits, compile_s = time_steps(model, cache.replace(layout=layout), args.steps)
+            # -unchecked: a LeftPaddedKVCache (as generate's are): no per-layer layout check and lax.cond
+            timed = left_padded(cache, config, filled) if mode.endswith("-unchecked") else cache
+            ms, logits, compile_s = time_steps(model, timed, args.steps)
             result[mode] = (ms, logits, compile_s)
             print(f"T={length} decode_kernel={mode}: {ms:.3f} ms/step (compile {compile_s:.1f}s)", flush=True)
         diff = float(jnp.abs(result["off"][1] - result["auto"][1]).max())
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill kernel over the whole cache (decode_kernel='off'), after = sparse decode kernel ('auto') reading "
         "the cache's critical slot list with critical_counts; ms_kernel_one_layer_*: the kernel alone on one layer, "
         "list rebuilt by jnp.nonzero each call (no counts, the earlier path) vs the cache's list + counts; "
-        "ms_step_after_layout_unchecked: 'auto' on the same cache declared layout='left_padded' (as generate's "
+        "ms_step_after_layout_unchecked: 'auto' on the same cache built as a LeftPaddedKVCache (as generate's "
         "caches are): no per-layer layout check / lax.cond (what they cost)",
         rows=rows,
     )

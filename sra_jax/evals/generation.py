@@ -23,8 +23,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Int
 
-from sra_jax.nn import KVCache
-from sra_jax.nn.cache import generation_capacity
+from sra_jax.nn.cache import LeftPaddedKVCache, generation_capacity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +49,14 @@ def _sra_counts(aux, valid: Bool[Array, "b s"]) -> tuple[jax.Array, jax.Array]:
 @partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "b p"], *, max_len: int):
     model = nnx.merge(graphdef, state)
-    # Left-padded prompts (position -1), then the next positions: the layout the decode kernel reads.
+    # Left-padded prompts (position -1), then the next positions: the layout the decode kernel reads, which a cache
+    # built from the prompt lengths keeps by construction (it sets every position itself).
     capacity = generation_capacity(model.sra, tokens.shape[1], max_len)  # critical keys bounded: prefill gathers them
-    cache = KVCache.init(
-        model.config, tokens.shape[0], max_len, model.dtype, layout="left_padded", critical_capacity=capacity
+    cache = LeftPaddedKVCache.create(
+        model.config, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=tokens.shape[1], max_len=max_len,
+        dtype=model.dtype, critical_capacity=capacity,
     )
-    _, aux = model(tokens, positions, cache=cache, logits_to_keep=1)  # unused logits: the last position only
+    _, aux = model(tokens, cache=cache, logits_to_keep=1)  # unused logits: the last position only
     return aux.cache, _sra_counts(aux, positions >= 0)
 
 
@@ -63,9 +64,8 @@ def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "
 def _decode_chunk(
     graphdef,
     state,
-    cache: KVCache,
+    cache: LeftPaddedKVCache,
     token: Int[Array, " b"],
-    position: Int[Array, " b"],
     done: Bool[Array, " b"],
     stop_tokens: Int[Array, " n"],
     pad_id: Int[Array, ""],
@@ -73,28 +73,28 @@ def _decode_chunk(
     *,
     chunk: int,
 ):
-    """Up to min(chunk, steps_left) greedy steps; each feeds `token` at `position` and emits the argmax. Stops early
+    """Up to min(chunk, steps_left) greedy steps; each feeds `token` at the cache's next position and emits the argmax. Stops early
     when every row is done; finished rows emit pad_id."""
     model = nnx.merge(graphdef, state)
     out = jnp.full((token.shape[0], chunk), pad_id, jnp.int32)
 
     def cond(carry):
-        step, _, _, done, _, _, _ = carry
+        step, _, done, _, _, _ = carry
         return (step < jnp.minimum(chunk, steps_left)) & ~jnp.all(done)
 
     def body(carry):
-        step, token, position, done, out, cache, counts = carry
-        logits, aux = model(token[:, None], position[:, None], cache=cache)
+        step, token, done, out, cache, counts = carry
+        logits, aux = model(token[:, None], cache=cache)
         new = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         new = jnp.where(done, pad_id, new)
         critical, total = _sra_counts(aux, ~done[:, None])
         out = out.at[:, step].set(new)
         done = done | jnp.isin(new, stop_tokens)
-        return step + 1, new, position + 1, done, out, aux.cache, counts + jnp.stack([critical, total])
+        return step + 1, new, done, out, aux.cache, counts + jnp.stack([critical, total])
 
-    init = (jnp.int32(0), token, position, done, out, cache, jnp.zeros((2,), jnp.float32))
-    steps, token, position, done, out, cache, counts = jax.lax.while_loop(cond, body, init)
-    return out, steps, token, position, done, cache, counts
+    init = (jnp.int32(0), token, done, out, cache, jnp.zeros((2,), jnp.float32))
+    steps, token, done, out, cache, counts = jax.lax.while_loop(cond, body, init)
+    return out, steps, token, done, cache, counts
 
 
 def greedy_generate(
@@ -133,7 +133,7 @@ def greedy_generate(
     cache, (prompt_critical, prompt_total) = _prefill(
         graphdef, state, jnp.asarray(tokens[:, :-1]), jnp.asarray(positions[:, :-1]), max_len=width + max_new_tokens
     )
-    token, position = jnp.asarray(tokens[:, -1]), jnp.asarray(positions[:, -1])
+    token = jnp.asarray(tokens[:, -1])
     done = jnp.zeros((len(prompts),), bool)
     stops = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -141,8 +141,8 @@ def greedy_generate(
     counts = np.zeros(2)
     produced = 0
     while produced < max_new_tokens and not all(stopped):
-        out, steps, token, position, done, cache, chunk_counts = _decode_chunk(
-            graphdef, state, cache, token, position, done, stops, jnp.int32(pad_id),
+        out, steps, token, done, cache, chunk_counts = _decode_chunk(
+            graphdef, state, cache, token, done, stops, jnp.int32(pad_id),
             jnp.int32(max_new_tokens - produced), chunk=chunk,
         )
         counts += np.asarray(chunk_counts)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Int
 
 from sra_jax.config import LlamaConfig, SRAConfig
-
-
-LAYOUTS = ("checked", "left_padded")
+from sra_jax.nn.decode import left_padded_layout
 
 
 @struct.dataclass
@@ -30,13 +31,6 @@ class KVCache:
                    reads. Kept in step with `critical` by every model call, which appends the slots it flags (a call
                    at index 0 starts the list afresh), so a decode step never rebuilds it from the flags.
     num_critical   [layers, batch] int32, the length of each row's list = critical[layer, row].sum()
-    layout         static: "checked" (default) or "left_padded". Decode steps through the sparse decode kernel need
-                   the left-padded layout (row i holds positions 0, 1, ... in slots kv_start[i] .. index - 1, every
-                   other slot empty). "checked" verifies it on the positions at every step in every layer and
-                   falls back to the general path behind a `lax.cond`, which on a GPU makes the host wait for the
-                   stream once per layer. "left_padded" declares it: no check, no cond. Declare it only for caches
-                   filled as `sra_jax.generate` fills them (prompts padded on the left with position -1, every
-                   later call at the next positions); a wrong declaration gives wrong attention, not an error.
     critical_capacity static: at most this many critical keys per layer and row (default max_len: no limit). It is
                    the static bound prefill attention over the cache gathers (`SRAMaskSpec.max_critical`); the SRA
                    layer enforces it by clearing, in slot order, critical flags that would exceed it. A capacity of
@@ -45,6 +39,11 @@ class KVCache:
                    most itself.
 
     Rewriting `critical` by hand (tests, synthetic caches) needs `with_critical`, which rebuilds the lists.
+
+    A call writes whatever positions the caller gives, so decode steps through the sparse decode kernel (which
+    reads slots, not positions) check the left-padded layout it needs on the positions, at every step in every
+    layer, behind a `lax.cond` (on a GPU the host then waits for the stream once per layer). A cache whose layout
+    holds by construction skips both: `LeftPaddedKVCache`.
     """
 
     # Leaves are typed loosely so that pytree utilities may rebuild the cache with non-array leaves.
@@ -56,7 +55,6 @@ class KVCache:
     index: Any
     critical_slots: Any
     num_critical: Any
-    layout: str = struct.field(pytree_node=False, default="checked")
     critical_capacity: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
@@ -70,10 +68,16 @@ class KVCache:
         layout: str = "checked",
         critical_capacity: int | None = None,
     ) -> KVCache:
+        """An empty cache. `layout` is "checked" (the only layout a cache that takes the caller's positions can
+        have); a left-padded cache is built from its prompt lengths with `LeftPaddedKVCache.create`."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"KVCache layout={layout!r} must be one of {LAYOUTS}")
+        if layout != "checked":
+            raise ValueError(
+                f"KVCache layout={layout!r}: a KVCache stores the positions its callers give, so it can only check a "
+                f"layout (layout='checked'); build a cache whose left-padded layout holds by construction with "
+                f"LeftPaddedKVCache.create(config, prompt_lengths, prompt_len=..., max_len=...)"
+            )
         if critical_capacity is not None and (
             not isinstance(critical_capacity, int) or isinstance(critical_capacity, bool) or critical_capacity < 0
         ):
@@ -89,7 +93,6 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
             critical_slots=jnp.full((layers, batch, max_len), -1, jnp.int32),
             num_critical=jnp.zeros((layers, batch), jnp.int32),
-            layout=layout,
             critical_capacity=None if critical_capacity is None or critical_capacity >= max_len else critical_capacity,
         )
 
@@ -133,6 +136,21 @@ class KVCache:
         return critical & (count[:, None] + rank <= self.critical_capacity)
 
     @property
+    def layout(self) -> str:
+        """Always "checked": decode steps verify the left-padded layout on the positions (see the class docstring)."""
+        return "checked"
+
+    def kernel_layout(self, lengths: Int[Array, ""]) -> tuple[Int[Array, " b"], Bool[Array, ""] | None]:
+        """(kv_start, ok) for a decode step whose cache holds `lengths` slots: each row's first valid slot, and
+        whether the positions have the left-padded layout the sparse decode kernel reads (checked here, at run
+        time; see `sra_jax.nn.decode.left_padded_layout`)."""
+        return left_padded_layout(self.positions, lengths)
+
+    def next_positions(self, s: int) -> Int[Array, "b s"]:
+        """Positions of the next `s` tokens when the caller gives none: index, index + 1, ... in every row."""
+        return jnp.broadcast_to(self.index + jnp.arange(s, dtype=jnp.int32), (self.batch, s))
+
+    @property
     def batch(self) -> int:
         return self.positions.shape[0]
 
@@ -143,6 +161,64 @@ class KVCache:
     @property
     def num_layers(self) -> int:
         return self.k.shape[0]
+
+
+@struct.dataclass
+class LeftPaddedKVCache(KVCache):
+    """A `KVCache` for prompts padded on the left, whose layout holds by construction: row i's prompt of
+    prompt_lengths[i] tokens ends at slot prompt_len - 1, so slot j holds position j - kv_start[i] (kv_start =
+    prompt_len - prompt_lengths) and slots before kv_start are empty. The cache writes these positions itself: a
+    model call with this cache takes no `positions` (see `Llama.__call__`), so no call can break the layout, and
+    decode steps run the sparse decode kernel with no layout check and no `lax.cond`.
+
+    kv_start   [batch] int32, each row's first prompt slot (a new token in a slot before it is padding)
+    """
+
+    kv_start: Any = None
+
+    @classmethod
+    def create(
+        cls,
+        config: LlamaConfig,
+        prompt_lengths: Int[Array, " b"] | Sequence[int],
+        *,
+        prompt_len: int,
+        max_len: int,
+        dtype=jnp.float32,
+        critical_capacity: int | None = None,
+    ) -> LeftPaddedKVCache:
+        """An empty cache for prompts of `prompt_lengths` tokens left-padded to `prompt_len` (static) slots.
+        A row of length 0 starts at the first slot after the prompt (its first token comes with the next call).
+        Concrete lengths must lie in [0, prompt_len] (ValueError otherwise); traced ones are clipped to that range,
+        which keeps the layout whatever they hold."""
+        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 0 <= prompt_len < max_len:
+            raise ValueError(f"LeftPaddedKVCache prompt_len={prompt_len!r} must be an integer in [0, max_len={max_len})"
+                             " (a row's first token needs a slot)")
+        lengths = jnp.asarray(prompt_lengths)
+        if lengths.ndim != 1 or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"prompt_lengths must be one integer per row, got shape {lengths.shape} {lengths.dtype}")
+        if not isinstance(lengths, jax.core.Tracer):
+            host = np.asarray(lengths)
+            if host.size and (host.min() < 0 or host.max() > prompt_len):
+                raise ValueError(f"prompt_lengths {host.tolist()} must lie in [0, prompt_len={prompt_len}]")
+        base = KVCache.init(config, lengths.shape[0], max_len, dtype, critical_capacity=critical_capacity)
+        kv_start = prompt_len - jnp.clip(lengths.astype(jnp.int32), 0, prompt_len)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(KVCache)}, kv_start=kv_start)
+
+    @property
+    def layout(self) -> str:
+        """Always "left_padded": guaranteed by construction, never checked."""
+        return "left_padded"
+
+    def kernel_layout(self, lengths: Int[Array, ""]) -> tuple[Int[Array, " b"], None]:
+        """(kv_start, None): the layout holds by construction, nothing to check."""
+        return self.kv_start, None
+
+    def next_positions(self, s: int) -> Int[Array, "b s"]:
+        """Positions of the next `s` tokens, from their slots: slot - kv_start, -1 before kv_start (padding)."""
+        slots = self.index + jnp.arange(s, dtype=jnp.int32)
+        positions = slots[None, :] - self.kv_start[:, None]
+        return jnp.where(positions >= 0, positions, -1)
 
 
 def generation_capacity(sra: SRAConfig | None, prompt_len: int, max_len: int) -> int | None:

@@ -4,12 +4,11 @@ With `attention_impl="pallas"`, a call with a cache and at most `MAX_DECODE_TOKE
 `pallas_kernels.sparse_decode_attention` (flash-decoding over the window band, the global sinks and the critical
 slots) instead of the block-sparse prefill kernel over the whole cache. The kernel reads slots, not positions: it
 needs the left-padded layout that `sra_jax.generate` (and any prompt batch padded on the left) produces, where row i
-holds its tokens in slots kv_start[i] .. index - 1 and slot kv_start + p holds position p. Each call checks that
-layout on the cache's positions (O(batch * max_len) integer compares, no K/V reads); if it does not hold (right
+holds its tokens in slots kv_start[i] .. index - 1 and slot kv_start + p holds position p. A `KVCache` checks that
+layout on its positions at each call (O(batch * max_len) integer compares, no K/V reads); if it does not hold (right
 padding, gaps, offset positions) the call takes the general path, so results never depend on the layout. On a GPU
-that check's `lax.cond` makes the host wait for the stream once per layer; a cache built with
-`KVCache.init(..., layout="left_padded")` (as `sra_jax.generate` and the evals build theirs) declares the layout
-and skips both.
+that check's `lax.cond` makes the host wait for the stream once per layer; a `LeftPaddedKVCache` (as
+`sra_jax.generate` and the evals build theirs) has the layout by construction and skips both.
 
 The critical slots come from the cache's own lists (`KVCache.critical_slots` / `num_critical`: ascending, kept in
 step with the flags by every call, so a decode step builds nothing over the cache length) and reach the kernel with
@@ -24,6 +23,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from sra_jax.ops.masks import SRARule
 
 # A call with a cache and at most this many new tokens is a decode step (static: decided by the call's shape).
 MAX_DECODE_TOKENS = 4
@@ -64,43 +65,36 @@ def sparse_decode(
     layer: int | None = None,
     lengths: Int[Array, ""],
     kv_start: Int[Array, " b"],
-    window: int,
-    num_global: int,
+    rule: SRARule,
     critical_slots: Int[Array, "b n"] | None,
     num_critical: Int[Array, " b"] | None,
     q_critical: Bool[Array, "b t"] | None,
-    queries: str,
     decode_kernel: str,
 ) -> Float[Array, "b t hq d"]:
     """SRA attention of the t new tokens (already in the cache, slots lengths - t .. lengths - 1) through the sparse
-    decode kernel. `critical_slots` / `num_critical` are the layer's ascending critical slot lists and their lengths
+    decode kernel under `rule` (window, num_global, queries; its max_critical is unused: the lists are read up to
+    their lengths). `critical_slots` / `num_critical` are the layer's ascending critical slot lists and their lengths
     (`KVCache`); None means no critical slots (dense layers pass window = cache length). `q_critical` is the new
-    tokens' flags, used when queries == "critical". With `layer`, k / v are the model's stacked cache
+    tokens' flags, used when rule.queries == "critical". With `layer`, k / v are the model's stacked cache
     [layers, b, n, hkv, d] and the kernel reads that layer in place."""
     import pallas_kernels
 
     b, t = q.shape[:2]
     backend = "triton" if decode_kernel == "interpret" else decode_kernel
-    kw = dict(
-        window=window,
-        num_global=num_global,
-        kv_start=kv_start,
-        layer=layer,
-        backend=backend,
-        interpret=decode_kernel == "interpret",
-    )
     row_lengths = jnp.broadcast_to(lengths, (b,)).astype(jnp.int32)
 
     def run(counts):
-        extra = {} if counts is None else dict(
-            critical_indices=critical_slots, critical_counts=counts, critical_sorted=True
+        return pallas_kernels.sparse_decode_attention(
+            q, k, v, row_lengths, window=rule.window, num_global=rule.num_global, kv_start=kv_start, layer=layer,
+            backend=backend, interpret=decode_kernel == "interpret",
+            critical_indices=None if counts is None else critical_slots, critical_counts=counts,
+            critical_sorted=counts is not None,
         )
-        return pallas_kernels.sparse_decode_attention(q, k, v, row_lengths, **kw, **extra)
 
     if critical_slots is None:
         return run(None)
     counts = num_critical.astype(jnp.int32)
-    if queries == "all":
+    if rule.queries == "all":
         return run(counts)
     if t == 1:
         return run(jnp.where(q_critical[:, 0], counts, 0))

@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn import decode
 from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
-from sra_jax.nn.cache import KVCache
+from sra_jax.nn.cache import KVCache, LeftPaddedKVCache
 from sra_jax.nn.layers import MLP, RMSNorm, partitioned
 from sra_jax.ops.attention import attention_flops as ops_attention_flops
 
@@ -208,7 +208,7 @@ class Llama(nnx.Module):
         logits_to_keep: int | None = None,
     ) -> tuple[Float[Array, "b n v"], ModelAux]:
         """Logits (float32) and aux for `tokens` [b, s]. positions default to arange (after the cache's tokens);
-        a negative position marks padding. `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
+        a negative position marks padding. A `LeftPaddedKVCache` sets the positions itself (pass none). `key` samples the critical sets (Gumbel top-k), `critical` [L, b, s]
         forces them. `tau` is the selection temperature of this call (default: sra.tau); pass a jnp scalar to anneal it
         under jit without recompiling. With a cache the call writes its tokens at `cache.index` and returns the cache
         in `aux.cache`. `max_segments` (static, with segment_ids): at most this many packed segments with valid
@@ -220,9 +220,10 @@ class Llama(nnx.Module):
         self._check_inputs(tokens, positions, cache, segment_ids, critical)
         check_token_ids(tokens, self.config.vocab_size)
         b, s = tokens.shape
-        if positions is None:
-            start = 0 if cache is None else cache.index
-            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+        if positions is None and cache is not None:
+            positions = cache.next_positions(s)
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         if isinstance(tau, (int, float)) and not tau > 0:
             raise ValueError(f"tau={tau} must be > 0")
         if logits_to_keep is not None and (
@@ -327,6 +328,9 @@ class Llama(nnx.Module):
             return
         if segment_ids is not None:
             raise ValueError("segment_ids cannot be combined with a KV cache (decode one sequence per row)")
+        if isinstance(cache, LeftPaddedKVCache) and positions is not None:
+            raise ValueError("positions cannot be given with a LeftPaddedKVCache: it sets each token's position from "
+                             "its slot (slot - kv_start), which keeps its left-padded layout; pass positions=None")
         if cache.batch != tokens.shape[0]:
             raise ValueError(f"cache batch ({cache.batch}) does not match tokens batch ({tokens.shape[0]})")
         if cache.num_layers != self.config.num_hidden_layers:

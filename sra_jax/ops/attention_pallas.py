@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 import pallas_kernels
+from sra_jax.ops.masks import SRAMaskSpec
 
 
 def _block(length: int, block: int) -> int:
@@ -29,7 +30,7 @@ def pallas_attention(
     k: Float[Array, "b sk hkv d"],
     v: Float[Array, "b sk hkv d"],
     *,
-    spec=None,
+    spec: SRAMaskSpec | None = None,
     mask: Bool[Array, "b sq sk"] | Bool[Array, "b hq sq sk"] | None = None,
     sm_scale: float | None = None,
     block_q: int = 128,
@@ -130,26 +131,31 @@ def _spec_attention(q, k, v, spec, max_critical, *, scale, block_q, bq, bk, back
             block=block_q,
             interpret=interpret,
         )
-    q_critical = spec.q_critical if spec.queries == "critical" else None
-    rule = {
-        "causal": True,
-        "window": spec.window,
-        "num_global": spec.num_global,
-        "k_critical": spec.k_critical,
-        "q_critical": q_critical,
-        "segment_ids": spec.q_segment_ids,
-        "k_segment_ids": spec.k_segment_ids,
-    }
-    layout = pallas_kernels.sra_layout(spec.q_positions, spec.k_positions, block_q=bq, block_k=bk, **rule)
+    rule = kernel_rule(spec)
+    q_critical = spec.q_critical if rule.has_q_critical else None
+    layout = pallas_kernels.sra_layout(
+        spec.q_positions, spec.k_positions, block_q=bq, block_k=bk, causal=rule.causal, window=rule.window,
+        num_global=rule.num_global, k_critical=spec.k_critical, q_critical=q_critical, segment_ids=spec.q_segment_ids,
+        k_segment_ids=spec.k_segment_ids,
+    )
     return pallas_kernels.block_sparse_attention(
-        q,
-        k,
-        v,
-        layout,
-        q_positions=spec.q_positions,
-        k_positions=spec.k_positions,
-        sm_scale=scale,
-        backend=backend,
-        interpret=interpret,
-        **rule,
+        q, k, v, layout, causal=rule.causal, window=rule.window, num_global=rule.num_global,
+        q_positions=spec.q_positions, k_positions=spec.k_positions, segment_ids=spec.q_segment_ids,
+        k_segment_ids=spec.k_segment_ids, q_critical=q_critical, k_critical=spec.k_critical, sm_scale=scale,
+        backend=backend, interpret=interpret,
+    )
+
+
+def kernel_rule(spec: SRAMaskSpec) -> pallas_kernels.MaskRule:
+    """The kernels' static rule for `spec`: its `SRARule` (window, num_global, queries) and which per-token inputs
+    it carries (segments; critical keys always; critical queries when only they see distant critical keys). The
+    block-sparse kernels evaluate exactly this rule on the spec's positions, flags and segments."""
+    rule = spec.rule
+    return pallas_kernels.MaskRule(
+        causal=True,
+        window=rule.window,
+        num_global=rule.num_global,
+        has_segments=spec.q_segment_ids is not None,
+        has_k_critical=True,
+        has_q_critical=rule.queries == "critical",
     )

@@ -111,14 +111,35 @@ def _check_num_global(num_global: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class SRARule:
+    """Which keys a query sees, as one static, hashable value: the window (the token itself included), the global
+    sinks (first `num_global` positions), which queries see distant critical keys (`queries`), and `max_critical`,
+    a static bound on the critical keys of a row (the compact and `gather` paths gather that many; None means "as
+    many as there are keys"). The per-token inputs (positions, flags, segments) live in `SRAMaskSpec`."""
+
+    window: int
+    num_global: int = 0
+    queries: str = "critical"
+    max_critical: int | None = None
+
+    def __post_init__(self):
+        _check_window(self.window)
+        _check_num_global(self.num_global)
+        if self.queries not in QUERIES:
+            raise ValueError(f"queries ({self.queries!r}) must be one of {QUERIES}")
+        if self.max_critical is not None and (
+            not isinstance(self.max_critical, int) or isinstance(self.max_critical, bool) or self.max_critical < 0
+        ):
+            raise ValueError(f"max_critical ({self.max_critical!r}) must be None or an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class SRAMaskSpec:
     """Everything an attention implementation needs to evaluate the SRA rule without an `[q, k]` mask.
 
-    Arrays are pytree leaves; `window`, `num_global`, `queries`, `max_critical` and `keys_are_queries` are
-    static. `max_critical` bounds the number of critical keys per row (the `gather` implementation gathers that
-    many; None means "as many as there are keys"). `keys_are_queries` says key slot i holds query i
-    (self-attention without a cache), which lets `gather` find each query's own key without a search.
-    Build it with `SRAMaskSpec.create`.
+    Arrays are pytree leaves; `rule` (an `SRARule`: window, num_global, queries, max_critical) and
+    `keys_are_queries` are static. `keys_are_queries` says key slot i holds query i (self-attention without a
+    cache), which lets `gather` find each query's own key without a search. Build it with `SRAMaskSpec.create`.
     """
 
     q_positions: Int[Array, "b q"]
@@ -127,10 +148,7 @@ class SRAMaskSpec:
     k_critical: Bool[Array, "b k"]
     q_segment_ids: Int[Array, "b q"] | None
     k_segment_ids: Int[Array, "b k"] | None
-    window: int
-    num_global: int
-    queries: str = "critical"
-    max_critical: int | None = None
+    rule: SRARule
     keys_are_queries: bool = False
 
     @classmethod
@@ -139,22 +157,23 @@ class SRAMaskSpec:
         positions: Int[Array, "b q"],
         critical: Bool[Array, "b q"],
         *,
-        window: int,
-        num_global: int,
-        queries: str = "critical",
+        rule: SRARule | None = None,
+        window: int | None = None,
+        num_global: int | None = None,
+        queries: str | None = None,
         segment_ids: Int[Array, "b q"] | None = None,
         k_positions: Int[Array, "b k"] | None = None,
         k_critical: Bool[Array, "b k"] | None = None,
         k_segment_ids: Int[Array, "b k"] | None = None,
         max_critical: int | None = None,
     ) -> SRAMaskSpec:
-        """Validate the arguments of `sra_mask` and bundle them; keys default to the queries."""
-        _check_window(window)
-        _check_num_global(num_global)
-        if queries not in QUERIES:
-            raise ValueError(f"queries ({queries!r}) must be one of {QUERIES}")
-        if max_critical is not None and (not isinstance(max_critical, int) or max_critical < 0):
-            raise ValueError(f"max_critical ({max_critical!r}) must be None or an integer >= 0")
+        """Validate the arguments of `sra_mask` and bundle them; keys default to the queries. The rule is `rule`,
+        or built from `window`, `num_global`, `queries` (default "critical") and `max_critical` (give one or the
+        other)."""
+        if rule is None:
+            rule = SRARule(window, num_global, "critical" if queries is None else queries, max_critical)
+        elif (window, num_global, queries, max_critical) != (None, None, None, None):
+            raise ValueError("give rule= or window= / num_global= / queries= / max_critical=, not both")
         keys_are_queries = k_positions is None
         if keys_are_queries:
             if k_critical is not None or k_segment_ids is not None:
@@ -177,12 +196,25 @@ class SRAMaskSpec:
             k_critical=k_critical,
             q_segment_ids=segment_ids,
             k_segment_ids=k_segment_ids,
-            window=window,
-            num_global=num_global,
-            queries=queries,
-            max_critical=max_critical,
+            rule=rule,
             keys_are_queries=keys_are_queries,
         )
+
+    @property
+    def window(self) -> int:
+        return self.rule.window
+
+    @property
+    def num_global(self) -> int:
+        return self.rule.num_global
+
+    @property
+    def queries(self) -> str:
+        return self.rule.queries
+
+    @property
+    def max_critical(self) -> int | None:
+        return self.rule.max_critical
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -214,7 +246,7 @@ class SRAMaskSpec:
 jax.tree_util.register_dataclass(
     SRAMaskSpec,
     data_fields=["q_positions", "k_positions", "q_critical", "k_critical", "q_segment_ids", "k_segment_ids"],
-    meta_fields=["window", "num_global", "queries", "max_critical", "keys_are_queries"],
+    meta_fields=["rule", "keys_are_queries"],
 )
 
 

@@ -533,3 +533,25 @@ def _segment_topk_log_prob(logits, drawn, segment_ids, order, valid):
     # At drawn position p the tokens not yet drawn are exactly those at positions >= p of its segment.
     remaining, _ = jax.lax.associative_scan(combine, (sorted_logits, last), reverse=True, axis=logits.ndim - 1)
     return jnp.sum(jnp.where(sorted_drawn, sorted_logits - remaining, 0.0), axis=-1)
+
+
+def decode_threshold(
+    logits: Float[Array, "b s"], k: int | Int[Array, " b"], *, valid: Bool[Array, "b s"], k_max: int | None = None
+) -> Float[Array, " b"]:
+    """Score cut-off fixed at prefill: the k_row-th largest valid router score of each row (`k` an int or per-row
+    counts under the static bound `k_max`, default s; the min(k_row, valid)-th when a row has fewer valid tokens;
+    +inf for an all-padding row or k_row = 0), so a later token is critical iff score >= it."""
+    size = static_bound(k, logits.shape[-1], k_max)
+    top = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), size)[0]
+    num_valid = valid.sum(-1)
+    count = jnp.minimum(k, num_valid)
+    kth = jnp.clip(count - 1, 0, size - 1)
+    threshold = jnp.take_along_axis(top, kth[:, None], axis=-1)[:, 0]
+    return jnp.where(count > 0, threshold, jnp.inf)
+
+
+def static_bound(k: int | Int[Array, " b"], n: int, k_max: int | None) -> int:
+    """Static selection width: k itself for an int k, else k_max (default n)."""
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    return n if k_max is None else k_max

@@ -23,6 +23,7 @@ from sra_jax.config import LlamaConfig, RopeScaling, SRAConfig  # noqa: F401  (S
 from sra_jax.data.grading import GRADERS
 from sra_jax.data.longhop import LonghopConfig, LonghopTokenizer
 from sra_jax.data.synthetic import SyntheticConfig
+from sra_jax.ops.selection_policy import check_segment_support
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +226,7 @@ class DataConfig:
     pack: several whole examples per row of seq_len (first-fit over each epoch's order; for the endless synthetic
         task over chunks of 1024 problems), told apart by segment ids: attention never crosses examples and
         positions restart at 0 in each. Supervised training only (loss.kind='sl': rewards are per row); with
-        `sra` the router selects per example (sra.selection 'topk' or 'gumbel_topk'). False: one example per row,
+        `sra` the router selects per example (a selection policy with supports_segments: 'topk', 'gumbel_topk'). False: one example per row,
         right-padded.
     """
 
@@ -391,12 +392,8 @@ class TrainConfig:
                              f"log-prob, the reward and its group advantage are one per row (GRPO also samples one "
                              f"prompt per row), so a packed row would give all its examples one shared reward; use "
                              f"loss.kind='sl' or data.pack=false")
-        if self.data.pack and self.sra is not None and self.sra.selection not in ("topk", "gumbel_topk"):
-            raise ValueError(f"data.pack=true cannot train with sra.selection={self.sra.selection!r}: packed rows "
-                             f"select per segment (each example takes sra.num_critical(its length) of its own "
-                             f"tokens, as if alone in its row), which only the fixed-k modes 'topk' and "
-                             f"'gumbel_topk' do (bernoulli caps a whole row, sparsemax normalises over a row); use one "
-                             f"of those or data.pack=false")
+        if self.data.pack and self.sra is not None:
+            check_segment_support(self.sra.selection, f"data.pack=true cannot train with sra.selection={self.sra.selection!r}")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                              f"{self.model.max_position_embeddings}")

@@ -104,7 +104,7 @@ def test_max_segments_smaller_than_the_rows_segments_is_refused(pair):
 
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.floats(0.001, 1.0))
 def test_packed_bound_sum_of_segment_counts_is_at_most_num_critical_of_the_row_plus_segments(lengths, fraction):
-    """The arithmetic SparseReasoningAttention._critical_bound relies on, over any segment lengths and fraction."""
+    """The arithmetic sra_jax.nn.selector.critical_bound relies on, over any segment lengths and fraction."""
     sra = _sra(critical_fraction=fraction)
     table = np.asarray(count_table(sra, max(lengths)))
     total = int(sum(table[n] for n in lengths))

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import assert_lists_match_flags, forward, make_model, random_tokens
 
 import pallas_kernels
 from sra_jax.config import SRAConfig
 from sra_jax.generate import generate
-from sra_jax.nn import KVCache, Llama
+from sra_jax.nn import KVCache, LeftPaddedKVCache, Llama
 from sra_jax.nn.cache import critical_slot_lists
 from sra_jax.nn import decode as nn_decode
 
@@ -47,14 +49,21 @@ def _ragged_prompts():
 
 def greedy_decode(model: Llama, tokens, positions, steps: int = STEPS, layout: str = "checked"):
     """(new tokens [b, steps], logits of every decode step [b, steps, vocab], final cache): one prefill, then one
-    jitted single-token call per step, feeding back the argmax."""
-    cache = KVCache.init(model.config, tokens.shape[0], tokens.shape[1] + steps, layout=layout)
-    logits, aux = forward(model, tokens, positions, cache)
+    jitted single-token call per step, feeding back the argmax. layout="left_padded": a `LeftPaddedKVCache` built
+    from the prompt lengths, which sets the positions itself."""
+    max_len = tokens.shape[1] + steps
+    if layout == "left_padded":
+        lengths = (positions >= 0).sum(-1)
+        cache = LeftPaddedKVCache.create(model.config, lengths, prompt_len=tokens.shape[1], max_len=max_len)
+    else:
+        cache = KVCache.init(model.config, tokens.shape[0], max_len, layout=layout)
+    given = layout != "left_padded"
+    logits, aux = forward(model, tokens, positions if given else None, cache)
     cache, token, position = aux.cache, jnp.argmax(logits[:, -1], -1), positions[:, -1] + 1
     out, step_logits = [], []
     for step in range(steps):
         out.append(token)
-        logits, aux = forward(model, token[:, None], (position + step)[:, None], cache)
+        logits, aux = forward(model, token[:, None], (position + step)[:, None] if given else None, cache)
         cache = aux.cache
         step_logits.append(logits[:, 0])
         token = jnp.argmax(logits[:, 0], -1)
@@ -78,18 +87,65 @@ def test_greedy_decode_through_the_kernel_equals_the_reference_path(name):
         assert np.asarray(got_cache.critical)[:, :, 8:].any()  # decoded tokens became critical: the list grows
 
 
-def test_a_declared_left_padded_cache_decodes_like_a_checked_one():
-    """layout="left_padded" skips the per-step layout check and its cond; on a cache that has that layout the
-    kernel reads the same rows, so the logits are those of the checked cache."""
+def test_a_left_padded_cache_decodes_like_a_checked_one():
+    """A `LeftPaddedKVCache` skips the per-step layout check and its cond; it writes the positions the checked
+    cache is given, so the kernel reads the same rows and the logits are those of the checked cache."""
     _, pallas = _pair(CASES["topk-critical"])
     tokens, positions = _ragged_prompts()
-    want_tokens, want_logits, _ = greedy_decode(pallas, tokens, positions)
+    want_tokens, want_logits, want_cache = greedy_decode(pallas, tokens, positions)
     got_tokens, got_logits, got_cache = greedy_decode(pallas, tokens, positions, layout="left_padded")
-    assert got_cache.layout == "left_padded"  # the static field survives the model calls
+    assert isinstance(got_cache, LeftPaddedKVCache) and got_cache.layout == "left_padded"  # survives the calls
+    np.testing.assert_array_equal(got_cache.positions, want_cache.positions)
     np.testing.assert_array_equal(got_tokens, want_tokens)
     np.testing.assert_allclose(got_logits, want_logits, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="layout"):
-        KVCache.init(pallas.config, 1, 8, layout="right_padded")
+
+
+def test_a_left_padded_layout_cannot_be_declared_falsely():
+    """A declaration the cache cannot keep is an error: `KVCache` only checks layouts, `LeftPaddedKVCache` refuses
+    caller positions (the right-padded or offset positions that a declared layout once decoded wrongly) and
+    prompt lengths outside its prompt."""
+    _, pallas = _pair(CASES["topk-critical"])
+    config = pallas.config
+    for layout in ("left_padded", "right_padded"):
+        with pytest.raises(ValueError, match="layout"):
+            KVCache.init(config, 1, 8, layout=layout)
+    with pytest.raises(TypeError):
+        KVCache.init(config, 1, 8).replace(layout="left_padded")  # the layout is the type, not a field
+    cache = LeftPaddedKVCache.create(config, [3, 5], prompt_len=5, max_len=8)
+    right_padded = jnp.array([[0, 1, 2, -1, -1], [0, 1, 2, 3, 4]], jnp.int32)
+    with pytest.raises(ValueError, match="positions cannot be given with a LeftPaddedKVCache"):
+        pallas(random_tokens(2, 5), right_padded, cache)
+    for lengths in ([6, 5], [-1, 5]):
+        with pytest.raises(ValueError, match="prompt_lengths"):
+            LeftPaddedKVCache.create(config, lengths, prompt_len=5, max_len=8)
+    with pytest.raises(ValueError, match="prompt_len"):
+        LeftPaddedKVCache.create(config, [3], prompt_len=8, max_len=8)
+
+
+@settings(max_examples=8)
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=3), first_call=st.integers(1, 6))
+def test_a_left_padded_cache_keeps_its_layout_whatever_the_calls(lengths, first_call):
+    """After any split of the prompt into calls and any number of decode calls, the positions a LeftPaddedKVCache
+    wrote are exactly the layout the decode kernel reads (checked by `left_padded_layout`), so skipping the check
+    is safe; a row whose prompt is still all padding has no valid slot yet."""
+    from sra_jax.config import LlamaConfig
+
+    cache = LeftPaddedKVCache.create(LlamaConfig.tiny(), lengths, prompt_len=6, max_len=10)
+    for size in (first_call, 6 - first_call, 1, 2):
+        if size == 0:
+            continue
+        positions = cache.next_positions(size)
+        cache = cache.replace(
+            positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index)),
+            index=cache.index + size,
+        )
+        kv_start, ok = nn_decode.left_padded_layout(cache.positions, cache.index)
+        started = np.asarray(cache.kv_start) < int(cache.index)
+        if started.all():
+            assert bool(ok)
+            np.testing.assert_array_equal(kv_start, cache.kv_start)
+        np.testing.assert_array_equal(np.asarray(cache.positions).max(-1) + 1,
+                                      np.maximum(int(cache.index) - np.asarray(cache.kv_start), 0))
 
 
 def test_generate_with_the_kernel_matches_the_reference_token_for_token():
@@ -187,12 +243,15 @@ def test_a_decode_step_updates_the_cache_in_place(layout):
     program copies no cache-sized buffer (a copy per step would read and write the whole cache, far more than the
     sparse kernel reads). Moving the cache writes inside a lax.cond (e.g. one cond around all layers) makes XLA
     copy the whole cache in and out of the branches, which this catches. A checked cache branches on its layout in
-    every layer; a declared left-padded one has no conditional at all (on a GPU each one waits on the host)."""
+    every layer; a LeftPaddedKVCache has no conditional at all (on a GPU each one waits on the host)."""
     from sra_jax.config import LlamaConfig
 
     config = LlamaConfig.tiny(num_hidden_layers=3)
     model = make_model(CASES["topk-critical"], config=config, attention_impl="pallas", decode_kernel="reference")
-    cache = KVCache.init(config, 2, 40, layout=layout)
+    if layout == "left_padded":
+        cache = LeftPaddedKVCache.create(config, [4, 6], prompt_len=6, max_len=40).replace(index=jnp.int32(6))
+    else:
+        cache = KVCache.init(config, 2, 40)
     graphdef, state = nnx.split(model)
 
     def step(state, tokens, cache):
@@ -205,6 +264,6 @@ def test_a_decode_step_updates_the_cache_in_place(layout):
         line for line in hlo.splitlines()
         if " copy(" in line and any(shape in line.split("=")[1].split(" copy(")[0] for shape in big)
     ]
-    # checked: the step branches on the layout (the kernel path is in the program); declared: no branch
+    # checked: the step branches on the layout (the kernel path is in the program); left-padded: no branch
     assert (" conditional(" in hlo) == (layout == "checked")
     assert not copies, copies[:3]

@@ -47,7 +47,7 @@ def _segments(batch):
         (["loss.kind=rl", "sra={}"], r"loss\.kind='rl'"),
         (["loss.kind=grpo"], r"loss\.kind='grpo'.*shared reward"),
         (["sra={selection: bernoulli}"], r"data\.pack=true cannot train with sra\.selection='bernoulli': .*per segment"),
-        (["sra={selection: sparsemax}"], r"sra\.selection='sparsemax'.*'topk' and 'gumbel_topk'"),
+        (["sra={selection: sparsemax}"], r"sra\.selection='sparsemax'.*'gumbel_topk', 'topk' do"),
         (["data.pack=3"], r"data\.pack=3 must be true or false"),
     ],
 )
