@@ -3,7 +3,8 @@ Hugging Face Llama with only the extras trainable), export -> transformers / loa
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,7 @@ def test_config_validation_and_dict_round_trip():
     with pytest.raises(ValueError, match="DSAConfig.top_k"):
         DSAConfig(top_k=0)
     sra = SRAConfig(attention="dsa", dsa=TINY_DSA)
-    import dataclasses
+
 
     assert SRAConfig(**dataclasses.asdict(sra)) == sra
 
