@@ -19,6 +19,7 @@ from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn import decode
 from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
 from sra_jax.nn.cache import KVCache
+from sra_jax.nn.dsa_cache import DSACache
 from sra_jax.nn.per_query import build_per_query, call_per_query, uses_per_query
 from sra_jax.nn.layers import MLP, RMSNorm, partitioned
 from sra_jax.ops.attention import attention_flops as ops_attention_flops
@@ -131,9 +132,13 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: Float[Array, "b s d"], positions: Int[Array, "b s"], **kwargs):
         if self.per_query:
-            h, stats, loss = call_per_query(self.attn, self.layer, self.input_norm(x), positions,
-                                            segment_ids=kwargs.get("segment_ids"), cache=kwargs.get("cache"))
-            shared, cache = None, kwargs.get("cache")
+            h, stats, loss, cache = call_per_query(self.attn, self.layer, self.input_norm(x), positions,
+                                                   segment_ids=kwargs.get("segment_ids"), cache=kwargs.get("cache"))
+            shared = None
+        elif isinstance(kwargs.get("cache"), DSACache):  # a dense layer of a DSA model: the KVCache inside
+            outer = kwargs.pop("cache")
+            h, stats, shared, kv = self.attn(self.input_norm(x), positions, cache=outer.kv, **kwargs)
+            cache, loss = outer.replace(kv=kv), jnp.zeros((), jnp.float32)
         else:
             h, stats, shared, cache = self.attn(self.input_norm(x), positions, **kwargs)
             loss = jnp.zeros((), jnp.float32)
@@ -216,7 +221,7 @@ class Llama(nnx.Module):
         self,
         tokens: Shaped[Array, "..."],
         positions: Shaped[Array, "..."] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | DSACache | None = None,
         *,
         segment_ids: Shaped[Array, "..."] | None = None,
         key: jax.Array | None = None,
@@ -270,7 +275,7 @@ class Llama(nnx.Module):
         self,
         tokens: Int[Array, "b s"],
         positions: Int[Array, "b s"],
-        cache: KVCache | None,
+        cache: KVCache | DSACache | None,
         segment_ids: Int[Array, "b s"] | None,
         key: jax.Array | None,
         critical: Bool[Array, "layers b s"] | None,

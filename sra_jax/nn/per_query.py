@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn.attention import LayerStats
 from sra_jax.nn.dsa import DSAAttention
+from sra_jax.nn.dsa_cache import DSACache, dsa_decode_layer
 from sra_jax.nn.nsa import NSAAttention
 from sra_jax.ops import masks
 
@@ -57,12 +58,16 @@ def call_per_query(
     *,
     segment_ids: Int[Array, "b s"] | None = None,
     cache=None,
-) -> tuple[Float[Array, "b s d"], LayerStats, Float[Array, ""]]:
-    """(output, the layer's dense-like LayerStats row, indexer loss: 0 for NSA)."""
-    if cache is not None:
+) -> tuple[Float[Array, "b s d"], LayerStats, Float[Array, ""], DSACache | None]:
+    """(output, the layer's dense-like LayerStats row, indexer loss: 0 for NSA and decode calls, the updated cache).
+    With a cache only DSA layers run (a `DSACache`, see `sra_jax.nn.dsa_cache`); NSA layers raise."""
+    if cache is not None and not isinstance(attn, DSAAttention):
         raise ValueError(f"layer {layer} ({type(attn).__name__}) cannot decode with a KV cache: decode a model "
-                         f"with NSA / DSA layers by recomputing without a cache")  # fmt: skip
-    if isinstance(attn, DSAAttention):
+                         f"with NSA layers by recomputing without a cache")  # fmt: skip
+    if cache is not None:
+        out, cache = dsa_decode_layer(attn, layer, x, positions, cache)
+        loss = jnp.zeros((), jnp.float32)
+    elif isinstance(attn, DSAAttention):
         out, loss = attn(x, positions, segment_ids=segment_ids)
     else:
         out, loss = attn(x, positions, segment_ids=segment_ids), jnp.zeros((), jnp.float32)
@@ -79,4 +84,4 @@ def call_per_query(
         visible_pairs=causal,
         causal_pairs=causal,
     )
-    return out, stats, loss.astype(jnp.float32)
+    return out, stats, loss.astype(jnp.float32), cache
