@@ -213,6 +213,56 @@ class LlamaConfig:
         return cls(**base)
 
 
+def _check_positive(owner: str, **values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}.{name}={value!r} must be an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig:
+    """Native Sparse Attention layers (`sra_jax.nn.NSAAttention`): compression pool of `block` keys with `stride`,
+    top-`top_n` selected blocks of `block_sel` keys per query block, a sliding `window`; `selected_backend` runs the
+    selected-blocks branch ("reference" or a kernel backend of `ops.nsa.nsa_selected_kernel`)."""
+
+    block: int = 32
+    stride: int = 16
+    block_sel: int = 64
+    top_n: int = 16
+    window: int = 512
+    selected_backend: str = "reference"
+
+    def __post_init__(self):
+        _check_positive("NSAConfig", block=self.block, stride=self.stride, block_sel=self.block_sel,
+                        top_n=self.top_n, window=self.window)  # fmt: skip
+        if self.stride > self.block:
+            raise ValueError(f"NSAConfig.stride={self.stride} must be <= block={self.block}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DSAConfig:
+    """DeepSeek Sparse Attention layers (`sra_jax.nn.DSAAttention`): a lightning indexer of `indexer_heads` x
+    `indexer_dim` picks each query's `top_k` keys; `impl` is the `ops.dsa.dsa_attention` implementation and
+    `indexer_loss` ("selected" or "dense") the indexer's KL loss."""
+
+    top_k: int = 2048
+    indexer_heads: int = 4
+    indexer_dim: int = 64
+    block_q: int = 64
+    indexer_block_k: int = 1024
+    indexer_loss: str = "selected"
+    impl: str = "auto"
+
+    def __post_init__(self):
+        _check_positive("DSAConfig", top_k=self.top_k, indexer_heads=self.indexer_heads,
+                        indexer_dim=self.indexer_dim, block_q=self.block_q, indexer_block_k=self.indexer_block_k)  # fmt: skip
+        if self.indexer_loss not in ("selected", "dense"):
+            raise ValueError(f"DSAConfig.indexer_loss={self.indexer_loss!r} must be 'selected' or 'dense'")
+
+
+ATTENTION_KINDS = ("sra", "nsa", "dsa")
+
+
 @dataclasses.dataclass(frozen=True)
 class SRAConfig:
     """Sparse Reasoning Attention settings (see DESIGN.md, "SRA mask semantics").
@@ -231,6 +281,10 @@ class SRAConfig:
     queries: "critical" lets only critical queries see distant critical keys; "all" lets every query.
     layers: indices of layers that use SRA; None means all layers.
     router_hidden: width of the router MLP (0 means a single linear scorer).
+    attention: what the layers in `layers` run: "sra" (SparseReasoningAttention with a router), "nsa"
+        (NSAAttention, settings in `nsa`) or "dsa" (DSAAttention, settings in `dsa`). The SRA-only fields above do
+        not apply to nsa/dsa layers.
+    nsa, dsa: NSAConfig / DSAConfig (a dict, as read from JSON, is accepted).
     """
 
     critical_fraction: float = 0.1
@@ -244,8 +298,19 @@ class SRAConfig:
     queries: str = "critical"
     layers: Sequence[int] | None = None
     router_hidden: int = 64
+    attention: str = "sra"
+    nsa: NSAConfig | dict[str, Any] = dataclasses.field(default_factory=NSAConfig)
+    dsa: DSAConfig | dict[str, Any] = dataclasses.field(default_factory=DSAConfig)
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"SRAConfig.attention={self.attention!r} must be one of {ATTENTION_KINDS}")
+        for name, cls in (("nsa", NSAConfig), ("dsa", DSAConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"SRAConfig.{name}={value!r} must be a {cls.__name__} or a dict of its fields")
         if not 0.0 < self.critical_fraction <= 1.0:
             raise ValueError(f"SRAConfig.critical_fraction={self.critical_fraction} must be in (0, 1]")
         if not isinstance(self.window, int) or self.window < 1:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.convert.mapping import ParamPath, path_str
+from sra_jax.nn.per_query import is_extra_param
 
 Shardings = (
     Callable[[ParamPath, tuple[int, ...]], jax.sharding.Sharding | None]
@@ -22,7 +23,8 @@ Shardings = (
 
 
 def is_router(path: ParamPath) -> bool:
-    return "router" in path
+    """A parameter no Llama checkpoint has: an SRA router's, or an NSA / DSA layer's extra (see nn.per_query)."""
+    return is_extra_param(path)
 
 
 def abstract_model(

@@ -19,6 +19,8 @@ from sra_jax.config import LlamaConfig, SRAConfig
 from sra_jax.nn import decode
 from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
 from sra_jax.nn.cache import KVCache, LeftPaddedKVCache
+from sra_jax.nn.dsa_cache import DSACache
+from sra_jax.nn.per_query import build_per_query, call_per_query, uses_per_query
 from sra_jax.nn.layers import MLP, RMSNorm, partitioned
 from sra_jax.ops.attention import attention_flops as ops_attention_flops
 
@@ -74,6 +76,7 @@ class ModelAux:
     mask_density       [L, b] visible (query, key) pairs / causal pairs
     visible_pairs, causal_pairs [L, b] float32, the counts behind mask_density (attention FLOPs)
     cache              the updated KVCache, or None
+    indexer_loss       [L] float32, the DSA indexer's KL loss of each DSA layer (0 elsewhere; see sra_jax.nn.per_query)
     """
 
     router_logits: Any
@@ -84,11 +87,14 @@ class ModelAux:
     visible_pairs: Any
     causal_pairs: Any
     cache: Any = None
+    indexer_loss: Any = None
     sra_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: x + attn(input_norm(x)), then + mlp(post_attention_norm(x))."""
+    """Pre-norm residual block: x + attn(input_norm(x)), then + mlp(post_attention_norm(x)). `attn` is a
+    SparseReasoningAttention, or an NSAAttention / DSAAttention where `sra.attention` asks for one (see
+    sra_jax.nn.per_query). Returns (x, stats, shared selection, cache, indexer loss)."""
 
     def __init__(
         self,
@@ -105,25 +111,40 @@ class DecoderLayer(nnx.Module):
     ):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_norm = RMSNorm(config.hidden_size, **norm)
-        self.attn = SparseReasoningAttention(
-            config,
-            sra,
-            layer=layer,
-            selects=selects,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            attention_impl=attention_impl,
-            decode_kernel=decode_kernel,
-            rngs=rngs,
-        )
+        self.layer = layer
+        self.per_query = uses_per_query(sra, layer)
+        if self.per_query:
+            self.attn = build_per_query(config, sra, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.attn = SparseReasoningAttention(
+                config,
+                sra,
+                layer=layer,
+                selects=selects,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attention_impl=attention_impl,
+                decode_kernel=decode_kernel,
+                rngs=rngs,
+            )
         self.post_attention_norm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: Float[Array, "b s d"], positions: Int[Array, "b s"], **kwargs):
-        h, stats, shared, cache = self.attn(self.input_norm(x), positions, **kwargs)
+        if self.per_query:
+            h, stats, loss, cache = call_per_query(self.attn, self.layer, self.input_norm(x), positions,
+                                                   segment_ids=kwargs.get("segment_ids"), cache=kwargs.get("cache"))
+            shared = None
+        elif isinstance(kwargs.get("cache"), DSACache):  # a dense layer of a DSA model: the KVCache inside
+            outer = kwargs.pop("cache")
+            h, stats, shared, kv = self.attn(self.input_norm(x), positions, cache=outer.kv, **kwargs)
+            cache, loss = outer.replace(kv=kv), jnp.zeros((), jnp.float32)
+        else:
+            h, stats, shared, cache = self.attn(self.input_norm(x), positions, **kwargs)
+            loss = jnp.zeros((), jnp.float32)
         x = x + h
         x = x + self.mlp(self.post_attention_norm(x))
-        return x, stats, shared, cache
+        return x, stats, shared, cache, loss
 
 
 class Llama(nnx.Module):
@@ -155,7 +176,9 @@ class Llama(nnx.Module):
         self.sra = sra
         self.dtype = dtype
         check_sra_layers(sra, config.num_hidden_layers)
-        self.sra_layers = tuple(i for i in range(config.num_hidden_layers) if sra is not None and sra.applies_to(i))
+        # Layers with a router (SRA); NSA / DSA layers (sra.attention) are not listed.
+        self.sra_layers = tuple(i for i in range(config.num_hidden_layers)
+                                if sra is not None and sra.attention == "sra" and sra.applies_to(i))
         self.embed = nnx.Embed(
             config.vocab_size,
             config.hidden_size,
@@ -198,7 +221,7 @@ class Llama(nnx.Module):
         self,
         tokens: Shaped[Array, "..."],
         positions: Shaped[Array, "..."] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | DSACache | None = None,
         *,
         segment_ids: Shaped[Array, "..."] | None = None,
         key: jax.Array | None = None,
@@ -253,7 +276,7 @@ class Llama(nnx.Module):
         self,
         tokens: Int[Array, "b s"],
         positions: Int[Array, "b s"],
-        cache: KVCache | None,
+        cache: KVCache | DSACache | None,
         segment_ids: Int[Array, "b s"] | None,
         key: jax.Array | None,
         critical: Bool[Array, "layers b s"] | None,
@@ -272,7 +295,7 @@ class Llama(nnx.Module):
         in_vocab = (tokens >= 0) & (tokens < self.config.vocab_size)
         x = self.embed(jnp.where(in_vocab, tokens, self.config.vocab_size)).astype(self.dtype)
         shared: SharedSelection | None = None
-        rows = []
+        rows, indexer_losses = [], []
         # Rematerialised layers (training: no cache); decode keeps its plain path.
         remat = self.remat != "none" and cache is None
         for i, layer in enumerate(self.layers):
@@ -285,9 +308,10 @@ class Llama(nnx.Module):
             else:
                 out = layer(x, positions, segment_ids=segment_ids, key=layer_key, critical=layer_critical,
                             shared=layer_in, cache=cache, tau=tau, max_segments=max_segments)
-            x, stats, layer_shared, cache = out
+            x, stats, layer_shared, cache, indexer_loss = out
             shared = shared or layer_shared
             rows.append(stats)
+            indexer_losses.append(indexer_loss)
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         h = self.norm(x)
@@ -304,6 +328,7 @@ class Llama(nnx.Module):
             visible_pairs=stacked.visible_pairs,
             causal_pairs=stacked.causal_pairs,
             cache=cache,
+            indexer_loss=jnp.stack(indexer_losses),
             sra_layers=self.sra_layers,
         )
         return logits.astype(jnp.float32), aux
@@ -348,11 +373,13 @@ class Llama(nnx.Module):
         """Switch every layer's decode path (e.g. "off" for the block-sparse kernel) on a built model."""
         decode.check_decode_kernel(decode_kernel)
         for layer in self.layers:
-            layer.attn.decode_kernel = decode_kernel
+            if not layer.per_query:
+                layer.attn.decode_kernel = decode_kernel
 
     def router_flops_per_token(self) -> int:
         """FLOPs all routers spend on one token."""
-        return sum(layer.attn.router.flops_per_token() for layer in self.layers if layer.attn.router is not None)
+        return sum(layer.attn.router.flops_per_token() for layer in self.layers
+                   if not layer.per_query and layer.attn.router is not None)
 
 
 def attention_flops(config: LlamaConfig, aux: ModelAux) -> tuple[Float[Array, " b"], Float[Array, " b"]]:

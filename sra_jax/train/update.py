@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sra_jax.nn.per_query import is_extra_param
 from sra_jax.train.config import TrainConfig
 
 # Counts, summed over micro-batches (every other metric is averaged). "examples" / "examples_correct" (packed rows
@@ -20,8 +21,8 @@ SUMMED_METRICS = ("tokens", "padded_tokens", "examples", "examples_correct")
 
 
 def is_router_param(path, _value=None) -> bool:
-    """nnx filter: the SRA routers' parameters (everything else is the Llama)."""
-    return any(str(getattr(k, "key", k)) == "router" for k in path)
+    """nnx filter: the SRA routers' parameters and the NSA / DSA layers' extras (everything else is the Llama)."""
+    return is_extra_param(path)
 
 
 def trainable_part(config: TrainConfig, params):

@@ -1,0 +1,87 @@
+"""NSA / DSA layers inside `Llama`: `SRAConfig.attention` "nsa" or "dsa" puts an `NSAAttention` / `DSAAttention` in
+place of `SparseReasoningAttention` on the layers `SRAConfig.layers` names. They carry the Llama q/k/v/o projections
+under the same names (a Llama checkpoint loads into them); their extra parameters (`EXTRA_PARAM_NAMES`) are what the
+retrofit path initialises fresh, trains under `init.trainable: router` and exports into `sra_router.safetensors`.
+
+These layers have no router: their `ModelAux` row reads like a dense layer's (zero router logits, no critical
+token, visible pairs = causal pairs), plus the DSA indexer's KL loss in `ModelAux.indexer_loss`."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.nn.attention import LayerStats
+from sra_jax.nn.dsa import DSAAttention
+from sra_jax.nn.dsa_cache import DSACache, dsa_decode_layer
+from sra_jax.nn.nsa import NSAAttention
+from sra_jax.ops import masks
+
+# Parameter names of NSAAttention / DSAAttention that a Llama checkpoint does not have.
+EXTRA_PARAM_NAMES = frozenset(
+    {"nsa_gate", "nsa_cmp_weights_k", "nsa_cmp_weights_v", "nsa_cmp_pos_k", "nsa_cmp_pos_v",
+     "indexer_q", "indexer_k", "indexer_w"}
+)  # fmt: skip
+
+
+def is_extra_param(path) -> bool:
+    """Whether a parameter path (strings, ints or nnx path keys) is a router or an NSA / DSA extra: the
+    parameters a Llama checkpoint lacks."""
+    names = {str(getattr(k, "key", k)) for k in path}
+    return "router" in names or not names.isdisjoint(EXTRA_PARAM_NAMES)
+
+
+def uses_per_query(sra: SRAConfig | None, layer: int) -> bool:
+    return sra is not None and sra.attention in ("nsa", "dsa") and sra.applies_to(layer)
+
+
+def build_per_query(config: LlamaConfig, sra: SRAConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The NSAAttention / DSAAttention of a layer, with the settings of `sra.nsa` / `sra.dsa`."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if sra.attention == "nsa":
+        n = sra.nsa
+        return NSAAttention(config, block=n.block, stride=n.stride, block_sel=n.block_sel, top_n=n.top_n,
+                            window=n.window, selected_backend=n.selected_backend, **kw)  # fmt: skip
+    d = sra.dsa
+    return DSAAttention(config, top_k=d.top_k, indexer_heads=d.indexer_heads, indexer_dim=d.indexer_dim,
+                        block_q=d.block_q, indexer_block_k=d.indexer_block_k, indexer_loss=d.indexer_loss,
+                        impl=d.impl, **kw)  # fmt: skip
+
+
+def call_per_query(
+    attn: nnx.Module,
+    layer: int,
+    x: Float[Array, "b s d"],
+    positions: Int[Array, "b s"],
+    *,
+    segment_ids: Int[Array, "b s"] | None = None,
+    cache=None,
+) -> tuple[Float[Array, "b s d"], LayerStats, Float[Array, ""], DSACache | None]:
+    """(output, the layer's dense-like LayerStats row, indexer loss: 0 for NSA and decode calls, the updated cache).
+    With a cache only DSA layers run (a `DSACache`, see `sra_jax.nn.dsa_cache`); NSA layers raise."""
+    if cache is not None and not isinstance(attn, DSAAttention):
+        raise ValueError(f"layer {layer} ({type(attn).__name__}) cannot decode with a KV cache: decode a model "
+                         f"with NSA layers by recomputing without a cache")  # fmt: skip
+    if cache is not None:
+        out, cache = dsa_decode_layer(attn, layer, x, positions, cache)
+        loss = jnp.zeros((), jnp.float32)
+    elif isinstance(attn, DSAAttention):
+        out, loss = attn(x, positions, segment_ids=segment_ids)
+    else:
+        out, loss = attn(x, positions, segment_ids=segment_ids), jnp.zeros((), jnp.float32)
+    b, s = positions.shape
+    no_critical = jnp.zeros((b, s), bool)
+    spec = masks.SRAMaskSpec.create(positions, no_critical, segment_ids=segment_ids, window=2**30,
+                                    num_global=0, max_critical=0)  # fmt: skip
+    causal, _ = masks.visible_pair_counts(spec)
+    stats = LayerStats(
+        router_logits=jnp.zeros((b, s), jnp.float32),
+        critical=no_critical,
+        selection_log_prob=jnp.zeros((b,), jnp.float32),
+        selected_fraction=jnp.zeros((b,), jnp.float32),
+        visible_pairs=causal,
+        causal_pairs=causal,
+    )
+    return out, stats, loss.astype(jnp.float32), cache

@@ -1,0 +1,157 @@
+"""NSA / DSA layers inside `Llama` (`SRAConfig.attention`): forward + gradients, the retrofit path (train from a
+Hugging Face Llama with only the extras trainable), export -> transformers / load_hf, and the cache refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from sra_jax.cli import main as cli
+from sra_jax.config import DSAConfig, LlamaConfig, NSAConfig, SRAConfig
+from sra_jax.convert import load_hf
+from sra_jax.convert.source import load_source
+from sra_jax.nn import KVCache, Llama
+from sra_jax.nn.dsa import DSAAttention
+from sra_jax.nn.nsa import NSAAttention
+from sra_jax.train.update import is_router_param
+
+TINY_NSA = NSAConfig(block=4, stride=2, block_sel=4, top_n=2, window=4)
+TINY_DSA = DSAConfig(top_k=4, indexer_heads=2, indexer_dim=8, block_q=4, indexer_block_k=8, impl="reference")
+HF_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, initializer_range=0.1,
+                 tie_word_embeddings=False)
+
+
+def _flat(model) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa"])
+def test_llama_with_per_query_layers_forward_and_grad(kind):
+    config = LlamaConfig.tiny()
+    sra = SRAConfig(attention=kind, layers=(1,), nsa=TINY_NSA, dsa=TINY_DSA)
+    model = Llama(config, sra, rngs=nnx.Rngs(0))
+    assert isinstance(model.layers[1].attn, NSAAttention if kind == "nsa" else DSAAttention)
+    assert model.sra_layers == ()
+    dense = Llama(config, None, rngs=nnx.Rngs(0))
+    # Same Llama parameter names and shapes; only the extras are new.
+    ours, theirs = _flat(model), _flat(dense)
+    extras = {p for p in ours if is_router_param(p)}
+    assert extras and set(ours) - extras == set(theirs)
+    assert all(ours[p].shape == theirs[p].shape for p in theirs)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
+    positions = jnp.where(jnp.arange(16) < 12, jnp.arange(16), -1)[None].repeat(2, 0).at[0].set(jnp.arange(16))
+
+    @nnx.jit
+    def loss_and_grad(m):
+        def loss(m):
+            logits, aux = m(tokens, positions)
+            return -jax.nn.log_softmax(logits)[..., 0].mean() + aux.indexer_loss.sum(), (logits, aux)
+
+        return nnx.value_and_grad(loss, has_aux=True)(m)
+
+    (_, (logits, aux)), grads = loss_and_grad(model)
+    assert logits.shape == (2, 16, config.vocab_size) and bool(jnp.isfinite(logits).all())
+    assert aux.indexer_loss.shape == (2,)
+    assert (float(aux.indexer_loss[1]) > 0) == (kind == "dsa") and float(aux.indexer_loss[0]) == 0
+    np.testing.assert_array_equal(aux.visible_pairs, aux.causal_pairs)
+    grads = dict(nnx.to_flat_state(grads))
+    for p in extras:
+        assert bool(jnp.isfinite(grads[p].get_value()).all()), p
+    assert any(float(jnp.abs(grads[p].get_value()).max()) > 0 for p in extras)
+
+
+def test_nsa_layers_refuse_a_cache_naming_the_layer():
+    config = LlamaConfig.tiny(num_hidden_layers=1)
+    model = Llama(config, SRAConfig(attention="nsa", layers=(0,), nsa=TINY_NSA), rngs=nnx.Rngs(0))
+    cache = KVCache.init(config, batch=1, max_len=8)
+    with pytest.raises(ValueError, match="layer 0 .*cannot decode with a KV cache"):
+        model(jnp.zeros((1, 4), jnp.int32), cache=cache)
+
+
+def test_config_validation_and_dict_round_trip():
+    with pytest.raises(ValueError, match="SRAConfig.attention"):
+        SRAConfig(attention="flash")
+    with pytest.raises(ValueError, match="NSAConfig.stride"):
+        NSAConfig(block=4, stride=8)
+    with pytest.raises(ValueError, match="DSAConfig.top_k"):
+        DSAConfig(top_k=0)
+    sra = SRAConfig(attention="dsa", dsa=TINY_DSA)
+
+
+    assert SRAConfig(**dataclasses.asdict(sra)) == sra
+
+
+@pytest.fixture(scope="module")
+def retrofit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("per_query_retrofit")
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)).eval()
+    hf_model.save_pretrained(root / "src", safe_serialization=True)
+    sets = ["steps=2", "batch_size=2", "optim.warmup_steps=0", "log.dir=null", "log.progress=false",
+            "checkpoint.async_save=false", "data.eval_size=8", f"checkpoint.dir={root / 'run'}",
+            f"init.from={root / 'src'}", "init.trainable=router", "sra.attention=nsa", "sra.layers=[1]",
+            "sra.nsa.block=4", "sra.nsa.stride=2", "sra.nsa.block_sel=4", "sra.nsa.top_n=2", "sra.nsa.window=4",
+            "loss.teacher_kl_weight=0.0"]
+    argv = ["-q", "train", "--config", "synthetic_sra", *[a for s in sets for a in ("--set", s)]]
+    assert cli(argv) == 0
+    assert cli(["-q", "export", "--checkpoint", str(root / "run"), "--out", str(root / "export")]) == 0
+    return root, hf_model
+
+
+def test_retrofit_trains_only_the_extras(retrofit):
+    root, _ = retrofit
+    before = _flat(load_source(root / "src")[2])
+    _, sra, trained = load_source(root / "run")
+    assert sra.attention == "nsa" and isinstance(trained.layers[1].attn, NSAAttention)
+    after = _flat(trained)
+    extras = [p for p in after if is_router_param(p)]
+    assert extras and set(after) - set(extras) == set(before)
+    for p in before:
+        np.testing.assert_array_equal(after[p], before[p], err_msg=str(p))
+    fresh = _flat(Llama(LlamaConfig.from_hf(HF_CONFIG), sra, rngs=nnx.Rngs(0)))
+    assert any(not np.array_equal(after[p], fresh[p]) for p in extras if p in fresh and "nsa_gate" in map(str, p))
+
+
+def test_export_loads_in_transformers_and_load_hf(retrofit):
+    root, hf_model = retrofit
+    out = root / "export"
+    assert (out / "sra_router.safetensors").exists() and (out / "sra_config.json").exists()
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    for name, tensor in hf_model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+    _, _, trained = load_source(root / "run")
+    _, restored = load_hf(out)
+    assert restored.sra.attention == "nsa" and restored.sra.nsa == trained.sra.nsa
+    tokens = jax.random.randint(jax.random.key(2), (1, 12), 0, 128)
+    np.testing.assert_array_equal(np.asarray(restored(tokens)[0]), np.asarray(trained(tokens)[0]))
+
+
+def test_dsa_cache_decode_equals_full_recompute():
+    from sra_jax.nn.dsa_cache import DSACache
+
+    config = LlamaConfig.tiny()
+    sra = SRAConfig(attention="dsa", layers=(1,), dsa=TINY_DSA)
+    model = Llama(config, sra, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, config.vocab_size)
+    step = nnx.jit(lambda m, t, c: m(t, cache=c))
+    full, _ = step(model, tokens, None)
+    cache = DSACache.init(config, sra, batch=2, max_len=16)
+    logits, aux = step(model, tokens[:, :6], cache)
+    outs = [logits]
+    for t in range(6, 12):  # top_k=4 < visible keys: the decode steps select
+        logits, aux = step(model, tokens[:, t : t + 1], aux.cache)
+        outs.append(logits)
+    # Same math in a different order (gathered vs dense softmax): float32 rounding only.
+    np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), rtol=1e-5, atol=1e-5)
+    assert int(aux.cache.index) == 12
+    with pytest.raises(ValueError, match="layer 1 .*DSACache"):
+        model(tokens[:, :2], cache=KVCache.init(config, batch=2, max_len=8))
