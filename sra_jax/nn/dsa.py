@@ -6,6 +6,7 @@ and 32k contexts fit; indexer_loss="dense" gives the warm-up KL over every visib
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
@@ -56,14 +57,17 @@ class DSAAttention(nnx.Module):
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
     ) -> tuple[Float[Array, "b s d"], Float[Array, ""]]:
-        """Returns (attention output before the residual, indexer KL warm-up loss; the loss sends no gradient into
-        the main q/k projections)."""
+        """Returns (attention output before the residual, indexer KL warm-up loss; the loss trains only the
+        indexer: no gradient into the main q/k projections or the layer input)."""
         if cache is not None:
             raise ValueError("DSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
         b, s, _ = x.shape
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
-        qi = self.indexer_q(x).reshape(b, s, self.indexer_heads, self.indexer_dim)
-        ki, wi = self.indexer_k(x), self.indexer_w(x)
+        # The indexer reads a detached input (as DeepSeek-V3.2 trains it): its KL loss trains the indexer alone, and
+        # its top-k sends no gradient anywhere.
+        xi = jax.lax.stop_gradient(x)
+        qi = self.indexer_q(xi).reshape(b, s, self.indexer_heads, self.indexer_dim)
+        ki, wi = self.indexer_k(xi), self.indexer_w(xi)
         idx, valid = dsa.indexer_top_k(
             qi, ki, wi, positions, segment_ids, top_k=self.top_k, block_k=self.indexer_block_k
         )

@@ -148,12 +148,15 @@ class LossConfig:
         p = sigmoid(logit / tau), sparsemax(logit / tau); also the router-entropy temperature), annealed by a cosine
         from start to end over `temperature_steps` and passed to the model as a traced scalar each step (no
         recompilation); logged as `tau`. Null (the default): tau stays at sra.tau. `temperature_end` null = start.
+    indexer_kl_weight: the DSA lightning indexers' KL to the dense attention distribution (summed over DSA layers,
+        `ModelAux.indexer_loss`; it trains only the indexers, and is 0 in a model without DSA layers).
     router_rl: the router's policy-gradient term; grpo: LM GRPO's sampling and objective.
     """
 
     kind: str = "sl"
     sl_weight: float = 1.0
     teacher_kl_weight: float = 0.0
+    indexer_kl_weight: float = 1.0
     token_penalty: float = 0.1
     length_penalty: float = 0.0
     group_size: int = 4
@@ -167,7 +170,7 @@ class LossConfig:
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind={self.kind!r} must be one of {', '.join(map(repr, LOSS_KINDS))}")
-        for name in ("sl_weight", "teacher_kl_weight", "token_penalty", "length_penalty"):
+        for name in ("sl_weight", "teacher_kl_weight", "indexer_kl_weight", "token_penalty", "length_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0")
         if self.group_size < 1:
@@ -392,6 +395,11 @@ class TrainConfig:
                              f"log-prob, the reward and its group advantage are one per row (GRPO also samples one "
                              f"prompt per row), so a packed row would give all its examples one shared reward; use "
                              f"loss.kind='sl' or data.pack=false")
+        if self.sra is not None and self.sra.attention != "sra" and self.loss.teacher_kl_weight:
+            raise ValueError(f"loss.teacher_kl_weight={self.loss.teacher_kl_weight} cannot train sra.attention="
+                             f"{self.sra.attention!r}: its teacher makes every token critical, which leaves NSA / DSA "
+                             f"layers sparse (not a dense teacher); set loss.teacher_kl_weight=0 (DSA's indexer learns "
+                             f"from loss.indexer_kl_weight)")
         if self.data.pack and self.sra is not None:
             check_segment_support(self.sra.selection, f"data.pack=true cannot train with sra.selection={self.sra.selection!r}")
         if self.data.seq_len > self.model.max_position_embeddings:

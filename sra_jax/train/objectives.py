@@ -57,10 +57,10 @@ LOSS_TERMS: dict[str, _Registered] = {}
 
 # The terms of each loss.kind (config.LOSS_KINDS), summed in this order; a term whose `active` is False is skipped.
 KIND_TERMS: dict[str, tuple[str, ...]] = {
-    "sl": ("cross_entropy", "teacher_kl"),
-    "rl": ("teacher_kl", "router_rl"),
-    "sl+rl": ("cross_entropy", "teacher_kl", "router_rl"),
-    "grpo": ("grpo", "router_rl"),
+    "sl": ("cross_entropy", "teacher_kl", "indexer_kl"),
+    "rl": ("teacher_kl", "indexer_kl", "router_rl"),
+    "sl+rl": ("cross_entropy", "teacher_kl", "indexer_kl", "router_rl"),
+    "grpo": ("grpo", "indexer_kl", "router_rl"),
 }
 
 
@@ -112,6 +112,18 @@ def teacher_kl_term(outputs: Outputs, loss: LossConfig):
                                       critical=everything)
     kl = losses.teacher_kl(outputs.logits, teacher_logits, outputs.target_mask)
     return loss.teacher_kl_weight * kl, {"teacher_kl": kl}
+
+
+@register_loss_term("indexer_kl", active=lambda loss, has_sra: bool(loss.indexer_kl_weight) and has_sra)
+def indexer_kl_term(outputs: Outputs, loss: LossConfig):
+    """`indexer_kl_weight` * the DSA indexers' KL to the dense attention distribution, summed over DSA layers (the
+    DSA warm-up loss; the attention itself gets no gradient from it, and top-k none to the indexer, so this is what
+    trains the indexers). Nothing (and no metric) for a model without DSA layers."""
+    sra = getattr(outputs.model, "sra", None)
+    if sra is None or sra.attention != "dsa":
+        return jnp.zeros((), jnp.float32), {}
+    kl = jnp.sum(outputs.aux.indexer_loss)
+    return loss.indexer_kl_weight * kl, {"indexer_kl": kl}
 
 
 @register_loss_term("router_rl", active=lambda loss, has_sra: has_sra)

@@ -155,3 +155,38 @@ def test_dsa_cache_decode_equals_full_recompute():
     assert int(aux.cache.index) == 12
     with pytest.raises(ValueError, match="layer 1 .*DSACache"):
         model(tokens[:, :2], cache=KVCache.init(config, batch=2, max_len=8))
+
+
+def test_the_indexer_kl_term_trains_the_dsa_indexers_and_nothing_else():
+    """`loss.indexer_kl_weight` (on by default) is what trains a DSA indexer: its gradient reaches every indexer
+    parameter and no other parameter (the indexer reads a detached input; its KL stops q / k)."""
+    from sra_jax.train import objectives
+    from sra_jax.train.config import LossConfig
+
+    config = LlamaConfig.tiny()
+    model = Llama(config, SRAConfig(attention="dsa", layers=(1,), dsa=TINY_DSA), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, config.vocab_size)
+
+    def term(m):
+        logits, aux = m(tokens)
+        outputs = objectives.Outputs(model=m, tokens=tokens, positions=None, segment_ids=None, target_mask=None,
+                                     logits=logits, aux=aux, tau=None, metrics={})
+        value, metrics = objectives.indexer_kl_term(outputs, LossConfig(indexer_kl_weight=0.5))
+        return value, metrics
+
+    (value, metrics), grads = nnx.value_and_grad(term, has_aux=True)(model)
+    assert float(value) == pytest.approx(0.5 * float(metrics["indexer_kl"])) and float(value) > 0
+    flat = _flat_grads(grads)
+    indexer = {p for p in flat if any("indexer" in str(k) for k in p)}
+    assert indexer and all(np.abs(flat[p]).max() > 0 for p in indexer)
+    assert all(not np.abs(flat[p]).any() for p in set(flat) - indexer)
+    sra_only = Llama(config, SRAConfig(layers=(1,)), rngs=nnx.Rngs(0))
+    logits, aux = sra_only(tokens)
+    outputs = objectives.Outputs(model=sra_only, tokens=tokens, positions=None, segment_ids=None, target_mask=None,
+                                 logits=logits, aux=aux, tau=None, metrics={})
+    assert objectives.indexer_kl_term(outputs, LossConfig())[1] == {}
+
+
+def _flat_grads(grads) -> dict:
+    return {tuple(str(getattr(k, "key", k)) for k in path): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
+            for path, v in nnx.to_flat_state(grads)}

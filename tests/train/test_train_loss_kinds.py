@@ -101,8 +101,10 @@ def test_every_loss_kind_names_registered_terms():
     for kind, names in objectives.KIND_TERMS.items():
         assert names and all(name in objectives.LOSS_TERMS for name in names), kind
     router_rl = TrainConfig.load(None, [*TINY, "loss.kind=rl", *RL_SRA, "loss.teacher_kl_weight=0.1"]).loss
-    assert objectives.active_terms(router_rl, has_sra=True) == ("teacher_kl", "router_rl")
+    assert objectives.active_terms(router_rl, has_sra=True) == ("teacher_kl", "indexer_kl", "router_rl")
     assert objectives.active_terms(TrainConfig.load(None, GRPO[:1]).loss, has_sra=False) == ("grpo",)
+    no_indexer = TrainConfig.load(None, [*TINY, "loss.kind=rl", *RL_SRA, "loss.indexer_kl_weight=0"]).loss
+    assert objectives.active_terms(no_indexer, has_sra=True) == ("router_rl",)
     with pytest.raises(ValueError, match="registered twice"):
         objectives.register_loss_term("grpo")(lambda outputs, loss: (0.0, {}))
 
