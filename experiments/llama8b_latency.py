@@ -379,8 +379,8 @@ def markdown(record: dict) -> str:
 
 NOTES = (
     "Prefill: one call on `context` random tokens writing a fresh KV cache; transformers computes the last "
-    "position's logits only (`logits_to_keep=1`, as `generate` does), `sra_jax.nn.Llama` computes logits at every "
-    "position (its API) and the jitted function keeps the last. Decode: ms per greedy token, from a jitted "
+    "position's logits only (`logits_to_keep=1`, as `generate` does), and so does `sra_jax.nn.Llama` "
+    "(`logits_to_keep=1`). Decode: ms per greedy token, from a jitted "
     "`lax.fori_loop` of `steps` single-token calls on the donated cache (sra_jax) and an eager Python loop with "
     "a DynamicCache (transformers). What SRA runs: prefill through `attention(impl='pallas')` (the block-sparse "
     "kernels, or the compact critical-token path when its estimated block count is at most half); decode through "
