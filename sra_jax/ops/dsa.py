@@ -116,15 +116,32 @@ def dsa_attention_reference(
     valid: Bool[Array, "b s k"],
     positions: Int[Array, "b s"],
     segment_ids: Int[Array, "b s"] | None = None,
+    *,
+    sm_scale: float | None = None,
 ) -> Float[Array, "b s hq d"]:
     """Attention over each query's selected keys: dense masked reference, O(s^2) memory."""
     m = selection_mask(idx, valid, k.shape[1]) & token_mask(positions, positions, segment_ids)
-    return masked_attention(q, k, v, m)[0]
+    return masked_attention(q, k, v, m, sm_scale=sm_scale)[0]
 
 
 def _take(x, idx):
     """x [b, s, ...] gathered per batch row at idx [b, ...] (indices clipped into range)."""
     return jax.vmap(lambda a, i: a[jnp.clip(i, 0, a.shape[0] - 1)])(x, idx)
+
+
+def _query_blocks(x: Array, block_q: int, fill) -> Array:
+    """x [b, s, ...] padded with `fill` to a multiple of block_q and split into [s / block_q, b, block_q, ...] (the
+    leading axis is what lax.map walks)."""
+    b, s = x.shape[:2]
+    pad = -s % block_q
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, (s + pad) // block_q, block_q, *x.shape[2:]), 1, 0)
+
+
+def _kl_to_target(t: Array, scores: Array, mask: Array) -> Array:
+    """Per query, KL(t || softmax(scores over `mask`)) with t a distribution over the same keys (last axis)."""
+    logq = jax.nn.log_softmax(jnp.where(mask, scores, -1e30), axis=-1)  # finite fill: empty rows stay nan-free
+    return jnp.where(mask & (t > 0), t * (jnp.log(jnp.where(t > 0, t, 1.0)) - jnp.where(mask, logq, 0.0)), 0.0).sum(-1)
 
 
 def slot_visible(
@@ -167,14 +184,7 @@ def dsa_attention_gather(
         raise ValueError(f"block_q must be >= 1, got {block_q}")
     scale = d**-0.5 if sm_scale is None else sm_scale
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
-    pad = -s % block_q
-    nb = (s + pad) // block_q
-
-    def blocks(x, fill):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(b, nb, block_q, *x.shape[2:]), 1, 0)
-
-    xs = (blocks(q, 0), blocks(idx, 0), blocks(valid, False), blocks(positions, -1), blocks(seg, 0))
+    xs = tuple(_query_blocks(x, block_q, f) for x, f in ((q, 0), (idx, 0), (valid, False), (positions, -1), (seg, 0)))
 
     @jax.checkpoint
     def step(args):
@@ -187,7 +197,7 @@ def dsa_attention_gather(
         return jnp.einsum("bqhgk,bqkhd->bqhgd", p.astype(v.dtype), vg).reshape(b, block_q, hq, d)
 
     out = jax.lax.map(step, xs)  # [nb, b, bq, hq, d]
-    return jnp.moveaxis(out, 0, 1).reshape(b, nb * block_q, hq, d)[:, :s]
+    return jnp.moveaxis(out, 0, 1).reshape(b, -1, hq, d)[:, :s]
 
 
 def indexer_kl_loss(
@@ -204,8 +214,7 @@ def indexer_kl_loss(
     _, p = masked_attention(q, k, k, mask)  # values unused: only the probabilities
     t = p.sum(1)
     t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
-    logq = jax.nn.log_softmax(jnp.where(mask, scores, -1e30), axis=-1)  # finite fill: empty rows stay nan-free
-    kl = jnp.where(mask & (t > 0), t * (jnp.log(jnp.where(t > 0, t, 1.0)) - jnp.where(mask, logq, 0.0)), 0.0).sum(-1)
+    kl = _kl_to_target(t, scores, mask)
     rows = mask.any(-1)
     return jnp.where(rows, kl, 0.0).sum() / jnp.maximum(rows.sum(), 1)
 
@@ -240,8 +249,7 @@ def dsa_attention(
     if kernel_kwargs and impl != "pallas":
         raise ValueError(f"kernel arguments {sorted(kernel_kwargs)} only apply to impl='pallas', got impl={impl!r}")
     if impl == "reference":
-        m = selection_mask(idx, valid, k.shape[1]) & token_mask(positions, positions, segment_ids)
-        return masked_attention(q, k, v, m, sm_scale=sm_scale)[0]
+        return dsa_attention_reference(q, k, v, idx, valid, positions, segment_ids, sm_scale=sm_scale)
     if impl == "gather":
         return dsa_attention_gather(q, k, v, idx, valid, positions, segment_ids, block_q=block_q, sm_scale=sm_scale)
     check_gqa(q, k, v)
@@ -285,15 +293,8 @@ def indexer_kl_loss_selected(
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
-    pad = -s % block_q
-    nb = (s + pad) // block_q
-
-    def blocks(x, fill):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(b, nb, block_q, *x.shape[2:]), 1, 0)
-
-    xs = tuple(blocks(x, f) for x, f in ((q, 0), (q_idx, 0), (w_idx, 0), (idx, 0), (valid, False), (positions, -1)))
-    xs += (blocks(seg, 0),)
+    xs = tuple(_query_blocks(x, block_q, f) for x, f in
+               ((q, 0), (q_idx, 0), (w_idx, 0), (idx, 0), (valid, False), (positions, -1), (seg, 0)))
 
     @jax.checkpoint
     def step(args):
@@ -307,10 +308,8 @@ def indexer_kl_loss_selected(
         t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-30)
         dots = jax.nn.relu(jnp.einsum("bqhd,bqkd->bqhk", qib, _take(k_idx, ib), preferred_element_type=jnp.float32))
         scores = jnp.einsum("bqhk,bqh->bqk", dots, wib.astype(jnp.float32))
-        logq = jax.nn.log_softmax(jnp.where(ok, scores, -1e30), axis=-1)  # finite fill: empty rows stay nan-free
-        kl = jnp.where(ok & (t > 0), t * (jnp.log(jnp.where(t > 0, t, 1.0)) - jnp.where(ok, logq, 0.0)), 0.0)
         rows = ok.any(-1)
-        return jnp.where(rows, kl.sum(-1), 0.0).sum(), rows.sum()
+        return jnp.where(rows, _kl_to_target(t, scores, ok), 0.0).sum(), rows.sum()
 
     total, count = jax.lax.map(step, xs)
     return total.sum() / jnp.maximum(count.sum(), 1)
