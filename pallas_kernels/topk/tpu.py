@@ -34,15 +34,17 @@ def _dot(a, b, dims, precision):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _gather_rows(idx_sm, lst, j, block_k, pairs, sem):
-    """DMA the live slots of tile j of list `lst`: for each (hbm [sk, hkv, d] view, VMEM buffer [block_k, hkv, d])
-    pair, buffer row r <- hbm row idx[lst, j * block_k + r]. Returns the number of live slots (copies per pair)."""
+def _copy_rows(idx_sm, lst, j, block_k, pairs, sem, *, scatter: bool):
+    """Row DMAs between HBM and VMEM for the live slots of tile j of list `lst`, for each (hbm [sk, hkv, d] view,
+    VMEM buffer [block_k, hkv, d]) pair: gather (buffer row r <- hbm row idx[lst, j * block_k + r]) or, with
+    `scatter`, the reverse. Returns the number of live slots (copies per pair)."""
 
     def copies(slot, r):
-        return [
-            pltpu.make_async_copy(src.at[pl.ds(slot, 1)], dst.at[pl.ds(r, 1)], sem.at[i])
-            for i, (src, dst) in enumerate(pairs)
-        ]
+        out = []
+        for i, (hbm, buf) in enumerate(pairs):
+            src, dst = hbm.at[pl.ds(slot, 1)], buf.at[pl.ds(r, 1)]
+            out.append(pltpu.make_async_copy(*((dst, src) if scatter else (src, dst)), sem.at[i]))
+        return out
 
     def issue(r, n):
         slot = idx_sm[lst, j * block_k + r]
@@ -65,33 +67,8 @@ def _gather_rows(idx_sm, lst, j, block_k, pairs, sem):
     return n
 
 
-def _scatter_rows(idx_sm, lst, j, block_k, pairs, sem):
-    """The reverse of `_gather_rows`: hbm row idx[lst, j * block_k + r] <- buffer row r, for the live slots."""
-
-    def copies(slot, r):
-        return [
-            pltpu.make_async_copy(src.at[pl.ds(r, 1)], dst.at[pl.ds(slot, 1)], sem.at[i])
-            for i, (dst, src) in enumerate(pairs)
-        ]
-
-    def issue(r, n):
-        slot = idx_sm[lst, j * block_k + r]
-
-        @pl.when(slot >= 0)
-        def _():
-            for copy in copies(slot, r):
-                copy.start()
-
-        return n + (slot >= 0).astype(jnp.int32)
-
-    n = jax.lax.fori_loop(0, block_k, issue, jnp.int32(0))
-
-    def wait(_, carry):
-        for copy in copies(0, 0):
-            copy.wait()
-        return carry
-
-    jax.lax.fori_loop(0, n, wait, 0)
+_gather_rows = functools.partial(_copy_rows, scatter=False)
+_scatter_rows = functools.partial(_copy_rows, scatter=True)
 
 
 def _lists(hi, hkv):
