@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from sra_jax.config import LlamaConfig
+from sra_jax.config import DSAConfig, LlamaConfig
 from sra_jax.nn.layers import attention_projections, linear, project_qkv
 from sra_jax.ops import dsa
 
@@ -32,11 +32,9 @@ class DSAAttention(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if min(top_k, indexer_heads, indexer_dim, block_q, indexer_block_k) < 1:
-            raise ValueError(f"top_k, indexer_heads, indexer_dim, block_q, indexer_block_k must be >= 1, got "
-                             f"{top_k}, {indexer_heads}, {indexer_dim}, {block_q}, {indexer_block_k}")  # fmt: skip
-        if indexer_loss not in ("selected", "dense"):
-            raise ValueError(f"indexer_loss must be 'selected' or 'dense', got {indexer_loss!r}")
+        # the settings' checks are DSAConfig's (the values a Llama layer is built from)
+        DSAConfig(top_k=top_k, indexer_heads=indexer_heads, indexer_dim=indexer_dim, block_q=block_q,
+                  indexer_block_k=indexer_block_k, indexer_loss=indexer_loss, impl=impl)  # fmt: skip
         if impl not in dsa.DSA_IMPLS:
             raise ValueError(f"impl {impl!r} not in {dsa.DSA_IMPLS}")
         self.config = config

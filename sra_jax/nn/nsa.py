@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from sra_jax.config import LlamaConfig
+from sra_jax.config import LlamaConfig, NSAConfig
 from sra_jax.nn.layers import attention_projections, linear, project_qkv
 from sra_jax.ops import nsa
 
@@ -30,10 +30,9 @@ class NSAAttention(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if not 1 <= stride <= block:
-            raise ValueError(f"need 1 <= stride <= block, got block={block}, stride={stride}")
-        if top_n < 1 or window < 1 or block_sel < 1:
-            raise ValueError(f"top_n, window and block_sel must be >= 1, got {top_n}, {window}, {block_sel}")
+        # the settings' checks are NSAConfig's (the values a Llama layer is built from)
+        NSAConfig(block=block, stride=stride, block_sel=block_sel, top_n=top_n, window=window,
+                  selected_backend=selected_backend)  # fmt: skip
         self.config = config
         self.block, self.stride, self.block_sel, self.top_n, self.window = block, stride, block_sel, top_n, window
         self.selected_backend = selected_backend

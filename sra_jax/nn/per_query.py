@@ -8,6 +8,8 @@ token, visible pairs = causal pairs), plus the DSA indexer's KL loss in `ModelAu
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
@@ -41,13 +43,8 @@ def build_per_query(config: LlamaConfig, sra: SRAConfig, *, dtype, param_dtype, 
     """The NSAAttention / DSAAttention of a layer, with the settings of `sra.nsa` / `sra.dsa`."""
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if sra.attention == "nsa":
-        n = sra.nsa
-        return NSAAttention(config, block=n.block, stride=n.stride, block_sel=n.block_sel, top_n=n.top_n,
-                            window=n.window, selected_backend=n.selected_backend, **kw)  # fmt: skip
-    d = sra.dsa
-    return DSAAttention(config, top_k=d.top_k, indexer_heads=d.indexer_heads, indexer_dim=d.indexer_dim,
-                        block_q=d.block_q, indexer_block_k=d.indexer_block_k, indexer_loss=d.indexer_loss,
-                        impl=d.impl, **kw)  # fmt: skip
+        return NSAAttention(config, **dataclasses.asdict(sra.nsa), **kw)
+    return DSAAttention(config, **dataclasses.asdict(sra.dsa), **kw)
 
 
 def call_per_query(
