@@ -192,7 +192,7 @@ class GumbelTopK(SelectionPolicy):
         the segment alone, given the same per-token Gumbel noise."""
         if key is None:
             return super().segment_select(logits, segment_ids, counts, valid=valid, tau=tau, hard=hard)
-        scores = logits + jax.random.gumbel(key, logits.shape, jnp.float32)
+        scores = sel.gumbel_perturb(logits, key)  # the same noise `select` draws for the row
         critical = sel.segment_topk_mask(jax.lax.stop_gradient(scores), segment_ids, counts, valid=valid)
         gate = sel.segment_relaxed_topk(scores, segment_ids, counts, tau=tau, valid=valid)
         if hard:
