@@ -94,7 +94,7 @@ def apply_step(state: Any, batch: Any, objective, *, tx, only_router: bool = Fal
     if only_router:
         grads = _only_router(grads)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, state.opt_state, trained)
     new_params = optax.apply_updates(trained, updates)
