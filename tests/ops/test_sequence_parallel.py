@@ -54,6 +54,14 @@ def test_the_tightest_gather_bound_is_exact_and_one_less_is_not(results):
     assert results["attention_too_small_max_gathered_differs"] > 1e-2
 
 
+@pytest.mark.parametrize("where", ["one_shard", "every_shard"])
+def test_the_compact_gather_is_exact_wherever_the_critical_keys_sit(results, where):
+    """One shard owns every critical key of a row (the other row has none), or every shard owns some: a buffer of
+    the row's tightest bound, filled at per-shard offsets, gives the reference's values and gradients."""
+    assert results[f"attention_{where}_bound"] < 16  # the compact buffer, not the all-gather of every slot
+    assert results[f"attention_{where}_8_shards"] <= ATTENTION_TOL
+
+
 def test_random_packings_paddings_and_critical_sets_match_the_reference(results):
     assert results["attention_hypothesis_examples"] == 10
     assert results["attention_hypothesis_4_shards"] <= ATTENTION_TOL
@@ -121,7 +129,7 @@ def attention_args(n=8):
 def test_bad_arguments_are_named(one_device_mesh):
     with pytest.raises(ValueError, match=r"axis \('seq'\) is not an axis of the mesh"):
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=one_device_mesh, axis="seq")
-    with pytest.raises(ValueError, match=r"max_gathered \(9\) must be an integer in \[1, chunk length 8\]"):
+    with pytest.raises(ValueError, match=r"max_gathered \(9\) must be an integer in \[1, row length 8\]"):
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=one_device_mesh,
                                            max_gathered=9)
     with pytest.raises(ValueError, match=r"block_q \(3\) must be a positive divisor of the chunk length \(8\)"):
@@ -149,11 +157,15 @@ def test_a_length_that_does_not_split_evenly_is_refused():
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=mesh)
 
 
-def test_gathered_per_shard_counts_critical_and_global_keys():
-    positions = jnp.array([[-1, 0, 1, 2, 3, 0, 1, 2]])
-    critical = jnp.array([[True, False, False, True, False, False, True, True]])
-    counts = sp.gathered_per_shard(positions, critical, num_global=1, shards=2)
-    assert counts.tolist() == [[2, 3]]  # shard 0: position 0 and critical position 2; shard 1: 0 (global), 1, 2
+def test_gathered_per_row_counts_critical_and_global_keys_seen_from_beyond_the_window():
+    positions = jnp.array([[-1, 0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    critical = jnp.array([[True, False, True, False, False, False, True, True], [False, True, False, False, True,
+                                                                                  False, False, True]])
+    counts = sp.gathered_per_row(positions, critical, window=2, num_global=1)
+    # row 0: the globals (position 0) of both sequences and critical position 1 of the first (position 3 follows
+    # 2 later); the second sequence's critical positions 1, 2 are its last: no query lies 2 beyond them.
+    # row 1: the global and critical positions 1, 4 (position 7 is the last). Padding never counts.
+    assert counts.tolist() == [3, 3]
 
 
 def test_dense_context_parallel_attention_and_its_gradients_equal_causal_attention():
