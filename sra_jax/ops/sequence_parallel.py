@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels.finite import exclude_nonfinite_keys
 from sra_jax.ops.masks import SRAMaskSpec
 from sra_jax.ops.selection import topk_mask
 
@@ -695,6 +696,8 @@ def spec_attention(
     Self-attention (`spec.keys_are_queries`): a dense spec (`_is_dense`) runs all-gather context parallelism; an SRA
     spec the halo + gathered-critical path with `max_gathered = gather_bound(spec, n)` (exact).
     Keys of a KV cache (not the queries): `sharded_cache_attention` over the cache's slots, the queries replicated.
+    A key or value that is not finite reaches only the rows that can see it (`pallas_kernels.finite`), as on the
+    unsharded paths of `ops.attention.attention`.
     """
     active = active_sequence_sharding()
     if active is None:
@@ -704,14 +707,17 @@ def spec_attention(
     if not spec.keys_are_queries:
         if spec.q_segment_ids is not None or k.shape[1] % shards:
             return None
-        return sharded_cache_attention(
-            q, k, v, spec.q_positions, spec.q_critical, spec.k_positions, spec.k_critical, window=spec.window,
-            num_global=spec.num_global, queries=spec.queries, **common)
-    n = q.shape[1]
-    if n % shards:
+        attend = partial(sharded_cache_attention, q_positions=spec.q_positions, q_critical=spec.q_critical,
+                         k_positions=spec.k_positions, k_critical=spec.k_critical, window=spec.window,
+                         num_global=spec.num_global, queries=spec.queries, **common)
+    elif q.shape[1] % shards:
         return None
-    if _is_dense(spec, n):
-        return dense_attention_sequence_parallel(q, k, v, spec.q_positions, spec.q_segment_ids, **common)
-    return sra_attention_sequence_parallel(
-        q, k, v, spec.q_positions, spec.q_critical, spec.q_segment_ids, window=spec.window,
-        num_global=spec.num_global, queries=spec.queries, max_gathered=gather_bound(spec, n), **common)
+    elif _is_dense(spec, q.shape[1]):
+        attend = partial(dense_attention_sequence_parallel, positions=spec.q_positions,
+                         segment_ids=spec.q_segment_ids, **common)
+    else:
+        attend = partial(sra_attention_sequence_parallel, positions=spec.q_positions, critical=spec.q_critical,
+                         segment_ids=spec.q_segment_ids, window=spec.window, num_global=spec.num_global,
+                         queries=spec.queries, max_gathered=gather_bound(spec, q.shape[1]), **common)
+    # as on every other path: a non-finite key reaches exactly the rows that can see it (pallas_kernels.finite)
+    return exclude_nonfinite_keys(attend, q, k, v)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sra_jax.ops import selection
@@ -203,3 +204,40 @@ def test_sequence_sharding_is_a_no_op_without_a_sequence_axis_of_size_above_one(
         sp.dense_attention_sequence_parallel(q, k, v, positions, mesh=one_device_mesh, batch_axis=("data", "nope"))
     with pytest.raises(ValueError, match=r"block_q \(3\)"):
         sp.dense_attention_sequence_parallel(q, k, v, positions, shards=2, block_q=3)
+
+
+def test_nonfinite_keys_reach_only_the_rows_that_see_them_under_sequence_sharding():
+    """NaN k and -inf v at a non-critical key (slot 9 of row 0, in the second shard: only the queries whose window
+    holds it can see it) and inf in a padding slot's v (row 1): through `attention(spec=...)` with 4 simulated
+    shards, SRA (packed rows) and dense specs give the unsharded outputs, NaN exactly where the unsharded path
+    gives NaN, and clean gradients where no loss term sees a bad key."""
+    from sra_jax.ops.attention import attention
+    from sra_jax.ops.masks import SRAMaskSpec
+
+    worker = load_worker()
+    q, k, v, positions, critical, segments = worker.inputs(0, [([5, 13, 21], 3, False), ([9, 17], 4, True)], 0.25)
+    critical = critical.at[0, 9].set(False)
+    bad_k, bad_v = k.at[0, 9].set(jnp.nan), v.at[0, 9].set(-jnp.inf).at[1, 0].set(jnp.inf)  # row 1 slot 0: padding
+    specs = {"sra": SRAMaskSpec.create(positions, critical, window=3, num_global=worker.NUM_GLOBAL,
+                                       segment_ids=segments, queries="all"),
+             "dense": SRAMaskSpec.create(positions, critical, window=2**30, num_global=0, max_critical=0,
+                                         segment_ids=segments)}
+    for name, spec in specs.items():
+        def run(q, k, v, spec=spec):
+            return attention(q, k, v, spec=spec, impl="reference")
+
+        def sharded(q, k, v, spec=spec):
+            with sp.sequence_sharding(None, shards=4):
+                return attention(q, k, v, spec=spec, impl="reference")
+
+        expect, got = run(q, bad_k, bad_v), sharded(q, bad_k, bad_v)
+        seen = np.isnan(np.asarray(expect))
+        assert seen[0].any() and not seen[0].all() and not seen[1].any(), name
+        np.testing.assert_array_equal(np.isnan(np.asarray(got)), seen)
+        np.testing.assert_allclose(np.where(seen, 0.0, got), np.where(seen, 0.0, expect), atol=ATTENTION_TOL)
+        clean = jnp.asarray(~seen)  # a loss over the rows that see no bad key has finite, unsharded gradients
+        grads = [jax.grad(lambda q, k, v, fn=fn, clean=clean: jnp.sum(jnp.where(clean, fn(q, k, v), 0.0) ** 2),
+                          (0, 1, 2))(
+            q, bad_k, bad_v) for fn in (run, sharded)]
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads[1]), name
+        assert worker.biggest(*grads) <= ATTENTION_TOL, name
