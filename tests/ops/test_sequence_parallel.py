@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -236,8 +237,10 @@ def test_nonfinite_keys_reach_only_the_rows_that_see_them_under_sequence_shardin
         np.testing.assert_array_equal(np.isnan(np.asarray(got)), seen)
         np.testing.assert_allclose(np.where(seen, 0.0, got), np.where(seen, 0.0, expect), atol=ATTENTION_TOL)
         clean = jnp.asarray(~seen)  # a loss over the rows that see no bad key has finite, unsharded gradients
-        grads = [jax.grad(lambda q, k, v, fn=fn, clean=clean: jnp.sum(jnp.where(clean, fn(q, k, v), 0.0) ** 2),
-                          (0, 1, 2))(
-            q, bad_k, bad_v) for fn in (run, sharded)]
+
+        def loss(fn, q, k, v, clean=clean):
+            return jnp.sum(jnp.where(clean, fn(q, k, v), 0.0) ** 2)
+
+        grads = [jax.grad(partial(loss, fn), (0, 1, 2))(q, bad_k, bad_v) for fn in (run, sharded)]
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads[1]), name
         assert worker.biggest(*grads) <= ATTENTION_TOL, name
