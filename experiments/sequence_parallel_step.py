@@ -6,8 +6,8 @@ selection), traced inside `sequence_sharding(None, shards=S)` (every attention l
 log-prob sequence-parallel, S shards simulated) against the same model unsharded (`impl`), and the differences of
 loss and gradients between the two.
 
-The critical set is a per-shard quota (the top ceil(alpha * chunk) of random router scores in each chunk), so
-`max_gathered = ceil(alpha * chunk) + num_global` is exact. Medians over repeats after a compiling warm-up; the
+The critical set is a global top-k (the top ceil(alpha * N) of random router scores of the row, as the model's
+selection), so `max_gathered = ceil(alpha * N) + num_global` (the row's bound) is exact. Medians over repeats after a compiling warm-up; the
 sharded and unsharded outputs are compared (max abs difference in the record).
 
     python experiments/sequence_parallel_step.py --out PATH.json                 # GPU: 128k, 8 shards, Llama 3 8B heads
@@ -42,15 +42,12 @@ TINY = {"length": 256, "shards": 4, "window": 16, "num_global": 2, "heads": 4, "
         "dtype": "float32", "impl": "reference", "model_length": 128, "hidden": 64, "intermediate": 128, "vocab": 256}
 
 
-def per_shard_quota(scores: jax.Array, shards: int, alpha: float) -> tuple[jax.Array, int]:
-    """Critical = the top ceil(alpha * chunk) scores of each chunk; returns (critical [b, n], that count)."""
+def global_topk(scores: jax.Array, alpha: float) -> tuple[jax.Array, int]:
+    """Critical = the top ceil(alpha * n) scores of each row; returns (critical [b, n], that count)."""
     b, n = scores.shape
-    chunk = n // shards
-    quota = math.ceil(alpha * chunk)
-    _, top = jax.lax.top_k(scores.reshape(b, shards, chunk), quota)
-    critical = jnp.zeros((b, shards, chunk), bool).at[
-        jnp.arange(b)[:, None, None], jnp.arange(shards)[None, :, None], top].set(True)
-    return critical.reshape(b, n), quota
+    count = math.ceil(alpha * n)
+    _, top = jax.lax.top_k(scores, count)
+    return jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], top].set(True), count
 
 
 def timed(fn, *args, reps: int) -> tuple[float, float]:
@@ -140,21 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     k = jax.random.normal(keys[1], (b, n, config["kv_heads"], config["head_dim"]), dtype)
     v = jax.random.normal(keys[2], (b, n, config["kv_heads"], config["head_dim"]), dtype)
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    critical, quota = per_shard_quota(jax.random.normal(keys[3], (b, n)), shards, args.alpha)
+    critical, count = global_topk(jax.random.normal(keys[3], (b, n)), args.alpha)
     rule = {"window": config["window"], "num_global": config["num_global"]}
-    max_gathered = quota + config["num_global"]
+    max_gathered = min(n, count + config["num_global"])
 
     def sharded(parts):
-        # `parts` shards of the row hold shards / parts quotas each (and at most the globals besides)
-        bound = min(n // parts, quota * shards // parts + config["num_global"])
-
         def run(q, k, v):
-            return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, shards=parts, max_gathered=bound,
-                                                      **rule)
+            return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, shards=parts,
+                                                      max_gathered=max_gathered, **rule)
         return run
 
     def unsharded(q, k, v):
-        spec = SRAMaskSpec.create(positions, critical, max_critical=quota * shards, **rule)
+        spec = SRAMaskSpec.create(positions, critical, max_critical=count, **rule)
         return attention(q, k, v, spec=spec, impl=config["impl"])
 
     variants = {f"sequence_parallel_{shards}_shards": sharded(shards), "sequence_parallel_1_shard": sharded(1),
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             difference = outputs[row["variant"]].astype(jnp.float32) - reference.astype(jnp.float32)
             row["max_abs_diff_vs_unsharded"] = float(jnp.max(jnp.abs(difference)))
     record = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
-              "versions": {"jax": jax.__version__}, "config": config, "alpha": args.alpha, "per_shard_quota": quota,
+              "versions": {"jax": jax.__version__}, "config": config, "alpha": args.alpha, "critical_per_row": count,
               "max_gathered": max_gathered, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")

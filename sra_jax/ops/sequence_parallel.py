@@ -1,11 +1,13 @@
 """Sequence-parallel SRA: every row's positions split into contiguous chunks over one mesh axis ("sequence").
 
 A query needs only its window (its own chunk plus a halo of the previous `window - 1` keys, sent by `ppermute`
-from the shard(s) before it), the global tokens and the critical keys. Globals and critical keys are compacted on
-each shard to a static `max_gathered` slots (with their positions, flags and segment ids) and all-gathered, so a
-layer moves O(window + S * max_gathered) keys per device instead of the N keys of ring / all-gather context
-parallelism. `jax.grad` through it returns the gradient of halo and gathered keys to their owners (the transposes
-of `ppermute` and `all_gather`).
+from the shard(s) before it), the global tokens and the critical keys. The globals and critical keys that some
+query sees from outside its window are assembled, with their positions, flags and segment ids, into one compact
+buffer of a static `max_gathered` slots (the row's bound, e.g. alpha * N + globals), each shard writing its own
+at an offset given by an all-gather of the per-shard counts, then a `psum`. A layer so moves
+O(window + max_gathered) keys per device, whatever the number of shards S and however the keys are spread over
+them, instead of the N keys of ring / all-gather context parallelism. `jax.grad` through it returns the gradient of
+halo and gathered keys to their owners (the transposes of `ppermute` and `psum`).
 
 Also here: the plain top-k of router scores with the sequence sharded (`sharded_topk_indices`, local top-k then a
 global merge, identical to `selection.topk_mask` / `selection.gumbel_topk_indices`), its Plackett-Luce log-prob
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+from pallas_kernels.finite import exclude_nonfinite_keys
 from sra_jax.ops.masks import SRAMaskSpec
 from sra_jax.ops.selection import topk_mask
 
@@ -93,33 +96,58 @@ def _chunk(length: int, shards: int, name: str) -> int:
 # Prefill / training: SRA self-attention with the sequence sharded.
 
 
-def _halo(x: Array, halo: int, chunk: int, shards: int, axis: str, fill, cyclic: bool) -> Array:
-    """The last `halo` slots before this shard's chunk (axis 1), gathered from the `ceil(halo / chunk)` previous
-    shards by one `ppermute` each, each sending only the slots its receiver needs; `fill` where there is no shard.
-    `cyclic`: the last shards also send to the first ones (whose copies are discarded), since `vmap` needs a full
-    permutation; across devices only the useful messages are sent."""
+def _neighbours(x: Array, count: int, chunk: int, shards: int, axis: str, fill, cyclic: bool, ahead: bool) -> Array:
+    """The `count` slots just before this shard's chunk (axis 1), or with `ahead` just after it, gathered from the
+    `ceil(count / chunk)` neighbouring shards by one `ppermute` each, each sending only the slots its receiver
+    needs; `fill` where there is no shard. `cyclic`: the edge shards also send around the ring (copies discarded),
+    since `vmap` needs a full permutation; across devices only the useful messages are sent."""
     index = jax.lax.axis_index(axis)
     pieces = []
-    for shift in range(min(-(-halo // chunk), shards - 1), 0, -1):
-        need = min(chunk, halo - (shift - 1) * chunk)
-        pairs = [(i, (i + shift) % shards) for i in range(shards if cyclic else shards - shift)]
-        sent = jax.lax.ppermute(x[:, chunk - need :], axis, pairs)
-        pieces.append(jnp.where(index >= shift, sent, jnp.asarray(fill, x.dtype)))
-    missing = halo - sum(piece.shape[1] for piece in pieces)  # the window reaches before the first shard
+    for shift in range(1, min(-(-count // chunk), shards - 1) + 1):
+        need = min(chunk, count - (shift - 1) * chunk)
+        if ahead:  # shard i + shift sends its first `need` slots to shard i
+            pairs = [((i + shift) % shards, i) for i in range(shards if cyclic else shards - shift)]
+            sent = jax.lax.ppermute(x[:, :need], axis, pairs)
+            pieces.append(jnp.where(index + shift < shards, sent, jnp.asarray(fill, x.dtype)))
+        else:  # shard i sends its last `need` slots to shard i + shift
+            pairs = [(i, (i + shift) % shards) for i in range(shards if cyclic else shards - shift)]
+            sent = jax.lax.ppermute(x[:, chunk - need :], axis, pairs)
+            pieces.insert(0, jnp.where(index >= shift, sent, jnp.asarray(fill, x.dtype)))
+    missing = count - sum(piece.shape[1] for piece in pieces)  # the slots lie beyond the first / last shard
     if missing:
-        pieces.insert(0, jnp.full((x.shape[0], missing, *x.shape[2:]), fill, x.dtype))
+        pad = jnp.full((x.shape[0], missing, *x.shape[2:]), fill, x.dtype)
+        pieces = [*pieces, pad] if ahead else [pad, *pieces]
     return jnp.concatenate(pieces, axis=1)
 
 
-def _compact(keep: Bool[Array, "b c"], size: int, *arrays: Array) -> list[Array]:
-    """(used, *taken): each array at the first `size` kept slots of its row (axis 1); `used` is False where a row
-    has fewer kept slots (those entries repeat its last slot and must be masked by the caller)."""
-    chunk = keep.shape[1]
-    slots = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=chunk)[0])(keep)
-    used = slots < chunk
-    slots = jnp.minimum(slots, chunk - 1)
-    taken = [jax.vmap(lambda x, idx: x[idx])(x, slots) for x in arrays]
-    return [used, *taken]
+def _gather_far(wanted: Bool[Array, "b c"], size: int, axis: str, shards: int, k: Array, v: Array,
+                meta: Int[Array, "b c m"]) -> tuple[Array, Array, Array]:
+    """(k, v, meta) of the first `size` wanted slots of the whole row in slot order, on every shard, unused slots
+    at zero (k, v) and meta at -1. An all-gather of the S per-shard counts gives each shard its offset into a
+    compact buffer of `size` slots; each shard fills its own slots of a zero buffer and a `psum` assembles it:
+    ~2 * size slots received per device whatever S and however the wanted keys are spread (one shard may own them
+    all). Its transpose, in the backward pass, is a psum of the buffer's cotangent, which each owner gathers back.
+    When that would move more than all-gathering every slot (2 * size >= the row length), every slot is
+    all-gathered instead (meta -1 where not kept)."""
+    chunk = wanted.shape[1]
+    counts = jax.lax.all_gather(jnp.sum(wanted, axis=1, dtype=jnp.int32), axis, axis=1)  # [b, S]
+    offset = jnp.sum(jnp.where(jnp.arange(shards) < jax.lax.axis_index(axis), counts, 0), axis=1)  # [b]
+    if 2 * size >= shards * chunk:
+        kept = wanted & (offset[:, None] + jnp.cumsum(wanted, axis=1) <= size)
+        meta = jnp.where(kept[..., None], meta, -1)
+        return tuple(jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, meta))
+    local = min(chunk, size)
+    slots = jax.vmap(lambda row: jnp.nonzero(row, size=local, fill_value=0)[0])(wanted)  # [b, local]
+    rank = jnp.arange(size) - offset[:, None]  # [b, size]: this shard's rank of each buffer slot
+    mine = (rank >= 0) & (rank < jnp.minimum(jnp.sum(wanted, axis=1), local)[:, None])
+    source = jnp.take_along_axis(slots, jnp.clip(rank, 0, local - 1), axis=1)  # [b, size] slots of this chunk
+
+    def place(x, fill):
+        taken = jax.vmap(lambda row, idx: row[idx])(x, source)
+        return jnp.where(mine.reshape(*mine.shape, *(1,) * (x.ndim - 2)), taken, jnp.asarray(fill, x.dtype))
+
+    k, v, meta = jax.lax.psum((place(k, 0), place(v, 0), place(meta + 1, 0)), axis)
+    return k, v, meta - 1
 
 
 class _SoftmaxParts(NamedTuple):
@@ -170,20 +198,25 @@ def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global,
     """One shard's queries, `block_q` at a time, against [halo | own chunk] under the window rule (a block reads
     `block_q + window - 1` keys) and against the gathered globals / critical keys under the global or critical rule
     outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp. Scores exist
-    for one block at a time: O(block_q * (block_q + window + S * max_gathered)) per head."""
+    for one block at a time: O(block_q * (block_q + window + max_gathered)) per head.
+
+    Gathered: the valid critical or global keys that some query sees from outside the window, i.e. whose
+    sequence goes on for at least `window` more positions (under the layout contract: slot i + window holds
+    position p + window); the positions of the `window` slots after the chunk come from the next shard(s)."""
     b, chunk = positions.shape
     has_segments = segment_ids is not None
     if not has_segments:
         segment_ids = jnp.zeros_like(positions)
     halo = window - 1
-    halo_of = partial(_halo, halo=halo, chunk=chunk, shards=shards, axis=axis, cyclic=cyclic)
-    band = [jnp.concatenate([halo_of(x, fill=fill), x], axis=1) if halo else x
+    near_of = partial(_neighbours, chunk=chunk, shards=shards, axis=axis, cyclic=cyclic)
+    band = [jnp.concatenate([near_of(x, halo, fill=fill, ahead=False), x], axis=1) if halo else x
             for x, fill in ((k, 0), (v, 0), (positions, -1), (critical, False), (segment_ids, 0))]
 
-    wanted = (positions >= 0) & (critical | (positions < num_global))
-    used, *gathered = _compact(wanted, max_gathered, k, v, positions, critical, segment_ids)
-    gathered[2] = jnp.where(used, gathered[2], -1)
-    gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in gathered]
+    later = jnp.concatenate([positions, near_of(positions, window, fill=-1, ahead=True)], axis=1)[:, window:]
+    wanted = (positions >= 0) & (critical | (positions < num_global)) & (later == positions + window)
+    meta = jnp.stack([positions, critical.astype(positions.dtype), segment_ids], axis=-1)
+    k_far, v_far, meta = _gather_far(wanted, max_gathered, axis, shards, k, v, meta)
+    far_keys = (meta[..., 0], meta[..., 1] > 0, meta[..., 2])
 
     def rule(q_pos, q_crit, q_seg, k_pos, k_crit, k_seg, in_window):
         spec = SRAMaskSpec.create(
@@ -198,7 +231,6 @@ def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global,
 
     query_blocks = [by_block(x) for x in (q, positions, critical, segment_ids)]
     band_blocks = [jnp.moveaxis(_band_blocks(x, block_q, halo), 1, 0) for x in band]
-    k_far, v_far, *far_keys = gathered
 
     @jax.checkpoint  # the backward pass recomputes one block's scores rather than keeping every block's
     def attend(blocks):
@@ -242,11 +274,13 @@ def sra_attention_sequence_parallel(
     """SRA self-attention (the rule of `sra_jax.ops.masks`) with the sequence split over mesh axis `axis`.
 
     Equals `attention(q, k, v, spec=SRAMaskSpec.create(positions, critical, ...), impl="reference")` under the
-    layout contract (module docstring) when no shard holds more than `max_gathered` keys that are critical or
-    global (positions < num_global); beyond that a shard keeps its first `max_gathered` in slot order, as
-    `impl="gather"` does with `max_critical`. Default: the chunk length (always exact, gathers every slot).
-    `batch_axis` (a mesh axis, or a tuple of them) optionally shards the batch too. `block_q` (a divisor of the
-    chunk; default `_default_block_q`) sets how many queries share one window block, which bounds the band's memory.
+    layout contract (module docstring) when no row holds more than `max_gathered` keys that must be gathered
+    (`gathered_per_row`: valid, critical or global, seen from outside the window); beyond that a row keeps its
+    first `max_gathered` in slot order, as `impl="gather"` does with `max_critical`. Default: the row length (always
+    exact). The gathered keys travel in a compact buffer of `max_gathered` slots (`_gather_far`), whatever the
+    number of shards and however the keys are spread over them. `batch_axis` (a mesh axis, or a tuple of them)
+    optionally shards the batch too. `block_q` (a divisor of the chunk; default `_default_block_q`) sets how many
+    queries share one window block, which bounds the band's memory.
     """
     shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
@@ -257,11 +291,12 @@ def sra_attention_sequence_parallel(
                          f"{v.shape}")
     if positions.shape != q.shape[:2]:
         raise ValueError(f"positions shape {positions.shape} must be (batch, length) = {q.shape[:2]}")
-    chunk = _chunk(q.shape[1], shards, "sequence")
+    n = q.shape[1]
+    chunk = _chunk(n, shards, "sequence")
     if max_gathered is None:
-        max_gathered = chunk
-    if not isinstance(max_gathered, int) or isinstance(max_gathered, bool) or not 1 <= max_gathered <= chunk:
-        raise ValueError(f"max_gathered ({max_gathered!r}) must be an integer in [1, chunk length {chunk}]")
+        max_gathered = n
+    if not isinstance(max_gathered, int) or isinstance(max_gathered, bool) or not 1 <= max_gathered <= n:
+        raise ValueError(f"max_gathered ({max_gathered!r}) must be an integer in [1, row length {n}]")
     block_q = _default_block_q(chunk, window) if block_q is None else block_q
     if not isinstance(block_q, int) or isinstance(block_q, bool) or block_q < 1 or chunk % block_q:
         raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
@@ -283,14 +318,27 @@ def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window,
     return _over_shards(body, args, (True,) * 6, True, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
 
 
-def gathered_per_shard(
-    positions: Int[Array, "b n"], critical: Bool[Array, "b n"], *, num_global: int, shards: int
-) -> Int[Array, "b s"]:
-    """How many keys each shard must gather (valid and critical or global): the smallest exact `max_gathered` is
-    the maximum of this; a smaller bound drops keys. Meant for checks and statistics, outside the hot path."""
-    chunk = _chunk(positions.shape[1], shards, "sequence")
-    wanted = (positions >= 0) & (critical | (positions < num_global))
-    return wanted.reshape(positions.shape[0], shards, chunk).sum(-1, dtype=jnp.int32)
+def gathered_per_row(
+    positions: Int[Array, "b n"], critical: Bool[Array, "b n"], *, window: int, num_global: int
+) -> Int[Array, " b"]:
+    """How many keys each row must gather (valid, critical or global, and seen by a query of their sequence from
+    outside the window: slot i + window holds position p + window): the smallest exact `max_gathered` is the
+    maximum of this; a smaller bound drops keys. Meant for checks and statistics, outside the hot path."""
+    later = jnp.pad(positions[:, window:], ((0, 0), (0, min(window, positions.shape[1]))), constant_values=-1)
+    wanted = (positions >= 0) & (critical | (positions < num_global)) & (later == positions + window)
+    return jnp.sum(wanted, axis=1, dtype=jnp.int32)
+
+
+def gather_bound(spec: SRAMaskSpec, length: int) -> int:
+    """A static `max_gathered` that is exact for `spec` over `length` keys: its critical bound plus the globals of
+    every sequence longer than the window (one sequence in an unpacked row; at most length // (window + 1) packed
+    sequences are longer); the row length without a critical bound."""
+    if spec.max_critical is None:
+        return length
+    sequences = length // (spec.window + 1)
+    if spec.q_segment_ids is None:
+        sequences = min(1, sequences)
+    return max(1, min(length, spec.max_critical + spec.num_global * sequences))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -646,9 +694,10 @@ def spec_attention(
     there is none or the lengths do not divide into its shards (the caller then runs its unsharded path).
 
     Self-attention (`spec.keys_are_queries`): a dense spec (`_is_dense`) runs all-gather context parallelism; an SRA
-    spec the halo + gathered-critical path with `max_gathered` = min(chunk, spec.max_critical + num_global) (exact:
-    a shard holds at most the row's critical keys and its globals), or the chunk with packed rows or no bound.
+    spec the halo + gathered-critical path with `max_gathered = gather_bound(spec, n)` (exact).
     Keys of a KV cache (not the queries): `sharded_cache_attention` over the cache's slots, the queries replicated.
+    A key or value that is not finite reaches only the rows that can see it (`pallas_kernels.finite`), as on the
+    unsharded paths of `ops.attention.attention`.
     """
     active = active_sequence_sharding()
     if active is None:
@@ -658,19 +707,17 @@ def spec_attention(
     if not spec.keys_are_queries:
         if spec.q_segment_ids is not None or k.shape[1] % shards:
             return None
-        return sharded_cache_attention(
-            q, k, v, spec.q_positions, spec.q_critical, spec.k_positions, spec.k_critical, window=spec.window,
-            num_global=spec.num_global, queries=spec.queries, **common)
-    n = q.shape[1]
-    if n % shards:
+        attend = partial(sharded_cache_attention, q_positions=spec.q_positions, q_critical=spec.q_critical,
+                         k_positions=spec.k_positions, k_critical=spec.k_critical, window=spec.window,
+                         num_global=spec.num_global, queries=spec.queries, **common)
+    elif q.shape[1] % shards:
         return None
-    if _is_dense(spec, n):
-        return dense_attention_sequence_parallel(q, k, v, spec.q_positions, spec.q_segment_ids, **common)
-    chunk = n // shards
-    if spec.q_segment_ids is not None or spec.max_critical is None:
-        max_gathered = chunk
+    elif _is_dense(spec, q.shape[1]):
+        attend = partial(dense_attention_sequence_parallel, positions=spec.q_positions,
+                         segment_ids=spec.q_segment_ids, **common)
     else:
-        max_gathered = max(1, min(chunk, spec.max_critical + spec.num_global))
-    return sra_attention_sequence_parallel(
-        q, k, v, spec.q_positions, spec.q_critical, spec.q_segment_ids, window=spec.window,
-        num_global=spec.num_global, queries=spec.queries, max_gathered=max_gathered, **common)
+        attend = partial(sra_attention_sequence_parallel, positions=spec.q_positions, critical=spec.q_critical,
+                         segment_ids=spec.q_segment_ids, window=spec.window, num_global=spec.num_global,
+                         queries=spec.queries, max_gathered=gather_bound(spec, q.shape[1]), **common)
+    # as on every other path: a non-finite key reaches exactly the rows that can see it (pallas_kernels.finite)
+    return exclude_nonfinite_keys(attend, q, k, v)

@@ -98,18 +98,41 @@ def check_attention(results: dict) -> None:
         q, k, v, positions, critical, segments, window=window, num_global=NUM_GLOBAL, queries="all", mesh=mesh,
         batch_axis="data", block_q=2), q, k, v)
     results["attention_value_and_grads_data_2_sequence_4"] = biggest(expect, got)
-    # the tightest exact bound on gathered keys per shard (not the default, the chunk) gives the same output
+    # the tightest exact bound on the row's gathered keys (not the default, the row) gives the same output
     mesh = sequence_mesh(4)
-    bound = int(jnp.max(sp.gathered_per_shard(positions, critical, num_global=NUM_GLOBAL, shards=4)))
-    expect = reference(q, k, v, positions, critical, segments, window, "critical")
-    got = sharded(q, k, v, positions, critical, segments, window, "critical", mesh, max_gathered=bound)
+    bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=window, num_global=NUM_GLOBAL)))
+    expect = reference(q, k, v, positions, critical, segments, window, "all")
+    got = sharded(q, k, v, positions, critical, segments, window, "all", mesh, max_gathered=bound)
     results["attention_tight_max_gathered_4_shards"] = biggest(expect, got)
-    too_small = sharded(q, k, v, positions, critical, segments, window, "critical", mesh, max_gathered=bound - 1)
+    too_small = sharded(q, k, v, positions, critical, segments, window, "all", mesh, max_gathered=bound - 1)
     results["attention_too_small_max_gathered_differs"] = biggest(expect, too_small)
 
 
+def check_attention_spread(results: dict) -> None:
+    """The compact gather at 8 shards (chunk 4) with the tightest bound, values and gradients, where the critical
+    keys sit: all on one shard (row 0: slots 12..15, shard 3, with packed segments crossing shard edges), on no
+    shard (row 1: none, only the globals of its long segments are gathered), and spread over every shard."""
+    rows = [([5, 13, 21], 0, False), ([9, 17], 4, True)]
+    q, k, v, positions, _, segments = inputs(3, rows, 0.0)
+    slot = jnp.arange(N)
+    placements = {"one_shard": jnp.stack([(slot >= 12) & (slot < 16), jnp.zeros(N, bool)]),
+                  "every_shard": jnp.stack([slot % 3 == 1, slot % 4 == 2])}
+    mesh = sequence_mesh(8)
+    window = 3
+    for name, critical in placements.items():
+        critical &= positions >= 0
+        bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=window, num_global=NUM_GLOBAL)))
+        expect = value_and_grads(
+            lambda q, k, v, c=critical: reference(q, k, v, positions, c, segments, window, "all"), q, k, v)
+        got = value_and_grads(lambda q, k, v, c=critical, bound=bound: sharded(
+            q, k, v, positions, c, segments, window, "all", mesh, max_gathered=bound, block_q=2), q, k, v)
+        results[f"attention_{name}_8_shards"] = biggest(expect, got)
+        results[f"attention_{name}_bound"] = bound
+
+
 def check_attention_hypothesis(results: dict) -> None:
-    """Random lengths, packings, critical sets, windows, queries and window blocks at 4 shards (one shape)."""
+    """Random lengths, packings, critical sets, windows, queries, window blocks and gather bounds (the row, or the
+    tightest exact one) at 4 shards (one shape)."""
     mesh = sequence_mesh(4)
     worst = []
 
@@ -118,11 +141,13 @@ def check_attention_hypothesis(results: dict) -> None:
     @settings(max_examples=10, deadline=None, derandomize=True, database=None)
     @given(rows=st.lists(row, min_size=B, max_size=B), rate=st.sampled_from([0.0, 0.2, 0.6]),
            window=st.sampled_from([1, 3, 11]), queries=st.sampled_from(["critical", "all"]),
-           block_q=st.sampled_from([2, 8]), seed=st.integers(0, 2**16))
-    def run(rows, rate, window, queries, block_q, seed):
+           block_q=st.sampled_from([2, 8]), tight=st.booleans(), seed=st.integers(0, 2**16))
+    def run(rows, rate, window, queries, block_q, tight, seed):
         q, k, v, positions, critical, segments = inputs(seed, rows, rate)
         expect = reference(q, k, v, positions, critical, segments, window, queries)
-        got = sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q)
+        bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=window, num_global=NUM_GLOBAL)))
+        got = sharded(q, k, v, positions, critical, segments, window, queries, mesh, block_q=block_q,
+                      max_gathered=max(1, bound) if tight else None)
         worst.append(biggest(expect, got))
 
     run()
@@ -194,4 +219,4 @@ def main(checks: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["attention", "attention_hypothesis", "selection", "decode"])
+    main(sys.argv[1:] or ["attention", "attention_spread", "attention_hypothesis", "selection", "decode"])

@@ -11,10 +11,12 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sra_jax.ops import selection
@@ -52,6 +54,14 @@ def test_a_batch_sharded_over_data_too_gives_the_same_values_and_gradients(resul
 def test_the_tightest_gather_bound_is_exact_and_one_less_is_not(results):
     assert results["attention_tight_max_gathered_4_shards"] <= ATTENTION_TOL
     assert results["attention_too_small_max_gathered_differs"] > 1e-2
+
+
+@pytest.mark.parametrize("where", ["one_shard", "every_shard"])
+def test_the_compact_gather_is_exact_wherever_the_critical_keys_sit(results, where):
+    """One shard owns every critical key of a row (the other row has none), or every shard owns some: a buffer of
+    the row's tightest bound, filled at per-shard offsets, gives the reference's values and gradients."""
+    assert results[f"attention_{where}_bound"] < 16  # the compact buffer, not the all-gather of every slot
+    assert results[f"attention_{where}_8_shards"] <= ATTENTION_TOL
 
 
 def test_random_packings_paddings_and_critical_sets_match_the_reference(results):
@@ -121,7 +131,7 @@ def attention_args(n=8):
 def test_bad_arguments_are_named(one_device_mesh):
     with pytest.raises(ValueError, match=r"axis \('seq'\) is not an axis of the mesh"):
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=one_device_mesh, axis="seq")
-    with pytest.raises(ValueError, match=r"max_gathered \(9\) must be an integer in \[1, chunk length 8\]"):
+    with pytest.raises(ValueError, match=r"max_gathered \(9\) must be an integer in \[1, row length 8\]"):
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=one_device_mesh,
                                            max_gathered=9)
     with pytest.raises(ValueError, match=r"block_q \(3\) must be a positive divisor of the chunk length \(8\)"):
@@ -149,11 +159,15 @@ def test_a_length_that_does_not_split_evenly_is_refused():
         sp.sra_attention_sequence_parallel(*attention_args(), window=2, num_global=0, mesh=mesh)
 
 
-def test_gathered_per_shard_counts_critical_and_global_keys():
-    positions = jnp.array([[-1, 0, 1, 2, 3, 0, 1, 2]])
-    critical = jnp.array([[True, False, False, True, False, False, True, True]])
-    counts = sp.gathered_per_shard(positions, critical, num_global=1, shards=2)
-    assert counts.tolist() == [[2, 3]]  # shard 0: position 0 and critical position 2; shard 1: 0 (global), 1, 2
+def test_gathered_per_row_counts_critical_and_global_keys_seen_from_beyond_the_window():
+    positions = jnp.array([[-1, 0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    critical = jnp.array([[True, False, True, False, False, False, True, True], [False, True, False, False, True,
+                                                                                  False, False, True]])
+    counts = sp.gathered_per_row(positions, critical, window=2, num_global=1)
+    # row 0: the globals (position 0) of both sequences and critical position 1 of the first (position 3 follows
+    # 2 later); the second sequence's critical positions 1, 2 are its last: no query lies 2 beyond them.
+    # row 1: the global and critical positions 1, 4 (position 7 is the last). Padding never counts.
+    assert counts.tolist() == [3, 3]
 
 
 def test_dense_context_parallel_attention_and_its_gradients_equal_causal_attention():
@@ -191,3 +205,42 @@ def test_sequence_sharding_is_a_no_op_without_a_sequence_axis_of_size_above_one(
         sp.dense_attention_sequence_parallel(q, k, v, positions, mesh=one_device_mesh, batch_axis=("data", "nope"))
     with pytest.raises(ValueError, match=r"block_q \(3\)"):
         sp.dense_attention_sequence_parallel(q, k, v, positions, shards=2, block_q=3)
+
+
+def test_nonfinite_keys_reach_only_the_rows_that_see_them_under_sequence_sharding():
+    """NaN k and -inf v at a non-critical key (slot 9 of row 0, in the second shard: only the queries whose window
+    holds it can see it) and inf in a padding slot's v (row 1): through `attention(spec=...)` with 4 simulated
+    shards, SRA (packed rows) and dense specs give the unsharded outputs, NaN exactly where the unsharded path
+    gives NaN, and clean gradients where no loss term sees a bad key."""
+    from sra_jax.ops.attention import attention
+    from sra_jax.ops.masks import SRAMaskSpec
+
+    worker = load_worker()
+    q, k, v, positions, critical, segments = worker.inputs(0, [([5, 13, 21], 3, False), ([9, 17], 4, True)], 0.25)
+    critical = critical.at[0, 9].set(False)
+    bad_k, bad_v = k.at[0, 9].set(jnp.nan), v.at[0, 9].set(-jnp.inf).at[1, 0].set(jnp.inf)  # row 1 slot 0: padding
+    specs = {"sra": SRAMaskSpec.create(positions, critical, window=3, num_global=worker.NUM_GLOBAL,
+                                       segment_ids=segments, queries="all"),
+             "dense": SRAMaskSpec.create(positions, critical, window=2**30, num_global=0, max_critical=0,
+                                         segment_ids=segments)}
+    for name, spec in specs.items():
+        def run(q, k, v, spec=spec):
+            return attention(q, k, v, spec=spec, impl="reference")
+
+        def sharded(q, k, v, spec=spec):
+            with sp.sequence_sharding(None, shards=4):
+                return attention(q, k, v, spec=spec, impl="reference")
+
+        expect, got = run(q, bad_k, bad_v), sharded(q, bad_k, bad_v)
+        seen = np.isnan(np.asarray(expect))
+        assert seen[0].any() and not seen[0].all() and not seen[1].any(), name
+        np.testing.assert_array_equal(np.isnan(np.asarray(got)), seen)
+        np.testing.assert_allclose(np.where(seen, 0.0, got), np.where(seen, 0.0, expect), atol=ATTENTION_TOL)
+        clean = jnp.asarray(~seen)  # a loss over the rows that see no bad key has finite, unsharded gradients
+
+        def loss(fn, q, k, v, clean=clean):
+            return jnp.sum(jnp.where(clean, fn(q, k, v), 0.0) ** 2)
+
+        grads = [jax.grad(partial(loss, fn), (0, 1, 2))(q, bad_k, bad_v) for fn in (run, sharded)]
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads[1]), name
+        assert worker.biggest(*grads) <= ATTENTION_TOL, name
