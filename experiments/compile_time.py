@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": here,
         "lowered_for": lower_for,
         "stages": "trace, lower, compile, execute" if lower_for == here else "trace, lower (no device to compile for)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "model": preset_config(args.preset, args.layers).to_hf(),
         "sra": {"critical_fraction": 0.1, "defaults": "SRAConfig (window, num_global, queries)"},

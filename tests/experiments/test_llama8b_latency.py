@@ -9,16 +9,22 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory) -> dict:
+def module():
     spec = importlib.util.spec_from_file_location("llama8b_latency", ROOT / "experiments" / "llama8b_latency.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory, module) -> dict:
     out = tmp_path_factory.mktemp("latency")
     # float32 so the sanity row can be held to a tight tolerance: it checks the weight conversion, not bf16 noise.
     args = ["--tiny", "--dtype", "float32", "--lengths", "24", "--reps", "1", "--decode-steps", "2", "--out-dir", str(out)]
@@ -37,17 +43,53 @@ def test_same_weights_give_the_same_dense_logits(record):
     assert sanity["argmax_agreement"] == 1.0
 
 
+PEERS = {"transformers dense (sdpa, eager)", "sra_jax dense (xla)", "sra_jax SRA (pallas)"}
+FORCED = {"sra_jax SRA forced scattered (pallas)", "sra_jax SRA forced clustered (pallas)"}
+
+
 def test_every_implementation_has_finite_prefill_and_decode_rows(record):
     rows = [r for r in record["rows"] if "impl" in r]
     assert not [r for r in rows if "error" in r]
-    impls = {r["impl"] for r in rows}
-    assert impls == {"transformers dense (sdpa, eager)", "sra_jax dense (xla)", "sra_jax SRA (pallas)"}
-    for impl in impls:
+    assert {r["impl"] for r in rows} == PEERS | FORCED
+    for impl in PEERS:
         (pre,) = [r for r in rows if r["impl"] == impl and r["phase"] == "prefill"]
-        (dec,) = [r for r in rows if r["impl"] == impl and r["phase"] == "decode"]
-        assert pre["context"] == dec["context"] == 24 and pre["batch"] == 1
+        decodes = {r["batch"]: r for r in rows if r["impl"] == impl and r["phase"] == "decode"}
+        assert sorted(decodes) == [1, 8]  # --tiny decodes at batch 8 too, at every length
+        assert pre["context"] == 24 and pre["batch"] == 1
         assert math.isfinite(pre["ms"]) and pre["ms"] > 0
-        assert math.isfinite(dec["ms_per_token"]) and dec["ms_per_token"] > 0 and dec["steps"] == 2
+        for dec in decodes.values():
+            assert dec["context"] == 24
+            assert math.isfinite(dec["ms_per_token"]) and dec["ms_per_token"] > 0 and dec["steps"] == 2
+
+
+def test_forced_critical_rows_use_the_routers_count_in_their_pattern(record, module):
+    for impl in FORCED:
+        (row,) = [r for r in record["rows"] if r.get("impl") == impl]
+        assert row["phase"] == "prefill" and math.isfinite(row["ms"])
+        assert row["selected_fraction"] == pytest.approx(3 / 24)  # forced: the router's top-k count, k = 3
+    clustered = np.asarray(module.forced_critical("clustered", 2, 4096, 410, run=128, seed=0))
+    scattered = np.asarray(module.forced_critical("scattered", 2, 4096, 410, run=128, seed=0))
+    for flags in (clustered, scattered):
+        assert flags.shape == (2, 1, 4096) and (flags.sum(-1) == 410).all() and (flags[0] == flags[1]).all()
+    runs = lambda f: int(np.sum(np.diff(f.astype(int), prepend=0) == 1))
+    assert runs(clustered[0, 0]) == 4  # ceil(410 / 128) runs of consecutive tokens
+    assert runs(scattered[0, 0]) > 300  # uniform draws rarely touch
+
+
+def test_tile_cache_repeats_every_field_of_the_batch_one_cache(module):
+    import jax.numpy as jnp
+
+    from sra_jax.config import LlamaConfig
+    from sra_jax.nn import LeftPaddedKVCache
+
+    cache = LeftPaddedKVCache.create(LlamaConfig.tiny(), jnp.array([5]), prompt_len=6, max_len=9, critical_capacity=4)
+    cache = cache.replace(k=cache.k + jnp.arange(9.0)[None, None, :, None, None], index=jnp.int32(6))
+    wide = module.tile_cache(cache, 3)
+    assert wide.batch == 3 and wide.critical_capacity == 4 and int(wide.index) == 6
+    for name in ("k", "v", "positions", "critical", "threshold", "critical_slots", "num_critical", "kv_start"):
+        one, three = np.asarray(getattr(cache, name)), np.asarray(getattr(wide, name))
+        axis = module.CACHE_BATCH_AXIS[name]
+        np.testing.assert_array_equal(three, np.repeat(one, 3, axis=axis))
 
 
 def test_sra_row_reports_its_selection_and_densities(record):
