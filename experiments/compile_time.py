@@ -11,6 +11,8 @@ context) one fresh worker process (so no jit or lowering cache carries over betw
 - the lowered module: StableHLO characters, ops in the text and ops after inlining every `func.call` (what XLA
   compiles), kernel calls (Pallas Triton / Mosaic GPU / Mosaic TPU custom calls) in the text and executed after
   inlining, distinct kernel configurations (each is one kernel compilation), and sort / while / case ops;
+- the largest array type in the module (weights, KV cache and every intermediate value): a 128k prefill that
+  built [b, s, vocab] logits or a [q, k] mask would show it here, before any device runs it;
 - per-layer trace and lower seconds: the same model traced and lowered (in its own worker) at `--layers-small`
   layers too, the difference divided by the difference in layers.
 
@@ -96,6 +98,23 @@ _OP = re.compile(r'^\s*(?:%[^=]+= )?"?((?:stablehlo|chlo|mhlo|func|sdy)\.[a-z_]+
 _CALL = re.compile(r"(?:func\.)?call @([\w$.-]+)\(")
 _CUSTOM = re.compile(r"stablehlo\.custom_call @([\w$.-]+)\((.*)$", re.M)
 _SSA = re.compile(r"%[\w#:.-]+")
+_TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-z]+\d*)>")
+_BITS = {"pred": 8, "i1": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "i8": 8, "ui8": 8, "i16": 16, "i32": 32,
+         "ui32": 32, "i64": 64, "ui64": 64}
+
+
+def largest_tensor(text: str) -> dict:
+    """The largest array type in the module (an argument, result or intermediate value): a lower bound on the
+    biggest single allocation, e.g. [b, s, vocab] logits or a [q, k] mask would show here."""
+    best, best_type = 0, None
+    for dims, dtype in set(_TENSOR.findall(text)):
+        n = 1
+        for d in filter(None, dims.split("x")):
+            n *= int(d)
+        size = n * _BITS.get(dtype, 32) // 8
+        if size > best:
+            best, best_type = size, f"tensor<{dims}{dtype}>"
+    return {"largest_tensor": best_type, "largest_tensor_gib": best / 2**30}
 
 
 def module_stats(text: str) -> dict:
@@ -143,6 +162,7 @@ def module_stats(text: str) -> dict:
         "inlined_case": inlined["stablehlo.case"],
         "inlined_custom_call": inlined["stablehlo.custom_call"],
         "top_inlined_ops": dict(inlined.most_common(8)),
+        **largest_tensor(text),
     }
 
 
