@@ -19,7 +19,7 @@ Medians over repeats after a warm-up (which also compiles), synchronised with `b
 
 Also: decode at batch 8 (`--decode-batches`, at `--batch-lengths`, default 32k and 128k: the batch-1 prompt's cache
 repeated; skipped with the GiB it needs when it does not fit), and the SRA prefill with forced critical sets,
-scattered and clustered (`--forced-lengths`, default 32k and 128k), next to the router's own picks.
+scattered and clustered (`--forced-lengths`, default 32k), next to the router's own picks.
 """
 
 from __future__ import annotations
@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode also at these batch sizes (default 8), at the --batch-lengths")
     parser.add_argument("--batch-lengths", type=int, nargs="*", default=None, help="default 32k and 128k")
     parser.add_argument("--forced-lengths", type=int, nargs="*", default=None,
-                        help="SRA prefill with forced scattered and clustered critical sets here (default 32k, 128k)")
+                        help="SRA prefill with forced scattered and clustered critical sets here (default 32k; each length "
+                             "compiles one more SRA prefill)")
     parser.add_argument("--cluster-run", type=int, default=None, help="tokens per run of clustered picks (512)")
     parser.add_argument("--skip-torch-timing", action="store_true", help="keep the sanity row, time only sra_jax")
     parser.add_argument("--out-dir", type=Path, default=None, help="JSON + markdown go here (default: the repo)")
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_lengths = set(args.batch_lengths if args.batch_lengths is not None
                         else lengths if args.tiny else [32768, 131072])
     forced_lengths = set(args.forced_lengths if args.forced_lengths is not None
-                         else lengths if args.tiny else [32768, 131072])
+                         else lengths if args.tiny else [32768])
     cluster_run = args.cluster_run or (4 if args.tiny else 512)
     batches = lambda n: decode_batches if n in batch_lengths else ()
     jax_dtype, torch_dtype = DTYPES[args.dtype]
