@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": preset_config(args.preset, args.layers).to_hf(),
         "sra": {"critical_fraction": 0.1, "defaults": "SRAConfig (window, num_global, queries)"},
         "settings": base,
+        # a persistent compilation cache would turn compile_s into a cache read: recorded, off by default
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rows": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
