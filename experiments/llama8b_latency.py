@@ -419,6 +419,17 @@ def _jax_length(model, name, tokens, sra, base, *, decode_steps, reps, rows, bat
         del wide
 
 
+def weight_read_floor_row(model, *, copy_bytes: int) -> dict:
+    """The decode floor: every parameter read once per token at the copy bandwidth measured in this process
+    (`decode_bench.hbm_copy_gbps`, read + write bytes of a bf16 `x + 1`)."""
+    from sra_jax.benchmarks.decode_bench import hbm_copy_gbps
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    gbps = hbm_copy_gbps(copy_bytes)
+    return {"phase": "weight-read floor (parameter bytes / copy bandwidth)", "weight_bytes": weight_bytes,
+            "copy_bytes": copy_bytes, "copy_gbps": gbps, "floor_ms_per_token": weight_bytes / gbps / 1e6}
+
+
 def sanity_row(torch_model, dense, config, *, length: int, device: str, seed: int) -> dict:
     """Dense logits of both frameworks on the same random tokens (no cache)."""
     import torch
@@ -488,6 +499,13 @@ def markdown(record: dict) -> str:
                   "", "| context | batch | implementation | decode ms / step |", "|---|---|---|---|"]
         lines += [f"| {r['context']} | {r['batch']} | {r['impl']} | {r['ms_per_token']:.2f} |" for r in wide]
     for r in record["rows"]:
+        if r["phase"].startswith("weight-read floor"):
+            decodes = [x for x in rows if x["phase"] == "decode" and "ms_per_token" in x]
+            lines += ["", f"Weight-read floor: {r['weight_bytes'] / 1e9:.2f} GB of parameters at {r['copy_gbps']:.0f} "
+                      f"GB/s (copy of {r['copy_bytes'] / 2**30:.2f} GiB, same process) = "
+                      f"{r['floor_ms_per_token']:.2f} ms/token; batch-1 decode / floor: "
+                      + ", ".join(f"{x['impl']} {x['context']}: {x['ms_per_token'] / r['floor_ms_per_token']:.2f}x"
+                                  for x in decodes if x["impl"].startswith("sra_jax"))]
         if r["phase"].startswith("sanity"):
             lines += ["", f"Sanity ({r['context']} tokens, same weights): dense logits rel. error {r['rel_err']:.2e}, "
                       f"max abs diff {r['max_abs_diff']:.3g} (logit std {r['logit_std']:.3g}), argmax agreement "
@@ -604,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     del values
     rows.append(sanity_row(torch_model, dense, config, length=sanity_length, device=device, seed=args.seed))
     print(f"  sanity: {rows[0]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    rows.append(weight_read_floor_row(dense, copy_bytes=1 << 30 if gpu else 1 << 24))
+    print(f"  floor: {rows[-1]}", flush=True)
     save()
     if not args.skip_torch_timing:
         torch_rows(torch_model, config, lengths, device=device, decode_steps=decode_steps, reps=reps,

@@ -100,3 +100,16 @@ def test_sra_row_reports_its_selection_and_densities(record):
     assert sra["block_density"] == pytest.approx(1.0)
     assert record["sra"]["window"] == 64 and record["sra"]["num_global"] == 4
     assert record["device"] and record["date"] and {"jax", "torch", "transformers"} <= set(record["versions"])
+
+
+def test_weight_read_floor_is_measured_in_the_same_run(record):
+    (floor,) = [r for r in record["rows"] if r["phase"].startswith("weight-read floor")]
+    model = record["model"]
+    hidden, inter, vocab, layers = (model[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                                       "num_hidden_layers"))
+    kv = model["num_key_value_heads"] * model["head_dim"]
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+    params = layers * per_layer + vocab * hidden * (1 if model["tie_word_embeddings"] else 2) + hidden
+    assert floor["weight_bytes"] == 4 * params  # float32, every parameter of the dense model
+    assert floor["copy_gbps"] > 0 and floor["floor_ms_per_token"] == pytest.approx(
+        floor["weight_bytes"] / floor["copy_gbps"] / 1e6)
