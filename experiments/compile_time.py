@@ -14,7 +14,7 @@ context) one fresh worker process (so no jit or lowering cache carries over betw
 - the largest array type in the module (weights, KV cache and every intermediate value): a 128k prefill that
   built [b, s, vocab] logits or a [q, k] mask would show it here, before any device runs it;
 - per-layer trace and lower seconds: the same model traced and lowered (in its own worker) at `--layers-small`
-  layers too, the difference divided by the difference in layers.
+  layers too, the difference divided by the difference in layers (at the first length).
 
 `--lower-for cuda` on a CPU host lowers for the GPU without one (as the kernel tests do for Pallas Triton): trace and
 lower only, with `jax.default_backend()` reporting "gpu" and cuDNN's version / compute-capability probes answering
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=("tiny", "llama8b"), default="tiny")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--layers-small", type=int, default=2, help="second layer count for the per-layer slope "
-                        "(trace + lower only; 0: skip)")
+                        "(trace + lower only, at the first length; 0: skip)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 job = dict(base, model=model, phase=phase, context=context)
                 row = {"model": model, "phase": phase, "context": context, "batch": args.batch,
                        **run_job(job, args.in_process)}
-                if layers_small and "error" not in row:  # the per-layer slope: the same job at fewer layers
+                # the per-layer slope (first length only): the same job at fewer layers
+                if layers_small and context == lengths[0] and "error" not in row:
                     small = run_job(dict(job, layers=layers_small, lower_only=True), args.in_process)
                     if "error" not in small:
                         span = row["layers"] - small["layers"]
