@@ -18,8 +18,10 @@ Medians over repeats after a warm-up (which also compiles), synchronised with `b
     python experiments/llama8b_latency.py --tiny --out-dir /tmp/x   # tiny config on CPU (the test)
 
 Also: decode at batch 8 (`--decode-batches`, at `--batch-lengths`, default 32k and 128k: the batch-1 prompt's cache
-repeated; skipped with the GiB it needs when it does not fit), and the SRA prefill with forced critical sets,
-scattered and clustered (`--forced-lengths`, default 32k), next to the router's own picks.
+repeated; skipped with the GiB it needs when it does not fit). SRA prefill rows: the random router's own picks
+(scattered) and, through the same compiled program, clustered picks (router scores zeroed: top-k takes the first k
+tokens); optionally forced critical sets, scattered and in runs at random offsets (`--forced-lengths`, one more
+compile per length).
 """
 
 from __future__ import annotations
@@ -320,6 +322,16 @@ def forced_critical(pattern: str, layers: int, length: int, count: int, *, run: 
     return jnp.broadcast_to(jnp.asarray(flags), (layers, 1, length))
 
 
+def zero_router_scores(state):
+    """`state` with every router's score weights zeroed: all scores tie, so top-k takes the first k tokens of the
+    prompt (one contiguous run, the most clustered picks) through the same compiled prefill as the router's own."""
+    def zero(path, x):
+        keys = [getattr(k, "key", None) for k in path]
+        return jnp.zeros_like(x) if "router" in keys and "score" in keys else x
+
+    return jax.tree_util.tree_map_with_path(zero, state)
+
+
 def device_free_bytes() -> int | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
@@ -368,9 +380,20 @@ def _jax_length(model, name, tokens, sra, base, *, decode_steps, reps, rows, bat
     token, cache, stats = result.pop("out")
     row = {**base, "phase": "prefill", "ms": ms, "ms_reps": all_ms, "warmup_s": first}
     if name == "SRA":
-        row.update(_sra_stats(stats, sra, length))
+        row.update(_sra_stats(stats, sra, length), critical="the random router's top-k (scattered)")
     rows.append(row)
     del stats
+    if name == "SRA":  # clustered picks through the same compiled program: every router score ties
+        tied = zero_router_scores(state)
+        ms, all_ms, first = timed(lambda: result.update(out=jax.block_until_ready(prefill(tied, tokens))),
+                                  warmup=1, reps=reps)
+        stats = result.pop("out")[2]
+        rows.append({**base, "impl": f"sra_jax SRA clustered ({base['impl'].split('(')[-1]}", "phase": "prefill",
+                     "ms": ms, "ms_reps": all_ms, "warmup_s": first,
+                     "critical": "router scores zeroed: top-k takes the first k tokens (one run)",
+                     **_sra_stats(stats, sra, length)})
+        print(f"  jax SRA clustered (tied scores) {length}: prefill {ms:.1f} ms", flush=True)
+        del tied, stats
     for pattern in ("scattered", "clustered") if forced else ():
         critical = forced_critical(pattern, model.config.num_hidden_layers, length, sra.num_critical(length),
                                    run=cluster_run, seed=seed)
@@ -394,9 +417,9 @@ def _jax_length(model, name, tokens, sra, base, *, decode_steps, reps, rows, bat
         {**base, "phase": "decode", "ms_per_token": ms / decode_steps, "steps": decode_steps,
          "cache_slots": max_len, "ms_reps": all_ms, "warmup_s": first}
     )
-    print(f"  jax {name} {length}: prefill {rows[-2 - 2 * forced]['ms']:.1f} ms, decode "
-          f"{rows[-1]['ms_per_token']:.2f} ms/token (first calls {rows[-2 - 2 * forced]['warmup_s']:.0f} s / "
-          f"{rows[-1]['warmup_s']:.0f} s)", flush=True)
+    pre = next(r for r in reversed(rows) if r.get("impl") == base["impl"] and r["phase"] == "prefill")
+    print(f"  jax {name} {length}: prefill {pre['ms']:.1f} ms, decode {rows[-1]['ms_per_token']:.2f} ms/token "
+          f"(first calls {pre['warmup_s']:.0f} s / {rows[-1]['warmup_s']:.0f} s)", flush=True)
     one_row = sum(x.nbytes for x in jax.tree.leaves(carry["cache"]))
     for batch in batches:
         free = device_free_bytes()
@@ -530,7 +553,9 @@ NOTES = (
     "from the masks used), and causal 128x128 blocks a plain block layout would visit (block density, from the same "
     "critical sets). Dense sra_jax runs `jax.nn.dot_product_attention(implementation='cudnn')`: the fused causal "
     "kernel when positions are 0..n-1 in the first cache slots (prefill), else the mask. `warmup_s` is the first "
-    "call (compilation included). Forced rows: the SRA prefill with `critical=` given (the same tokens in every "
+    "call (compilation included). Clustered rows: the same compiled SRA prefill with every router's score weights "
+    "zeroed, so all scores tie and top-k takes the first k tokens (one run; the router row's picks are scattered). "
+    "Forced rows (optional): the SRA prefill with `critical=` given (the same tokens in every "
     "layer; the router still runs): scattered = drawn uniformly, clustered = runs of consecutive tokens; same "
     "count as the router's top-k. Larger-batch decode rows repeat the batch-1 prompt's cache (its K/V, positions "
     "and critical lists) `batch` times; a batch whose cache does not fit in the free device memory is skipped "
@@ -550,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode also at these batch sizes (default 8), at the --batch-lengths")
     parser.add_argument("--batch-lengths", type=int, nargs="*", default=None, help="default 32k and 128k")
     parser.add_argument("--forced-lengths", type=int, nargs="*", default=None,
-                        help="SRA prefill with forced scattered and clustered critical sets here (default 32k; each length "
-                             "compiles one more SRA prefill)")
+                        help="SRA prefill with forced scattered and clustered (runs at random offsets) critical sets here "
+                             "(default none on GPU: each length compiles one more SRA prefill)")
     parser.add_argument("--cluster-run", type=int, default=None, help="tokens per run of clustered picks (512)")
     parser.add_argument("--skip-torch-timing", action="store_true", help="keep the sanity row, time only sra_jax")
     parser.add_argument("--out-dir", type=Path, default=None, help="JSON + markdown go here (default: the repo)")
@@ -571,8 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--decode-batches must be >= 2 (batch 1 always runs), got {decode_batches}")
     batch_lengths = set(args.batch_lengths if args.batch_lengths is not None
                         else lengths if args.tiny else [32768, 131072])
-    forced_lengths = set(args.forced_lengths if args.forced_lengths is not None
-                         else lengths if args.tiny else [32768])
+    forced_lengths = set(args.forced_lengths if args.forced_lengths is not None else lengths if args.tiny else [])
     cluster_run = args.cluster_run or (4 if args.tiny else 512)
     batches = lambda n: decode_batches if n in batch_lengths else ()
     jax_dtype, torch_dtype = DTYPES[args.dtype]
@@ -595,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         "lengths": lengths,
         "decode_batches": {"batches": decode_batches, "at": sorted(batch_lengths)},
         "forced_critical": {"at": sorted(forced_lengths), "cluster_run": cluster_run},
+        "clustered": "every length: router score weights zeroed (ties: top-k takes the first k tokens)",
         "decode_steps": decode_steps,
         "reps": reps,
         "notes": NOTES,

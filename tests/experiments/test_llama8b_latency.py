@@ -44,7 +44,8 @@ def test_same_weights_give_the_same_dense_logits(record):
 
 
 PEERS = {"transformers dense (sdpa, eager)", "sra_jax dense (xla)", "sra_jax SRA (pallas)"}
-FORCED = {"sra_jax SRA forced scattered (pallas)", "sra_jax SRA forced clustered (pallas)"}
+FORCED = {"sra_jax SRA forced scattered (pallas)", "sra_jax SRA forced clustered (pallas)",
+          "sra_jax SRA clustered (pallas)"}
 
 
 def test_every_implementation_has_finite_prefill_and_decode_rows(record):
@@ -113,3 +114,23 @@ def test_weight_read_floor_is_measured_in_the_same_run(record):
     assert floor["weight_bytes"] == 4 * params  # float32, every parameter of the dense model
     assert floor["copy_gbps"] > 0 and floor["floor_ms_per_token"] == pytest.approx(
         floor["weight_bytes"] / floor["copy_gbps"] / 1e6)
+
+
+def test_zeroed_router_scores_pick_the_first_tokens(module):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sra_jax.config import LlamaConfig, SRAConfig
+    from sra_jax.nn import Llama
+
+    sra = SRAConfig(critical_fraction=0.25, window=2, num_global=1, router_hidden=8)
+    model = Llama(LlamaConfig.tiny(), sra, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    _, aux = nnx.merge(graph, module.zero_router_scores(state))(tokens)
+    want = np.zeros((2, 16), bool)
+    want[:, :4] = True  # k = ceil(0.25 * 16) = 4: ties go to the lowest indices
+    assert (np.asarray(aux.router_logits) == 0).all()
+    np.testing.assert_array_equal(np.asarray(aux.critical), np.broadcast_to(want, aux.critical.shape))
+    _, own = model(tokens)
+    assert not (np.asarray(own.critical) == np.broadcast_to(want, own.critical.shape)).all()  # the router's own
