@@ -581,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-torch-timing", action="store_true", help="keep the sanity row, time only sra_jax")
     parser.add_argument("--out-dir", type=Path, default=None, help="JSON + markdown go here (default: the repo)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="added to the file names (several runs on one date)")
     args = parser.parse_args(argv)
 
     gpu = jax.default_backend() == "gpu"
@@ -626,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     rows = record["rows"]
-    stem = f"llama8b-latency-{'tiny-' if args.tiny else ''}{date:%Y-%m-%d}"
+    stem = f"llama8b-latency-{'tiny-' if args.tiny else ''}{args.tag + '-' if args.tag else ''}{date:%Y-%m-%d}"
     json_path = (args.out_dir or REPO / "benchmarks" / "results") / f"{stem}.json"
     md_path = (args.out_dir or REPO / "experiments" / "results") / f"{stem}.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)
