@@ -46,9 +46,10 @@ def wall_ms(fn, *args, reps: int = 7, inner: int = 1) -> float:
     return time_jax(fn, *args, reps=reps, inner=inner)
 
 
-def hbm_copy_gbps() -> float:
-    """Read + write bytes of a 1 GiB bf16 `x + 1`, ten calls back to back (dispatch hidden behind the device)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (1 << 29,), jnp.bfloat16)
+def hbm_copy_gbps(num_bytes: int = 1 << 30) -> float:
+    """Read + write bytes per second (GB/s) of a `num_bytes` (default 1 GiB) bf16 `x + 1`, ten calls back to back
+    (dispatch hidden behind the device)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (num_bytes // 2,), jnp.bfloat16)
     ms = wall_ms(jax.jit(lambda x: x + 1), x, inner=10)
     return 2 * x.nbytes / ms / 1e6
 

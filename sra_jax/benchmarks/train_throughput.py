@@ -5,7 +5,8 @@
 
 Each `--variant "NAME: key=value; key=value"` adds TrainConfig overrides on top of `--config` / `--set`. Keys
 `bench.*` configure the measurement itself: `bench.data` (`synthetic`: the task's batches; `random`: random tokens
-filling every position), `bench.mode` (`step`: the compiled train step alone; `loop`: the whole
+filling every position; `packed`: random tokens in rows packed with whole documents of random lengths, with segment
+ids, which needs data.pack=true), `bench.mode` (`step`: the compiled train step alone; `loop`: the whole
 `sra_jax.train.loop.run`, data generation, logging and all), `bench.loop=PATH` (time another loop module, a file
 defining `run`, e.g. an older version), `bench.profile=yes` (with `--profile DIR`: trace a few steps after the
 timed ones and summarise GPU kernel time by kind).
@@ -41,7 +42,7 @@ import jax
 import numpy as np
 
 PROFILE_STEPS = 3
-BENCH_KEYS = {"bench.data": ("synthetic", "random"), "bench.mode": ("step", "loop"), "bench.profile": ("yes", "no")}
+BENCH_KEYS = {"bench.data": ("synthetic", "random", "packed"), "bench.mode": ("step", "loop"), "bench.profile": ("yes", "no")}
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
@@ -81,16 +82,42 @@ def random_batch(config, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def model_flops(config, num_params: int, positions: np.ndarray, mask_density: float, *, padding: bool) -> float:
-    """Model FLOPs of one global batch (see the module docstring); `padding=True` counts every position."""
+def random_packed_batch(config, seed: int) -> dict[str, np.ndarray]:
+    """Random tokens in rows filled by whole documents of random lengths (seq_len/16 .. seq_len/4 tokens, the last
+    one cut to fit): segment ids 1, 2, ... per row, positions restarting at 0 in each document, no padding, loss on
+    every token."""
+    rows = config.micro_batch_size // jax.process_count()
+    shape = (config.grad_accum, rows, config.data.seq_len)
+    seq = shape[-1]
+    rng = np.random.default_rng(seed)
+    segment_ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for index in np.ndindex(shape[:2]):
+        start, doc = 0, 1
+        while start < seq:
+            n = min(seq - start, int(rng.integers(max(1, seq // 16), max(2, seq // 4) + 1)))
+            segment_ids[index][start:start + n] = doc
+            positions[index][start:start + n] = np.arange(n)
+            start, doc = start + n, doc + 1
+    return {
+        "tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "positions": positions,
+        "loss_mask": np.ones(shape, bool),
+        "segment_ids": segment_ids,
+    }
+
+
+def model_flops(config, num_params: int, positions: np.ndarray, mask_density: float, *, padding: bool,
+                segment_ids: np.ndarray | None = None) -> float:
+    """Model FLOPs of one global batch (see the module docstring); `padding=True` counts every position (one
+    sequence per row). With `segment_ids` (packed rows) each document's causal pairs count."""
     from sra_jax.train.metrics import train_flops
 
     if padding:
-        positions = np.broadcast_to(np.arange(positions.shape[-1]), positions.shape)
+        positions, segment_ids = np.broadcast_to(np.arange(positions.shape[-1]), positions.shape), None
     m = config.model
     return train_flops(num_params, m.vocab_size * m.hidden_size, positions, num_layers=m.num_hidden_layers,
-                       num_heads=m.num_attention_heads, head_dim=m.head_dim,
-                       mask_density=mask_density) * jax.process_count()
+                       num_heads=m.num_attention_heads, head_dim=m.head_dim, mask_density=mask_density,
+                       segment_ids=segment_ids) * jax.process_count()
 
 
 def xla_flops(compiled) -> float | None:
@@ -127,13 +154,19 @@ def time_step(config, bench: dict[str, str], *, steps: int, warmup: int, profile
     from sra_jax.train.metrics import count_params
     from sra_jax.train.step import create_trainer
 
+    data = bench.get("bench.data", "synthetic")
+    if (data == "packed") != config.data.pack and data != "synthetic":
+        raise ValueError(f"bench.data={data} needs data.pack={str(data == 'packed').lower()} (packed rows carry "
+                         "segment ids, which the trainer expects exactly when data.pack is on)")
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
     trainer, state = create_trainer(config, mesh)
     num_params = count_params(state.params)
     distinct = min(steps, 4)
     began = time.perf_counter()
-    if bench.get("bench.data", "synthetic") == "random":
+    if data == "random":
         arrays = [random_batch(config, i) for i in range(distinct)]
+    elif data == "packed":
+        arrays = [random_packed_batch(config, i) for i in range(distinct)]
     else:
         stream = make_stream(config)
         arrays = [stream.batch(i) for i in range(distinct)]
@@ -160,7 +193,8 @@ def time_step(config, bench: dict[str, str], *, steps: int, warmup: int, profile
     valid = [float((a["positions"] >= 0).sum()) * jax.process_count() for a in arrays]
     per_step_tokens = float(np.mean([valid[i % distinct] for i in range(steps)]))
     flops = np.mean([model_flops(config, num_params, arrays[i % distinct]["positions"], host["mask_density"],
-                                 padding=False) for i in range(steps)])
+                                 padding=False, segment_ids=arrays[i % distinct].get("segment_ids"))
+                     for i in range(steps)])
     flops_padded = model_flops(config, num_params, arrays[0]["positions"], host["mask_density"], padding=True)
     all_positions = float(arrays[0]["positions"].size) * jax.process_count()
     return dict(

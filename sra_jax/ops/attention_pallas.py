@@ -76,8 +76,13 @@ def pallas_attention(
             backend=backend,
             interpret=interpret,
         )
+    # Under a trace (the spec's arrays are tracers, e.g. inside a jitted model) the spec path is a nested jit: the
+    # layers of a model then share one traced and lowered program (kernels included) instead of one per layer.
+    # Eager calls keep the plain function, whose concrete counts raise ValueErrors on an overflowing bound.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(spec))
+    shared = functools.partial(_shared_spec_attention, platform=jax.default_backend())
     run = functools.partial(
-        _spec_attention, q, k, v, spec, scale=scale, block_q=block_q, bq=bq, bk=bk, backend=backend,
+        shared if traced else _spec_attention, q, k, v, spec, scale=scale, block_q=block_q, bq=bq, bk=bk, backend=backend,
         interpret=interpret,
     )
     if compact is False:
@@ -107,6 +112,17 @@ def pallas_attention(
     except (jax.errors.TracerIntegerConversionError, jax.errors.ConcretizationTypeError):  # traced (under jit)
         return jax.lax.switch(branch, [functools.partial(run, bound) for bound in bounds] + [lambda: run(None)])
     return run(bounds[chosen] if chosen < len(bounds) else None)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("max_critical", "scale", "block_q", "bq", "bk", "backend", "interpret", "platform")
+)
+def _shared_spec_attention(q, k, v, spec, max_critical, *, scale, block_q, bq, bk, backend, interpret, platform=None):
+    """`_spec_attention` as one jitted program per static setting, shared by every call with the same shapes.
+    `platform` only keys the cache: backend="auto" resolves by `jax.default_backend()` while tracing."""
+    del platform
+    return _spec_attention(q, k, v, spec, max_critical, scale=scale, block_q=block_q, bq=bq, bk=bk, backend=backend,
+                           interpret=interpret)
 
 
 def _spec_attention(q, k, v, spec, max_critical, *, scale, block_q, bq, bk, backend, interpret):
