@@ -10,8 +10,10 @@ exported by `sra-jax export` as a Hugging Face Llama folder), so the experiment 
                `oracle` (the answer key: the chain's statements).
   3. learned   SRA retrofitted onto the export through `init: {from: base export, trainable: router}` (only the
                routers move; the Llama stays bit-identical): loss.kind="rl", reward correctness - token_penalty *
-               selected fraction, without (`learned_rl`) and with KL to the dense teacher (`learned_rl_kl`); the gpu
-               scale then trains routers and Llama jointly from the `learned_rl_kl` export (`learned_joint`:
+               selected fraction, without (`learned_rl`) and with KL to the dense teacher (`learned_rl_kl`); router
+               distillation (loss.router_distill_weight: each router's softmax toward the dense teacher's attention
+               mass per key, from the answer queries) alone (`learned_distill`) and with the RL (`learned_distill_rl`);
+               the gpu scale then trains routers and Llama jointly from the `learned_rl_kl` export (`learned_joint`:
                `init: {from: router export, trainable: all}`, loss.kind="sl+rl"). Each variant is scored from its
                export.
   4. cot       `cot_dense` (the CoT base, dense) and `cot_sra` (routers retrofitted onto the CoT base) when the scale
@@ -60,6 +62,9 @@ HYPOTHESIS = (
     "dense; the oracle set is about dense. Router recall against the oracle is well above alpha (random's recall). "
     "On the longer split every variant loses accuracy, and the selective ones no more than dense."
 )
+# Router distillation (learned_distill*): the answer queries' attention mass; see experiments/results/
+# longhop-router-diagnostics-cpu-*.json for the measurement behind the choice.
+DISTILL_QUERIES = "target"
 SPLITS = ("test", "new_values", "more_hops", "longer")
 ROW_KEYS = ("variant", "alpha", "seed", "context_len", "split", "accuracy", "ci_low", "ci_high",
             "attention_flops_vs_dense", "total_flops_vs_dense", "latency_ms", "selected_fraction",
@@ -202,11 +207,17 @@ class Experiment:
 
     def router(self, base_export: Path, form: str, seed: int, alpha: float, kind: str) -> Path:
         """The export of SRA retrofitted onto `base_export`: "rl" (routers only, token penalty), "rl_kl" (+ KL to the
-        dense teacher), "joint" (sl+rl of every parameter, starting from the rl_kl export)."""
+        dense teacher), "distill" (routers only, KL to the dense teacher's attention mass per key, no RL),
+        "distill_rl" (that + "rl"), "joint" (sl+rl of every parameter, starting from the rl_kl export)."""
         explore = RouterRLConfig(entropy_weight=0.01)
         losses = {
             "rl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, router_rl=explore),
             "rl_kl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, router_rl=explore, teacher_kl_weight=1.0),
+            # Distillation only: no cross-entropy (sl_weight 0), no policy gradient; and distillation + RL.
+            "distill": LossConfig(kind="sl", sl_weight=0.0, router_distill_weight=1.0,
+                                  router_distill_queries=DISTILL_QUERIES),
+            "distill_rl": LossConfig(kind="rl", token_penalty=0.1, group_size=4, router_rl=explore,
+                                     router_distill_weight=1.0, router_distill_queries=DISTILL_QUERIES),
             "joint": LossConfig(kind="sl+rl", token_penalty=0.1, group_size=4, router_rl=explore,
                                 teacher_kl_weight=1.0),
         }
@@ -260,7 +271,8 @@ class Experiment:
                     prefix = "" if form == "direct" else "cot_"
                     fixed = [("dense", "dense", 1.0)] if form == "cot" else [
                         ("dense", "dense", 1.0), ("window", "window", 0.0), ("oracle", "oracle", None)]
-                    learned_kinds = (["rl", "rl_kl"] + (["joint"] if s.joint else [])) if form == "direct" else ["rl"]
+                    learned_kinds = (["rl", "rl_kl", "distill", "distill_rl"] + (["joint"] if s.joint else [])
+                                     if form == "direct" else ["rl"])
                     variants = [prefix + v for v, _, _ in fixed] + (["random"] if form == "direct" else []) + [
                         f"learned_{k}" if form == "direct" else "cot_sra" for k in learned_kinds]
                     if not any(self.needs(v, seed, [a]) for v, _, a in fixed) and not any(

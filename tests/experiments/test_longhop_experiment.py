@@ -35,7 +35,8 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert record["hypothesis"] == longhop_experiment.HYPOTHESIS
     assert "Hypothesis (stated before running)" in json_path.with_suffix(".md").read_text()
     variants = {row["variant"] for row in record["rows"]}
-    assert variants == {"dense", "window", "oracle", "random", "learned_rl", "learned_rl_kl"}
+    assert variants == {"dense", "window", "oracle", "random", "learned_rl", "learned_rl_kl", "learned_distill",
+                        "learned_distill_rl"}
     for row in record["rows"]:
         assert set(longhop_experiment.ROW_KEYS) <= set(row)
         assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
