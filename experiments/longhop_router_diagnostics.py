@@ -12,6 +12,9 @@
               the prompt tokens outside the answer query's window and the globals: AUROC of the descent direction
               (-gradient) for oracle membership (0.5 = no information), the share of oracle tokens the step would
               raise, and the fraction of tokens with an exactly zero gradient.
+  saliency    the dense model's answer cross-entropy gradient with respect to scaling each key's value (what a
+              straight-through gate reports for a key that every query sees): the same summary, and precision /
+              recall of its top-|gradient| keys.
 
     python experiments/longhop_router_diagnostics.py --base runs/longhop-cpu/base-direct-seed0/hf --scale cpu \
         --out experiments/results/longhop-router-diagnostics-cpu.json
@@ -52,6 +55,35 @@ class ProbedRouter(nnx.Module):
 
     def __call__(self, x):
         return self.router(x) + self.offset[...]
+
+
+class ScaledValues(nnx.Module):
+    """A layer's value projection times (1 + offset) per token: the offset's gradient is the loss's sensitivity to
+    scaling each key's value, what a straight-through gate would report for a key every query sees."""
+
+    def __init__(self, v_proj: nnx.Module, shape: tuple[int, int]):
+        self.v_proj = v_proj
+        self.offset = Probe(jnp.zeros(shape, jnp.float32))
+
+    def __call__(self, x):
+        return self.v_proj(x) * (1 + self.offset[...])[..., None].astype(x.dtype)
+
+
+def dense_value_saliency(model, tokens, positions, loss_mask):
+    """[layers, b, s]: d answer cross-entropy / d (value scale of key j) in the dense model (every token critical)."""
+    for layer in model.layers:
+        layer.attn.v_proj = ScaledValues(layer.attn.v_proj, tokens.shape)
+    everything = jnp.ones((model.config.num_hidden_layers, *tokens.shape), bool)
+
+    def loss(model):
+        logits, _ = model(tokens, positions, critical=everything)
+        return losses.cross_entropy(logits, tokens, loss_mask)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, Probe))(model)
+    out = jnp.stack([grads.layers[i].attn.v_proj.offset[...] for i in range(len(model.layers))])
+    for layer in model.layers:
+        layer.attn.v_proj = layer.attn.v_proj.v_proj
+    return out
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -128,6 +160,11 @@ def gradients(model, tokens, positions, loss_mask, key, *, signal: str, group: i
     return out
 
 
+def _rows(batch, keep: np.ndarray):
+    """The rows of `batch` where `keep` is True."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[keep] for f in dataclasses.fields(batch)})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the dense base export (Hugging Face folder)")
@@ -154,8 +191,16 @@ def main(argv=None) -> int:
     record["dense_accuracy"] = longhop_eval.score(model, batch, "dense", alpha=alpha_model)["accuracy"]
     record["attention"] = {q: longhop_eval.attention_oracle_overlap(model, batch, alphas=alphas, queries=q)
                            for q in ("target", "all")}
-    rows = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[:args.grad_rows]
-                                         for f in dataclasses.fields(batch)})
+    # The same from the answer queries, split by whether the dense model answers the row correctly.
+    everything = jnp.ones((model.config.num_hidden_layers, *batch.tokens.shape), bool)
+    logits, _ = nnx.jit(lambda m, t, p, c: m(t, p, critical=c))(model, jnp.asarray(batch.tokens),
+                                                                jnp.asarray(batch.positions), everything)
+    correct = np.asarray(losses.answer_correct(logits, jnp.asarray(batch.tokens), jnp.asarray(batch.loss_mask)))
+    record["attention_target_by_dense_correct"] = {
+        name: {"rows": int(rows.sum()), **longhop_eval.attention_oracle_overlap(
+            model, _rows(batch, rows), alphas=alphas, queries="target")}
+        for name, rows in (("correct", correct), ("wrong", ~correct)) if rows.any()}
+    rows = _rows(batch, np.arange(len(batch.tokens)) < args.grad_rows)
     tokens, positions, loss_mask = (jnp.asarray(x) for x in (rows.tokens, rows.positions, rows.loss_mask))
     key = jax.random.key(args.seed)
     signals = {}
@@ -176,6 +221,13 @@ def main(argv=None) -> int:
                 f"layer{i}": signal_summary(grad[n], rows, sra.window, sra.num_global)
                 for n, i in enumerate(model.sra_layers)}
         print(signal, json.dumps({k: v for k, v in signals.items() if k.startswith(signal)}), flush=True)
+    saliency = np.asarray(dense_value_saliency(model, tokens, positions, loss_mask))
+    record["dense_value_saliency"] = {
+        f"layer{i}": {**signal_summary(saliency[i], rows, sra.window, sra.num_global),
+                      **{f"top_abs_{alpha}": longhop_eval.top_mass_overlap(np.abs(saliency[i]), rows, alpha)
+                         for alpha in alphas}}
+        for i in range(len(model.layers))}
+    print("dense_value_saliency", json.dumps(record["dense_value_saliency"]), flush=True)
     record["gradient"] = signals
     record["gradient_rows"] = args.grad_rows
     record["seconds"] = time.time() - began
