@@ -8,7 +8,9 @@
               respect to every router logit (a probe added to the router's output), for the straight-through
               Gumbel top-k with answer cross-entropy and with KL to the dense teacher, for REINFORCE with the
               group advantages of `loss.kind="rl"` (reward correct - token_penalty * selected; one group and the
-              mean of `--rl-repeats` groups per row), and for the router distillation term. Reported per layer over
+              mean of `--rl-repeats` groups per row), the same with the answer's log-likelihood in place of
+              correctness ("reinforce_logp", a continuous reward: not a training option), and for the router
+              distillation term. Reported per layer over
               the prompt tokens outside the answer query's window and the globals: AUROC of the descent direction
               (-gradient) for oracle membership (0.5 = no information), the share of oracle tokens the step would
               raise, and the fraction of tokens with an exactly zero gradient.
@@ -57,20 +59,24 @@ class ProbedRouter(nnx.Module):
         return self.router(x) + self.offset[...]
 
 
-class ScaledValues(nnx.Module):
-    """A layer's value projection times (1 + offset) per token: the offset's gradient is the loss's sensitivity to
-    scaling each key's value, what a straight-through gate would report for a key every query sees."""
+class ScaledValues(nnx.Linear):
+    """A layer's value projection (its own kernel and bias) times (1 + offset) per token: the offset's gradient is the
+    loss's sensitivity to scaling each key's value, what a straight-through gate would report for a key every query
+    sees. A Linear itself, since `project_qkv` takes one."""
 
-    def __init__(self, v_proj: nnx.Module, shape: tuple[int, int]):
-        self.v_proj = v_proj
+    def __init__(self, v_proj: nnx.Linear, shape: tuple[int, int]):
+        super().__init__(v_proj.in_features, v_proj.out_features, use_bias=v_proj.use_bias, dtype=v_proj.dtype,
+                         param_dtype=v_proj.param_dtype, rngs=nnx.Rngs(0))
+        self.kernel, self.bias = v_proj.kernel, v_proj.bias
         self.offset = Probe(jnp.zeros(shape, jnp.float32))
 
     def __call__(self, x):
-        return self.v_proj(x) * (1 + self.offset[...])[..., None].astype(x.dtype)
+        return super().__call__(x) * (1 + self.offset[...])[..., None].astype(x.dtype)
 
 
 def dense_value_saliency(model, tokens, positions, loss_mask):
     """[layers, b, s]: d answer cross-entropy / d (value scale of key j) in the dense model (every token critical)."""
+    originals = [layer.attn.v_proj for layer in model.layers]
     for layer in model.layers:
         layer.attn.v_proj = ScaledValues(layer.attn.v_proj, tokens.shape)
     everything = jnp.ones((model.config.num_hidden_layers, *tokens.shape), bool)
@@ -81,8 +87,8 @@ def dense_value_saliency(model, tokens, positions, loss_mask):
 
     grads = nnx.grad(loss, argnums=nnx.DiffState(0, Probe))(model)
     out = jnp.stack([grads.layers[i].attn.v_proj.offset[...] for i in range(len(model.layers))])
-    for layer in model.layers:
-        layer.attn.v_proj = layer.attn.v_proj.v_proj
+    for layer, v_proj in zip(model.layers, originals, strict=True):
+        layer.attn.v_proj = v_proj
     return out
 
 
@@ -136,7 +142,7 @@ def unprobe(model):
 def gradients(model, tokens, positions, loss_mask, key, *, signal: str, group: int, token_penalty: float):
     """[layers, b * group, s] gradient of `signal`'s loss per router logit."""
     everything = jnp.ones((model.config.num_hidden_layers, *tokens.shape), bool)
-    if signal == "reinforce":
+    if signal.startswith("reinforce"):
         tokens, positions, loss_mask = (jnp.repeat(x, group, axis=0) for x in (tokens, positions, loss_mask))
     probe(model, *tokens.shape)
 
@@ -149,9 +155,13 @@ def gradients(model, tokens, positions, loss_mask, key, *, signal: str, group: i
         if signal == "st_teacher_kl":
             teacher, _ = model(tokens, positions, critical=everything)
             return losses.teacher_kl(logits, jax.lax.stop_gradient(teacher), loss_mask)
-        correct = losses.answer_correct(logits, tokens, loss_mask)
         selected = aux.selected_fraction[jnp.asarray(aux.sra_layers)].mean(0)
-        rewards = rl.reward(correct, selected, loss_mask.sum(-1), token_penalty=token_penalty, length_penalty=0.0)
+        if signal == "reinforce_logp":  # a continuous reward: the answer's log-likelihood under the selection
+            log_probs = losses.shifted_token_log_probs(logits, tokens)
+            outcome = jax.lax.stop_gradient(jnp.sum(jnp.where(loss_mask[:, 1:], log_probs, 0.0), axis=-1))
+        else:
+            outcome = losses.answer_correct(logits, tokens, loss_mask)
+        rewards = rl.reward(outcome, selected, loss_mask.sum(-1), token_penalty=token_penalty, length_penalty=0.0)
         return rl.policy_gradient_loss(aux.selection_log_prob, rl.group_advantages(rewards, group))
 
     grads = nnx.grad(loss, argnums=nnx.DiffState(0, Probe))(model)
@@ -204,8 +214,8 @@ def main(argv=None) -> int:
     tokens, positions, loss_mask = (jnp.asarray(x) for x in (rows.tokens, rows.positions, rows.loss_mask))
     key = jax.random.key(args.seed)
     signals = {}
-    for signal in ("st_ce", "st_teacher_kl", "distill", "reinforce"):
-        if signal == "reinforce":
+    for signal in ("st_ce", "st_teacher_kl", "distill", "reinforce", "reinforce_logp"):
+        if signal.startswith("reinforce"):
             draws = []
             for r in range(args.rl_repeats):
                 g = gradients(model, tokens, positions, loss_mask, jax.random.fold_in(key, r), signal=signal,
