@@ -3,7 +3,9 @@
   attention   does the dense model's own attention single out the oracle tokens? Per SRA layer (and summed), the
               prompt keys ranked by the attention mass they receive outside each query's window and the global
               tokens (`longhop_eval.attention_oracle_overlap`), from the answer queries ("target") and from every
-              query ("all"): precision / recall against the oracle of the top ceil(alpha * tokens) keys.
+              query ("all"): precision / recall against the oracle of the top ceil(alpha * tokens) keys; and the
+              accuracy with each layer's critical set forced to those keys (what a perfectly distilled router
+              would score).
   gradient    what each training signal tells a fresh router about each token: the gradient of the loss with
               respect to every router logit (a probe added to the router's output), for the straight-through
               Gumbel top-k with answer cross-entropy and with KL to the dense teacher, for REINFORCE with the
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import longhop as experiment  # noqa: E402  (experiments/longhop.py: the scales and configs)
 
 from sra_jax.convert.source import load_source  # noqa: E402
+from sra_jax.evals.stats import wilson_interval  # noqa: E402
 from sra_jax.train import longhop_eval, losses, rl  # noqa: E402
 from sra_jax.train.data import LonghopStream  # noqa: E402
 from sra_jax.train.router_distill import router_distill_loss  # noqa: E402
@@ -201,6 +204,21 @@ def main(argv=None) -> int:
     record["dense_accuracy"] = longhop_eval.score(model, batch, "dense", alpha=alpha_model)["accuracy"]
     record["attention"] = {q: longhop_eval.attention_oracle_overlap(model, batch, alphas=alphas, queries=q)
                            for q in ("target", "all")}
+    # Accuracy when each SRA layer's critical set is forced to the teacher's own top-mass keys (answer queries): what a
+    # router that distils the teacher perfectly would score.
+    mass = longhop_eval.teacher_masses(model, batch, queries="target")
+    forward = nnx.jit(lambda m, t, p, c: m(t, p, critical=c)[0])
+    record["teacher_top_mass_sets"] = {}
+    for alpha in alphas:
+        sets = np.ones((model.config.num_hidden_layers, *batch.tokens.shape), bool)
+        for n, i in enumerate(model.sra_layers):
+            sets[i] = longhop_eval.top_mass_sets(mass[n], batch, alpha)
+        correct = np.concatenate([np.asarray(losses.answer_correct(
+            forward(model, *(jnp.asarray(x[r:r + 64]) for x in (batch.tokens, batch.positions)), jnp.asarray(sets[:, r:r + 64])),
+            jnp.asarray(batch.tokens[r:r + 64]), jnp.asarray(batch.loss_mask[r:r + 64]))) for r in range(0, len(batch.tokens), 64)])
+        low, high = wilson_interval(int(correct.sum()), len(correct))
+        record["teacher_top_mass_sets"][str(alpha)] = {"accuracy": float(correct.mean()), "ci_low": low, "ci_high": high}
+    print("teacher_top_mass_sets", json.dumps(record["teacher_top_mass_sets"]), flush=True)
     # The same from the answer queries, split by whether the dense model answers the row correctly.
     everything = jnp.ones((model.config.num_hidden_layers, *batch.tokens.shape), bool)
     logits, _ = nnx.jit(lambda m, t, p, c: m(t, p, critical=c))(model, jnp.asarray(batch.tokens),

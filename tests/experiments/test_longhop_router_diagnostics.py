@@ -1,5 +1,6 @@
 """experiments/longhop_router_diagnostics.py at the tiny scale on a 2-step base: it writes the attention-vs-oracle
-overlap (per layer and summed, both query sets, by dense correctness), the dense value saliency and every training
+overlap (per layer and summed, both query sets, by dense correctness), the accuracy with the teacher's top-mass
+keys forced as the critical sets, the dense value saliency and every training
 signal's summary, each a probability where it is one."""
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def test_tiny_diagnostics_write_every_measure(tmp_path):
         for measures in per_layer.values():
             assert 0.0 <= measures["0.25"]["precision"] <= 1.0 and 0.0 <= measures["0.25"]["recall"] <= 1.0
     assert sum(v["rows"] for v in record["attention_target_by_dense_correct"].values()) == 8
+    forced = record["teacher_top_mass_sets"]["0.25"]
+    assert 0.0 <= forced["ci_low"] <= forced["accuracy"] <= forced["ci_high"] <= 1.0
     assert set(record["gradient"]) == {"st_ce", "st_teacher_kl", "distill", "reinforce/one_group",
                                        "reinforce/mean_of_2_groups", "reinforce_logp/one_group",
                                        "reinforce_logp/mean_of_2_groups"}
