@@ -12,11 +12,13 @@ import pytest
 from flax import nnx
 
 from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.data.longhop import LonghopBatch
 from sra_jax.nn import Llama
 from sra_jax.nn.layers import project_qkv
 from sra_jax.ops.nsa import masked_attention, token_mask
 from sra_jax.train import objectives
 from sra_jax.train.config import LossConfig, TrainConfig
+from sra_jax.train.longhop_eval import top_mass_overlap, top_mass_sets
 from sra_jax.train.router_distill import distill_kl, query_weights, router_distill_loss, teacher_attention
 
 CONFIG = LlamaConfig.tiny(vocab_size=32, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -153,3 +155,20 @@ def test_config_keys_are_checked_and_the_term_is_off_by_default():
         TrainConfig.load(None, ["loss.router_distill_weight=1.0"])  # the default config has no SRA
     with pytest.raises(ValueError, match="queries"):
         query_weights(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), bool), "answer")
+
+
+def test_top_mass_sets_take_the_heaviest_prompt_keys_and_score_them_against_the_oracle():
+    positions = np.tile(np.arange(10, dtype=np.int32), (2, 1))
+    oracle = np.zeros((2, 10), bool)
+    oracle[:, [2, 3]] = True
+    batch = LonghopBatch(tokens=np.zeros((2, 10), np.int32), positions=positions, loss_mask=np.zeros((2, 10), bool),
+                         oracle=oracle, prompt_lengths=np.array([8, 8]), answers=np.zeros(2, np.int32),
+                         hops=np.ones(2, np.int32))
+    mass = np.zeros((2, 10))
+    mass[0, [2, 5, 9]] = [3.0, 2.0, 9.0]  # key 9 is past the prompt: never picked
+    mass[1, [3, 2]] = [1.0, 0.5]
+    chosen = top_mass_sets(mass, batch, 0.2)  # ceil(0.2 * 10) = 2 keys a row
+    assert chosen[0].nonzero()[0].tolist() == [2, 5] and chosen[1].nonzero()[0].tolist() == [2, 3]
+    overlap = top_mass_overlap(mass, batch, 0.2)
+    assert overlap["precision"] == pytest.approx(3 / 4) and overlap["recall"] == pytest.approx(3 / 4)
+    assert overlap["oracle_mass_share"] == pytest.approx((3.0 + 1.5) / (5.0 + 1.5))
