@@ -65,6 +65,7 @@ HYPOTHESIS = (
 # Router distillation (learned_distill*): the answer queries' attention mass; see experiments/results/
 # longhop-router-diagnostics-cpu-*.json for the measurement behind the choice.
 DISTILL_QUERIES = "target"
+ROUTER_KINDS = ("rl", "rl_kl", "distill", "distill_rl", "joint")  # Experiment.router's kinds
 DISTILL_HYPOTHESIS = (
     "Router distillation (learned_distill, learned_distill_rl) makes the router's picks follow the dense teacher's "
     "attention mass from the answer queries, so its precision and recall against the oracle rise to about those of "
@@ -97,6 +98,8 @@ class Scale:
     joint: bool
     learning_rate: float
     note: str
+    # Router trainings of the direct form, each a `learned_<kind>` row (`Experiment.router`); "joint" joins with `joint`.
+    learned_kinds: tuple[str, ...] = ("rl", "rl_kl", "distill", "distill_rl")
 
 
 SCALES = {
@@ -132,6 +135,10 @@ class Experiment:
                  overrides: dict[str, Any], record_dir: Path | None = None):
         self.scale_name = scale_name
         self.scale = dataclasses.replace(SCALES[scale_name], **overrides)
+        unknown = set(self.scale.learned_kinds) - set(ROUTER_KINDS)
+        if unknown or "joint" in self.scale.learned_kinds:
+            raise ValueError(f"learned_kinds={self.scale.learned_kinds}: each must be one of {ROUTER_KINDS[:-1]} "
+                             f"(the joint stage follows `joint`)")
         self.workdir, self.results_dir = workdir, results_dir
         self.deadline = None if time_budget is None else time.monotonic() + time_budget
         workdir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +285,7 @@ class Experiment:
                     prefix = "" if form == "direct" else "cot_"
                     fixed = [("dense", "dense", 1.0)] if form == "cot" else [
                         ("dense", "dense", 1.0), ("window", "window", 0.0), ("oracle", "oracle", None)]
-                    learned_kinds = (["rl", "rl_kl", "distill", "distill_rl"] + (["joint"] if s.joint else [])
+                    learned_kinds = ([*s.learned_kinds] + (["joint"] if s.joint else [])
                                      if form == "direct" else ["rl"])
                     variants = [prefix + v for v, _, _ in fixed] + (["random"] if form == "direct" else []) + [
                         f"learned_{k}" if form == "direct" else "cot_sra" for k in learned_kinds]
@@ -324,7 +331,7 @@ class Experiment:
             "task": dataclasses.asdict(s.task), "chance": 1.0 / s.task.value_range,
             "training_tokens": self.training_tokens,
             "training": {"base_steps": s.base_steps, "router_steps": s.router_steps, "batch_size": s.batch_size,
-                         "learning_rate": s.learning_rate},
+                         "learning_rate": s.learning_rate, "learned_kinds": list(s.learned_kinds)},
             "eval_size": s.eval_size, "seeds": list(s.seeds), "alphas": list(s.alphas),
             "rows": self.rows,
         }
