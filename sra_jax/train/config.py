@@ -92,6 +92,8 @@ class OptimConfig:
 
 
 LOSS_KINDS = ("sl", "rl", "sl+rl", "grpo")  # each one's loss terms: sra_jax.train.objectives.KIND_TERMS
+# loss.router_distill_queries: whose attention the router distils (sra_jax.train.router_distill)
+ROUTER_DISTILL_QUERIES = ("target", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,11 @@ class LossConfig:
     indexer_kl_weight: the DSA lightning indexers' KL to the dense attention distribution (summed over DSA layers,
         `ModelAux.indexer_loss`; it trains only the indexers, and is 0 in a model without DSA layers).
     router_rl: the router's policy-gradient term; grpo: LM GRPO's sampling and objective.
+    router_distill_weight: KL from the dense teacher's attention mass on each key (outside the window and the global
+        tokens, summed over heads) to the softmax of the router's scores, per SRA router (sra_jax.train.router_distill;
+        only the routers get its gradient). 0 (the default) leaves it out.
+    router_distill_queries: whose attention mass: "target" (the queries that predict loss-masked tokens, the answer)
+        or "all" (every valid query).
     """
 
     kind: str = "sl"
@@ -166,11 +173,17 @@ class LossConfig:
     temperature_steps: int = 1
     router_rl: RouterRLConfig = dataclasses.field(default_factory=RouterRLConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    router_distill_weight: float = 0.0
+    router_distill_queries: str = "target"
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss.kind={self.kind!r} must be one of {', '.join(map(repr, LOSS_KINDS))}")
-        for name in ("sl_weight", "teacher_kl_weight", "indexer_kl_weight", "token_penalty", "length_penalty"):
+        if self.router_distill_queries not in ROUTER_DISTILL_QUERIES:
+            raise ValueError(f"loss.router_distill_queries={self.router_distill_queries!r} must be one of "
+                             f"{', '.join(map(repr, ROUTER_DISTILL_QUERIES))}")
+        for name in ("sl_weight", "teacher_kl_weight", "indexer_kl_weight", "token_penalty", "length_penalty",
+                     "router_distill_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name}={getattr(self, name)} must be >= 0")
         if self.group_size < 1:
@@ -400,6 +413,10 @@ class TrainConfig:
                              f"{self.sra.attention!r}: its teacher makes every token critical, which leaves NSA / DSA "
                              f"layers sparse (not a dense teacher); set loss.teacher_kl_weight=0 (DSA's indexer learns "
                              f"from loss.indexer_kl_weight)")
+        if self.loss.router_distill_weight and (self.sra is None or self.sra.attention != "sra"):
+            raise ValueError(f"loss.router_distill_weight={self.loss.router_distill_weight} trains SRA routers, but "
+                             f"sra.attention is {None if self.sra is None else repr(self.sra.attention)} (no router); "
+                             f"set loss.router_distill_weight=0 or sra.attention='sra'")
         if self.data.pack and self.sra is not None:
             check_segment_support(self.sra.selection, f"data.pack=true cannot train with sra.selection={self.sra.selection!r}")
         if self.data.seq_len > self.model.max_position_embeddings:

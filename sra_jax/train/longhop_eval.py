@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 
 from sra_jax.data import longhop
 from sra_jax.evals.stats import wilson_interval
 from sra_jax.nn import attention_flops, router_flops
-from sra_jax.train import losses, sharding
+from sra_jax.train import losses, router_distill, sharding
 from sra_jax.train.checkpoint import Checkpointer
 from sra_jax.train.config import TrainConfig
 from sra_jax.train.step import Trainer, TrainState, create_trainer
@@ -127,3 +127,57 @@ def score(model: nnx.Module, batch: longhop.LonghopBatch, source: str, *, alpha:
         "latency_ms": 1000.0 * seconds / n,
         "generated_tokens": float(batch.loss_mask.sum() / n),
     }
+
+
+
+def top_mass_sets(mass: Float[np.ndarray, "b s"], batch: longhop.LonghopBatch, alpha: float) -> Bool[np.ndarray, "b s"]:
+    """The ceil(alpha * valid tokens) prompt keys of each row with the most `mass` (the budget of `random`)."""
+    in_prompt = np.arange(mass.shape[1])[None] < batch.prompt_lengths[:, None]
+    scores = np.where(in_prompt, mass, -np.inf)
+    counts = np.maximum(1, np.ceil(alpha * (batch.positions >= 0).sum(1) - 1e-9).astype(int))
+    order = np.argsort(-scores, axis=1, kind="stable")
+    chosen = np.zeros(mass.shape, bool)
+    for row, k in enumerate(counts):
+        chosen[row, order[row, :k]] = True
+    return chosen & in_prompt
+
+
+def top_mass_overlap(mass: Float[np.ndarray, "b s"], batch: longhop.LonghopBatch, alpha: float) -> dict[str, float]:
+    """Precision and recall against the oracle of `top_mass_sets` (pooled over rows, as `score` pools the router's
+    picks), and the share of the prompt's mass on oracle keys."""
+    chosen = top_mass_sets(mass, batch, alpha)
+    in_prompt = np.arange(mass.shape[1])[None] < batch.prompt_lengths[:, None]
+    hits = (chosen & batch.oracle).sum()
+    prompt_mass = np.where(in_prompt, mass, 0.0)
+    return {"precision": float(hits / max(chosen.sum(), 1)), "recall": float(hits / max(batch.oracle.sum(), 1)),
+            "oracle_mass_share": float((prompt_mass * batch.oracle).sum() / max(prompt_mass.sum(), 1e-30))}
+
+
+def teacher_masses(model: nnx.Module, batch: longhop.LonghopBatch, *, queries: str = "target",
+                   chunk: int = 64) -> Float[np.ndarray, "layers b s"]:
+    """[SRA layers, b, s]: the attention mass every key receives in the dense teacher (the model with every token
+    critical) from `queries` (`sra_jax.train.router_distill.QUERY_SETS`), outside each query's window and the global
+    tokens (`router_distill.teacher_attention`: the router distillation's target). `model` must have SRA layers
+    (their window and globals define what counts)."""
+    if not model.sra_layers:
+        raise ValueError("teacher_masses needs a model with SRA layers (load it with an SRAConfig)")
+
+    @nnx.jit
+    def masses(model, tokens, positions, loss_mask):
+        weights = router_distill.query_weights(positions, loss_mask, queries)
+        _, per_layer = router_distill.teacher_attention(model, tokens, positions, None, weights)
+        return jnp.stack([per_layer[i] for i in model.sra_layers])
+
+    parts = [jax.device_get(masses(model, *(jnp.asarray(x[start:start + chunk])
+                                            for x in (batch.tokens, batch.positions, batch.loss_mask))))
+             for start in range(0, batch.tokens.shape[0], chunk)]
+    return np.concatenate(parts, axis=1)
+
+
+def attention_oracle_overlap(model: nnx.Module, batch: longhop.LonghopBatch, *, alphas: tuple[float, ...],
+                             queries: str = "target", chunk: int = 64) -> dict[str, dict]:
+    """Does the dense teacher attend to the answer key? Per SRA layer, and summed over them ("sum"),
+    `top_mass_overlap` of `teacher_masses` at each alpha."""
+    mass = teacher_masses(model, batch, queries=queries, chunk=chunk)
+    named = {f"layer{i}": mass[n] for n, i in enumerate(model.sra_layers)} | {"sum": mass.sum(0)}
+    return {name: {str(alpha): top_mass_overlap(m, batch, alpha) for alpha in alphas} for name, m in named.items()}

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from sra_jax.ops import sequence_parallel
-from sra_jax.train import losses, rl, sharding
+from sra_jax.train import losses, rl, router_distill, sharding
 from sra_jax.train.config import LossConfig
 
 
@@ -57,10 +57,10 @@ LOSS_TERMS: dict[str, _Registered] = {}
 
 # The terms of each loss.kind (config.LOSS_KINDS), summed in this order; a term whose `active` is False is skipped.
 KIND_TERMS: dict[str, tuple[str, ...]] = {
-    "sl": ("cross_entropy", "teacher_kl", "indexer_kl"),
-    "rl": ("teacher_kl", "indexer_kl", "router_rl"),
-    "sl+rl": ("cross_entropy", "teacher_kl", "indexer_kl", "router_rl"),
-    "grpo": ("grpo", "indexer_kl", "router_rl"),
+    "sl": ("cross_entropy", "teacher_kl", "indexer_kl", "router_distill"),
+    "rl": ("teacher_kl", "indexer_kl", "router_distill", "router_rl"),
+    "sl+rl": ("cross_entropy", "teacher_kl", "indexer_kl", "router_distill", "router_rl"),
+    "grpo": ("grpo", "indexer_kl", "router_distill", "router_rl"),
 }
 
 
@@ -124,6 +124,16 @@ def indexer_kl_term(outputs: Outputs, loss: LossConfig):
         return jnp.zeros((), jnp.float32), {}
     kl = jnp.sum(outputs.aux.indexer_loss)
     return loss.indexer_kl_weight * kl, {"indexer_kl": kl}
+
+
+@register_loss_term("router_distill", active=lambda loss, has_sra: bool(loss.router_distill_weight) and has_sra)
+def router_distill_term(outputs: Outputs, loss: LossConfig):
+    """`router_distill_weight` * each SRA router's KL to the dense teacher's attention mass per key, from the
+    `router_distill_queries` queries (`router_distill.router_distill_loss`: the DeepSeek-V3.2 indexer warm-up for a
+    per-token router). The teacher runs under stop_gradient: only router parameters get its gradient."""
+    kl = router_distill.router_distill_loss(outputs.model, outputs.tokens, outputs.positions, outputs.target_mask,
+                                            outputs.segment_ids, queries=loss.router_distill_queries)
+    return loss.router_distill_weight * kl, {"router_distill": kl}
 
 
 @register_loss_term("router_rl", active=lambda loss, has_sra: has_sra)

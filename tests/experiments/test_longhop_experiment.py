@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from safetensors.numpy import load_file
 
@@ -35,7 +36,8 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert record["hypothesis"] == longhop_experiment.HYPOTHESIS
     assert "Hypothesis (stated before running)" in json_path.with_suffix(".md").read_text()
     variants = {row["variant"] for row in record["rows"]}
-    assert variants == {"dense", "window", "oracle", "random", "learned_rl", "learned_rl_kl"}
+    assert variants == {"dense", "window", "oracle", "random", "learned_rl", "learned_rl_kl", "learned_distill",
+                        "learned_distill_rl"}
     for row in record["rows"]:
         assert set(longhop_experiment.ROW_KEYS) <= set(row)
         assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
@@ -58,6 +60,8 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert all(np.array_equal(base_tensors[k], router_tensors[k]) for k in base_tensors)
     assert (router.export / "sra_router.safetensors").is_file() and not (base.export / "sra_router.safetensors").exists()
     experiment = longhop_experiment.Experiment("tiny", work, tmp_path / "results", None, {})
+    with pytest.raises(ValueError, match="learned_kinds"):
+        longhop_experiment.Experiment("tiny", work, tmp_path / "results", None, {"learned_kinds": ("rl", "joint")})
     config = experiment.train_config("direct", 0, sra=None, loss=longhop_experiment.LossConfig(kind="sl"),
                                      steps=longhop_experiment.SCALES["tiny"].base_steps)
     assert base.verified(config) and not base.verified(dataclasses.replace(config, steps=config.steps + 1))
