@@ -25,6 +25,7 @@ def _decode_kernel(
     start_ref,
     count_ref,
     crit_ref,
+    layer_ref,
     q_ref,
     k_ref,
     v_ref,
@@ -45,6 +46,7 @@ def _decode_kernel(
     window,
     num_global,
     skip_empty,
+    stacked,
     dot_kw,
 ):
     """One program: units split, split + num_splits, ... of its (row, kv head) while they are live.
@@ -67,12 +69,14 @@ def _decode_kernel(
     # Masked loads and stores index every dimension with an array (interpret mode needs that form).
     cols = jnp.arange(q.shape[1])[None, :]
     lo = jnp.maximum(start, length - t - window + 1)  # first band slot
+    # A stacked cache's block holds every layer; the layer is a runtime operand, so all layers share one kernel.
+    kv_at = (lambda rows_, cols_: (layer_ref[0], rows_, cols_)) if stacked else (lambda rows_, cols_: (rows_, cols_))
 
     def attend(carry, slots, slot_ok, vis):
         m, l, acc, seen_bad = carry
         safe = jnp.where(slot_ok, slots, 0)
-        k = plgpu.load(k_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
-        v = plgpu.load(v_ref.at[safe[:, None], cols], mask=slot_ok[:, None], other=0.0)
+        k = plgpu.load(k_ref.at[kv_at(safe[:, None], cols)], mask=slot_ok[:, None], other=0.0)
+        v = plgpu.load(v_ref.at[kv_at(safe[:, None], cols)], mask=slot_ok[:, None], other=0.0)
         # A slot with a non-finite k or v (x - x != 0) is zeroed and marks only the rows that see it: in p @ v its
         # 0 weight for the other rows would still give 0 * NaN = NaN.
         bad = jnp.max(((k - k != 0) | (v - v != 0)).astype(jnp.int32), axis=1) > 0
@@ -168,13 +172,16 @@ def decode_partials(
 ):
     """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2).
     `crit` ([b, c] with equal entries adjacent, or None) is read as given, up to `counts` ([b] or None: all c);
-    `layer` indexes a stacked cache."""
+    `layer` (an int or an int32 scalar array) indexes a stacked cache: it reaches the kernel as an operand, so every
+    layer of a model runs one compiled kernel."""
     b, t, hq, d = q.shape
     L, hkv = k_cache.shape[-3], k_cache.shape[-2]
     if layer is None:
         kv_spec = pl.BlockSpec((None, L, None, d), lambda bi, h, s: (bi, 0, h, 0))
     else:
-        kv_spec = pl.BlockSpec((None, None, L, None, d), lambda bi, h, s: (layer, bi, 0, h, 0))
+        layers = k_cache.shape[0]
+        kv_spec = pl.BlockSpec((layers, None, L, None, d), lambda bi, h, s: (0, bi, 0, h, 0))
+    layer_arr = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
     group = hq // hkv
     tg = t * group
@@ -205,6 +212,7 @@ def decode_partials(
         window=window,
         num_global=num_global,
         skip_empty=skip_empty,
+        stacked=layer is not None,
         dot_kw={"allow_tf32": False} if q.dtype == jnp.float32 else {},
     )
     return pl.pallas_call(
@@ -215,6 +223,7 @@ def decode_partials(
             pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
             pl.BlockSpec((None,), lambda bi, h, s: (bi,)),
             pl.BlockSpec((None, crit.shape[1]), lambda bi, h, s: (bi, 0)),
+            pl.BlockSpec((1,), lambda bi, h, s: (0,)),
             pl.BlockSpec((None, t * hq, d), lambda bi, h, s: (bi, 0, 0)),
             kv_spec,
             kv_spec,
@@ -230,7 +239,10 @@ def decode_partials(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_decode",
-    )(lengths.astype(jnp.int32), kv_start.astype(jnp.int32), counts, crit, q.reshape(b, t * hq, d), k_cache, v_cache)
+    )(
+        lengths.astype(jnp.int32), kv_start.astype(jnp.int32), counts, crit, layer_arr, q.reshape(b, t * hq, d),
+        k_cache, v_cache,
+    )
 
 
 def combine_partials(o, lse, q_shape, dtype, *, cols_per_program: int = 32, interpret: bool = False):

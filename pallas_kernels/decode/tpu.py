@@ -74,6 +74,7 @@ def _decode_kernel(
     start_ref,
     count_ref,
     crit_sm,
+    layer_sm,
     q_ref,
     crit_ref,
     k_hbm,
@@ -102,7 +103,7 @@ def _decode_kernel(
     num_splits,
     cache_len,
     hkv,
-    layer,
+    stacked,
     compute_dtype,
     precision,
 ):
@@ -126,7 +127,7 @@ def _decode_kernel(
     n_units = n_band + n_sink + (c1 - c0)
 
     def hbm(ref, slots):  # [n, hkv, d] view of the given slots (a pl.ds) of this row: whole HBM tiles
-        return ref.at[bi, slots] if layer is None else ref.at[layer, bi, slots]
+        return ref.at[layer_sm[0], bi, slots] if stacked else ref.at[bi, slots]
 
     def contiguous(u):
         """(nominal first slot, DMA base, range end, is band) of band / sink unit u. The base is clamped so
@@ -303,7 +304,8 @@ def decode_partials(
 ) -> tuple[Float[Array, "b hkv splits tg d"], Float[Array, "b hkv splits tg"]]:
     """The decode kernel alone: (o [b, hkv, splits, t * group, d] f32, lse [b, hkv, splits, t * group] base 2), the
     layout `api.combine_splits(..., combine="xla")` merges. `crit` ([b, c] with equal entries adjacent, or None) and
-    `counts` ([b] or None: all c entries) as api passes them; `layer` indexes a stacked cache in place."""
+    `counts` ([b] or None: all c entries) as api passes them; `layer` (an int or an int32 scalar array) indexes a stacked cache in place; it is a scalar-prefetch operand,
+    so every layer of a model runs one compiled kernel."""
     b, t, hq, d = q.shape
     L, hkv = k_cache.shape[-3], k_cache.shape[-2]
     if tile % 8:
@@ -329,6 +331,7 @@ def decode_partials(
         )
         counts = jnp.full((b,), crit.shape[1], jnp.int32) if counts is None else counts.astype(jnp.int32)
     cap = live.shape[1]
+    layer_arr = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
     band_rows = min(tile, L)
     sink_rows = min(band_rows, max(8, -(-num_global // 8) * 8))
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
@@ -347,14 +350,14 @@ def decode_partials(
         num_splits=num_splits,
         cache_len=L,
         hkv=hkv,
-        layer=layer,
+        stacked=layer is not None,
         compute_dtype=compute_dtype,
         precision=jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None,
     )
     o, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=5,
             grid=(b, num_splits),
             in_specs=[
                 pl.BlockSpec((None, hkv, rows, d), lambda bi, s, *_: (bi, 0, 0, 0)),
@@ -384,5 +387,5 @@ def decode_partials(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=_interpret(interpret),
         name="sparse_decode_tpu",
-    )(lengths, kv_start, counts, live.reshape(-1), qg, live.reshape(b, cap // tile, tile), k_cache, v_cache)
+    )(lengths, kv_start, counts, live.reshape(-1), layer_arr, qg, live.reshape(b, cap // tile, tile), k_cache, v_cache)
     return o[:, :, :, :tg].transpose(0, 2, 1, 3, 4), lse[:, :, :, :tg, 0].transpose(0, 2, 1, 3)

@@ -13,6 +13,8 @@ gate is the binary-concrete relaxation sigmoid(logit / tau + logistic noise) wit
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,12 +45,19 @@ def critical_counts(sra: SRAConfig, valid: Bool[Array, "b s"]) -> Int[Array, " b
 
 
 def count_table(sra: SRAConfig, n: int) -> Int[Array, " m"]:
-    """`sra.num_critical(length)` for every length 0..n (0 for length 0): the count of a row or packed segment."""
+    """`sra.num_critical(length)` for every length 0..n (0 for length 0): the count of a row or packed segment.
+    One concrete array per (critical_fraction, n), so every layer of a traced model shares one constant."""
+    return _count_table(float(sra.critical_fraction), int(n))
+
+
+@functools.lru_cache(maxsize=64)
+def _count_table(critical_fraction: float, n: int) -> Int[Array, " m"]:
     counts = np.arange(n + 1)
     # Same float64 arithmetic as SRAConfig.num_critical (the tests compare the two on every count).
-    table = np.clip(np.ceil(sra.critical_fraction * counts - 1e-9), 1, np.maximum(counts, 1)).astype(np.int32)
+    table = np.clip(np.ceil(critical_fraction * counts - 1e-9), 1, np.maximum(counts, 1)).astype(np.int32)
     table[0] = 0
-    return jnp.asarray(table)
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(table)
 
 
 def select(

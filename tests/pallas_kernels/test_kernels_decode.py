@@ -5,6 +5,7 @@ longer than the cache, splits with nothing visible; and the reference itself aga
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,22 @@ def test_stacked_cache_layer_reads_that_layer():
         pk.sparse_decode_attention(q, kc, vc, lengths, layer=3, **kw)
     with pytest.raises(ValueError, match=r"\[b, L, hkv, d\]"):
         pk.sparse_decode_attention(q, kc, vc, lengths, **kw)
+
+
+def test_stacked_cache_layers_share_one_triton_kernel():
+    """Lowered for CUDA (on this CPU host), two layers of a stacked cache run the same decode kernel: the layer is
+    an operand, not a constant baked into the kernel (a 32-layer model then compiles one decode kernel, not 32)."""
+    q = jnp.zeros((1, 1, 4, D), jnp.bfloat16)
+    kc = jnp.zeros((3, 1, L, 2, D), jnp.bfloat16)
+
+    def step(q, kc, vc, lengths):
+        kw = dict(window=16, backend="triton", combine="xla")
+        return [pk.sparse_decode_attention(q, kc, vc, lengths, layer=layer, **kw) for layer in (0, 2)]
+
+    text = jax.jit(step).trace(q, kc, kc, jnp.array([L])).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line.split("__gpu$xla.gpu.triton", 1)[1] for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert len(calls) == 2
+    assert len({re.sub(r"%[\w#:.-]+", "%", call) for call in calls}) == 1
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

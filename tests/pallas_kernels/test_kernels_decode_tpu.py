@@ -10,6 +10,7 @@ draws the static shape per example and several dynamic cases (lengths, kv_start,
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -151,13 +152,19 @@ def test_tpu_decode_lowers_for_the_tpu_platform_on_cpu():
     counts = jnp.array([50, 103])
 
     def step(q, k, v, lengths, critical, counts):
-        return pk.sparse_decode_attention(
-            q, k, v, lengths, window=256, num_global=4, critical_indices=critical, critical_counts=counts,
-            critical_sorted=True, layer=1, backend="tpu", tile=128,
-        )
+        return [
+            pk.sparse_decode_attention(
+                q, k, v, lengths, window=256, num_global=4, critical_indices=critical, critical_counts=counts,
+                critical_sorted=True, layer=layer, backend="tpu", tile=128,
+            )
+            for layer in (0, 1)
+        ]
 
     lowered = jax.jit(step).trace(q, k, k, lengths, critical, counts).lower(lowering_platforms=("tpu",))
-    assert lowered.as_text().count("tpu_custom_call") == 1
+    calls = [line for line in lowered.as_text().splitlines() if "tpu_custom_call" in line]
+    assert len(calls) == 2
+    # The layer is a scalar-prefetch operand: both layers' calls carry one and the same kernel.
+    assert len({re.sub(r"%[\w#:.-]+", "%", line.split("tpu_custom_call", 1)[1]) for line in calls}) == 1
 
 
 def test_tpu_decode_nonfinite_slots_reach_only_the_new_tokens_that_see_them():
