@@ -91,3 +91,13 @@ def test_the_trainer_passes_data_max_segments_to_the_model(packed_sra, monkeypat
     monkeypatch.setattr(selector, "critical_bound", lambda *a: bounds.append(a[-1]) or original(*a))
     trainer.step_fn.lower(state, trainer.put_batch(arrays))
     assert bounds and set(bounds) == {config.data.max_segments}
+
+
+@pytest.mark.parametrize("bound", [1, 3])
+def test_train_throughput_packed_rows_respect_max_segments(bound):
+    from sra_jax.benchmarks import train_throughput
+
+    config = TrainConfig.load(None, [*PACKED, "data.seq_len=256", "model.max_position_embeddings=256",
+                                     f"data.max_segments={bound}"])
+    batch = train_throughput.random_packed_batch(config, seed=0)
+    assert batch["segment_ids"].max() == bound and batch["segment_ids"].min() == 1  # no padding, the bound binds
