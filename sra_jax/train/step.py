@@ -98,6 +98,13 @@ class Trainer:
         if packed != ("segment_ids" in arrays):
             raise ValueError(f"data.pack={str(packed).lower()} but the batch {'lacks' if packed else 'has'} "
                              f"segment_ids (packed rows need them; unpacked rows must not have them)")
+        if packed:  # the step compiles data.max_segments in as a static bound: a row over it would be wrong
+            bound = self.config.data.max_segments
+            ids = np.asarray(arrays["segment_ids"]).reshape(-1, np.shape(arrays["segment_ids"])[-1])
+            valid = np.asarray(arrays["positions"]).reshape(ids.shape) >= 0
+            most = max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+            if most > bound:
+                raise ValueError(f"data.max_segments={bound}, but a packed row of the batch holds {most} segments")
 
         def put(name):
             local = np.asarray(arrays[name])

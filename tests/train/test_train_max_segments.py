@@ -101,3 +101,13 @@ def test_train_throughput_packed_rows_respect_max_segments(bound):
                                      f"data.max_segments={bound}"])
     batch = train_throughput.random_packed_batch(config, seed=0)
     assert batch["segment_ids"].max() == bound and batch["segment_ids"].min() == 1  # no padding, the bound binds
+
+
+def test_a_batch_over_the_bound_is_refused(packed_sra):
+    config, trainer, _, arrays = packed_sra
+    over = {k: v.copy() for k, v in arrays.items()}
+    seq = over["segment_ids"].shape[-1]
+    over["segment_ids"][0, 0] = np.arange(seq) // (seq // 8) + 1  # 8 segments in one row, bound 4
+    over["positions"][0, 0] = np.arange(seq) % (seq // 8)
+    with pytest.raises(ValueError, match=r"data\.max_segments=4, but a packed row of the batch holds 8 segments"):
+        trainer.put_batch(over)
