@@ -84,8 +84,8 @@ def random_batch(config, seed: int) -> dict[str, np.ndarray]:
 
 def random_packed_batch(config, seed: int) -> dict[str, np.ndarray]:
     """Random tokens in rows filled by whole documents of random lengths (seq_len/16 .. seq_len/4 tokens, the last
-    one cut to fit): segment ids 1, 2, ... per row, positions restarting at 0 in each document, no padding, loss on
-    every token."""
+    one cut to fit; the data.max_segments-th document of a row takes the rest of it): segment ids 1, 2, ... per row,
+    positions restarting at 0 in each document, no padding, loss on every token."""
     rows = config.micro_batch_size // jax.process_count()
     shape = (config.grad_accum, rows, config.data.seq_len)
     seq = shape[-1]
@@ -95,6 +95,8 @@ def random_packed_batch(config, seed: int) -> dict[str, np.ndarray]:
         start, doc = 0, 1
         while start < seq:
             n = min(seq - start, int(rng.integers(max(1, seq // 16), max(2, seq // 4) + 1)))
+            if doc == config.data.max_segments:
+                n = seq - start
             segment_ids[index][start:start + n] = doc
             positions[index][start:start + n] = np.arange(n)
             start, doc = start + n, doc + 1

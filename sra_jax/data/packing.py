@@ -26,9 +26,11 @@ class Example(Protocol):
     loss_mask: Bool[np.ndarray, " n"]
 
 
-def first_fit(lengths: Int[np.ndarray, " n"], capacity: int) -> list[Int[np.ndarray, " k"]]:
+def first_fit(lengths: Int[np.ndarray, " n"], capacity: int, max_items: int | None = None
+              ) -> list[Int[np.ndarray, " k"]]:
     """First-fit bin packing in the given order: item i goes into the lowest-numbered row whose free space is
     >= lengths[i] (a new row when none has room). Returns the rows as arrays of item indices, each in item order.
+    `max_items`: a row holding this many items is closed (no free space for later items); None: no limit.
 
     O(n log n): a max segment tree over the free space of n potential rows (unopened rows are full-capacity, and they
     all come after the opened ones, so "the first row with room" is also the right new row when none has room)."""
@@ -37,6 +39,8 @@ def first_fit(lengths: Int[np.ndarray, " n"], capacity: int) -> list[Int[np.ndar
         raise ValueError(f"lengths must be one-dimensional, got shape {lengths.shape}")
     if capacity < 1:
         raise ValueError(f"capacity={capacity} must be >= 1")
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_items={max_items} must be None or >= 1")
     if lengths.size and (lengths.min() < 1 or lengths.max() > capacity):
         bad = int(np.flatnonzero((lengths < 1) | (lengths > capacity))[0])
         raise ValueError(f"item {bad} has length {int(lengths[bad])}; every length must lie in "
@@ -51,12 +55,14 @@ def first_fit(lengths: Int[np.ndarray, " n"], capacity: int) -> list[Int[np.ndar
     for node in range(size - 1, 0, -1):
         tree[node] = max(tree[2 * node], tree[2 * node + 1])
     row_of = np.empty(n, np.int64)
+    held = [0] * n
     for i, length in enumerate(lengths.tolist()):
         node = 1
         while node < size:  # descend to the leftmost leaf with room (the root always has room: n rows suffice)
             node = 2 * node if tree[2 * node] >= length else 2 * node + 1
         row_of[i] = node - size
-        tree[node] -= length
+        held[node - size] += 1
+        tree[node] = 0 if held[node - size] == max_items else tree[node] - length
         node //= 2
         while node:
             tree[node] = max(tree[2 * node], tree[2 * node + 1])
@@ -73,10 +79,11 @@ class PackingPlan:
     order (row r of epoch e needs the row counts of epochs < e), and the last `keep` epochs' plans are cached.
     """
 
-    def __init__(self, epoch_items: Callable[[int], tuple[np.ndarray, np.ndarray]], capacity: int, *, keep: int = 2):
+    def __init__(self, epoch_items: Callable[[int], tuple[np.ndarray, np.ndarray]], capacity: int, *, keep: int = 2,
+                 max_items: int | None = None):
         if keep < 1:
             raise ValueError(f"keep={keep} must be >= 1")
-        self.epoch_items, self.capacity = epoch_items, capacity
+        self.epoch_items, self.capacity, self.max_items = epoch_items, capacity, max_items
         self._starts = [0]  # _starts[e] = global index of epoch e's first row (known for planned epochs + 1)
         self._plans: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
         self._keep = keep
@@ -92,7 +99,7 @@ class PackingPlan:
         if ids.shape != lengths.shape or ids.ndim != 1 or ids.size == 0:
             raise ValueError(f"epoch {epoch}: epoch_items must return two equal, non-empty 1-d arrays, got shapes "
                              f"{ids.shape} and {lengths.shape}")
-        rows = [ids[r] for r in first_fit(lengths, self.capacity)]
+        rows = [ids[r] for r in first_fit(lengths, self.capacity, self.max_items)]
         if epoch == len(self._starts) - 1:
             self._starts.append(self._starts[-1] + len(rows))
         self._plans[epoch] = rows

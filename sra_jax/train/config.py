@@ -244,6 +244,10 @@ class DataConfig:
         positions restart at 0 in each. Supervised training only (loss.kind='sl': rewards are per row); with
         `sra` the router selects per example (a selection policy with supports_segments: 'topk', 'gumbel_topk'). False: one example per row,
         right-padded.
+    max_segments: with pack, the most examples a packed row holds (an integer >= 1; default 64). The packer closes
+        a row when it holds this many, and the train step passes it to the model as a static bound, so SRA attention
+        gathers each row's critical keys (at most num_critical(seq_len) + max_segments) instead of visiting every
+        causal block. Smaller is faster attention but fuller rows need fewer, longer examples.
     """
 
     task: str = "synthetic"
@@ -253,6 +257,7 @@ class DataConfig:
     eval_size: int = 256
     path: str | None = None  # GSM8K / MATH: the folder holding gsm8k/, math/, llama3/; jsonl / datasets: see above
     pack: bool = False
+    max_segments: int = 64
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     longhop: LonghopConfig = dataclasses.field(default_factory=LonghopConfig)  # data.task="longhop"
     name: str | None = None  # datasets: the data set's configuration name
@@ -288,6 +293,9 @@ class DataConfig:
             raise ValueError(f"data.eval_size={self.eval_size} must be >= 1")
         if not isinstance(self.pack, bool):
             raise ValueError(f"data.pack={self.pack!r} must be true or false")
+        if not isinstance(self.max_segments, int) or isinstance(self.max_segments, bool) or self.max_segments < 1:
+            raise ValueError(f"data.max_segments={self.max_segments!r} must be an integer >= 1 (the most examples a "
+                             f"packed row holds)")
 
 
 @dataclasses.dataclass(frozen=True)

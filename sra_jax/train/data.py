@@ -98,7 +98,7 @@ class SyntheticStream:
             ids = np.arange(c * SYNTHETIC_PACK_CHUNK, (c + 1) * SYNTHETIC_PACK_CHUNK)
             return ids, np.array([len(self.example(int(i)).tokens) for i in ids])
 
-        return PackingPlan(chunk, self.data.seq_len)
+        return PackingPlan(chunk, self.data.seq_len, max_items=self.data.max_segments)
 
     def describe(self) -> str:
         """One line for the run's log: what a row holds and, packed, how full rows are."""
@@ -294,7 +294,7 @@ class TextTaskStream:
             order = np.random.default_rng([self.data.seed, e]).permutation(len(self.examples))
             return order, lengths[order]
 
-        return PackingPlan(epoch, self.data.seq_len)
+        return PackingPlan(epoch, self.data.seq_len, max_items=self.data.max_segments)
 
     def describe(self) -> str:
         """One line for the run's log: examples kept / left out and, packed, how full rows are."""

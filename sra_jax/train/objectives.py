@@ -42,6 +42,7 @@ class Outputs:
     log_probs: Any = None  # float32 [b, s-1] token log-probs (GRPO: current policy)
     old_log_probs: Any = None  # the policy that sampled the rollout (GRPO)
     ref_log_probs: Any = None  # the initial parameters' (GRPO with grpo.kl_weight > 0)
+    max_segments: int | None = None  # static bound on a packed row's segments (data.max_segments), else None
 
 
 LossTerm = Callable[[Outputs, LossConfig], tuple[jax.Array, dict[str, jax.Array]]]
@@ -109,7 +110,7 @@ def teacher_kl_term(outputs: Outputs, loss: LossConfig):
     num_layers = outputs.aux.critical.shape[0]
     everything = jnp.ones((num_layers, *outputs.tokens.shape), bool)
     teacher_logits, _ = outputs.model(outputs.tokens, outputs.positions, segment_ids=outputs.segment_ids,
-                                      critical=everything)
+                                      critical=everything, max_segments=outputs.max_segments)
     kl = losses.teacher_kl(outputs.logits, teacher_logits, outputs.target_mask)
     return loss.teacher_kl_weight * kl, {"teacher_kl": kl}
 
@@ -197,9 +198,11 @@ def _tau(model: nnx.Module, tau, has_sra: bool):
 
 
 def supervised_outputs(params, tokens, positions, loss_mask, key, step, segment_ids=None, *, graphdef, rest,
-                       loss: LossConfig, has_sra: bool, mesh: Mesh | None) -> Outputs:
+                       loss: LossConfig, has_sra: bool, mesh: Mesh | None,
+                       max_segments: int | None = None) -> Outputs:
     """The forward pass on a supervised micro-batch ([b, s] tokens, positions, loss_mask; segment_ids for packed
-    rows). Router RL repeats each row `group_size` times (each copy draws its own selection) and scores a row
+    rows, with `max_segments` (static, data.max_segments) the most segments a row holds: the model then gathers
+    each row's critical keys (num_critical + max_segments) instead of visiting every causal block). Router RL repeats each row `group_size` times (each copy draws its own selection) and scores a row
     correct when every answer token is the argmax. Metrics: "ce", "accuracy" (over examples for packed rows),
     "selected_fraction", "mask_density", "tokens" (real), "padded_tokens" (every slot), "tau" (with SRA)."""
     model = nnx.merge(graphdef, params, rest)
@@ -213,7 +216,9 @@ def supervised_outputs(params, tokens, positions, loss_mask, key, step, segment_
             raise ValueError("packed rows (segment_ids) cannot train the router with RL: rewards are per row")
         segment_ids = sharding.constrain_batch(segment_ids, mesh)
     tau = selection_temperature(loss, step)
-    logits, aux = model(tokens, positions, segment_ids=segment_ids, key=key if has_sra else None, tau=tau)
+    max_segments = None if segment_ids is None else max_segments
+    logits, aux = model(tokens, positions, segment_ids=segment_ids, key=key if has_sra else None, tau=tau,
+                        max_segments=max_segments)
     logits = sharding.constrain_batch(logits, mesh)
     correct = losses.answer_correct(logits, tokens, loss_mask)
     counts = {}
@@ -237,7 +242,7 @@ def supervised_outputs(params, tokens, positions, loss_mask, key, step, segment_
         rewards, advantages = _group_advantages(correct, selected, loss_mask, loss)
         metrics["reward"] = rewards.mean()
     return Outputs(model=model, tokens=tokens, positions=positions, segment_ids=segment_ids, target_mask=loss_mask,
-                   logits=logits, aux=aux, tau=tau, metrics=metrics, advantages=advantages)
+                   logits=logits, aux=aux, tau=tau, metrics=metrics, advantages=advantages, max_segments=max_segments)
 
 
 def rollout_outputs(params, batch, key, step, ref_params=None, *, graphdef, rest, loss: LossConfig, has_sra: bool,
@@ -280,13 +285,13 @@ def rollout_outputs(params, batch, key, step, ref_params=None, *, graphdef, rest
 
 
 def loss_fn(params, tokens, positions, loss_mask, key, step, segment_ids=None, *, graphdef, rest, loss: LossConfig,
-            has_sra: bool, mesh: Mesh | None):
+            has_sra: bool, mesh: Mesh | None, max_segments: int | None = None):
     """The supervised / router-RL objective on one micro-batch (loss.kind 'sl', 'rl', 'sl+rl') and its metrics.
     With a mesh whose "sequence" axis is > 1, every model call in it (the teacher's too) runs sequence-parallel:
     attention and the router's top-k through `sra_jax.ops.sequence_parallel` (a no-op otherwise)."""
     with sequence_parallel.sequence_sharding(mesh, batch_axes=sharding.BATCH_AXES):
         outputs = supervised_outputs(params, tokens, positions, loss_mask, key, step, segment_ids, graphdef=graphdef,
-                                     rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
+                                     rest=rest, loss=loss, has_sra=has_sra, mesh=mesh, max_segments=max_segments)
         return total_loss(outputs, loss, has_sra)
 
 

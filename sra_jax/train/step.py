@@ -75,6 +75,7 @@ class Trainer:
         fn = functools.partial(
             train_step, graphdef=self.graphdef, rest=self.rest, tx=self.tx, loss=self.config.loss,
             has_sra=self.config.sra is not None, mesh=self.mesh, router_only=self.config.init.trainable == "router",
+            max_segments=self.config.data.max_segments if self.config.data.pack else None,
         )
         metric_sharding = sharding.replicated(self.mesh)
         return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_shardings),
@@ -97,6 +98,13 @@ class Trainer:
         if packed != ("segment_ids" in arrays):
             raise ValueError(f"data.pack={str(packed).lower()} but the batch {'lacks' if packed else 'has'} "
                              f"segment_ids (packed rows need them; unpacked rows must not have them)")
+        if packed:  # the step compiles data.max_segments in as a static bound: a row over it would be wrong
+            bound = self.config.data.max_segments
+            ids = np.asarray(arrays["segment_ids"]).reshape(-1, np.shape(arrays["segment_ids"])[-1])
+            valid = np.asarray(arrays["positions"]).reshape(ids.shape) >= 0
+            most = max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+            if most > bound:
+                raise ValueError(f"data.max_segments={bound}, but a packed row of the batch holds {most} segments")
 
         def put(name):
             local = np.asarray(arrays[name])
@@ -207,9 +215,11 @@ def load_initial_params(config: TrainConfig, param_shardings):
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, rest, tx, loss: LossConfig, has_sra: bool,
-               mesh: Mesh | None = None, router_only: bool = False):
-    """One optimizer step over `batch` (accumulating gradients over its leading micro-batch axis)."""
-    objective = functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss, has_sra=has_sra, mesh=mesh)
+               mesh: Mesh | None = None, router_only: bool = False, max_segments: int | None = None):
+    """One optimizer step over `batch` (accumulating gradients over its leading micro-batch axis). `max_segments`
+    (static; data.max_segments with data.pack): the most segments a packed row holds, passed to the model."""
+    objective = functools.partial(loss_fn, graphdef=graphdef, rest=rest, loss=loss, has_sra=has_sra, mesh=mesh,
+                                  max_segments=max_segments)
 
     def micro_loss(params, micro: Batch, key, step):
         return objective(params, micro.tokens, micro.positions, micro.loss_mask, key, step, micro.segment_ids)

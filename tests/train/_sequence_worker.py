@@ -38,10 +38,11 @@ OVERRIDES = [  # layer 0 is SRA (window 6 > the 8-way chunk of 6: a halo from tw
     "sra={critical_fraction: 0.25, window: 7, num_global: 1, router_hidden: 8, layers: [0]}",
 ]
 UNPACKED = [*OVERRIDES, "loss.kind=sl+rl", "loss.group_size=2"]
-PACKED = [*OVERRIDES, "data.pack=true"]
+PACKED = [*OVERRIDES, "data.pack=true", "data.max_segments=4"]  # rows of 48 hold at most 2 problems
 COUNTED = ("sra_attention_sequence_parallel", "dense_attention_sequence_parallel", "sharded_cache_attention",
            "sharded_topk_indices", "sharded_topk_log_prob")
 calls: collections.Counter = collections.Counter()
+gathered: set = set()  # the max_gathered slots sra_attention_sequence_parallel was given
 
 
 def count_calls() -> None:
@@ -51,6 +52,8 @@ def count_calls() -> None:
 
         def counted(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
+            if "max_gathered" in kwargs:
+                gathered.add(kwargs["max_gathered"])
             return _original(*args, **kwargs)
 
         setattr(sp, name, counted)
@@ -62,6 +65,7 @@ def mesh_of(shape) -> jax.sharding.Mesh:
 
 def train_losses(overrides: list[str], shape) -> dict:
     calls.clear()
+    gathered.clear()
     config = TrainConfig.load(None, overrides)
     stream = SyntheticStream(config.data, config.batch_size, config.grad_accum)
     trainer, state = create_trainer(config, mesh_of(shape))
@@ -69,7 +73,7 @@ def train_losses(overrides: list[str], shape) -> dict:
     for step in range(config.steps):
         state, metrics = trainer.step_fn(state, trainer.put_batch(stream.batch(step)))
         losses.append(float(metrics["loss"]))
-    return {"losses": losses, "calls": dict(calls)}
+    return {"losses": losses, "calls": dict(calls), "max_gathered": sorted(gathered)}
 
 
 def cli_losses(overrides: list[str]) -> dict:

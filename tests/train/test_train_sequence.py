@@ -60,6 +60,9 @@ def test_sequence_sharded_packed_training_gives_the_losses_of_one_device(trained
     assert runs["1,4,1,2"]["losses"] == pytest.approx(runs["1,1,1,1"]["losses"], **LOSS_TOL)
     # packed rows select per segment (GSPMD over the sharded scores), attention runs sequence-parallel
     assert {"sra_attention_sequence_parallel", "dense_attention_sequence_parallel"} <= set(runs["1,4,1,2"]["calls"])
+    # data.max_segments=4 reaches the model: the critical gather holds num_critical(48) + 4 keys + the globals of
+    # at most 48 // (window + 1) = 6 sequences (gather_bound), not all 48 slots of the row
+    assert runs["1,4,1,2"]["max_gathered"] == [12 + 4 + 6]
 
 
 def test_sequence_sharded_gradients_and_selection_match_the_unsharded_model(model_checks):
