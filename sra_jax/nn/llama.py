@@ -30,6 +30,14 @@ ATTENTION_IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
 REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
+def most_segments(segment_ids: Int[Array | np.ndarray, "*rows s"], positions: Int[Array | np.ndarray, "*rows s"]) -> int:
+    """The most packed segments holding a valid token (position >= 0) in any row of concrete `segment_ids` (any
+    leading axes, e.g. a batch's micro-batch axis)."""
+    ids = np.asarray(segment_ids).reshape(-1, np.shape(segment_ids)[-1])
+    valid = np.asarray(positions).reshape(ids.shape) >= 0
+    return max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+
+
 def _remat_layer(layer: nnx.Module, policy, tau, max_segments: int | None):
     """`layer` as a pure function under jax.checkpoint: its state goes in as an argument and the module is rebuilt
     inside, so nothing crosses trace levels (a layer's forward pass changes no state)."""
@@ -267,8 +275,7 @@ class Llama(nnx.Module):
             raise ValueError(f"max_segments={max_segments!r} must be None or an integer >= 1")
         if any(isinstance(x, jax.core.Tracer) for x in (segment_ids, positions)) or segment_ids is None:
             return
-        ids, valid = np.asarray(segment_ids), np.asarray(positions) >= 0
-        most = max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+        most = most_segments(segment_ids, positions)
         if most > max_segments:
             raise ValueError(f"max_segments={max_segments}, but a row of segment_ids holds {most} segments")
 

@@ -22,6 +22,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
+from sra_jax.nn.llama import most_segments
 from sra_jax.train import sharding
 from sra_jax.train.config import LossConfig, TrainConfig
 from sra_jax.train.lm_rl import GRPOStep
@@ -100,9 +101,7 @@ class Trainer:
                              f"segment_ids (packed rows need them; unpacked rows must not have them)")
         if packed:  # the step compiles data.max_segments in as a static bound: a row over it would be wrong
             bound = self.config.data.max_segments
-            ids = np.asarray(arrays["segment_ids"]).reshape(-1, np.shape(arrays["segment_ids"])[-1])
-            valid = np.asarray(arrays["positions"]).reshape(ids.shape) >= 0
-            most = max((len(np.unique(row[ok])) for row, ok in zip(ids, valid, strict=True)), default=0)
+            most = most_segments(arrays["segment_ids"], arrays["positions"])
             if most > bound:
                 raise ValueError(f"data.max_segments={bound}, but a packed row of the batch holds {most} segments")
 
