@@ -20,7 +20,8 @@ from sra_jax.nn import decode
 from sra_jax.nn.attention import SharedSelection, SparseReasoningAttention
 from sra_jax.nn.cache import KVCache, LeftPaddedKVCache
 from sra_jax.nn.dsa_cache import DSACache
-from sra_jax.nn.per_query import build_per_query, call_per_query, uses_per_query
+from sra_jax.nn.nsa_cache import NSACache
+from sra_jax.nn.per_query import PER_QUERY_CACHES, build_per_query, call_per_query, uses_per_query
 from sra_jax.nn.layers import MLP, RMSNorm, partitioned
 from sra_jax.ops.attention import attention_flops as ops_attention_flops
 
@@ -143,7 +144,7 @@ class DecoderLayer(nnx.Module):
             h, stats, loss, cache = call_per_query(self.attn, self.layer, self.input_norm(x), positions,
                                                    segment_ids=kwargs.get("segment_ids"), cache=kwargs.get("cache"))
             shared = None
-        elif isinstance(kwargs.get("cache"), DSACache):  # a dense layer of a DSA model: the KVCache inside
+        elif isinstance(kwargs.get("cache"), PER_QUERY_CACHES):  # a dense layer of an NSA / DSA model: the KVCache inside
             outer = kwargs.pop("cache")
             h, stats, shared, kv = self.attn(self.input_norm(x), positions, cache=outer.kv, **kwargs)
             cache, loss = outer.replace(kv=kv), jnp.zeros((), jnp.float32)
@@ -229,7 +230,7 @@ class Llama(nnx.Module):
         self,
         tokens: Shaped[Array, "..."],
         positions: Shaped[Array, "..."] | None = None,
-        cache: KVCache | DSACache | None = None,
+        cache: KVCache | DSACache | NSACache | None = None,
         *,
         segment_ids: Shaped[Array, "..."] | None = None,
         key: jax.Array | None = None,
@@ -283,7 +284,7 @@ class Llama(nnx.Module):
         self,
         tokens: Int[Array, "b s"],
         positions: Int[Array, "b s"],
-        cache: KVCache | DSACache | None,
+        cache: KVCache | DSACache | NSACache | None,
         segment_ids: Int[Array, "b s"] | None,
         key: jax.Array | None,
         critical: Bool[Array, "layers b s"] | None,
@@ -360,7 +361,7 @@ class Llama(nnx.Module):
             return
         if segment_ids is not None:
             raise ValueError("segment_ids cannot be combined with a KV cache (decode one sequence per row)")
-        if isinstance(cache, LeftPaddedKVCache) and positions is not None:
+        if isinstance(getattr(cache, "kv", cache), LeftPaddedKVCache) and positions is not None:
             raise ValueError("positions cannot be given with a LeftPaddedKVCache: it sets each token's position from "
                              "its slot (slot - kv_start), which keeps its left-padded layout; pass positions=None")
         if cache.batch != tokens.shape[0]:

@@ -54,27 +54,39 @@ class NSAAttention(nnx.Module):
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
     ) -> Float[Array, "b s d"]:
-        """x is the RMS-normed layer input; returns the attention output (before the residual)."""
+        """x is the RMS-normed layer input; returns the attention output (before the residual). Decoding with a
+        cache goes through `Llama` with an `NSACache` (`sra_jax.nn.nsa_cache.nsa_decode_layer`)."""
         if cache is not None:
-            raise ValueError("NSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
+            raise ValueError("NSAAttention: a cache is the model's (Llama(..., cache=NSACache...)); a layer decodes "
+                             "through sra_jax.nn.nsa_cache.nsa_decode_layer(attn, layer, x, positions, cache)")
         b, s, _ = x.shape
-        hq = self.config.num_attention_heads
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
-        gates = jax.nn.sigmoid(self.nsa_gate(x).reshape(b, s, hq, 3))
-        selected_fn = None
-        if self.selected_backend != "reference":
-            bs, be = self.block_sel, self.selected_backend
-
-            def selected_fn(q, k, v, bm):
-                return nsa.nsa_selected_kernel(
-                    q, k, v, bm, positions, block_sel=bs, segment_ids=segment_ids, backend=be
-                )
-
+        fn = self.selected_fn(segment_ids)
+        selected_fn = None if fn is None else (lambda q, k, v, bm: fn(q, k, v, bm, positions))
         out, _ = nsa.nsa_attention(
-            q, k, v, gates, positions,
-            cmp_weights_k=self.nsa_cmp_weights_k[...], cmp_pos_k=self.nsa_cmp_pos_k[...],
-            cmp_weights_v=self.nsa_cmp_weights_v[...], cmp_pos_v=self.nsa_cmp_pos_v[...],
+            q, k, v, self.gates(x), positions, **self.compression_params(),
             block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
             segment_ids=segment_ids, selected_fn=selected_fn,
         )  # fmt: skip
         return self.o_proj(out.reshape(b, s, -1))
+
+    def gates(self, x: Float[Array, "b s d"]) -> Float[Array, "b s hq 3"]:
+        """The branch gates in [0, 1] (compressed, selected, window) of each query head."""
+        b, s, _ = x.shape
+        return jax.nn.sigmoid(self.nsa_gate(x).reshape(b, s, self.config.num_attention_heads, 3))
+
+    def compression_params(self) -> dict[str, Array]:
+        """The compression pool's weights, as `ops.nsa.nsa_attention` takes them."""
+        return dict(cmp_weights_k=self.nsa_cmp_weights_k[...], cmp_pos_k=self.nsa_cmp_pos_k[...],
+                    cmp_weights_v=self.nsa_cmp_weights_v[...], cmp_pos_v=self.nsa_cmp_pos_v[...])  # fmt: skip
+
+    def selected_fn(self, segment_ids: Int[Array, "b s"] | None):
+        """The selected branch `fn(q, k, v, block_mask, positions)` on the kernel backend, None for the reference."""
+        if self.selected_backend == "reference":
+            return None
+        bs, be = self.block_sel, self.selected_backend
+
+        def fn(q, k, v, bm, positions):
+            return nsa.nsa_selected_kernel(q, k, v, bm, positions, block_sel=bs, segment_ids=segment_ids, backend=be)
+
+        return fn

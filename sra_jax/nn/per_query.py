@@ -19,6 +19,7 @@ from sra_jax.nn.attention import LayerStats
 from sra_jax.nn.dsa import DSAAttention
 from sra_jax.nn.dsa_cache import DSACache, dsa_decode_layer
 from sra_jax.nn.nsa import NSAAttention
+from sra_jax.nn.nsa_cache import NSACache, nsa_decode_layer
 from sra_jax.ops import masks
 
 # Parameter names of NSAAttention / DSAAttention that a Llama checkpoint does not have.
@@ -33,6 +34,10 @@ def is_extra_param(path) -> bool:
     parameters a Llama checkpoint lacks."""
     names = {str(getattr(k, "key", k)) for k in path}
     return "router" in names or not names.isdisjoint(EXTRA_PARAM_NAMES)
+
+
+# The caches of models with NSA / DSA layers: each wraps a KVCache in `kv`, which the model's dense layers use.
+PER_QUERY_CACHES = (DSACache, NSACache)
 
 
 def uses_per_query(sra: SRAConfig | None, layer: int) -> bool:
@@ -55,14 +60,13 @@ def call_per_query(
     *,
     segment_ids: Int[Array, "b s"] | None = None,
     cache=None,
-) -> tuple[Float[Array, "b s d"], LayerStats, Float[Array, ""], DSACache | None]:
+) -> tuple[Float[Array, "b s d"], LayerStats, Float[Array, ""], DSACache | NSACache | None]:
     """(output, the layer's dense-like LayerStats row, indexer loss: 0 for NSA and decode calls, the updated cache).
-    With a cache only DSA layers run (a `DSACache`, see `sra_jax.nn.dsa_cache`); NSA layers raise."""
-    if cache is not None and not isinstance(attn, DSAAttention):
-        raise ValueError(f"layer {layer} ({type(attn).__name__}) cannot decode with a KV cache: decode a model "
-                         f"with NSA layers by recomputing without a cache")  # fmt: skip
+    With a cache, DSA layers decode with a `DSACache` (`sra_jax.nn.dsa_cache`), NSA layers with an `NSACache`
+    (`sra_jax.nn.nsa_cache`)."""
     if cache is not None:
-        out, cache = dsa_decode_layer(attn, layer, x, positions, cache)
+        decode_layer = dsa_decode_layer if isinstance(attn, DSAAttention) else nsa_decode_layer
+        out, cache = decode_layer(attn, layer, x, positions, cache)
         loss = jnp.zeros((), jnp.float32)
     elif isinstance(attn, DSAAttention):
         out, loss = attn(x, positions, segment_ids=segment_ids)

@@ -69,11 +69,11 @@ def test_llama_with_per_query_layers_forward_and_grad(kind):
     assert any(float(jnp.abs(grads[p].get_value()).max()) > 0 for p in extras)
 
 
-def test_nsa_layers_refuse_a_cache_naming_the_layer():
+def test_nsa_layers_refuse_a_plain_kv_cache_naming_the_layer():
     config = LlamaConfig.tiny(num_hidden_layers=1)
     model = Llama(config, SRAConfig(attention="nsa", layers=(0,), nsa=TINY_NSA), rngs=nnx.Rngs(0))
     cache = KVCache.init(config, batch=1, max_len=8)
-    with pytest.raises(ValueError, match="layer 0 .*cannot decode with a KV cache"):
+    with pytest.raises(ValueError, match="layer 0 .*decodes with an NSACache"):
         model(jnp.zeros((1, 4), jnp.int32), cache=cache)
 
 
