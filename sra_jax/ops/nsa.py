@@ -6,6 +6,7 @@ Conventions: q [b, s, hq, d], k/v [b, s, hkv, d] (GQA, hq % hkv == 0), positions
 segment_ids [b, s] for packed sequences (tokens attend only within their segment). Causality is by position.
 The selected-blocks branch also runs on `pallas_kernels.block_sparse_attention` through `nsa_block_layout`
 (a per-batch, per-kv-head `BlockLayout`); `custom_block_layout` turns any FlexAttention-style block mask into one.
+Decode with a cache (`nsa_prefill`, `compress_cache_block`, `nsa_decode`, `nsa_decode_step`) works by position.
 """
 
 from __future__ import annotations
@@ -282,8 +283,9 @@ def _mix(gates, o_cmp, o_slc, o_win):
 
 
 def num_cache_blocks(max_len: int, *, block: int, stride: int) -> int:
-    """Compressed blocks a cache of `max_len` positions holds (blocks complete at positions < max_len)."""
-    return max((max_len - block) // stride + 1, 0)
+    """Compressed blocks a cache of `max_len` positions holds: the blocks complete at positions < max_len, at least
+    one (a cache shorter than a block keeps one slot that never fills)."""
+    return max((max_len - block) // stride + 1, 1)
 
 
 def num_sel_blocks(max_len: int, *, block_sel: int) -> int:
@@ -384,11 +386,11 @@ def compress_cache_block(
 
 
 def nsa_decode(
-    q: Float[Array, "b 1 hq d"],
+    q: Float[Array, "b sq hq d"],
     k_cache: Float[Array, "b n hkv d"],
     v_cache: Float[Array, "b n hkv d"],
-    gates: Float[Array, "b 1 hq 3"],
-    positions: Int[Array, "b 1"],
+    gates: Float[Array, "b sq hq 3"],
+    positions: Int[Array, "b sq"],
     slot_positions: Int[Array, "b n"],
     cmp_k: Float[Array, "b nc hkv d"],
     cmp_v: Float[Array, "b nc hkv d"],
@@ -401,7 +403,7 @@ def nsa_decode(
     top_n: int,
     window: int,
 ) -> tuple[Float[Array, "b 1 hq d"], Float[Array, "b hkv nsel"]]:
-    """One new token per row (at `positions`, already written into the caches, its compressed block too) over the
+    """One new token per row (sq == 1, at `positions`, already written into the caches, its compressed block too) over the
     cached keys at `slot_positions`: the compressed branch over the complete blocks ending at or before it, the
     top-n selection blocks (by position) of its query block from `sel_imp` plus its own importance, the window.
     Returns (output, updated `sel_imp`: reset when the token starts a query block). Dense masked reads of the cache

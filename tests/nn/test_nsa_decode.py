@@ -173,15 +173,25 @@ def test_nsa_cache_left_padded_rows_equal_each_row_alone(nsa_model):
 
 
 def test_nsa_layers_need_an_nsa_cache_built_for_their_settings(nsa_model):
-    config, sra, model, _, _ = nsa_model
+    config, sra, model, step, _ = nsa_model
+    tokens = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="layer 1 .*NSACache"):
-        model(jnp.zeros((1, 4), jnp.int32), cache=KVCache.init(config, batch=1, max_len=8))
+        step(model, tokens, KVCache.init(config, batch=1, max_len=8))
     other = SRAConfig(attention="nsa", layers=(1,), nsa=NSAConfig(block=8, stride=4, block_sel=4, top_n=3, window=3))
     with pytest.raises(ValueError, match="layer 1 .*compressed and"):
-        model(jnp.zeros((1, 4), jnp.int32), cache=NSACache.init(config, other, batch=1, max_len=16))
+        step(model, tokens, NSACache.init(config, other, batch=1, max_len=16))
     with pytest.raises(ValueError, match="attention='nsa'"):
         NSACache.init(config, SRAConfig(attention="dsa", layers=(1,)), batch=1, max_len=8)
-    cache = NSACache.init(config, sra, batch=1, max_len=16)
-    _, aux = model(jnp.zeros((1, 4), jnp.int32), cache=cache)
     with pytest.raises(ValueError, match="must start at an empty cache"):
-        model(jnp.zeros((1, 2), jnp.int32), cache=aux.cache)
+        model(tokens[:, :2], cache=NSACache.init(config, sra, batch=1, max_len=16).replace(index=jnp.int32(4)))
+
+
+def test_ops_decode_refuses_bad_input():
+    q, k, v, g, prm = _data(0, 1, 6, 4, 2, 4)
+    cfg = dict(block=4, stride=2, block_sel=4, top_n=2, window=3)
+    with pytest.raises(ValueError, match=r"positions must be < max\(s, block\) = 6"):
+        nsa.nsa_prefill(q, k, v, g, jnp.arange(6)[None] + 1, max_len=8, **prm, **cfg)
+    pos = jnp.arange(6)[None]
+    with pytest.raises(ValueError, match="one token per row"):
+        nsa.nsa_decode(q, k, v, g, pos, pos, k[:, :1], v[:, :1], pos[:, :1], jnp.zeros((1, 2, 2)), **cfg)
+    assert nsa.num_cache_blocks(3, block=4, stride=2) == 1 and nsa.num_cache_blocks(16, block=4, stride=2) == 7
