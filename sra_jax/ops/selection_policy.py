@@ -168,6 +168,33 @@ class SelectionPolicy:
         as each row's k_row-th largest valid score (`ops.selection.decode_threshold`), else the `stored` one."""
         return jnp.where(prefill, sel.decode_threshold(logits, k, valid=valid, k_max=k_max), stored)
 
+    def selected_threshold(
+        self,
+        logits: Float[Array, "b s"],
+        selection: Selection,
+        k: int | Int[Array, " b"],
+        *,
+        valid: Bool[Array, "b s"],
+        k_max: int | None = None,
+        key: jax.Array | None = None,
+        prefill: Bool[Array, ""],
+        stored: Float[Array, " b"],
+    ) -> Float[Array, " b"]:
+        """`threshold` of a call whose critical set `select(logits, k, valid=valid, key=key, k_max=k_max)` just
+        gave (`selection`). When that set is the deterministic top-k, its k_row-th largest valid score is the lowest
+        selected score (+inf for an empty set), read with one masked min instead of a second top-k (same value);
+        otherwise `threshold`."""
+        if self._threshold_is_lowest_selected(key):
+            lowest = jnp.min(jnp.where(selection.critical, logits, jnp.inf), axis=-1)
+            return jnp.where(prefill, lowest, stored)
+        return self.threshold(logits, k, valid=valid, k_max=k_max, prefill=prefill, stored=stored)
+
+    def _threshold_is_lowest_selected(self, key: jax.Array | None) -> bool:
+        """Whether `select` (with this key) is this class's deterministic top-k and `threshold` its k_row-th
+        largest score (a subclass overriding either falls back to `threshold`)."""
+        cls = type(self)
+        return cls.select is SelectionPolicy.select and cls.threshold is SelectionPolicy.threshold
+
     def decoded_critical(self, logits: Float[Array, "b s"], threshold: Float[Array, " b"]) -> Bool[Array, "b s"]:
         """Which tokens after the prefill are critical: score >= the stored threshold."""
         return logits >= threshold[:, None]
@@ -199,6 +226,11 @@ class GumbelTopK(SelectionPolicy):
             gate = critical.astype(gate.dtype) + (gate - jax.lax.stop_gradient(gate))
         log_prob = sel.segment_topk_log_prob(logits, critical, segment_ids, order=scores, valid=valid)
         return Selection(critical, gate.astype(jnp.float32), log_prob)
+
+    def _threshold_is_lowest_selected(self, key: jax.Array | None) -> bool:
+        """Without a key `select` is the deterministic top-k."""
+        cls = type(self)
+        return key is None and cls.select is GumbelTopK.select and cls.threshold is SelectionPolicy.threshold
 
 
 @dataclasses.dataclass(frozen=True)
