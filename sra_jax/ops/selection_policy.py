@@ -33,11 +33,6 @@ class Selection(NamedTuple):
     log_prob: Float[Array, " b"]
 
 
-def _indices_to_mask(indices: Int[Array, "b k"], n: int) -> Bool[Array, "b n"]:
-    """k-hot mask of `indices`; -1 entries (past a row's own count) select nothing."""
-    return jnp.any(indices[..., :, None] == jnp.arange(n), axis=-2)
-
-
 def _sequence_sharding(n: int) -> sequence_parallel.SequenceSharding | None:
     """The active sequence-parallel context when it splits a row of `n` scores evenly (else the unsharded path)."""
     active = sequence_parallel.active_sequence_sharding()
@@ -108,7 +103,7 @@ class SelectionPolicy:
         indices = _top_indices(logits, size, valid)
         if not isinstance(k, int):
             indices = jnp.where(jnp.arange(size) < k[:, None], indices, -1)
-        return indices, _indices_to_mask(indices, n) & valid
+        return indices, sel.indices_to_mask(indices, n) & valid
 
     def segment_select(
         self,
@@ -210,7 +205,7 @@ class GumbelTopK(SelectionPolicy):
             return super().select(logits, k, valid=valid, tau=tau, hard=hard, k_max=k_max)
         bound = {} if isinstance(k, int) else dict(k_max=sel.static_bound(k, logits.shape[-1], k_max))
         indices = _gumbel_top_indices(logits, k, key=key, valid=valid, **bound)
-        critical = _indices_to_mask(indices, logits.shape[-1]) & valid
+        critical = sel.indices_to_mask(indices, logits.shape[-1]) & valid
         gate = sel.gumbel_topk(logits, k, key=key, tau=tau, hard=hard, valid=valid, **bound).astype(jnp.float32)
         return Selection(critical, gate, _topk_log_prob(logits, indices, valid))
 
