@@ -100,6 +100,8 @@ def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool
         rows, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
         in_specs = tuple(None if x is None else rows if split else replicated for x, split in zip(args, sharded))
         run = body if finish is None else (lambda *a: finish(*body(*a)))
+        # a pallas_call's outputs carry no varying-axes type, which shard_map's check would demand
+        check_vma = check_vma and finish is None
         return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=rows if out_sharded else replicated,
                              check_vma=check_vma)(*args)
 
