@@ -157,12 +157,12 @@ def _neighbours(x: Array, count: int, chunk: int, shards: int, axis: str, fill, 
 def _gather_far(wanted: Bool[Array, "b c"], size: int, axis: str, shards: int, k: Array, v: Array,
                 meta: Int[Array, "b c m"]) -> tuple[Array, Array, Array, Bool[Array, "b c"]]:
     """(k, v, meta) of the first `size` wanted slots of the whole row in slot order, on every shard, unused slots
-    at zero (k, v) and meta at -1; and which of this shard's slots are among them (`kept`). An all-gather of the S per-shard counts gives each shard its offset into a
-    compact buffer of `size` slots; each shard fills its own slots of a zero buffer and a `psum` assembles it:
-    ~2 * size slots received per device whatever S and however the wanted keys are spread (one shard may own them
-    all). Its transpose, in the backward pass, is a psum of the buffer's cotangent, which each owner gathers back.
-    When that would move more than all-gathering every slot (2 * size >= the row length), every slot is
-    all-gathered instead (meta -1 where not kept)."""
+    at zero (k, v) and meta at -1; and which of this shard's slots are among them (`kept`). An all-gather of the S
+    per-shard counts gives each shard its offset into a compact buffer of `size` slots; each shard fills its own
+    slots of a zero buffer and a `psum` assembles it: ~2 * size slots received per device whatever S and however
+    the wanted keys are spread (one shard may own them all). Its transpose, in the backward pass, is a psum of the
+    buffer's cotangent, which each owner gathers back. When that would move more than all-gathering every slot
+    (2 * size >= the row length), every slot is all-gathered instead (meta -1 where not kept)."""
     chunk = wanted.shape[1]
     counts = jax.lax.all_gather(jnp.sum(wanted, axis=1, dtype=jnp.int32), axis, axis=1)  # [b, S]
     offset = jnp.sum(jnp.where(jnp.arange(shards) < jax.lax.axis_index(axis), counts, 0), axis=1)  # [b]
@@ -841,8 +841,8 @@ def spec_attention(
     sm_scale: float | None = None,
     impl: str = "reference",
 ) -> Float[Array, "b sq hq d"] | None:
-    """`attention(q, k, v, spec=spec, impl=impl)` sequence-parallel under the active `sequence_sharding` context, or None when
-    there is none or the lengths do not divide into its shards (the caller then runs its unsharded path).
+    """`attention(q, k, v, spec=spec, impl=impl)` sequence-parallel under the active `sequence_sharding` context, or
+    None when there is none or the lengths do not divide into its shards (the caller then runs its unsharded path).
 
     Self-attention (`spec.keys_are_queries`): a dense spec (`_is_dense`) runs all-gather context parallelism; an SRA
     spec the halo + gathered-critical path with `max_gathered = gather_bound(spec, n)` (exact).
