@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     def sharded(parts, per_shard):
         def run(q, k, v):
             return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, shards=parts,
-                                                      max_gathered=max_gathered, impl=per_shard,
+                                                      max_gathered=max_gathered, max_critical=count, impl=per_shard,
                                                       interpret=config["interpret"], **rule)
         return run
 

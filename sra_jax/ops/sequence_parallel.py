@@ -325,15 +325,20 @@ def _sra_shard_key_set(q, k, v, positions, critical, segment_ids, *, window, num
 
 
 def _sra_shard_kernel(q, positions, critical, segment_ids, k, v, k_positions, k_critical, k_segment_ids, *, window,
-                      num_global, queries, sm_scale, interpret):
-    """The shard's queries over its key set (`_sra_shard_key_set`) through the block-sparse kernels: the plain SRA
-    layout (`attention_pallas.pallas_attention(spec=..., compact=False)`), which visits the band blocks near each
-    query block and the blocks holding its visible global / critical keys, and skips the rest."""
+                      num_global, queries, max_critical, compact, sm_scale, interpret):
+    """The shard's queries over its key set (`_sra_shard_key_set`) through the block-sparse kernels
+    (`attention_pallas.pallas_attention(spec=...)`). Without `max_critical`: the plain SRA layout, which visits the
+    band blocks near each query block and the blocks holding its visible global / critical keys, and skips the rest.
+    With it (the row's bound on critical keys, which also bounds the key set's and the chunk's, since both hold
+    distinct keys of the row): the compact kernels where `pallas_kernels.compact_is_cheaper` says so (band, globals,
+    and critical queries x critical keys; otherwise every query block visits every block of gathered keys when
+    queries == "critical"), else the plain layout; `compact` True / False forces one (as in `pallas_attention`)."""
+    bound = None if max_critical is None else min(max_critical, k.shape[1])
     spec = SRAMaskSpec.create(positions, critical, window=window, num_global=num_global, queries=queries,
                               segment_ids=segment_ids, k_positions=k_positions, k_critical=k_critical,
-                              k_segment_ids=k_segment_ids)
-    return pallas_attention(q, k, v, spec=spec, sm_scale=sm_scale, compact=False, backend=_kernel_backend(interpret),
-                            interpret=interpret)
+                              k_segment_ids=k_segment_ids, max_critical=bound)
+    return pallas_attention(q, k, v, spec=spec, sm_scale=sm_scale, compact=False if bound is None else compact,
+                            backend=_kernel_backend(interpret), interpret=interpret)
 
 
 def _default_block_q(chunk: int, window: int) -> int:
@@ -363,6 +368,8 @@ def sra_attention_sequence_parallel(
     block_q: int | None = None,
     impl: str = "auto",
     interpret: bool = False,
+    max_critical: int | None = None,
+    compact: bool | None = None,
 ) -> Float[Array, "b n hq d"]:
     """SRA self-attention (the rule of `sra_jax.ops.masks`) with the sequence split over mesh axis `axis`.
 
@@ -380,6 +387,10 @@ def sra_attention_sequence_parallel(
     them in interpret mode, for CPU tests), "auto" (pallas on GPU / TPU, jnp elsewhere). The collectives are the
     same. Beyond the bound the pallas path drops the same critical keys, but a global key that did not fit stays
     visible to the queries whose band (`window - 1` slots before their chunk, and the chunk) holds it.
+    `max_critical` (pallas only): a bound on each row's critical keys (`SRAMaskSpec.max_critical`), which lets each
+    shard take the compact kernels (critical queries x critical keys) where they are cheaper; a row with more gives
+    NaN rows, as `impl="pallas"` does unsharded. `compact` (pallas, with `max_critical`): True / False forces the
+    compact / the plain kernels per shard; None picks the cheaper (`pallas_kernels.compact_is_cheaper`).
     """
     shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
@@ -401,24 +412,32 @@ def sra_attention_sequence_parallel(
         raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    if max_critical is not None and (not isinstance(max_critical, int) or isinstance(max_critical, bool)
+                                     or max_critical < 0):
+        raise ValueError(f"max_critical ({max_critical!r}) must be None or an integer >= 0")
+    if compact and max_critical is None:
+        raise ValueError("compact=True needs max_critical (the bound on each row's critical keys)")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, window=window, num_global=num_global,
                                   queries=queries, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis,
                                   max_gathered=max_gathered, sm_scale=sm_scale, block_q=block_q,
-                                  impl=resolve_impl(impl), interpret=bool(interpret))
+                                  impl=resolve_impl(impl), interpret=bool(interpret), max_critical=max_critical,
+                                  compact=compact)
 
 
 @partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "shards", "axis", "batch_axis",
-                                   "max_gathered", "sm_scale", "block_q", "impl", "interpret"))
+                                   "max_gathered", "sm_scale", "block_q", "impl", "interpret", "max_critical",
+                                   "compact"))
 def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, mesh, shards,
-                           axis, batch_axis, max_gathered, sm_scale, block_q, impl="jnp", interpret=False):
+                           axis, batch_axis, max_gathered, sm_scale, block_q, impl="jnp", interpret=False,
+                           max_critical=None, compact=None):
     args = (q, k, v, positions, critical, segment_ids)
     placement = dict(mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
     if impl == "pallas":
         body = partial(_sra_shard_key_set, window=window, num_global=num_global, max_gathered=max_gathered,
                        shards=shards, axis=axis, cyclic=mesh is None)
-        finish = partial(_sra_shard_kernel, window=window, num_global=num_global, queries=queries, sm_scale=sm_scale,
-                         interpret=interpret)
+        finish = partial(_sra_shard_kernel, window=window, num_global=num_global, queries=queries,
+                         max_critical=max_critical, compact=compact, sm_scale=sm_scale, interpret=interpret)
         return _over_shards(body, args, (True,) * 6, True, finish=finish, **placement)
     body = partial(_sra_shard, window=window, num_global=num_global, queries=queries, max_gathered=max_gathered,
                    shards=shards, axis=axis, sm_scale=sm_scale, block_q=block_q, cyclic=mesh is None)
@@ -873,6 +892,7 @@ def spec_attention(
         attend = partial(sra_attention_sequence_parallel, positions=spec.q_positions, critical=spec.q_critical,
                          segment_ids=spec.q_segment_ids, window=spec.window, num_global=spec.num_global,
                          queries=spec.queries, max_gathered=gather_bound(spec, q.shape[1]),
-                         impl=active.per_shard(impl), interpret=active.interpret, **common)
+                         max_critical=spec.max_critical, impl=active.per_shard(impl), interpret=active.interpret,
+                         **common)
     # as on every other path: a non-finite key reaches exactly the rows that can see it (pallas_kernels.finite)
     return exclude_nonfinite_keys(attend, q, k, v)

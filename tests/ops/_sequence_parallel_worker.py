@@ -222,12 +222,12 @@ def pallas_inputs(seed: int, rows: list[tuple[list[int], int, bool]], critical_r
 
 
 def pallas_sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=None, shards=None,
-                   batch_axis=None):
+                   batch_axis=None, max_critical=None, compact=None):
     """The per-shard Pallas kernels in interpret mode."""
     return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, segments, window=window,
                                               num_global=NUM_GLOBAL, queries=queries, mesh=mesh, shards=shards,
                                               max_gathered=max_gathered, batch_axis=batch_axis, impl="pallas",
-                                              interpret=True)
+                                              interpret=True, max_critical=max_critical, compact=compact)
 
 
 def check_pallas(results: dict) -> None:
@@ -252,6 +252,21 @@ def check_pallas(results: dict) -> None:
     got = value_and_grads(lambda q, k, v: pallas_sharded(q, k, v, positions, critical, segments, 3, "critical", mesh,
                                                          batch_axis="data"), q, k, v)
     results["pallas_value_and_grads_data_2_sequence_4"] = biggest(expect, got)
+    # with the rows' critical bound, the compact kernels per shard (band, critical queries x critical keys): packed
+    # rows; unpacked rows (one padded sequence each) add the globals part
+    unpacked = pallas_inputs(5, [([], 3, False), ([], 6, True)], 0.25)
+    cases = (("packed", "critical", (q, k, v, positions, critical, segments)),
+             ("unpacked", "all", (*unpacked[:5], None)))
+    for name, queries, (q, k, v, positions, critical, segment_ids) in cases:
+        most = int(jnp.max(jnp.sum(critical, axis=1)))
+        spec = SRAMaskSpec.create(positions, critical, window=3, num_global=NUM_GLOBAL, queries=queries,
+                                  segment_ids=segment_ids)
+        expect = value_and_grads(lambda q, k, v, spec=spec: attention(q, k, v, spec=spec, impl="reference"), q, k, v)
+        got = value_and_grads(lambda q, k, v, p=positions, c=critical, s=segment_ids, qs=queries, m=most:
+                              pallas_sharded(q, k, v, p, c, s, 3, qs, sequence_mesh(4), max_critical=m,
+                                             compact=True), q, k, v)
+        results[f"pallas_compact_{name}_4_shards"] = biggest(expect, got)
+    q, k, v, positions, critical, segments = pallas_inputs(0, rows, 0.25)
     # one gathered slot short of the tightest bound: the kernels drop the same critical key as the jnp path
     bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=3, num_global=NUM_GLOBAL)))
     got = pallas_sharded(q, k, v, positions, critical, segments, 3, "all", mesh4 := sequence_mesh(4),

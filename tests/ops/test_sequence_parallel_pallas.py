@@ -2,8 +2,10 @@
 against the unsharded reference and the per-shard jnp path, values and gradients.
 
 The multi-device checks run in one subprocess with 8 fake CPU devices (`_sequence_parallel_worker.py pallas
-pallas_hypothesis`, ~40 s: interpret mode is slow, so the shapes are tiny and hypothesis draws 4 examples); the
-simulated shards (`mesh=None`), the model wiring and non-finite keys run in-process.
+pallas_hypothesis`, ~55 s: interpret mode is slow, so the shapes are tiny and hypothesis draws 4 examples); the
+wiring's choice and non-finite keys through `attention(spec=..., impl="pallas")` with simulated shards (`mesh=None`:
+the halo and the gather under vmap, the kernels on the shards folded into the batch; values and gradients against
+the unsharded reference) run in-process.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def test_per_shard_kernels_equal_the_reference_and_the_jnp_path(results, shards)
     assert results[f"pallas_vs_jnp_{shards}_shards"] <= ATTENTION_TOL
 
 
+@pytest.mark.parametrize("packing", ["packed", "unpacked"])
+def test_per_shard_compact_kernels_with_the_rows_critical_bound(results, packing):
+    """max_critical given, compact=True: band, (unpacked) globals and critical queries x critical keys per shard."""
+    assert results[f"pallas_compact_{packing}_4_shards"] <= ATTENTION_TOL
+
+
 def test_per_shard_kernels_with_the_batch_sharded_too(results):
     assert results["pallas_value_and_grads_data_2_sequence_4"] <= ATTENTION_TOL
 
@@ -70,19 +78,6 @@ def test_random_packings_and_critical_sets_through_the_kernels_match_the_jnp_pat
     assert results["pallas_hypothesis_4_shards"] <= ATTENTION_TOL
 
 
-def test_simulated_shards_run_the_kernels_on_the_folded_batch():
-    """mesh=None: the halo and the gather under vmap, the kernels once on the shards folded into the batch."""
-    worker = load_worker()
-    q, k, v, positions, critical, segments = worker.pallas_inputs(0, [([5, 13, 21], 3, False), ([9, 17], 4, True)],
-                                                                  0.25)
-    expect = worker.value_and_grads(
-        lambda q, k, v: worker.reference(q, k, v, positions, critical, segments, 6, "critical"), q, k, v)
-    got = worker.value_and_grads(
-        lambda q, k, v: worker.pallas_sharded(q, k, v, positions, critical, segments, 6, "critical", None, shards=4),
-        q, k, v)
-    assert worker.biggest(expect, got) <= ATTENTION_TOL
-
-
 def test_the_per_shard_impl_follows_the_attention_impl_unless_the_context_names_one():
     assert sp.resolve_impl("jnp") == "jnp" and sp.resolve_impl("pallas") == "pallas"
     assert sp.resolve_impl("auto") == ("jnp" if jax.default_backend() == "cpu" else "pallas")
@@ -90,6 +85,14 @@ def test_the_per_shard_impl_follows_the_attention_impl_unless_the_context_names_
         sp.resolve_impl("triton")
     with pytest.raises(ValueError, match=r"impl \('kernel'\)"), sp.sequence_sharding(None, shards=2, impl="kernel"):
         pass
+    q, k, v, positions, critical = (jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)),
+                                    jnp.arange(8)[None], jnp.zeros((1, 8), bool))
+    with pytest.raises(ValueError, match=r"compact=True needs max_critical"):
+        sp.sra_attention_sequence_parallel(q, k, v, positions, critical, window=2, num_global=0, shards=2,
+                                           impl="pallas", compact=True)
+    with pytest.raises(ValueError, match=r"max_critical \(-1\) must be None or an integer >= 0"):
+        sp.sra_attention_sequence_parallel(q, k, v, positions, critical, window=2, num_global=0, shards=2,
+                                           impl="pallas", max_critical=-1)
     with sp.sequence_sharding(None, shards=2) as active:
         assert active.per_shard("pallas") == "auto" and active.per_shard("reference") == "jnp"
         assert active.per_shard("gather") == "jnp"
