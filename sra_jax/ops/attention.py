@@ -225,14 +225,15 @@ def attention(
     impl: "reference" dense masked; "gather" sparse (needs spec); "xla" / "cudnn" jax.nn.dot_product_attention;
     "pallas" the block-sparse kernels in `sra_jax.ops.attention_pallas`. All agree where they apply.
     Inside `sequence_parallel.sequence_sharding(mesh)` a `spec` runs sequence-parallel over the mesh's sequence
-    axis whatever the impl (`sequence_parallel.spec_attention`: per-shard XLA compute and collectives).
+    axis whatever the impl (`sequence_parallel.spec_attention`: collectives, and per shard the block-sparse
+    kernels for impl="pallas" on GPU / TPU, jnp otherwise).
     (Annotations are loose on purpose: shapes are checked here, with messages that name the problem.)
     """
     _validate(q, k, v, mask, spec, impl)
     d = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     if spec is not None:
-        sharded = sequence_parallel.spec_attention(q, k, v, spec, sm_scale=sm_scale)
+        sharded = sequence_parallel.spec_attention(q, k, v, spec, sm_scale=sm_scale, impl=impl)
         if sharded is not None:
             return sharded
     if impl == "pallas":
