@@ -83,13 +83,15 @@ def llama_config(shape: Shape) -> LlamaConfig:
     )
 
 
-def ours(shape: Shape, seed: int, *, gates: str | tuple[int, int, int] = "random") -> NSAAttention:
+def ours(
+    shape: Shape, seed: int, *, gates: str | tuple[int, int, int] = "random", selected_backend: str = "reference"
+) -> NSAAttention:
     """Our layer with random weights (pool weights and position embeddings included). `gates`: "random", or
     "no_compressed" (random on the selected and window branches, exactly 0 on the compressed one), or a one-hot
     (compressed, selected, window) triple (each gate exactly 0 or 1)."""
     mod = NSAAttention(
         llama_config(shape), block=shape.block, stride=shape.stride, block_sel=shape.block_sel,
-        top_n=shape.top_n, window=shape.window, rngs=nnx.Rngs(seed),
+        top_n=shape.top_n, window=shape.window, selected_backend=selected_backend, rngs=nnx.Rngs(seed),
     )  # fmt: skip
     rng = np.random.default_rng(seed)
     l, hd, h = shape.block, shape.head_dim, shape.heads
@@ -325,9 +327,10 @@ def _grads(ours_fn, mod: NSAAttention, peer_fn, p, x: np.ndarray, ct: np.ndarray
     g = lambda name: gm[name]["kernel"][...]
     theirs_qkv = p.to_qkv.weight.grad.T
     rows["grad_qkv_proj"] = _err(jnp.concatenate([g("q_proj"), g("k_proj"), g("v_proj")], 1), theirs_qkv)
-    for name, theirs in (("grad_o_proj", p.combine_heads.weight.grad), ("grad_gate", p.to_strategy_combine[0].weight.grad)):
+    gate = p.to_strategy_combine[0].weight.grad
+    for row, name, theirs in (("grad_o_proj", "o_proj", p.combine_heads.weight.grad), ("grad_gate", "nsa_gate", gate)):
         if theirs is not None and np.abs(_np(theirs)).max() > 0:
-            rows[name] = _err(g("o_proj" if name == "grad_o_proj" else "nsa_gate"), theirs.T)
+            rows[row] = _err(g(name), theirs.T)
     # the pool's gradients (the peer's per-kv-head position embeddings hold copies of ours: their gradients add up)
     for kv, pool, pos in (("k", p.k_compress, p.k_intrablock_positions), ("v", p.v_compress, p.v_intrablock_positions)):
         if pool.weights.grad is not None and np.abs(_np(pool.weights.grad)).max() > 0:
@@ -336,9 +339,13 @@ def _grads(ours_fn, mod: NSAAttention, peer_fn, p, x: np.ndarray, ct: np.ndarray
     return rows
 
 
-def compare(shape: Shape, seed: int = 0, *, device: str = "cpu", triton: bool = False) -> dict:
+def compare(
+    shape: Shape, seed: int = 0, *, device: str = "cpu", triton: bool = False, selected_backend: str = "reference"
+) -> dict:
     """Every row of the module docstring: relative max errors (max |ours - theirs| / max |theirs|), gradient rows
-    (`<row>.grad_*`) for the compressed branch and the combined output, and `selection_agreement`."""
+    (`<row>.grad_*`) for the compressed branch and the combined output, and `selection_agreement`. The peer runs
+    on the torch `device` (bfloat16 with `triton`: its kernel takes nothing else; float32 otherwise); our layer on
+    JAX's default device with its selected branch on `selected_backend` (`NSAConfig.selected_backend`)."""
     if shape.top_n < 2:
         raise ValueError(f"top_n must be >= 2 (the peer selects top_n - 1 blocks beside its own), got {shape.top_n}")
     x, positions = inputs(shape, seed)
@@ -368,12 +375,12 @@ def compare(shape: Shape, seed: int = 0, *, device: str = "cpu", triton: bool = 
     full = dataclasses.replace(shape, top_n=shape.num_sel_blocks)
     outs = {}
     for name in ("window", "selected"):
-        mod = ours(full, seed, gates=BRANCHES[name])
+        mod = ours(full, seed, gates=BRANCHES[name], selected_backend=selected_backend)
         outs[name] = mod(jnp.asarray(x), pos)
         rows["window" if name == "window" else "selected_all"] = _err(outs[name], build(mod, full, True)(xt))
     # the two branches must differ, or the rows above would not tell them apart
     rows["window_vs_selected_all"] = _err(outs["window"], outs["selected"])
-    mod = ours(full, seed, gates="no_compressed")
+    mod = ours(full, seed, gates="no_compressed", selected_backend=selected_backend)
     p = build(mod, full, True)
     rows["combined"] = _err(mod(jnp.asarray(x), pos), p(xt))
     grads = _grads(lambda m, x: m(x, pos), mod, lambda p, x: p(x), p, x, hidden_ct, device, dtype)
@@ -393,17 +400,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="torch device of the peer (cpu, cuda)")
     ap.add_argument("--triton", action="store_true", help="the peer's triton selected-blocks kernel (CUDA, bfloat16)")
+    ap.add_argument("--selected-backend", default="reference", help="our selected branch (NSAConfig.selected_backend)")
     for f in dataclasses.fields(Shape):
         ap.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     shape = Shape(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Shape)})
-    rows = compare(shape, a.seed, device=a.device, triton=a.triton)
+    # float32 matmuls in float32 on GPU too (no TF32), so the float32 rows measure the algorithms, not the precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = compare(shape, a.seed, device=a.device, triton=a.triton, selected_backend=a.selected_backend)
     import importlib.metadata as md
 
     record = dict(
         date=datetime.date.today().isoformat(), device=a.device, triton=a.triton, jax_device=str(jax.devices()[0]),
+        selected_backend=a.selected_backend, peer_dtype="bfloat16" if a.triton else "float32",
         versions={n: md.version(n) for n in ("jax", "torch", PEER)}, shape=dataclasses.asdict(shape), errors=rows,
     )  # fmt: skip
     with open(a.out, "w") as f:
