@@ -343,7 +343,9 @@ def compare(
     shape: Shape, seed: int = 0, *, device: str = "cpu", triton: bool = False, selected_backend: str = "reference"
 ) -> dict:
     """Every row of the module docstring: relative max errors (max |ours - theirs| / max |theirs|), gradient rows
-    (`<row>.grad_*`) for the compressed branch and the combined output, and `selection_agreement`. The peer runs
+    (`<row>.grad_*`) for the compressed branch and the combined output; measurements, not checks:
+    `selection_agreement`, `compressed_design_gap` (our compressed branch against theirs) and
+    `window_vs_selected_all` (the two branches differ, so their rows tell them apart). The peer runs
     on the torch `device` (bfloat16 with `triton`: its kernel takes nothing else; float32 otherwise); our layer on
     JAX's default device with its selected branch on `selected_backend` (`NSAConfig.selected_backend`)."""
     if shape.top_n < 2:
@@ -366,7 +368,16 @@ def compare(
     cmp_k = padded_compress(shape, k, positions, mod.nsa_cmp_weights_k[...], mod.nsa_cmp_pos_k[...])
     cmp_v = padded_compress(shape, v, positions, mod.nsa_cmp_weights_v[...], mod.nsa_cmp_pos_v[...])
     rows = {"compress_k": _err(cmp_k.transpose(0, 2, 1, 3), ck), "compress_v": _err(cmp_v.transpose(0, 2, 1, 3), cv)}
-    rows["compressed_peer_rules"] = _err(compressed_peer_rules(shape, mod, x, positions), peer_merged(p, xt))
+    theirs = peer_merged(p, xt)
+    rows["compressed_peer_rules"] = _err(compressed_peer_rules(shape, mod, x, positions), theirs)
+    # a measurement: our own compressed branch (paper windows, inclusive end, no memory token) against theirs
+    ours_cmp, _ = nsa.nsa_attention(
+        q, k, v, jnp.broadcast_to(jnp.asarray(BRANCHES["compressed"], q.dtype), (*q.shape[:3], 3)), pos,
+        cmp_weights_k=mod.nsa_cmp_weights_k[...], cmp_pos_k=mod.nsa_cmp_pos_k[...],
+        cmp_weights_v=mod.nsa_cmp_weights_v[...], cmp_pos_v=mod.nsa_cmp_pos_v[...],
+        block=shape.block, stride=shape.stride, block_sel=shape.block_sel, top_n=shape.top_n, window=shape.window,
+    )  # fmt: skip
+    rows["compressed_design_gap"] = _err(ours_cmp.reshape(theirs.shape), theirs)
     grads = _grads(lambda m, x: compressed_peer_rules(shape, m, x, positions), mod, peer_merged, p, x, merged_ct,
                    device, dtype)  # fmt: skip
     rows.update({f"compressed_peer_rules.{k}": e for k, e in grads.items()})

@@ -33,9 +33,9 @@ ROWS = [
     "combined.grad_x", "combined.grad_qkv_proj", "combined.grad_o_proj", "combined.grad_gate",
     "selected_given_their_blocks",
 ]  # fmt: skip
-# overlapping compression windows (block 16, stride 8: the peer's first window is half zeros), 4 selection blocks
-# of 16 with top-3 (the peer: top-2 beside its own block), GQA 4/2, two rows
-ARGS = dict(seq=64, block=16, stride=8, block_sel=16, top_n=3, window=9, heads=4, kv_heads=2, batch=2)
+# a length no block divides, overlapping compression windows (block 16, stride 8: the peer's first window is half
+# zeros), 4 selection blocks of 16 with top-3 (the peer: top-2 beside its own block), GQA 4/2, two rows
+ARGS = dict(seq=60, block=16, stride=8, block_sel=16, top_n=3, window=9, heads=4, kv_heads=2, batch=2)
 
 
 @pytest.fixture(scope="module")
