@@ -1,16 +1,21 @@
 """Our NSA (`sra_jax.nn.NSAAttention`, `sra_jax.ops.nsa`) against `native-sparse-attention-pytorch`'s
 `SparseAttention` (0.2.3) on the same weights, branch by branch.
 
-GPU (H200, under a minute; torch with CUDA and triton, the peer's wheel and its deps installed):
-    python experiments/nsa_peer.py --device cuda --triton --seq 1024 --block-sel 64 --out nsa-peer-gpu.json
-CPU (the peer's reference path, tiny):
+GPU (H200, about 2 minutes each; torch with CUDA and triton, the peer's wheel and its deps, jax with CUDA):
+    # the peer's triton selected-blocks kernel (bfloat16: it takes nothing else) against our layer (float32)
+    python experiments/nsa_peer.py --device cuda --triton --selected-backend auto --seq 4096 --hidden 1024 \
+        --heads 16 --kv-heads 1 --block 32 --stride 16 --block-sel 64 --top-n 16 --window 513 --batch 1 \
+        --out nsa-peer-triton.json
+    # the peer's reference path in float32 against our block-sparse kernel (float32): same command without --triton
+CPU (the peer's reference path, float32, tiny; tests/ops/test_nsa_peer.py runs it):
     python experiments/nsa_peer.py --device cpu --out /tmp/nsa-peer.json
 
 The peer is set up to match our architecture where a setting can do it: no pre-norm, our projections copied into its
 `to_qkv` / `combine_heads`, our gate linear as its `strategy_combine_mlp` (same (head, branch) layout, sigmoid),
 a compress network that is our learned linear pool (`Pool`), our intra-block position embedding copied into its
-per-kv-head `k/v_intrablock_positions`, its sliding window one shorter (it sees `window_size + 1` keys, ours
-`window`), and its rotary replaced by `Rope` (our Llama half-split RoPE at our frequencies, or none). Differences no
+per-kv-head `k/v_intrablock_positions`, zero memory tokens, its sliding window one shorter (it sees
+`window_size + 1` keys, ours `window`), `num_selected_blocks = top_n - 1` (it adds the own block beside its top-n),
+and its rotary replaced by `Rope` (our Llama half-split RoPE at our frequencies, or none). Differences no
 setting removes (see docs/nn.md, "NSA against native-sparse-attention-pytorch"):
 
 - compressed branch: theirs always prepends `num_compressed_mem_kv >= 1` memory tokens (zero-initialised: a key of
@@ -28,8 +33,9 @@ over those compressed keys with their memory token and strict mask), `window` an
 RoPE: the window branch, and the selected branch with top-n >= the number of blocks, where both select every causal
 block), `combined` (gates on the selected and window branches, compressed gate 0; values and gradients) and
 `selected_given_their_blocks` (their selected branch against our `masked_attention` with their per-query blocks as
-the mask), and `selection_agreement` (how often their per-query selection equals ours for the query's block; a
-measurement, not a check).
+the mask). Measurements, not checks: `selection_agreement` (how often their per-query selection equals ours for the
+query's block), `compressed_design_gap` (our own compressed branch against theirs) and `window_vs_selected_all`.
+Errors are max |ours - theirs| / max |theirs|.
 """
 
 from __future__ import annotations
@@ -38,8 +44,12 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 
-import jax
+# torch and JAX share the GPU here: JAX must not take 75% of its memory up front
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import torch
