@@ -34,7 +34,8 @@ RoPE: the window branch, and the selected branch with top-n >= the number of blo
 block), `combined` (gates on the selected and window branches, compressed gate 0; values and gradients) and
 `selected_given_their_blocks` (their selected branch against our `masked_attention` with their per-query blocks as
 the mask). Measurements, not checks: `selection_agreement` (how often their per-query selection equals ours for the
-query's block), `compressed_design_gap` (our own compressed branch against theirs) and `window_vs_selected_all`.
+query's block), `compressed_design_gap` and `selected_design_gap` (our own compressed / selected branch against
+theirs, each side with its own rules) and `window_vs_selected_all`.
 Errors are max |ours - theirs| / max |theirs|.
 """
 
@@ -358,8 +359,8 @@ def compare(
 ) -> dict:
     """Every row of the module docstring: relative max errors (max |ours - theirs| / max |theirs|), gradient rows
     (`<row>.grad_*`) for the compressed branch and the combined output; measurements, not checks:
-    `selection_agreement`, `compressed_design_gap` (our compressed branch against theirs) and
-    `window_vs_selected_all` (the two branches differ, so their rows tell them apart). The peer runs
+    `selection_agreement`, `compressed_design_gap` / `selected_design_gap` (our branch against theirs, each with
+    its own rules) and `window_vs_selected_all` (the two branches differ, so their rows tell them apart). The peer runs
     on the torch `device` (bfloat16 with `triton`: its kernel takes nothing else; float32 otherwise); our layer on
     JAX's default device with its selected branch on `selected_backend` (`NSAConfig.selected_backend`)."""
     if shape.top_n < 2:
@@ -418,6 +419,7 @@ def compare(
     qr, kr, vr = _qkv_rope(mod, x, positions)
     rows["selected_given_their_blocks"] = _err(selected_given_blocks(shape, qr, kr, vr, idx), peer_merged(p, xt))
     rows["selection_agreement"] = selection_agreement(shape, idx, np.asarray(our_block_mask(mod, x, positions)))
+    rows["selected_design_gap"] = _err(mod(jnp.asarray(x), pos), p(xt))  # each side with its own selection
     return rows
 
 
