@@ -62,11 +62,53 @@ def test_llama_with_per_query_layers_forward_and_grad(kind):
     assert logits.shape == (2, 16, config.vocab_size) and bool(jnp.isfinite(logits).all())
     assert aux.indexer_loss.shape == (2,)
     assert (float(aux.indexer_loss[1]) > 0) == (kind == "dsa") and float(aux.indexer_loss[0]) == 0
-    np.testing.assert_array_equal(aux.visible_pairs, aux.causal_pairs)
+    # the dense layer counts every causal pair; short rows: top_k / the window cover most keys
+    np.testing.assert_array_equal(aux.visible_pairs[0], aux.causal_pairs[0])
+    assert bool((aux.visible_pairs[1] > 0).all()) and (float(aux.selection_pairs[1].min()) > 0) == (kind == "dsa")
     grads = dict(nnx.to_flat_state(grads))
     for p in extras:
         assert bool(jnp.isfinite(grads[p].get_value()).all()), p
     assert any(float(jnp.abs(grads[p].get_value()).max()) > 0 for p in extras)
+
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa"])
+def test_llama_counts_the_pairs_nsa_and_dsa_layers_attend(kind):
+    """At 96 tokens (12 selection blocks, top-2; top_k 8 of up to 96 keys) a per-query layer's density is < 1 and
+    its `ModelAux` row is the layer's own count (padding and packed segments in), plus for DSA the indexer's
+    scoring of every causal pair at its FLOPs ratio; `attention_flops` sums the rows."""
+    from sra_jax.nn import attention_flops
+    from sra_jax.ops import dsa
+    from sra_jax.ops.attention import attention_flops as pair_flops
+
+    config = LlamaConfig.tiny()
+    nsa_cfg = NSAConfig(block=8, stride=4, block_sel=8, top_n=2, window=8)
+    dsa_cfg = dataclasses.replace(TINY_DSA, top_k=8, block_q=16, indexer_block_k=32)
+    model = Llama(config, SRAConfig(attention=kind, layers=(0,), nsa=nsa_cfg, dsa=dsa_cfg), rngs=nnx.Rngs(0))
+    s = 96
+    tokens = jax.random.randint(jax.random.key(5), (2, s), 0, config.vocab_size)
+    i = jnp.arange(s)
+    positions = jnp.stack([i, jnp.where(i < 90, jnp.where(i < 40, i, i - 40), -1)])  # row 1: two segments + padding
+    segment_ids = jnp.stack([jnp.zeros(s, jnp.int32), (i >= 40).astype(jnp.int32)])
+
+    @nnx.jit
+    def run(m):
+        _, aux = m(tokens, positions, segment_ids=segment_ids)
+        layer = m.layers[0]
+        own = layer.attn(layer.input_norm(m.embed(tokens)), positions, segment_ids=segment_ids)
+        return aux, own[-1]
+
+    aux, attended = run(model)
+    causal = np.asarray(aux.causal_pairs[0])
+    np.testing.assert_array_equal(causal, [s * (s + 1) / 2, 40 * 41 / 2 + 50 * 51 / 2])
+    ratio = dsa.indexer_flops_per_pair(2, 8) / float(pair_flops(1.0, num_heads=4, head_dim=config.head_dim))
+    selection = causal * ratio if kind == "dsa" else np.zeros(2)
+    np.testing.assert_allclose(np.asarray(aux.selection_pairs[0]), selection, rtol=1e-6)  # float32 product
+    np.testing.assert_allclose(np.asarray(aux.visible_pairs[0]), np.asarray(attended) + selection, rtol=1e-6)
+    assert bool((aux.mask_density[0] < 1).all()) and bool((aux.mask_density[1] == 1).all())
+    dense, sparse = attention_flops(config, aux)
+    per_pair = float(pair_flops(1.0, num_heads=4, head_dim=config.head_dim))
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(aux.visible_pairs).sum(0) * per_pair, rtol=1e-6)
+    assert bool((sparse < dense).all())
 
 
 def test_nsa_layers_refuse_a_cache_naming_the_layer():
