@@ -55,9 +55,9 @@ class DSAAttention(nnx.Module):
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
     ) -> tuple[Float[Array, "b s d"], Float[Array, ""], Float[Array, " b"]]:
-        """Returns (attention output before the residual, indexer KL warm-up loss; the loss trains only the
-        indexer: no gradient into the main q/k projections or the layer input, the (query, key) pairs attended per
-        row: `ops.dsa.dsa_pair_counts` of this call's selection)."""
+        """Returns (attention output before the residual, indexer KL loss, (query, key) pairs attended per row).
+        The loss trains only the indexer: no gradient into the main q/k projections or the layer input. The pairs
+        are `ops.dsa.dsa_pair_counts` of this call's selection."""
         if cache is not None:
             raise ValueError("DSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
         b, s, _ = x.shape
