@@ -53,9 +53,11 @@ class NSAAttention(nnx.Module):
         *,
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
-    ) -> tuple[Float[Array, "b s d"], Float[Array, " b"]]:
-        """x is the RMS-normed layer input; returns (the attention output before the residual, the (query, key) pairs
-        the three branches attended per row: `ops.nsa.nsa_pair_counts` of this call's selection, summed)."""
+        with_pairs: bool = False,
+    ) -> Float[Array, "b s d"] | tuple[Float[Array, "b s d"], Float[Array, " b"]]:
+        """x is the RMS-normed layer input; returns the attention output (before the residual), and with `with_pairs`
+        also the (query, key) pairs the three branches attended per row (`ops.nsa.nsa_pair_counts` of this call's
+        selection, summed; what `Llama` reports in `ModelAux.visible_pairs`)."""
         if cache is not None:
             raise ValueError("NSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
         b, s, _ = x.shape
@@ -78,6 +80,9 @@ class NSAAttention(nnx.Module):
             block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
             segment_ids=segment_ids, selected_fn=selected_fn,
         )  # fmt: skip
+        out = self.o_proj(out.reshape(b, s, -1))
+        if not with_pairs:
+            return out
         pairs = nsa.nsa_pair_counts(block_mask, positions, segment_ids, block=self.block, stride=self.stride,
                                     block_sel=self.block_sel, window=self.window)  # fmt: skip
-        return self.o_proj(out.reshape(b, s, -1)), sum(pairs)
+        return out, sum(pairs)

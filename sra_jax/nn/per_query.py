@@ -70,9 +70,9 @@ def call_per_query(
         out, cache = dsa_decode_layer(attn, layer, x, positions, cache)
         loss = jnp.zeros((), jnp.float32)
     elif isinstance(attn, DSAAttention):
-        out, loss, attended = attn(x, positions, segment_ids=segment_ids)
+        out, loss, attended = attn(x, positions, segment_ids=segment_ids, with_pairs=True)
     else:
-        (out, attended), loss = attn(x, positions, segment_ids=segment_ids), jnp.zeros((), jnp.float32)
+        (out, attended), loss = attn(x, positions, segment_ids=segment_ids, with_pairs=True), jnp.zeros((), jnp.float32)
     b, s = positions.shape
     no_critical = jnp.zeros((b, s), bool)
     spec = masks.SRAMaskSpec.create(positions, no_critical, segment_ids=segment_ids, window=2**30,

@@ -49,7 +49,7 @@ def test_projection_shapes_match_sra_layer():
 def test_dsa_full_budget_is_dense_and_loss_trains_indexer_only():
     m = DSAAttention(CFG, top_k=64, indexer_heads=2, indexer_dim=8, block_q=8, rngs=nnx.Rngs(1))
     x, pos, seg = _x()
-    out, loss, _ = m(x, pos, segment_ids=seg)
+    out, loss = m(x, pos, segment_ids=seg)
     np.testing.assert_allclose(np.asarray(out), np.asarray(_dense(m, x, pos, seg)), atol=3e-5)  # f32 order
     grads = nnx.grad(lambda m: m(x, pos, segment_ids=seg)[1])(m)
     assert float(jnp.abs(grads["q_proj"]["kernel"][...]).max()) == 0
@@ -59,7 +59,7 @@ def test_dsa_full_budget_is_dense_and_loss_trains_indexer_only():
 def test_dsa_partial_budget_matches_the_one_shot_ops_and_both_losses_agree_at_full_budget():
     m = DSAAttention(CFG, top_k=5, indexer_heads=2, indexer_dim=8, block_q=8, indexer_block_k=6, rngs=nnx.Rngs(3))
     x, pos, seg = _x()
-    out, _, _ = m(x, pos, segment_ids=seg)
+    out, _ = m(x, pos, segment_ids=seg)
     b, s, _ = x.shape
     hq, hkv, hd = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
     f = rope.rope_frequencies(hd, CFG.rope_theta, CFG.rope_scaling)
@@ -84,8 +84,8 @@ def test_nsa_window_gate_only_with_long_window_is_dense():
     m.nsa_gate.kernel[...] = jnp.zeros_like(m.nsa_gate.kernel[...])
     m.nsa_gate.bias[...] = bias
     x, pos, seg = _x()
-    np.testing.assert_allclose(np.asarray(m(x, pos, segment_ids=seg)[0]), np.asarray(_dense(m, x, pos, seg)), atol=3e-5)
-    g = nnx.grad(lambda m: m(x, pos, segment_ids=seg)[0].sum())(m)
+    np.testing.assert_allclose(np.asarray(m(x, pos, segment_ids=seg)), np.asarray(_dense(m, x, pos, seg)), atol=3e-5)
+    g = nnx.grad(lambda m: m(x, pos, segment_ids=seg).sum())(m)
     assert np.isfinite(np.asarray(g["q_proj"]["kernel"][...])).all()
 
 

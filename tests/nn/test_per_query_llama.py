@@ -95,7 +95,7 @@ def test_llama_counts_the_pairs_nsa_and_dsa_layers_attend(kind):
     def run(m):
         _, aux = m(tokens, positions, segment_ids=segment_ids)
         layer = m.layers[0]
-        own = layer.attn(layer.input_norm(m.embed(tokens)), positions, segment_ids=segment_ids)
+        own = layer.attn(layer.input_norm(m.embed(tokens)), positions, segment_ids=segment_ids, with_pairs=True)
         return aux, own[-1]
 
     aux, attended = run(model)
