@@ -53,8 +53,11 @@ class NSAAttention(nnx.Module):
         *,
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
-    ) -> Float[Array, "b s d"]:
-        """x is the RMS-normed layer input; returns the attention output (before the residual)."""
+        with_pairs: bool = False,
+    ) -> Float[Array, "b s d"] | tuple[Float[Array, "b s d"], Float[Array, " b"]]:
+        """x is the RMS-normed layer input; returns the attention output (before the residual), and with `with_pairs`
+        also the (query, key) pairs the three branches attended per row (`ops.nsa.nsa_pair_counts` of this call's
+        selection, summed; what `Llama` reports in `ModelAux.visible_pairs`)."""
         if cache is not None:
             raise ValueError("NSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
         b, s, _ = x.shape
@@ -70,11 +73,16 @@ class NSAAttention(nnx.Module):
                     q, k, v, bm, positions, block_sel=bs, segment_ids=segment_ids, backend=be
                 )
 
-        out, _ = nsa.nsa_attention(
+        out, block_mask = nsa.nsa_attention(
             q, k, v, gates, positions,
             cmp_weights_k=self.nsa_cmp_weights_k[...], cmp_pos_k=self.nsa_cmp_pos_k[...],
             cmp_weights_v=self.nsa_cmp_weights_v[...], cmp_pos_v=self.nsa_cmp_pos_v[...],
             block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
             segment_ids=segment_ids, selected_fn=selected_fn,
         )  # fmt: skip
-        return self.o_proj(out.reshape(b, s, -1))
+        out = self.o_proj(out.reshape(b, s, -1))
+        if not with_pairs:
+            return out
+        pairs = nsa.nsa_pair_counts(block_mask, positions, segment_ids, block=self.block, stride=self.stride,
+                                    block_sel=self.block_sel, window=self.window)  # fmt: skip
+        return out, sum(pairs)
