@@ -1,7 +1,8 @@
 """`DSACache`: a `KVCache` plus the DSA lightning indexer's keys, for prefill + token-by-token decoding of a `Llama`
 with DSA layers (`SRAConfig.attention == "dsa"`). It reads like a KVCache to `Llama` (batch, max_len, index,
 positions, replace); dense layers use its `kv`, DSA layers write their keys, values and indexer keys and decode each
-new token over its top_k cached keys (`ops.dsa.dsa_decode`)."""
+new token over its top_k cached keys (`ops.dsa.dsa_decode`). `DSACache.wrap` puts the indexer keys beside any empty
+KVCache, e.g. the `LeftPaddedKVCache` of a generation (`sra_jax.nn.generation_cache`)."""
 
 from __future__ import annotations
 
@@ -78,8 +79,10 @@ def dsa_decode_layer(
     cache: Any,
 ) -> tuple[Float[Array, "b s d"], DSACache]:
     """A DSAAttention layer's call with a cache: writes this call's keys, values and indexer keys at `cache.index`;
-    a prefill (s > 1, from an empty cache) attends as the full forward does, a decode step (s == 1) through
-    `ops.dsa.dsa_decode` over the cached keys. Returns (output before o_proj's residual, updated cache)."""
+    a prefill (s > 1, from an empty cache) attends as the full forward does (a position < 0, e.g. left padding, is
+    neither a query nor a key nor an indexer candidate), a decode step (s == 1) through `ops.dsa.dsa_decode` over
+    the cached keys at the cache's slot positions (padding slots hold -1). Returns (output before o_proj's residual,
+    updated cache)."""
     from sra_jax.nn.layers import project_qkv
 
     if not isinstance(cache, DSACache):
