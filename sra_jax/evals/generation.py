@@ -23,9 +23,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Int
 
-from sra_jax.nn.cache import LeftPaddedKVCache
-from sra_jax.nn.dsa_cache import DSACache
-from sra_jax.nn.generation_cache import generation_cache
+from sra_jax.nn.generation_cache import GenerationCache, generation_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,7 @@ def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "
 def _decode_chunk(
     graphdef,
     state,
-    cache: LeftPaddedKVCache | DSACache,
+    cache: GenerationCache,
     token: Int[Array, " b"],
     done: Bool[Array, " b"],
     stop_tokens: Int[Array, " n"],

@@ -13,6 +13,9 @@ from sra_jax.nn.cache import LeftPaddedKVCache, generation_capacity
 from sra_jax.nn.dsa_cache import DSACache
 from sra_jax.nn.per_query import uses_per_query
 
+# What `generation_cache` returns.
+GenerationCache = LeftPaddedKVCache | DSACache
+
 
 def per_query_layers(config: LlamaConfig, sra: SRAConfig | None) -> tuple[int, ...]:
     """The layers that run an NSAAttention / DSAAttention (`SRAConfig.attention` "nsa" / "dsa")."""
@@ -27,7 +30,7 @@ def generation_cache(
     prompt_len: int,
     max_len: int,
     dtype,
-) -> LeftPaddedKVCache | DSACache:
+) -> GenerationCache:
     """An empty cache for prompts of `prompt_lengths` tokens left-padded to `prompt_len` slots, filled by one
     prefill from slot 0 and then one token per call up to `max_len`. Its critical capacity is
     `generation_capacity` (so an SRA prefill gathers the critical keys). A model with DSA layers gets it wrapped in a
@@ -40,4 +43,4 @@ def generation_cache(
         return kv
     if sra.attention == "dsa":
         return DSACache.wrap(kv, config, sra)
-    raise ValueError(f"NSA layers {per_query_layers(config, sra)} (SRAConfig.attention='nsa') cannot generate: there is no NSA decode cache (sra_jax.nn.nsa_cache)")  # fmt: skip
+    raise ValueError(f"NSA layers {per_query_layers(config, sra)} (SRAConfig.attention='nsa') have no decode cache")
