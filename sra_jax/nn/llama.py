@@ -370,7 +370,7 @@ class Llama(nnx.Module):
             return
         if segment_ids is not None:
             raise ValueError("segment_ids cannot be combined with a KV cache (decode one sequence per row)")
-        if isinstance(cache, LeftPaddedKVCache) and positions is not None:
+        if isinstance(getattr(cache, "kv", cache), LeftPaddedKVCache) and positions is not None:  # or one wrapped
             raise ValueError("positions cannot be given with a LeftPaddedKVCache: it sets each token's position from "
                              "its slot (slot - kv_start), which keeps its left-padded layout; pass positions=None")
         if cache.batch != tokens.shape[0]:
