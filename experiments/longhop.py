@@ -18,6 +18,12 @@ exported by `sra-jax export` as a Hugging Face Llama folder), so the experiment 
                export.
   4. cot       `cot_dense` (the CoT base, dense) and `cot_sra` (routers retrofitted onto the CoT base) when the scale
                has CoT.
+  5. per-query `nsa` and `dsa` (`Scale.per_query_kinds`): NSA / DSA layers retrofitted onto the direct base the same
+               way (`init: {from: base export, trainable: router}`: only their extras train; NSA's gates and pool on
+               the cross-entropy, DSA's lightning indexer on its KL to the dense attention, the warm-up stage), at
+               the SRA budgets: a query selects about alpha * context_len keys (DSA top_k = ceil(alpha * L); NSA
+               round(alpha * L / block) selected blocks of `Scale.nsa_block`, beside its compressed branch and the
+               SRA window). Their attention FLOPs are measured (pairs attended + the DSA indexer's scoring).
 Every variant answers the held-out splits test / new_values / more_hops / longer (longer: contexts past the trained
 length). A stage whose export verifies (WORKDIR/STAGE/export.json: step and sha256 of every file) is skipped, one cut
 short resumes from its checkpoint; rows are appended to rows.jsonl (in --record-dir, default WORKDIR) as they finish
@@ -36,6 +42,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import signal
 import sys
@@ -47,7 +54,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.config import DSAConfig, LlamaConfig, NSAConfig, SRAConfig
 from sra_jax.convert.source import load_source
 from sra_jax.data import longhop
 from sra_jax.train import longhop_eval, stages
@@ -66,6 +73,7 @@ HYPOTHESIS = (
 # longhop-router-diagnostics-cpu-*.json for the measurement behind the choice.
 DISTILL_QUERIES = "target"
 ROUTER_KINDS = ("rl", "rl_kl", "distill", "distill_rl", "joint")  # Experiment.router's kinds
+PER_QUERY_KINDS = ("nsa", "dsa")  # Experiment.per_query's kinds
 DISTILL_HYPOTHESIS = (
     "Router distillation (learned_distill, learned_distill_rl) makes the router's picks follow the dense teacher's "
     "attention mass from the answer queries, so its precision and recall against the oracle rise to about those of "
@@ -100,6 +108,10 @@ class Scale:
     note: str
     # Router trainings of the direct form, each a `learned_<kind>` row (`Experiment.router`); "joint" joins with `joint`.
     learned_kinds: tuple[str, ...] = ("rl", "rl_kl", "distill", "distill_rl")
+    # Per-query selection retrofits of the direct form, each an `nsa` / `dsa` row (`Experiment.per_query`).
+    per_query_kinds: tuple[str, ...] = ("nsa", "dsa")
+    # NSA's selection block; its compression pool takes 2 * nsa_block keys at stride nsa_block (NSA's l = 2 d).
+    nsa_block: int = 4
 
 
 SCALES = {
@@ -122,7 +134,7 @@ SCALES = {
                                             num_vars=512, value_range=32, operand_max=5),
                  layers=6, hidden=512, heads=8, window=32, base_steps=2000, router_steps=200, batch_size=16,
                  eval_size=512, alphas=(0.02, 0.05, 0.1, 0.2), seeds=(0, 1, 2), cot=True, joint=True,
-                 learning_rate=1e-3, note="GPU run: 3 seeds, every alpha, CoT and joint stages"),
+                 learning_rate=1e-3, nsa_block=16, note="GPU run: 3 seeds, every alpha, CoT and joint stages"),
 }
 
 
@@ -139,6 +151,8 @@ class Experiment:
         if unknown or "joint" in self.scale.learned_kinds:
             raise ValueError(f"learned_kinds={self.scale.learned_kinds}: each must be one of {ROUTER_KINDS[:-1]} "
                              f"(the joint stage follows `joint`)")
+        if set(self.scale.per_query_kinds) - set(PER_QUERY_KINDS):
+            raise ValueError(f"per_query_kinds={self.scale.per_query_kinds}: each must be one of {PER_QUERY_KINDS}")
         self.workdir, self.results_dir = workdir, results_dir
         self.deadline = None if time_budget is None else time.monotonic() + time_budget
         workdir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +188,22 @@ class Experiment:
     def sra_config(self, alpha: float) -> SRAConfig:
         return SRAConfig(critical_fraction=alpha, window=self.scale.window, num_global=longhop.HEADER_LEN,
                          queries="all", router_hidden=32, selection="gumbel_topk")
+
+    def per_query_config(self, kind: str, alpha: float) -> SRAConfig:
+        """NSA / DSA layers on every layer at the budget alpha: each query selects about ceil(alpha * context_len)
+        keys, as SRA's critical set holds ceil(alpha * tokens) (DSA: top_k of them; NSA: that many keys in whole
+        selected blocks of nsa_block, at least one, beside its compressed branch (pools of 2 * nsa_block keys at
+        stride nsa_block) and a window of SRA's size)."""
+        s = self.scale
+        keys = max(1, math.ceil(alpha * s.task.context_len - 1e-9))
+        if kind == "nsa":
+            b = s.nsa_block
+            nsa = NSAConfig(block=2 * b, stride=b, block_sel=b, top_n=max(1, round(keys / b)), window=s.window)
+            return SRAConfig(attention="nsa", nsa=nsa)
+        head_dim = s.hidden // s.heads
+        dsa = DSAConfig(top_k=keys, indexer_heads=max(2, s.heads // 2), indexer_dim=max(8, head_dim // 2), block_q=16,
+                        indexer_block_k=256, indexer_loss="dense")
+        return SRAConfig(attention="dsa", dsa=dsa)
 
     def train_config(self, form: str, seed: int, *, sra: SRAConfig | None, loss: LossConfig,
                      steps: int) -> TrainConfig:
@@ -243,16 +273,29 @@ class Experiment:
                               steps=self.scale.router_steps), init=init)
         return self._stage(f"router-{form}-{kind}-a{alpha}-seed{seed}", config)
 
+    def per_query(self, base_export: Path, seed: int, alpha: float, kind: str) -> Path:
+        """The export of NSA / DSA layers (`per_query_config`) retrofitted onto the direct base: only their extras
+        train (init.trainable router), on the cross-entropy (NSA's gates and pool) and the DSA indexer's KL to the
+        dense attention (loss.indexer_kl_weight, on by default: the DSA warm-up stage)."""
+        config = dataclasses.replace(
+            self.train_config("direct", seed, sra=self.per_query_config(kind, alpha), loss=LossConfig(kind="sl"),
+                              steps=self.scale.router_steps),
+            init=InitConfig(from_=str(base_export), trainable="router"))
+        return self._stage(f"perquery-direct-{kind}-a{alpha}-seed{seed}", config)
+
     # -- evaluation ----------------------------------------------------------------------------------------------
-    def evaluate(self, variant: str, source: str, export: Path, form: str, seed: int, alpha: float | None) -> None:
+    def evaluate(self, variant: str, source: str, export: Path, form: str, seed: int, alpha: float | None,
+                 sra: SRAConfig | None = None) -> None:
         """Rows of `variant` on every split (skipping those already in rows.jsonl), scoring the model in `export`
-        (a Hugging Face folder) with SRA layers: its own routers for "learned", a forced critical set otherwise."""
+        (a Hugging Face folder) with SRA layers: its own routers for "learned", a forced critical set otherwise; or,
+        with `sra` (source "per_query"), with those NSA / DSA layers."""
         todo = [split for split in SPLITS if (variant, alpha, seed, split) not in self.done]
         if not todo:
             return
         self.check_time()
         sra_alpha = alpha if alpha and alpha < 1 else 0.1  # forced sets ignore critical_fraction
-        config = self.train_config(form, seed, sra=self.sra_config(sra_alpha), loss=LossConfig(kind="sl"), steps=1)
+        config = self.train_config(form, seed, sra=sra or self.sra_config(sra_alpha), loss=LossConfig(kind="sl"),
+                                   steps=1)
         # An export with routers of this SRAConfig keeps them (the learned rows); a dense one gets fresh routers
         # (unused: the forced rows override the critical set).
         _, _, model = load_source(export, sra=config.sra, router_seed=seed)
@@ -269,8 +312,8 @@ class Experiment:
                 f.write(json.dumps(row) + "\n")
             print(f"  {variant:14s} alpha={alpha} {split:10s} acc {row['accuracy']:.3f} "
                   f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] attn {row['attention_flops_vs_dense']:.2f}x "
-                  f"sel {row['selected_fraction']:.3f} P/R {row['router_precision']:.2f}/{row['router_recall']:.2f}",
-                  flush=True)
+                  f"sel {row['selected_fraction']:.3f} P/R {_fmt(row['router_precision'])}/"
+                  f"{_fmt(row['router_recall'])}", flush=True)
 
     def needs(self, variant: str, seed: int, alphas) -> bool:
         return any((variant, a, seed, split) not in self.done for a in alphas for split in SPLITS)
@@ -287,8 +330,9 @@ class Experiment:
                         ("dense", "dense", 1.0), ("window", "window", 0.0), ("oracle", "oracle", None)]
                     learned_kinds = ([*s.learned_kinds] + (["joint"] if s.joint else [])
                                      if form == "direct" else ["rl"])
+                    per_query = list(s.per_query_kinds) if form == "direct" else []
                     variants = [prefix + v for v, _, _ in fixed] + (["random"] if form == "direct" else []) + [
-                        f"learned_{k}" if form == "direct" else "cot_sra" for k in learned_kinds]
+                        f"learned_{k}" if form == "direct" else "cot_sra" for k in learned_kinds] + per_query
                     if not any(self.needs(v, seed, [a]) for v, _, a in fixed) and not any(
                             self.needs(v, seed, s.alphas) for v in variants[len(fixed):]):
                         continue
@@ -305,6 +349,12 @@ class Experiment:
                                 self.check_time()
                                 export = self.router(base, form, seed, alpha, kind)
                                 self.evaluate(variant, "learned", export, form, seed, alpha)
+                        for kind in per_query:
+                            if self.needs(kind, seed, [alpha]):
+                                self.check_time()
+                                export = self.per_query(base, seed, alpha, kind)
+                                self.evaluate(kind, "per_query", export, form, seed, alpha,
+                                              sra=self.per_query_config(kind, alpha))
         except OutOfTime:
             print("time budget spent: run the same command again to resume", flush=True)
             return False
@@ -332,12 +382,19 @@ class Experiment:
             "training_tokens": self.training_tokens,
             "training": {"base_steps": s.base_steps, "router_steps": s.router_steps, "batch_size": s.batch_size,
                          "learning_rate": s.learning_rate, "learned_kinds": list(s.learned_kinds)},
+            "per_query": {f"{kind}-a{alpha}": dataclasses.asdict(getattr(self.per_query_config(kind, alpha), kind))
+                          for kind in s.per_query_kinds for alpha in s.alphas},
             "eval_size": s.eval_size, "seeds": list(s.seeds), "alphas": list(s.alphas),
             "rows": self.rows,
         }
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(record))
         return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    """A number of a row, or "-" where the row has none (router precision / recall of NSA / DSA rows)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def count_parameters(model: LlamaConfig) -> int:
@@ -382,12 +439,14 @@ def markdown(record: dict[str, Any]) -> str:
             n = sum(r["n"] for r in rows)
             correct = round(sum(r["accuracy"] * r["n"] for r in rows))
             low, high = wilson_interval(correct, n)
-            mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+            def mean(k, rows=rows):
+                return None if any(r[k] is None for r in rows) else float(np.mean([r[k] for r in rows]))
+
             lines.append(f"| {key[1]} | {key[2] if key[2] is not None else 'oracle'} | {len(rows)} | "
                          f"{rows[0]['context_len']} | {mean('accuracy'):.3f} | [{low:.3f}, {high:.3f}] | "
                          f"{mean('attention_flops_vs_dense'):.3f} | {mean('total_flops_vs_dense'):.3f} | "
-                         f"{mean('selected_fraction'):.3f} | {mean('router_precision'):.2f} | "
-                         f"{mean('router_recall'):.2f} | {mean('latency_ms'):.2f} |")
+                         f"{mean('selected_fraction'):.3f} | {_fmt(mean('router_precision'))} | "
+                         f"{_fmt(mean('router_recall'))} | {mean('latency_ms'):.2f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -412,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r}: {name!r} is not a Scale field ({sorted(set(fields) - {'task', 'note'})})")
         current = getattr(SCALES[args.scale], name)
         if isinstance(current, tuple):
-            overrides[name] = tuple(type(current[0])(v) for v in value.split(","))
+            overrides[name] = tuple(type(current[0])(v) for v in value.split(",") if v)  # "" gives ()
         elif isinstance(current, bool):
             overrides[name] = value.lower() in ("1", "true", "yes")
         else:

@@ -1,17 +1,20 @@
 """One device: the time of sequence-parallel SRA attention with S shards simulated (`mesh=None, shards=S`: the shards
 run under `vmap` and the halo / gather collectives act across the mapped axis), against the same code with one
-shard and against unsharded SRA attention (`attention(..., spec=..., impl=...)`), forward and forward + backward.
+shard and against unsharded SRA attention (`attention(..., spec=..., impl=...)`), forward and forward + backward,
+for each per-shard compute in `--per-shard` ("jnp": one query block at a time; "pallas": the block-sparse kernels
+over each shard's key set, run once on the shards folded into the batch).
 Then the model-level wiring: the loss and gradients of a Llama with one dense and one SRA layer (Gumbel top-k
-selection), traced inside `sequence_sharding(None, shards=S)` (every attention layer and the router's top-k and
-log-prob sequence-parallel, S shards simulated) against the same model unsharded (`impl`), and the differences of
-loss and gradients between the two.
+selection), traced inside `sequence_sharding(None, shards=S, impl=per_shard)` (every attention layer and the
+router's top-k and log-prob sequence-parallel, S shards simulated) against the same model unsharded (`impl`), and
+the differences of loss and gradients between the two.
 
 The critical set is a global top-k (the top ceil(alpha * N) of random router scores of the row, as the model's
 selection), so `max_gathered = ceil(alpha * N) + num_global` (the row's bound) is exact. Medians over repeats after a compiling warm-up; the
 sharded and unsharded outputs are compared (max abs difference in the record).
 
     python experiments/sequence_parallel_step.py --out PATH.json                 # GPU: 128k, 8 shards, Llama 3 8B heads
-    python experiments/sequence_parallel_step.py --tiny --out /tmp/step.json     # CPU smoke (the test)
+    python experiments/sequence_parallel_step.py --tiny --out /tmp/step.json     # CPU smoke (the test; kernels in
+                                                                                 # interpret mode)
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from sra_jax.ops.masks import SRAMaskSpec
 
 FULL = {"length": 128 * 1024, "shards": 8, "window": 1024, "num_global": 4, "heads": 32, "kv_heads": 8,
         "head_dim": 128, "dtype": "bfloat16", "impl": "pallas", "model_length": 32 * 1024, "hidden": 4096,
-        "intermediate": 14336, "vocab": 8192}
+        "intermediate": 14336, "vocab": 8192, "per_shard": "jnp,pallas"}
 TINY = {"length": 256, "shards": 4, "window": 16, "num_global": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
-        "dtype": "float32", "impl": "reference", "model_length": 128, "hidden": 64, "intermediate": 128, "vocab": 256}
+        "dtype": "float32", "impl": "reference", "model_length": 128, "hidden": 64, "intermediate": 128, "vocab": 256,
+        "per_shard": "jnp,pallas"}
 
 
 def global_topk(scores: jax.Array, alpha: float) -> tuple[jax.Array, int]:
@@ -63,9 +67,18 @@ def timed(fn, *args, reps: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
+def per_shard_impls(config: dict) -> list[str]:
+    """The per-shard computes to time (`--per-shard jnp,pallas`), each checked against `sp.IMPLS`."""
+    impls = [name for name in config["per_shard"].split(",") if name]
+    for name in impls:
+        sp.resolve_impl(name)
+    return impls
+
+
 def model_rows(config: dict, alpha: float, reps: int) -> list[dict]:
     """Loss + gradients of a 2-layer Llama (layer 0 dense, layer 1 SRA) at `model_length`, unsharded against
-    `shards` simulated sequence shards through the model-level wiring (`sp.sequence_sharding`)."""
+    `shards` simulated sequence shards through the model-level wiring (`sp.sequence_sharding`), once per per-shard
+    compute."""
     from flax import nnx
 
     from sra_jax.config import LlamaConfig, SRAConfig
@@ -85,22 +98,25 @@ def model_rows(config: dict, alpha: float, reps: int) -> list[dict]:
     positions = jnp.arange(n, dtype=jnp.int32)[None]
     mask = jnp.ones((1, n), bool)
 
-    def step(shards):
+    def step(shards, per_shard):
         def loss(params):
             logits, _ = nnx.merge(graphdef, params, rest)(tokens, positions, key=jax.random.key(2))
             return cross_entropy(logits.astype(jnp.float32), tokens, mask)
 
         def run(params):
-            with sp.sequence_sharding(None, shards=shards):  # shards=1: the unsharded model
+            # shards=1: the unsharded model
+            with sp.sequence_sharding(None, shards=shards, impl=per_shard, interpret=config["interpret"]):
                 return jax.value_and_grad(loss)(params)
 
         return jax.jit(run)
 
     rows, results = [], {}
-    for name, shards in (("model_step_unsharded", 1), (f"model_step_sequence_parallel_{config['shards']}_shards",
-                                                       config["shards"])):
+    runs = [("model_step_unsharded", 1, None)] + [
+        (f"model_step_sequence_parallel_{config['shards']}_shards_{impl}", config["shards"], impl)
+        for impl in per_shard_impls(config)]
+    for name, shards, per_shard in runs:
         try:
-            fn = step(shards)
+            fn = step(shards, per_shard)
             first, ms = timed(fn, params, reps=reps)
             results[name] = fn(params)
         except Exception as error:  # noqa: BLE001 - recorded in the row, and the exit code says so
@@ -108,14 +124,18 @@ def model_rows(config: dict, alpha: float, reps: int) -> list[dict]:
         else:
             rows.append({"variant": name, "ms_fwdbwd": ms, "first_call_ms_fwdbwd": first, "model_length": n})
         print(json.dumps(rows[-1]), flush=True)
-    if len(results) == 2:
-        (loss_a, grads_a), (loss_b, grads_b) = results.values()
-        diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-                 for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b))]
-        rows[-1].update(loss=float(loss_b), loss_abs_diff_vs_unsharded=float(jnp.abs(loss_a - loss_b)),
-                        grad_max_abs_diff_vs_unsharded=max(diffs),
-                        grad_max_abs=max(float(jnp.max(jnp.abs(g.astype(jnp.float32))))
-                                         for g in jax.tree.leaves(grads_a)))
+    if "model_step_unsharded" in results:
+        loss_a, grads_a = results["model_step_unsharded"]
+        for row in rows[1:]:
+            if row["variant"] not in results:
+                continue
+            loss_b, grads_b = results[row["variant"]]
+            diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b))]
+            row.update(loss=float(loss_b), loss_abs_diff_vs_unsharded=float(jnp.abs(loss_a - loss_b)),
+                       grad_max_abs_diff_vs_unsharded=max(diffs),
+                       grad_max_abs=max(float(jnp.max(jnp.abs(g.astype(jnp.float32))))
+                                        for g in jax.tree.leaves(grads_a)))
     return rows
 
 
@@ -125,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--interpret", action="store_true",
+                        help="per-shard kernels in interpret mode (set by --tiny: kernels on a CPU)")
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)
     args = parser.parse_args(argv)
     config = dict(TINY if args.tiny else FULL)
     config.update({name: getattr(args, name) for name in FULL if getattr(args, name) is not None})
+    config["interpret"] = bool(args.interpret or args.tiny)
     b, n, shards = 1, config["length"], config["shards"]
     dtype = jnp.dtype(config["dtype"])
     keys = jax.random.split(jax.random.key(0), 4)
@@ -141,18 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     rule = {"window": config["window"], "num_global": config["num_global"]}
     max_gathered = min(n, count + config["num_global"])
 
-    def sharded(parts):
+    def sharded(parts, per_shard):
         def run(q, k, v):
             return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, shards=parts,
-                                                      max_gathered=max_gathered, **rule)
+                                                      max_gathered=max_gathered, max_critical=count, impl=per_shard,
+                                                      interpret=config["interpret"], **rule)
         return run
 
     def unsharded(q, k, v):
         spec = SRAMaskSpec.create(positions, critical, max_critical=count, **rule)
         return attention(q, k, v, spec=spec, impl=config["impl"])
 
-    variants = {f"sequence_parallel_{shards}_shards": sharded(shards), "sequence_parallel_1_shard": sharded(1),
-                f"unsharded_{config['impl']}": unsharded}
+    variants = {}
+    for impl in per_shard_impls(config):
+        variants[f"sequence_parallel_{shards}_shards_{impl}"] = sharded(shards, impl)
+        variants[f"sequence_parallel_1_shard_{impl}"] = sharded(1, impl)
+    variants[f"unsharded_{config['impl']}"] = unsharded
     rows, outputs = [], {}
     for name, fn in variants.items():
         forward = jax.jit(fn)

@@ -24,7 +24,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from sra_jax.nn.cache import LeftPaddedKVCache, generation_capacity
+from sra_jax.nn.cache import LeftPaddedKVCache
+from sra_jax.nn.generation_cache import generation_cache, per_query_layers
 from sra_jax.nn.llama import check_token_ids
 from sra_jax.ops import sequence_parallel
 
@@ -98,13 +99,12 @@ def _generate_body(graphdef, state, tokens, positions, key, temperature, top_p, 
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
     max_len = prompt_len + max_new_tokens
-    # Critical keys per row are bounded by construction, so the prefill gathers them (SRAMaskSpec.max_critical).
-    capacity = generation_capacity(model.sra, prompt_len, max_len)
     # Prompts are padded on the left: a cache built from their lengths has that layout by construction and sets
-    # every position itself, so decode steps skip the per-layer layout check (and its cond).
-    cache = LeftPaddedKVCache.create(
-        model.config, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=prompt_len, max_len=max_len,
-        dtype=model.dtype, critical_capacity=capacity,
+    # every position itself, so decode steps skip the per-layer layout check (and its cond). Critical keys per row
+    # are bounded by construction, so the prefill gathers them (SRAMaskSpec.max_critical).
+    cache = generation_cache(
+        model.config, model.sra, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=prompt_len, max_len=max_len,
+        dtype=model.dtype,
     )
     if sequence_parallel.active_sequence_sharding() is not None:
         cache = _shard_cache_slots(cache, mesh)
@@ -173,6 +173,10 @@ def generate(
     if width + max_new_tokens > limit:
         width = int(lengths.max())  # do not let bucketing push positions past what the model supports
     shards = 1 if mesh is None else dict(mesh.shape).get("sequence", 1)
+    if shards > 1 and per_query_layers(model.config, model.sra):
+        raise ValueError(f"mesh: a sequence axis of {shards} shards the KV cache by slot, which the "
+                         f"{model.sra.attention.upper()} layers {per_query_layers(model.config, model.sra)} do not "
+                         f"decode from; generate without a sequence axis (mesh=None or sequence size 1)")
     if (width + max_new_tokens) % shards:
         raise ValueError(f"the KV cache's {width + max_new_tokens} slots (prompt bucket {width} + max_new_tokens="
                          f"{max_new_tokens}) must be divisible by the mesh's sequence axis ({shards})")

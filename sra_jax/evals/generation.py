@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Int
 
-from sra_jax.nn.cache import LeftPaddedKVCache, generation_capacity
+from sra_jax.nn.generation_cache import GenerationCache, generation_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +50,10 @@ def _sra_counts(aux, valid: Bool[Array, "b s"]) -> tuple[jax.Array, jax.Array]:
 def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "b p"], *, max_len: int):
     model = nnx.merge(graphdef, state)
     # Left-padded prompts (position -1), then the next positions: the layout the decode kernel reads, which a cache
-    # built from the prompt lengths keeps by construction (it sets every position itself).
-    capacity = generation_capacity(model.sra, tokens.shape[1], max_len)  # critical keys bounded: prefill gathers them
-    cache = LeftPaddedKVCache.create(
-        model.config, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=tokens.shape[1], max_len=max_len,
-        dtype=model.dtype, critical_capacity=capacity,
+    # built from the prompt lengths keeps by construction (it sets every position itself; critical keys bounded).
+    cache = generation_cache(
+        model.config, model.sra, (positions >= 0).sum(-1, dtype=jnp.int32), prompt_len=tokens.shape[1],
+        max_len=max_len, dtype=model.dtype,
     )
     _, aux = model(tokens, cache=cache, logits_to_keep=1)  # unused logits: the last position only
     return aux.cache, _sra_counts(aux, positions >= 0)
@@ -64,7 +63,7 @@ def _prefill(graphdef, state, tokens: Int[Array, "b p"], positions: Int[Array, "
 def _decode_chunk(
     graphdef,
     state,
-    cache: LeftPaddedKVCache,
+    cache: GenerationCache,
     token: Int[Array, " b"],
     done: Bool[Array, " b"],
     stop_tokens: Int[Array, " n"],

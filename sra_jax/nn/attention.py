@@ -41,6 +41,7 @@ class LayerStats(NamedTuple):
     selected_fraction: Float[Array, " b"]
     visible_pairs: Float[Array, " b"]
     causal_pairs: Float[Array, " b"]
+    selection_pairs: Float[Array, " b"]  # selection work inside visible_pairs (see sra_jax.nn.per_query)
 
 
 class SparseReasoningAttention(nnx.Module):
@@ -171,6 +172,7 @@ class SparseReasoningAttention(nnx.Module):
             selected_fraction=critical.sum(-1).astype(jnp.float32) / num_valid,
             visible_pairs=visible,
             causal_pairs=causal,
+            selection_pairs=jnp.zeros_like(visible),
         )
 
     def _uses_decode_kernel(self, s: int, cache: KVCache | None) -> bool:

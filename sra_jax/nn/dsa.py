@@ -54,9 +54,13 @@ class DSAAttention(nnx.Module):
         *,
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
-    ) -> tuple[Float[Array, "b s d"], Float[Array, ""]]:
+        with_pairs: bool = False,
+    ) -> (tuple[Float[Array, "b s d"], Float[Array, ""]]
+          | tuple[Float[Array, "b s d"], Float[Array, ""], Float[Array, " b"]]):
         """Returns (attention output before the residual, indexer KL warm-up loss; the loss trains only the
-        indexer: no gradient into the main q/k projections or the layer input)."""
+        indexer: no gradient into the main q/k projections or the layer input), and with `with_pairs` also the
+        (query, key) pairs attended per row (`ops.dsa.dsa_pair_counts` of this call's selection; what `Llama`
+        reports in `ModelAux.visible_pairs`, beside the indexer's work)."""
         if cache is not None:
             raise ValueError("DSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
         b, s, _ = x.shape
@@ -77,4 +81,7 @@ class DSAAttention(nnx.Module):
             loss = dsa.indexer_kl_loss_selected(
                 q, k, qi, ki, wi, idx, valid, positions, segment_ids, block_q=self.block_q
             )
-        return self.o_proj(out.reshape(b, s, -1)), loss
+        out = self.o_proj(out.reshape(b, s, -1))
+        if not with_pairs:
+            return out, loss
+        return out, loss, dsa.dsa_pair_counts(idx, valid, positions, segment_ids)

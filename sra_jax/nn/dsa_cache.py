@@ -1,7 +1,8 @@
 """`DSACache`: a `KVCache` plus the DSA lightning indexer's keys, for prefill + token-by-token decoding of a `Llama`
 with DSA layers (`SRAConfig.attention == "dsa"`). It reads like a KVCache to `Llama` (batch, max_len, index,
 positions, replace); dense layers use its `kv`, DSA layers write their keys, values and indexer keys and decode each
-new token over its top_k cached keys (`ops.dsa.dsa_decode`)."""
+new token over its top_k cached keys (`ops.dsa.dsa_decode`). `DSACache.wrap` puts the indexer keys beside any empty
+KVCache, e.g. the `LeftPaddedKVCache` of a generation (`sra_jax.nn.generation_cache`)."""
 
 from __future__ import annotations
 
@@ -28,10 +29,23 @@ class DSACache:
 
     @classmethod
     def init(cls, config: LlamaConfig, sra: SRAConfig, batch: int, max_len: int, dtype=jnp.float32) -> DSACache:
+        """An empty cache over a plain `KVCache.init` (positions from the caller)."""
         if sra.attention != "dsa":
             raise ValueError(f"DSACache is for SRAConfig.attention='dsa', got sra.attention={sra.attention!r}")
-        kv = KVCache.init(config, batch, max_len, dtype)
-        index_k = jnp.zeros((config.num_hidden_layers, batch, max_len, sra.dsa.indexer_dim), dtype)
+        return cls.wrap(KVCache.init(config, batch, max_len, dtype), config, sra)
+
+    @classmethod
+    def wrap(cls, kv: KVCache, config: LlamaConfig, sra: SRAConfig) -> DSACache:
+        """`kv` (any empty `KVCache`, e.g. a `LeftPaddedKVCache` whose rows start at different slots) plus zero
+        indexer keys of its dtype. The cache keeps `kv`'s rules: its positions (-1 in empty and padding slots,
+        which are never keys) and, for a LeftPaddedKVCache, positions set from the slots."""
+        if sra.attention != "dsa":
+            raise ValueError(f"DSACache is for SRAConfig.attention='dsa', got sra.attention={sra.attention!r}")
+        if not isinstance(kv, KVCache):
+            raise ValueError(f"DSACache.wrap needs a KVCache, got kv of type {type(kv).__name__}")
+        if kv.num_layers != config.num_hidden_layers:
+            raise ValueError(f"DSACache.wrap: kv has {kv.num_layers} layers, the config {config.num_hidden_layers}")
+        index_k = jnp.zeros((kv.num_layers, kv.batch, kv.max_len, sra.dsa.indexer_dim), kv.k.dtype)
         return cls(kv=kv, index_k=index_k)
 
     # What `Llama` reads of a cache, from `kv`.
@@ -65,12 +79,15 @@ def dsa_decode_layer(
     cache: Any,
 ) -> tuple[Float[Array, "b s d"], DSACache]:
     """A DSAAttention layer's call with a cache: writes this call's keys, values and indexer keys at `cache.index`;
-    a prefill (s > 1, from an empty cache) attends as the full forward does, a decode step (s == 1) through
-    `ops.dsa.dsa_decode` over the cached keys. Returns (output before o_proj's residual, updated cache)."""
+    a prefill (s > 1, from an empty cache) attends as the full forward does (a position < 0, e.g. left padding, is
+    neither a query nor a key nor an indexer candidate), a decode step (s == 1) through `ops.dsa.dsa_decode` over
+    the cached keys at the cache's slot positions (padding slots hold -1). Returns (output before o_proj's residual,
+    updated cache)."""
     from sra_jax.nn.layers import project_qkv
 
     if not isinstance(cache, DSACache):
-        raise ValueError(f"layer {layer} (DSAAttention) decodes with a DSACache (sra_jax.nn.dsa_cache.DSACache.init), "
+        raise ValueError(f"layer {layer} (DSAAttention) decodes with a DSACache (sra_jax.nn.dsa_cache.DSACache.init / "
+                         f"DSACache.wrap, or sra_jax.nn.generation_cache.generation_cache), "
                          f"got {type(cache).__name__}")  # fmt: skip
     b, s, _ = x.shape
     if s > 1 and not isinstance(cache.index, jax.core.Tracer) and int(cache.index) != 0:

@@ -82,8 +82,16 @@ class ModelAux:
                        selection="bernoulli" the exact capped-Bernoulli log-prob (0 where nothing was drawn: dense
                        layers, static-mask layers after the first, decode steps)
     selected_fraction  [L, b] critical / valid tokens of this call
-    mask_density       [L, b] visible (query, key) pairs / causal pairs
-    visible_pairs, causal_pairs [L, b] float32, the counts behind mask_density (attention FLOPs)
+    mask_density       [L, b] visible (query, key) pairs / causal pairs: the layer's attention compute relative to
+                       dense attention
+    visible_pairs, causal_pairs [L, b] float32, the counts behind mask_density (attention FLOPs, `attention_flops`).
+                       visible_pairs is what the layer computed: SRA, the pairs its mask kept; NSA, the pairs of its
+                       compressed, selected and window branches; DSA, each query's selected visible keys plus the
+                       lightning indexer's scoring of every causal pair in attention-pair equivalents (FLOPs ratio),
+                       so a DSA layer's density can exceed 1 where top_k covers every visible key. Forward work
+                       only: the DSA indexer's KL training loss is not counted.
+    selection_pairs    [L, b] float32, the part of visible_pairs that is selection work, not attention (the DSA
+                       indexer; 0 elsewhere): visible_pairs - selection_pairs are the pairs attended
     cache              the updated KVCache, or None
     indexer_loss       [L] float32, the DSA indexer's KL loss of each DSA layer (0 elsewhere; see sra_jax.nn.per_query)
     """
@@ -97,6 +105,7 @@ class ModelAux:
     causal_pairs: Any
     cache: Any = None
     indexer_loss: Any = None
+    selection_pairs: Any = None
     sra_layers: tuple[int, ...] = struct.field(pytree_node=False, default=())
 
 
@@ -337,6 +346,7 @@ class Llama(nnx.Module):
             causal_pairs=stacked.causal_pairs,
             cache=cache,
             indexer_loss=jnp.stack(indexer_losses),
+            selection_pairs=stacked.selection_pairs,
             sra_layers=self.sra_layers,
         )
         return logits.astype(jnp.float32), aux
@@ -361,7 +371,7 @@ class Llama(nnx.Module):
             return
         if segment_ids is not None:
             raise ValueError("segment_ids cannot be combined with a KV cache (decode one sequence per row)")
-        if isinstance(getattr(cache, "kv", cache), LeftPaddedKVCache) and positions is not None:
+        if isinstance(getattr(cache, "kv", cache), LeftPaddedKVCache) and positions is not None:  # or one wrapped
             raise ValueError("positions cannot be given with a LeftPaddedKVCache: it sets each token's position from "
                              "its slot (slot - kv_start), which keeps its left-padded layout; pass positions=None")
         if cache.batch != tokens.shape[0]:
@@ -394,7 +404,8 @@ def attention_flops(config: LlamaConfig, aux: ModelAux) -> tuple[Float[Array, " 
     """(dense, SRA) attention FLOPs per sequence of the call that produced `aux`, summed over layers.
 
     Each visible (query, key) pair costs a q.k dot product and a weighted add of v: 4 * head_dim FLOPs per query head.
-    Dense counts every causal pair; SRA counts the pairs its masks actually kept (dense layers count as dense).
+    Dense counts every causal pair; the sparse count is `aux.visible_pairs`: the pairs SRA masks kept, the pairs NSA
+    / DSA layers attended plus the DSA indexer's selection work (see `ModelAux`); dense layers count as dense.
     """
     heads = dict(num_heads=config.num_attention_heads, head_dim=config.head_dim)
     return ops_attention_flops(aux.causal_pairs.sum(0), **heads), ops_attention_flops(aux.visible_pairs.sum(0), **heads)

@@ -53,9 +53,12 @@ class NSAAttention(nnx.Module):
         *,
         segment_ids: Int[Array, "b s"] | None = None,
         cache=None,
-    ) -> Float[Array, "b s d"]:
-        """x is the RMS-normed layer input; returns the attention output (before the residual). Decoding with a
-        cache goes through `Llama` with an `NSACache` (`sra_jax.nn.nsa_cache.nsa_decode_layer`)."""
+        with_pairs: bool = False,
+    ) -> Float[Array, "b s d"] | tuple[Float[Array, "b s d"], Float[Array, " b"]]:
+        """x is the RMS-normed layer input; returns the attention output (before the residual), and with `with_pairs`
+        also the (query, key) pairs the three branches attended per row (`ops.nsa.nsa_pair_counts` of this call's
+        selection, summed; what `Llama` reports in `ModelAux.visible_pairs`). Decoding with a cache goes through
+        `Llama` with an `NSACache` (`sra_jax.nn.nsa_cache.nsa_decode_layer`)."""
         if cache is not None:
             raise ValueError("NSAAttention: a cache is the model's (Llama(..., cache=NSACache...)); a layer decodes "
                              "through sra_jax.nn.nsa_cache.nsa_decode_layer(attn, layer, x, positions, cache)")
@@ -63,12 +66,17 @@ class NSAAttention(nnx.Module):
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         fn = self.selected_fn(segment_ids)
         selected_fn = None if fn is None else (lambda q, k, v, bm: fn(q, k, v, bm, positions))
-        out, _ = nsa.nsa_attention(
+        out, block_mask = nsa.nsa_attention(
             q, k, v, self.gates(x), positions, **self.compression_params(),
             block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
             segment_ids=segment_ids, selected_fn=selected_fn,
         )  # fmt: skip
-        return self.o_proj(out.reshape(b, s, -1))
+        out = self.o_proj(out.reshape(b, s, -1))
+        if not with_pairs:
+            return out
+        pairs = nsa.nsa_pair_counts(block_mask, positions, segment_ids, block=self.block, stride=self.stride,
+                                    block_sel=self.block_sel, window=self.window)  # fmt: skip
+        return out, sum(pairs)
 
     def gates(self, x: Float[Array, "b s d"]) -> Float[Array, "b s hq 3"]:
         """The branch gates in [0, 1] (compressed, selected, window) of each query head."""

@@ -183,21 +183,25 @@ class RouterSelection(_SparseSelection):
             chosen = select(logits, k_rows, self.sra, valid=valid, key=key, tau=tau, k_max=k, segment_ids=segment_ids)
         threshold = None
         if cache is not None:
-            chosen, threshold = self._decode(chosen, logits, k_rows, k, valid, cache, layer, forced=critical is not None)
+            chosen, threshold = self._decode(
+                chosen, logits, k_rows, k, valid, cache, layer, forced=critical is not None, key=key
+            )
             kept = cache.within_capacity(layer, chosen.critical)
             chosen = chosen._replace(critical=kept, gate=jnp.where(kept, chosen.gate, 0.0))
         bound = critical_bound(self.sra, s, critical, segment_ids, max_segments)
         return LayerSelection(logits, chosen, threshold, SharedSelection(logits, chosen, threshold, bound))
 
-    def _decode(self, chosen, logits, k_rows, k, valid, cache: KVCache, layer: int, *, forced: bool):
+    def _decode(self, chosen, logits, k_rows, k, valid, cache: KVCache, layer: int, *, forced: bool, key=None):
         """(the set of this call, the threshold to store): prefill keeps the selection and fixes the threshold,
-        later calls read the stored threshold."""
+        later calls read the stored threshold (read off the policy's own selection when it allows: no second
+        top-k)."""
         prefill = cache.index == 0
-        threshold = self.policy.threshold(
-            logits, k_rows, valid=valid, k_max=k, prefill=prefill, stored=cache.threshold[layer]
-        )
+        stored = cache.threshold[layer]
         if forced:
-            return chosen, threshold
+            return chosen, self.policy.threshold(logits, k_rows, valid=valid, k_max=k, prefill=prefill, stored=stored)
+        threshold = self.policy.selected_threshold(
+            logits, chosen, k_rows, valid=valid, k_max=k, key=key, prefill=prefill, stored=stored
+        )
         decoded = self.policy.decoded_critical(logits, threshold) & valid
         chosen = Selection(
             critical=jnp.where(prefill, chosen.critical, decoded),

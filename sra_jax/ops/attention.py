@@ -7,6 +7,7 @@ non-finite key or value reaches only the rows that can see it (`pallas_kernels.f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -23,6 +24,9 @@ IMPLS = ("reference", "gather", "xla", "cudnn", "pallas")
 
 # Finite fill for masked logits (as in flash-attention kernels): exp underflows to 0, never inf - inf = NaN.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
+# Most [b, q-chunk, k] mask elements a spec's mask-based attention builds at once (2^28: 1 GiB as int32; the whole
+# mask of a 128k prefill would be 2^34).
+_MASK_CHUNK_ELEMENTS = 1 << 28
 
 
 def _validate(q: Array, k: Array, v: Array, mask: Array | None, spec: SRAMaskSpec | None, impl: str) -> None:
@@ -221,14 +225,15 @@ def attention(
     impl: "reference" dense masked; "gather" sparse (needs spec); "xla" / "cudnn" jax.nn.dot_product_attention;
     "pallas" the block-sparse kernels in `sra_jax.ops.attention_pallas`. All agree where they apply.
     Inside `sequence_parallel.sequence_sharding(mesh)` a `spec` runs sequence-parallel over the mesh's sequence
-    axis whatever the impl (`sequence_parallel.spec_attention`: per-shard XLA compute and collectives).
+    axis whatever the impl (`sequence_parallel.spec_attention`: collectives, and per shard the block-sparse
+    kernels for impl="pallas" on GPU / TPU, jnp otherwise).
     (Annotations are loose on purpose: shapes are checked here, with messages that name the problem.)
     """
     _validate(q, k, v, mask, spec, impl)
     d = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     if spec is not None:
-        sharded = sequence_parallel.spec_attention(q, k, v, spec, sm_scale=sm_scale)
+        sharded = sequence_parallel.spec_attention(q, k, v, spec, sm_scale=sm_scale, impl=impl)
         if sharded is not None:
             return sharded
     if impl == "pallas":
@@ -263,13 +268,48 @@ def _dense_or_gather(q, k, v, *, mask, spec, sm_scale, impl):
             return jax.lax.cond(
                 _is_prefix_causal(spec),
                 lambda: _causal_prefix(q, k, v, spec.q_positions, sm_scale, impl),
-                lambda: _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl),
+                lambda: _spec_mask_attention(q, k, v, spec, sm_scale, impl),
             )
+        if spec is not None:
+            return _spec_mask_attention(q, k, v, spec, sm_scale, impl)
     if mask is None:
         mask = spec.to_mask() if spec is not None else _causal_by_index(b, sq, sk)
     if impl == "reference":
         return _reference(q, k, v, mask, sm_scale)
     return _dot_product_attention(q, k, v, mask, sm_scale, impl)
+
+
+def _spec_mask_attention(q, k, v, spec: SRAMaskSpec, sm_scale: float, impl: str):
+    """`_dot_product_attention` under `spec.to_mask()`, built and attended a block of queries at a time (`lax.map`)
+    when the whole [b, q, k] mask would exceed `_MASK_CHUNK_ELEMENTS`: rows are independent, so the result is the
+    same and the mask never exists at full size (also in a conditional's untaken branch, whose buffers XLA
+    allocates)."""
+    b, sq, sk = spec.shape
+    chunk = _query_chunk(b, sq, sk)
+    if chunk == sq:
+        return _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl)
+    n = sq // chunk
+
+    def split(x):
+        return None if x is None else jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    def one(part):
+        q_part, positions, critical, segment_ids = part
+        rows = dataclasses.replace(
+            spec, q_positions=positions, q_critical=critical, q_segment_ids=segment_ids, keys_are_queries=False
+        )
+        return _dot_product_attention(q_part, k, v, rows.to_mask(), sm_scale, impl)
+
+    parts = (split(q), split(spec.q_positions), split(spec.q_critical), split(spec.q_segment_ids))
+    return jnp.moveaxis(jax.lax.map(one, parts), 0, 1).reshape(q.shape)
+
+
+def _query_chunk(b: int, sq: int, sk: int) -> int:
+    """sq when the whole mask fits `_MASK_CHUNK_ELEMENTS`, else the largest divisor of sq that does (at least 1)."""
+    if b * sq * sk <= _MASK_CHUNK_ELEMENTS:
+        return sq
+    most = max(1, _MASK_CHUNK_ELEMENTS // (b * sk))
+    return next(c for c in range(min(most, sq), 0, -1) if sq % c == 0)
 
 
 def _may_be_prefix_causal(spec: SRAMaskSpec) -> bool:

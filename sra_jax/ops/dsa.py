@@ -159,6 +159,25 @@ def slot_visible(
     return valid & in_range & (qp >= 0) & (kp >= 0) & (kp <= qp) & (ks == qs)
 
 
+def dsa_pair_counts(
+    idx: Int[Array, "b s k"],
+    valid: Bool[Array, "b s k"],
+    positions: Int[Array, "b s"],
+    segment_ids: Int[Array, "b s"] | None = None,
+) -> Float[Array, " b"]:
+    """(query, key) pairs `dsa_attention` attends per batch row for the selection (idx, valid): each query's slots
+    holding a key it may see (`slot_visible`), i.e. min(top_k, visible keys) per query for an `indexer_top_k`
+    selection. Selected lists hold distinct keys. Memory O(s * k)."""
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    return slot_visible(idx, valid, positions, seg, positions, seg).sum((1, 2), dtype=jnp.float32)
+
+
+def indexer_flops_per_pair(indexer_heads: int, indexer_dim: int) -> int:
+    """Forward FLOPs of one lightning-indexer score I[t, s]: indexer_heads dot products of indexer_dim (2 FLOPs per
+    multiply-add) and their weighted sum over heads (2 per head); the ReLU is a comparison, not counted."""
+    return 2 * indexer_heads * (indexer_dim + 1)
+
+
 def dsa_attention_gather(
     q: Float[Array, "b s hq d"],
     k: Float[Array, "b s hkv d"],

@@ -93,18 +93,36 @@ def compress(
     the end position is the last token's position, -1 when any token of the block is padding or the block
     straddles a segment boundary (such a block is never attended)."""
     _check_pool(block, stride, weights, pos_emb, x.shape[-1])
-    s = x.shape[1]
+    idx = _compressed_token_index(x.shape[1], block, stride)
+    c_end, c_seg = compressed_blocks(positions, block=block, stride=stride, segment_ids=segment_ids)
+    return _pool(x[:, idx], weights, pos_emb), c_end, c_seg
+
+
+def _compressed_token_index(s: int, block: int, stride: int) -> Int[Array, "nc l"]:
+    if block < 1 or stride < 1 or stride > block:
+        raise ValueError(f"need 1 <= stride <= block, got block={block}, stride={stride}")
     if s < block:
         raise ValueError(f"sequence length {s} is shorter than the compression block {block}")
     nc = (s - block) // stride + 1
-    idx = jnp.arange(nc)[:, None] * stride + jnp.arange(block)[None, :]  # [nc, l]
-    out = _pool(x[:, idx], weights, pos_emb)
+    return jnp.arange(nc)[:, None] * stride + jnp.arange(block)[None, :]
+
+
+def compressed_blocks(
+    positions: Int[Array, "b s"],
+    *,
+    block: int,
+    stride: int,
+    segment_ids: Int[Array, "b s"] | None = None,
+) -> tuple[Int[Array, "b nc"], Int[Array, "b nc"]]:
+    """(end position, segment) of each compressed block of `compress`: the end position is the last token's
+    position, -1 when any token of the block is padding or the block straddles a segment boundary."""
+    idx = _compressed_token_index(positions.shape[1], block, stride)
     pb = positions[:, idx]
     ok = (pb >= 0).all(-1)
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
     sb = seg[:, idx]
     ok &= (sb == sb[..., -1:]).all(-1)
-    return out, jnp.where(ok, pb[..., -1], -1), sb[..., -1]
+    return jnp.where(ok, pb[..., -1], -1), sb[..., -1]
 
 
 def _pool(xb: Float[Array, "b c l h d"], weights: Float[Array, " l"], pos_emb: Float[Array, "l d"]) -> Array:
@@ -467,6 +485,50 @@ def nsa_decode_step(
                               cmp_v.astype(q.dtype), cmp_end, sel_imp, block=block, stride=stride,
                               block_sel=block_sel, top_n=top_n, window=window)  # fmt: skip
     return out, (cmp_k, cmp_v, cmp_end, sel_imp)
+
+
+def nsa_pair_counts(
+    block_mask: Bool[Array, "b hkv nq nk"],
+    positions: Int[Array, "b s"],
+    segment_ids: Int[Array, "b s"] | None = None,
+    *,
+    block: int,
+    stride: int,
+    block_sel: int,
+    window: int,
+) -> tuple[Float[Array, " b"], Float[Array, " b"], Float[Array, " b"]]:
+    """(compressed, selected, window) (query, key) pairs each NSA branch of `nsa_attention` attends per batch row,
+    for the selection `block_mask` it returned: queries x visible compressed blocks (`compressed_mask`), queries x
+    the visible keys (causal, padding, segment) of their selected blocks, and queries x their window keys. The
+    selected count is the mean over kv heads (each kv head's selection serves its GQA group, so hq * mean is the
+    per-query-head total), hence fractional. Padding queries attend nothing. Counted per (query block, key block)
+    tile, one query block of block_sel at a time: memory O(b * block_sel * s), no [s, s] array."""
+    b, s = positions.shape
+    nq = -(-s // block_sel)
+    if block_mask.ndim != 4 or block_mask.shape[0] != b or block_mask.shape[2:] != (nq, nq):
+        raise ValueError(f"block_mask must be [{b}, hkv, {nq}, {nq}] for s={s}, block_sel={block_sel}, "
+                         f"got {block_mask.shape}")  # fmt: skip
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    c_end, c_seg = compressed_blocks(positions, block=block, stride=stride, segment_ids=seg)
+    pad = nq * block_sel - s
+    k_pos = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+    k_seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    q_blocks = (jnp.moveaxis(x.reshape(b, nq, block_sel), 1, 0) for x in (k_pos, k_seg))
+
+    def step(args):
+        qp, qs = args  # [b, block_sel]
+        visible = token_mask(qp, k_pos, qs, k_seg)  # [b, block_sel, nq * block_sel]
+        tiles = visible.reshape(b, block_sel, nq, block_sel).sum((1, 3), dtype=jnp.int32)  # [b, nk]
+        in_window = visible & (qp[:, :, None] - k_pos[:, None, :] < window)
+        return (tiles, in_window.sum((1, 2), dtype=jnp.int32),
+                compressed_mask(qp, c_end, qs, c_seg).sum((1, 2), dtype=jnp.int32))  # fmt: skip
+
+    tiles, win, cmp = jax.lax.map(step, tuple(q_blocks))  # [nq, b, nk], [nq, b], [nq, b]
+    tiles = jnp.moveaxis(tiles, 0, 1).astype(jnp.float32)  # [b, nq, nk]
+    selected = jnp.where(block_mask, tiles[:, None], 0.0).sum((2, 3)).mean(1)  # no matmul: exact on TPU too
+    return cmp.astype(jnp.float32).sum(0), selected, win.astype(jnp.float32).sum(0)
 
 
 def nsa_selected_reference(

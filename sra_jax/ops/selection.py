@@ -51,7 +51,7 @@ def _valid_or_all(logits: Array, valid: Array | None) -> Array:
     return valid
 
 
-def _indices_to_mask(indices: Int[Array, "*b k"], n: int) -> Bool[Array, "*b n"]:
+def indices_to_mask(indices: Int[Array, "*b k"], n: int) -> Bool[Array, "*b n"]:
     """k-hot boolean mask of `indices`, -1 entries ignored (scatter per row; O(n) memory per row, not O(n*k))."""
     flat = jnp.where(indices < 0, n, indices).reshape(-1, indices.shape[-1])
     rows = jax.vmap(lambda idx: jnp.zeros((n,), bool).at[idx].set(True, mode="drop"))(flat)
@@ -89,7 +89,7 @@ def topk_mask(
 @partial(jax.jit, static_argnames=("size",))
 def _topk_mask(logits: Array, k_rows: Array | None, valid: Array, size: int) -> Array:
     indices = _first_k(_masked_topk_indices(logits, valid, size), k_rows)
-    return _indices_to_mask(indices, logits.shape[-1]) & valid
+    return indices_to_mask(indices, logits.shape[-1]) & valid
 
 
 def _gumbel_perturb(logits: Array, key: PRNGKeyArray) -> Array:
@@ -241,7 +241,7 @@ def _topk_log_prob(logits: Array, indices: Array, valid: Array, counts: Array) -
     counted = jnp.arange(indices.shape[-1]) < counts[..., None]
     drawn_valid = (indices >= 0) & counted & jnp.take_along_axis(valid, safe, axis=-1)
     drawn = jnp.where(drawn_valid, jnp.take_along_axis(logits, safe, axis=-1), _MASKED)
-    never_drawn = valid & ~_indices_to_mask(jnp.where(drawn_valid, indices, n), n)
+    never_drawn = valid & ~indices_to_mask(jnp.where(drawn_valid, indices, n), n)
     rest = jax.nn.logsumexp(jnp.where(never_drawn, logits, _MASKED), axis=-1, keepdims=True)
     remaining = jnp.logaddexp(rest, jax.lax.cumlogsumexp(drawn, axis=drawn.ndim - 1, reverse=True))
     return jnp.sum(jnp.where(drawn_valid, drawn - remaining, 0.0), axis=-1)
@@ -294,7 +294,7 @@ def _cap_by_logit(drawn: Array, logits: Array, k_max: int) -> Array:
     if k_max >= n:
         return drawn
     _, indices = jax.lax.top_k(jnp.where(drawn, logits, -jnp.inf), k_max)
-    return _indices_to_mask(indices, n) & drawn
+    return indices_to_mask(indices, n) & drawn
 
 
 def _check_tau(tau) -> None:

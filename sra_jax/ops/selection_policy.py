@@ -33,11 +33,6 @@ class Selection(NamedTuple):
     log_prob: Float[Array, " b"]
 
 
-def _indices_to_mask(indices: Int[Array, "b k"], n: int) -> Bool[Array, "b n"]:
-    """k-hot mask of `indices`; -1 entries (past a row's own count) select nothing."""
-    return jnp.any(indices[..., :, None] == jnp.arange(n), axis=-2)
-
-
 def _sequence_sharding(n: int) -> sequence_parallel.SequenceSharding | None:
     """The active sequence-parallel context when it splits a row of `n` scores evenly (else the unsharded path)."""
     active = sequence_parallel.active_sequence_sharding()
@@ -108,7 +103,7 @@ class SelectionPolicy:
         indices = _top_indices(logits, size, valid)
         if not isinstance(k, int):
             indices = jnp.where(jnp.arange(size) < k[:, None], indices, -1)
-        return indices, _indices_to_mask(indices, n) & valid
+        return indices, sel.indices_to_mask(indices, n) & valid
 
     def segment_select(
         self,
@@ -168,6 +163,33 @@ class SelectionPolicy:
         as each row's k_row-th largest valid score (`ops.selection.decode_threshold`), else the `stored` one."""
         return jnp.where(prefill, sel.decode_threshold(logits, k, valid=valid, k_max=k_max), stored)
 
+    def selected_threshold(
+        self,
+        logits: Float[Array, "b s"],
+        selection: Selection,
+        k: int | Int[Array, " b"],
+        *,
+        valid: Bool[Array, "b s"],
+        k_max: int | None = None,
+        key: jax.Array | None = None,
+        prefill: Bool[Array, ""],
+        stored: Float[Array, " b"],
+    ) -> Float[Array, " b"]:
+        """`threshold` of a call whose critical set `select(logits, k, valid=valid, key=key, k_max=k_max)` just
+        gave (`selection`). When that set is the deterministic top-k, its k_row-th largest valid score is the lowest
+        selected score (+inf for an empty set), read with one masked min instead of a second top-k (same value);
+        otherwise `threshold`."""
+        if self._threshold_is_lowest_selected(key):
+            lowest = jnp.min(jnp.where(selection.critical, logits, jnp.inf), axis=-1)
+            return jnp.where(prefill, lowest, stored)
+        return self.threshold(logits, k, valid=valid, k_max=k_max, prefill=prefill, stored=stored)
+
+    def _threshold_is_lowest_selected(self, key: jax.Array | None) -> bool:
+        """Whether `select` (with this key) is this class's deterministic top-k and `threshold` its k_row-th
+        largest score (a subclass overriding either falls back to `threshold`)."""
+        cls = type(self)
+        return cls.select is SelectionPolicy.select and cls.threshold is SelectionPolicy.threshold
+
     def decoded_critical(self, logits: Float[Array, "b s"], threshold: Float[Array, " b"]) -> Bool[Array, "b s"]:
         """Which tokens after the prefill are critical: score >= the stored threshold."""
         return logits >= threshold[:, None]
@@ -183,7 +205,7 @@ class GumbelTopK(SelectionPolicy):
             return super().select(logits, k, valid=valid, tau=tau, hard=hard, k_max=k_max)
         bound = {} if isinstance(k, int) else dict(k_max=sel.static_bound(k, logits.shape[-1], k_max))
         indices = _gumbel_top_indices(logits, k, key=key, valid=valid, **bound)
-        critical = _indices_to_mask(indices, logits.shape[-1]) & valid
+        critical = sel.indices_to_mask(indices, logits.shape[-1]) & valid
         gate = sel.gumbel_topk(logits, k, key=key, tau=tau, hard=hard, valid=valid, **bound).astype(jnp.float32)
         return Selection(critical, gate, _topk_log_prob(logits, indices, valid))
 
@@ -199,6 +221,11 @@ class GumbelTopK(SelectionPolicy):
             gate = critical.astype(gate.dtype) + (gate - jax.lax.stop_gradient(gate))
         log_prob = sel.segment_topk_log_prob(logits, critical, segment_ids, order=scores, valid=valid)
         return Selection(critical, gate.astype(jnp.float32), log_prob)
+
+    def _threshold_is_lowest_selected(self, key: jax.Array | None) -> bool:
+        """Without a key `select` is the deterministic top-k."""
+        cls = type(self)
+        return key is None and cls.select is GumbelTopK.select and cls.threshold is SelectionPolicy.threshold
 
 
 @dataclasses.dataclass(frozen=True)

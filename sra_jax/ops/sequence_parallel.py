@@ -33,12 +33,36 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+import pallas_kernels
+from pallas_kernels.block_sparse.compact import compact_block
 from pallas_kernels.finite import exclude_nonfinite_keys
+from sra_jax.ops.attention_pallas import pallas_attention
 from sra_jax.ops.masks import SRAMaskSpec
 from sra_jax.ops.selection import topk_mask
 
 # A finite stand-in for -inf (as in `selection`): logsumexp over nothing stays finite, no NaN in values or grads.
 _MASKED = -1e30
+
+# Per-shard attention compute: "jnp" (one query block at a time, any backend), "pallas" (the block-sparse kernels
+# over the shard's whole key set), "auto" (pallas on GPU / TPU, jnp elsewhere).
+IMPLS = ("auto", "jnp", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """The per-shard compute that `impl` ("auto", "jnp" or "pallas") runs on the current default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl ({impl!r}) must be one of {IMPLS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "jnp"
+    return impl
+
+
+def _kernel_backend(interpret: bool) -> str:
+    """The block-sparse backend of the per-shard kernels: by platform, or in interpret mode (CPU tests) the Triton
+    kernels (the Mosaic TPU ones on a TPU)."""
+    if not interpret:
+        return "auto"
+    return "tpu" if jax.default_backend() == "tpu" else "triton"
 
 
 def _num_shards(mesh: Mesh | AbstractMesh | None, axis: str, shards: int | None) -> int:
@@ -65,14 +89,20 @@ def _check_batch_axis(mesh: Mesh | AbstractMesh | None, batch_axis: str | tuple[
 
 
 def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool, *, mesh, shards: int, axis: str,
-                 batch_axis: str | tuple[str, ...] | None, check_vma: bool = True):
+                 batch_axis: str | tuple[str, ...] | None, check_vma: bool = True, finish=None):
     """`body` on every shard; `sharded[i]` says whether args[i] is split along axis 1 (else replicated). With a mesh:
     `jax.shard_map`. With mesh=None: `jax.vmap` over `shards` simulated shards on one device (the collectives act
-    across the mapped axis), to time or test the sharded program where only one device exists."""
+    across the mapped axis), to time or test the sharded program where only one device exists.
+    `finish` (collective-free, row-wise; sharded output): `finish(*body(...))` per shard. Without a mesh it runs once
+    outside the vmap on the shards folded into the batch (`[S * b, ...]`), so a Pallas kernel there is not batched
+    by vmap and sees the same shapes as on a device."""
     if mesh is not None:
         rows, replicated = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis)
         in_specs = tuple(None if x is None else rows if split else replicated for x, split in zip(args, sharded))
-        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=rows if out_sharded else replicated,
+        run = body if finish is None else (lambda *a: finish(*body(*a)))
+        # a pallas_call's outputs carry no varying-axes type, which shard_map's check would demand
+        check_vma = check_vma and finish is None
+        return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=rows if out_sharded else replicated,
                              check_vma=check_vma)(*args)
 
     def split(x):  # [b, n, ...] -> [shards, b, n / shards, ...]
@@ -81,6 +111,10 @@ def _over_shards(body, args: tuple, sharded: tuple[bool, ...], out_sharded: bool
     in_axes = tuple(0 if x is not None and cut else None for x, cut in zip(args, sharded))
     args = tuple(split(x) if axes == 0 else x for x, axes in zip(args, in_axes))
     out = jax.vmap(body, in_axes=in_axes, axis_name=axis, axis_size=shards)(*args)
+    if finish is not None:  # [S, b, ...] -> [S * b, ...], finish, -> [S, b, ...]
+        fold = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+        out = finish(*fold)
+        out = out.reshape(shards, -1, *out.shape[1:])
     if not out_sharded:
         return out[0]
     return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], -1, *out.shape[3:])
@@ -121,21 +155,21 @@ def _neighbours(x: Array, count: int, chunk: int, shards: int, axis: str, fill, 
 
 
 def _gather_far(wanted: Bool[Array, "b c"], size: int, axis: str, shards: int, k: Array, v: Array,
-                meta: Int[Array, "b c m"]) -> tuple[Array, Array, Array]:
+                meta: Int[Array, "b c m"]) -> tuple[Array, Array, Array, Bool[Array, "b c"]]:
     """(k, v, meta) of the first `size` wanted slots of the whole row in slot order, on every shard, unused slots
-    at zero (k, v) and meta at -1. An all-gather of the S per-shard counts gives each shard its offset into a
-    compact buffer of `size` slots; each shard fills its own slots of a zero buffer and a `psum` assembles it:
-    ~2 * size slots received per device whatever S and however the wanted keys are spread (one shard may own them
-    all). Its transpose, in the backward pass, is a psum of the buffer's cotangent, which each owner gathers back.
-    When that would move more than all-gathering every slot (2 * size >= the row length), every slot is
-    all-gathered instead (meta -1 where not kept)."""
+    at zero (k, v) and meta at -1; and which of this shard's slots are among them (`kept`). An all-gather of the S
+    per-shard counts gives each shard its offset into a compact buffer of `size` slots; each shard fills its own
+    slots of a zero buffer and a `psum` assembles it: ~2 * size slots received per device whatever S and however
+    the wanted keys are spread (one shard may own them all). Its transpose, in the backward pass, is a psum of the
+    buffer's cotangent, which each owner gathers back. When that would move more than all-gathering every slot
+    (2 * size >= the row length), every slot is all-gathered instead (meta -1 where not kept)."""
     chunk = wanted.shape[1]
     counts = jax.lax.all_gather(jnp.sum(wanted, axis=1, dtype=jnp.int32), axis, axis=1)  # [b, S]
     offset = jnp.sum(jnp.where(jnp.arange(shards) < jax.lax.axis_index(axis), counts, 0), axis=1)  # [b]
+    kept = wanted & (offset[:, None] + jnp.cumsum(wanted, axis=1) <= size)
     if 2 * size >= shards * chunk:
-        kept = wanted & (offset[:, None] + jnp.cumsum(wanted, axis=1) <= size)
         meta = jnp.where(kept[..., None], meta, -1)
-        return tuple(jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, meta))
+        return (*(jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, meta)), kept)
     local = min(chunk, size)
     slots = jax.vmap(lambda row: jnp.nonzero(row, size=local, fill_value=0)[0])(wanted)  # [b, local]
     rank = jnp.arange(size) - offset[:, None]  # [b, size]: this shard's rank of each buffer slot
@@ -147,7 +181,7 @@ def _gather_far(wanted: Bool[Array, "b c"], size: int, axis: str, shards: int, k
         return jnp.where(mine.reshape(*mine.shape, *(1,) * (x.ndim - 2)), taken, jnp.asarray(fill, x.dtype))
 
     k, v, meta = jax.lax.psum((place(k, 0), place(v, 0), place(meta + 1, 0)), axis)
-    return k, v, meta - 1
+    return k, v, meta - 1, kept
 
 
 class _SoftmaxParts(NamedTuple):
@@ -193,30 +227,54 @@ def _band_blocks(x: Array, block: int, halo: int) -> Array:
     return x[:, jnp.arange(blocks)[:, None] * block + jnp.arange(block + halo)]
 
 
+class _ShardKeys(NamedTuple):
+    """One shard's keys: the window band ([halo | own chunk], `window - 1 + c` slots) and the gathered far keys
+    (`max_gathered` slots), each as (k, v, positions, critical, segment ids); `far_slots`: the far keys' slots in
+    the row (None unless asked for)."""
+
+    band: tuple[Array, ...]
+    far: tuple[Array, ...]
+    far_slots: Array | None
+
+
+def _shard_keys(k, v, positions, critical, segment_ids, *, window, num_global, max_gathered, shards, axis, cyclic,
+                far_slots=False) -> _ShardKeys:
+    """The halo (`ppermute` from the previous shard(s)) and the compact gather of the far keys: the valid critical
+    or global keys that some query sees from outside the window, i.e. whose sequence goes on for at least `window`
+    more positions (under the layout contract: slot i + window holds position p + window); the positions of the
+    `window` slots after the chunk come from the next shard(s). A band key that had to be gathered but did not fit
+    in `max_gathered` loses its critical flag (no query sees it from beyond the window, as with the jnp rule)."""
+    b, chunk = positions.shape
+    halo = window - 1
+    near_of = partial(_neighbours, chunk=chunk, shards=shards, axis=axis, cyclic=cyclic)
+    later = jnp.concatenate([positions, near_of(positions, window, fill=-1, ahead=True)], axis=1)[:, window:]
+    wanted = (positions >= 0) & (critical | (positions < num_global)) & (later == positions + window)
+    columns = [positions, critical.astype(positions.dtype), segment_ids]
+    if far_slots:
+        slots = jax.lax.axis_index(axis) * chunk + jnp.arange(chunk, dtype=positions.dtype)
+        columns.append(jnp.broadcast_to(slots, positions.shape))
+    k_far, v_far, meta, kept = _gather_far(wanted, max_gathered, axis, shards, k, v, jnp.stack(columns, axis=-1))
+    critical = critical & ~(wanted & ~kept)
+    band = tuple(jnp.concatenate([near_of(x, halo, fill=fill, ahead=False), x], axis=1) if halo else x
+                 for x, fill in ((k, 0), (v, 0), (positions, -1), (critical, False), (segment_ids, 0)))
+    far = (k_far, v_far, meta[..., 0], meta[..., 1] > 0, meta[..., 2])
+    return _ShardKeys(band, far, meta[..., 3] if far_slots else None)
+
+
 def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, max_gathered, shards,
                axis, sm_scale, block_q, cyclic):
     """One shard's queries, `block_q` at a time, against [halo | own chunk] under the window rule (a block reads
-    `block_q + window - 1` keys) and against the gathered globals / critical keys under the global or critical rule
-    outside the window: disjoint key sets whose union is the SRA-visible set, merged by log-sum-exp. Scores exist
-    for one block at a time: O(block_q * (block_q + window + max_gathered)) per head.
-
-    Gathered: the valid critical or global keys that some query sees from outside the window, i.e. whose
-    sequence goes on for at least `window` more positions (under the layout contract: slot i + window holds
-    position p + window); the positions of the `window` slots after the chunk come from the next shard(s)."""
+    `block_q + window - 1` keys) and against the gathered globals / critical keys (`_shard_keys`) under the global
+    or critical rule outside the window: disjoint key sets whose union is the SRA-visible set, merged by
+    log-sum-exp. Scores exist for one block at a time: O(block_q * (block_q + window + max_gathered)) per head."""
     b, chunk = positions.shape
     has_segments = segment_ids is not None
     if not has_segments:
         segment_ids = jnp.zeros_like(positions)
     halo = window - 1
-    near_of = partial(_neighbours, chunk=chunk, shards=shards, axis=axis, cyclic=cyclic)
-    band = [jnp.concatenate([near_of(x, halo, fill=fill, ahead=False), x], axis=1) if halo else x
-            for x, fill in ((k, 0), (v, 0), (positions, -1), (critical, False), (segment_ids, 0))]
-
-    later = jnp.concatenate([positions, near_of(positions, window, fill=-1, ahead=True)], axis=1)[:, window:]
-    wanted = (positions >= 0) & (critical | (positions < num_global)) & (later == positions + window)
-    meta = jnp.stack([positions, critical.astype(positions.dtype), segment_ids], axis=-1)
-    k_far, v_far, meta = _gather_far(wanted, max_gathered, axis, shards, k, v, meta)
-    far_keys = (meta[..., 0], meta[..., 1] > 0, meta[..., 2])
+    keys = _shard_keys(k, v, positions, critical, segment_ids, window=window, num_global=num_global,
+                       max_gathered=max_gathered, shards=shards, axis=axis, cyclic=cyclic)
+    band, (k_far, v_far, *far_keys) = keys.band, keys.far
 
     def rule(q_pos, q_crit, q_seg, k_pos, k_crit, k_seg, in_window):
         spec = SRAMaskSpec.create(
@@ -245,6 +303,44 @@ def _sra_shard(q, k, v, positions, critical, segment_ids, *, window, num_global,
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
+def _sra_shard_key_set(q, k, v, positions, critical, segment_ids, *, window, num_global, max_gathered, shards,
+                       axis, cyclic):
+    """One shard's queries and its whole key set for the kernel: [halo | own chunk | gathered far keys] with their
+    positions, critical flags and segment ids. Under the full SRA rule this set shows every query exactly its
+    SRA-visible keys: a far key whose slot lies in the band range (`window - 1` slots before the chunk up to its
+    end) is already there (its position is set to -1 in the far part), and every other far key lies at least
+    `window` slots before each query of the chunk (so only the global / critical rule can show it) or after it."""
+    chunk = positions.shape[1]
+    has_segments = segment_ids is not None
+    keys = _shard_keys(k, v, positions, critical, segment_ids if has_segments else jnp.zeros_like(positions),
+                       window=window, num_global=num_global, max_gathered=max_gathered, shards=shards, axis=axis,
+                       cyclic=cyclic, far_slots=True)
+    start = jax.lax.axis_index(axis) * chunk
+    in_band = (keys.far_slots >= start - (window - 1)) & (keys.far_slots < start + chunk)
+    k_far, v_far, far_positions, far_critical, far_segments = keys.far
+    far = (k_far, v_far, jnp.where(in_band, -1, far_positions), far_critical, far_segments)
+    k_all, v_all, k_positions, k_critical, k_segments = (jnp.concatenate(pair, axis=1) for pair in zip(keys.band, far))
+    return (q, positions, critical, segment_ids, k_all, v_all, k_positions, k_critical,
+            k_segments if has_segments else None)
+
+
+def _sra_shard_kernel(q, positions, critical, segment_ids, k, v, k_positions, k_critical, k_segment_ids, *, window,
+                      num_global, queries, max_critical, compact, sm_scale, interpret):
+    """The shard's queries over its key set (`_sra_shard_key_set`) through the block-sparse kernels
+    (`attention_pallas.pallas_attention(spec=...)`). Without `max_critical`: the plain SRA layout, which visits the
+    band blocks near each query block and the blocks holding its visible global / critical keys, and skips the rest.
+    With it (the row's bound on critical keys, which also bounds the key set's and the chunk's, since both hold
+    distinct keys of the row): the compact kernels where `pallas_kernels.compact_is_cheaper` says so (band, globals,
+    and critical queries x critical keys; otherwise every query block visits every block of gathered keys when
+    queries == "critical"), else the plain layout; `compact` True / False forces one (as in `pallas_attention`)."""
+    bound = None if max_critical is None else min(max_critical, k.shape[1])
+    spec = SRAMaskSpec.create(positions, critical, window=window, num_global=num_global, queries=queries,
+                              segment_ids=segment_ids, k_positions=k_positions, k_critical=k_critical,
+                              k_segment_ids=k_segment_ids, max_critical=bound)
+    return pallas_attention(q, k, v, spec=spec, sm_scale=sm_scale, compact=False if bound is None else compact,
+                            backend=_kernel_backend(interpret), interpret=interpret)
+
+
 def _default_block_q(chunk: int, window: int) -> int:
     """The smallest divisor of the chunk that is at least max(window - 1, 128) (the chunk if none): each block then
     reads at most twice its own keys."""
@@ -270,6 +366,10 @@ def sra_attention_sequence_parallel(
     max_gathered: int | None = None,
     sm_scale: float | None = None,
     block_q: int | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    max_critical: int | None = None,
+    compact: bool | None = None,
 ) -> Float[Array, "b n hq d"]:
     """SRA self-attention (the rule of `sra_jax.ops.masks`) with the sequence split over mesh axis `axis`.
 
@@ -280,7 +380,17 @@ def sra_attention_sequence_parallel(
     exact). The gathered keys travel in a compact buffer of `max_gathered` slots (`_gather_far`), whatever the
     number of shards and however the keys are spread over them. `batch_axis` (a mesh axis, or a tuple of them)
     optionally shards the batch too. `block_q` (a divisor of the chunk; default `_default_block_q`) sets how many
-    queries share one window block, which bounds the band's memory.
+    queries share one window block of the jnp path, which bounds the band's memory.
+
+    impl: the per-shard compute (`resolve_impl`): "jnp" (one query block at a time), "pallas" (the block-sparse
+    kernels over the shard's key set [halo | chunk | gathered keys], empty blocks skipped; `interpret=True` runs
+    them in interpret mode, for CPU tests), "auto" (pallas on GPU / TPU, jnp elsewhere). The collectives are the
+    same. Beyond the bound the pallas path drops the same critical keys, but a global key that did not fit stays
+    visible to the queries whose band (`window - 1` slots before their chunk, and the chunk) holds it.
+    `max_critical` (pallas only): a bound on each row's critical keys (`SRAMaskSpec.max_critical`), which lets each
+    shard take the compact kernels (critical queries x critical keys) where they are cheaper; a row with more gives
+    NaN rows, as `impl="pallas"` does unsharded. `compact` (pallas, with `max_critical`): True / False forces the
+    compact / the plain kernels per shard; None picks the cheaper (`pallas_kernels.compact_is_cheaper`).
     """
     shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
@@ -302,20 +412,36 @@ def sra_attention_sequence_parallel(
         raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    if max_critical is not None and (not isinstance(max_critical, int) or isinstance(max_critical, bool)
+                                     or max_critical < 0):
+        raise ValueError(f"max_critical ({max_critical!r}) must be None or an integer >= 0")
+    if compact and max_critical is None:
+        raise ValueError("compact=True needs max_critical (the bound on each row's critical keys)")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, window=window, num_global=num_global,
                                   queries=queries, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis,
-                                  max_gathered=max_gathered, sm_scale=sm_scale, block_q=block_q)
+                                  max_gathered=max_gathered, sm_scale=sm_scale, block_q=block_q,
+                                  impl=resolve_impl(impl), interpret=bool(interpret), max_critical=max_critical,
+                                  compact=compact)
 
 
 @partial(jax.jit, static_argnames=("window", "num_global", "queries", "mesh", "shards", "axis", "batch_axis",
-                                   "max_gathered", "sm_scale", "block_q"))
+                                   "max_gathered", "sm_scale", "block_q", "impl", "interpret", "max_critical",
+                                   "compact"))
 def _sra_sequence_parallel(q, k, v, positions, critical, segment_ids, *, window, num_global, queries, mesh, shards,
-                           axis, batch_axis, max_gathered, sm_scale, block_q):
+                           axis, batch_axis, max_gathered, sm_scale, block_q, impl="jnp", interpret=False,
+                           max_critical=None, compact=None):
+    args = (q, k, v, positions, critical, segment_ids)
+    placement = dict(mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+    if impl == "pallas":
+        body = partial(_sra_shard_key_set, window=window, num_global=num_global, max_gathered=max_gathered,
+                       shards=shards, axis=axis, cyclic=mesh is None)
+        finish = partial(_sra_shard_kernel, window=window, num_global=num_global, queries=queries,
+                         max_critical=max_critical, compact=compact, sm_scale=sm_scale, interpret=interpret)
+        return _over_shards(body, args, (True,) * 6, True, finish=finish, **placement)
     body = partial(_sra_shard, window=window, num_global=num_global, queries=queries, max_gathered=max_gathered,
                    shards=shards, axis=axis, sm_scale=sm_scale, block_q=block_q, cyclic=mesh is None)
-    args = (q, k, v, positions, critical, segment_ids)
-    return _over_shards(body, args, (True,) * 6, True, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+    return _over_shards(body, args, (True,) * 6, True, **placement)
 
 
 def gathered_per_row(
@@ -563,6 +689,24 @@ def _dense_shard(q, k, v, positions, segment_ids, *, axis, sm_scale, block_q):
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
+def _dense_shard_key_set(q, k, v, positions, segment_ids, *, axis):
+    """One shard's queries and the whole row's keys (all-gathered over `axis`) with positions and segment ids."""
+    gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, positions)]
+    k_segments = None if segment_ids is None else jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True)
+    return (q, positions, segment_ids, *gathered, k_segments)
+
+
+def _dense_shard_kernel(q, positions, segment_ids, k, v, k_positions, k_segment_ids, *, sm_scale, interpret):
+    """Causal-by-position attention within segments through the block-sparse kernels: the causal blocks (and,
+    packed, those whose segment ranges meet) of `pallas_kernels.sra_layout`, the rule evaluated per token inside."""
+    block_q, block_k = (compact_block(x.shape[1]) for x in (q, k))
+    layout = pallas_kernels.sra_layout(positions, k_positions, block_q=block_q, block_k=block_k,
+                                       segment_ids=segment_ids, k_segment_ids=k_segment_ids)
+    return pallas_kernels.block_sparse_attention(
+        q, k, v, layout, q_positions=positions, k_positions=k_positions, segment_ids=segment_ids,
+        k_segment_ids=k_segment_ids, sm_scale=sm_scale, backend=_kernel_backend(interpret), interpret=interpret)
+
+
 def dense_attention_sequence_parallel(
     q: Float[Array, "b n hq d"],
     k: Float[Array, "b n hkv d"],
@@ -576,12 +720,15 @@ def dense_attention_sequence_parallel(
     batch_axis: str | tuple[str, ...] | None = None,
     sm_scale: float | None = None,
     block_q: int | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> Float[Array, "b n hq d"]:
     """Causal self-attention by position (within segments; padding at position -1 sees and is seen by nothing) with
     the sequence split over mesh axis `axis`: all-gather context parallelism, each shard's queries against the
     whole row's keys (N keys moved per device, what a dense layer needs). Equals `attention(q, k, v,
     spec=SRAMaskSpec.create(...).dense_mask() as mask, impl="reference")`. `block_q` (a divisor of the chunk,
-    default `_default_block_q(chunk, 1)`) bounds the score block to `[block_q, n]` per head."""
+    default `_default_block_q(chunk, 1)`) bounds the jnp path's score block to `[block_q, n]` per head. `impl` /
+    `interpret` as in `sra_attention_sequence_parallel` (pallas: the causal block layout over the gathered row)."""
     shards = _num_shards(mesh, axis, shards)
     _check_batch_axis(mesh, batch_axis, axis)
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2]:
@@ -598,14 +745,22 @@ def dense_attention_sequence_parallel(
         raise ValueError(f"block_q ({block_q!r}) must be a positive divisor of the chunk length ({chunk})")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _dense_sequence_parallel(q, k, v, positions, segment_ids, mesh=mesh, shards=shards, axis=axis,
-                                    batch_axis=batch_axis, sm_scale=sm_scale, block_q=block_q)
+                                    batch_axis=batch_axis, sm_scale=sm_scale, block_q=block_q,
+                                    impl=resolve_impl(impl), interpret=bool(interpret))
 
 
-@partial(jax.jit, static_argnames=("mesh", "shards", "axis", "batch_axis", "sm_scale", "block_q"))
-def _dense_sequence_parallel(q, k, v, positions, segment_ids, *, mesh, shards, axis, batch_axis, sm_scale, block_q):
-    body = partial(_dense_shard, axis=axis, sm_scale=sm_scale, block_q=block_q)
+@partial(jax.jit, static_argnames=("mesh", "shards", "axis", "batch_axis", "sm_scale", "block_q", "impl",
+                                   "interpret"))
+def _dense_sequence_parallel(q, k, v, positions, segment_ids, *, mesh, shards, axis, batch_axis, sm_scale, block_q,
+                             impl="jnp", interpret=False):
     args = (q, k, v, positions, segment_ids)
-    return _over_shards(body, args, (True,) * 5, True, mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+    placement = dict(mesh=mesh, shards=shards, axis=axis, batch_axis=batch_axis)
+    if impl == "pallas":
+        finish = partial(_dense_shard_kernel, sm_scale=sm_scale, interpret=interpret)
+        return _over_shards(partial(_dense_shard_key_set, axis=axis), args, (True,) * 5, True, finish=finish,
+                            **placement)
+    body = partial(_dense_shard, axis=axis, sm_scale=sm_scale, block_q=block_q)
+    return _over_shards(body, args, (True,) * 5, True, **placement)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -615,12 +770,22 @@ def _dense_sequence_parallel(q, k, v, positions, segment_ids, *, mesh, shards, a
 
 class SequenceSharding(NamedTuple):
     """The active context: the mesh (None: `shards` simulated on one device under vmap), its sequence axis, the
-    number of shards, and the mesh axes the batch is split over."""
+    number of shards, the mesh axes the batch is split over, and the per-shard compute of self-attention (`impl`:
+    None follows each attention call's impl, see `spec_attention`; `interpret`: kernels in interpret mode)."""
 
     mesh: Mesh | None
     axis: str
     shards: int
     batch_axes: tuple[str, ...]
+    impl: str | None = None
+    interpret: bool = False
+
+    def per_shard(self, attention_impl: str) -> str:
+        """The per-shard compute for an `ops.attention.attention(impl=attention_impl)` call: the context's `impl`
+        when set, else "auto" (kernels on GPU / TPU) for impl="pallas" and "jnp" for every other impl."""
+        if self.impl is not None:
+            return self.impl
+        return "auto" if attention_impl == "pallas" else "jnp"
 
     def batch_axis(self, batch: int) -> tuple[str, ...] | None:
         """The batch axes of size > 1 when they divide `batch` (the shard_map then splits rows too), else None."""
@@ -641,7 +806,8 @@ _ACTIVE: contextvars.ContextVar[SequenceSharding | None] = contextvars.ContextVa
 
 @contextlib.contextmanager
 def sequence_sharding(
-    mesh: Mesh | None, *, axis: str = "sequence", batch_axes: tuple[str, ...] = (), shards: int | None = None
+    mesh: Mesh | None, *, axis: str = "sequence", batch_axes: tuple[str, ...] = (), shards: int | None = None,
+    impl: str | None = None, interpret: bool = False,
 ) -> Iterator[SequenceSharding | None]:
     """While a model is traced inside this context, self-attention through `ops.attention.attention(spec=...)`
     runs sequence-parallel over mesh axis `axis` (SRA layers: `sra_attention_sequence_parallel`; dense layers:
@@ -653,10 +819,13 @@ def sequence_sharding(
     batch). `mesh=None, shards=S > 1`: S shards simulated on one device (vmap; the collectives act across the
     mapped axis), to time the sharded program where one device exists. Enter it where the model is traced (the
     context is not part of any jit cache key: a function jitted inside it must not be called with the same
-    arguments outside it, or the reverse)."""
+    arguments outside it, or the reverse). `impl` ("auto", "jnp", "pallas"; None: follow each attention call's
+    impl) and `interpret` choose the per-shard compute of self-attention (`sra_attention_sequence_parallel`)."""
+    if impl is not None:
+        resolve_impl(impl)  # names a bad value here
     if mesh is None:
         count = 1 if shards is None else _num_shards(None, axis, shards)
-        active = SequenceSharding(None, axis, count, ()) if count > 1 else None
+        active = SequenceSharding(None, axis, count, (), impl, bool(interpret)) if count > 1 else None
     elif axis not in mesh.shape or mesh.shape[axis] == 1:
         active = None
     else:
@@ -664,7 +833,7 @@ def sequence_sharding(
         batch_axes = tuple(batch_axes)
         if batch_axes:
             _check_batch_axis(mesh, batch_axes, axis)
-        active = SequenceSharding(mesh, axis, count, batch_axes)
+        active = SequenceSharding(mesh, axis, count, batch_axes, impl, bool(interpret))
     token = _ACTIVE.set(active)
     try:
         yield active
@@ -689,13 +858,16 @@ def spec_attention(
     spec: SRAMaskSpec,
     *,
     sm_scale: float | None = None,
+    impl: str = "reference",
 ) -> Float[Array, "b sq hq d"] | None:
-    """`attention(q, k, v, spec=spec)` sequence-parallel under the active `sequence_sharding` context, or None when
-    there is none or the lengths do not divide into its shards (the caller then runs its unsharded path).
+    """`attention(q, k, v, spec=spec, impl=impl)` sequence-parallel under the active `sequence_sharding` context, or
+    None when there is none or the lengths do not divide into its shards (the caller then runs its unsharded path).
 
     Self-attention (`spec.keys_are_queries`): a dense spec (`_is_dense`) runs all-gather context parallelism; an SRA
     spec the halo + gathered-critical path with `max_gathered = gather_bound(spec, n)` (exact).
     Keys of a KV cache (not the queries): `sharded_cache_attention` over the cache's slots, the queries replicated.
+    The per-shard compute of self-attention is `active.per_shard(impl)`: the block-sparse kernels for
+    impl="pallas" on GPU / TPU (or as the context says), the jnp code otherwise; decode over a cache stays jnp.
     A key or value that is not finite reaches only the rows that can see it (`pallas_kernels.finite`), as on the
     unsharded paths of `ops.attention.attention`.
     """
@@ -714,10 +886,13 @@ def spec_attention(
         return None
     elif _is_dense(spec, q.shape[1]):
         attend = partial(dense_attention_sequence_parallel, positions=spec.q_positions,
-                         segment_ids=spec.q_segment_ids, **common)
+                         segment_ids=spec.q_segment_ids, impl=active.per_shard(impl), interpret=active.interpret,
+                         **common)
     else:
         attend = partial(sra_attention_sequence_parallel, positions=spec.q_positions, critical=spec.q_critical,
                          segment_ids=spec.q_segment_ids, window=spec.window, num_global=spec.num_global,
-                         queries=spec.queries, max_gathered=gather_bound(spec, q.shape[1]), **common)
+                         queries=spec.queries, max_gathered=gather_bound(spec, q.shape[1]),
+                         max_critical=spec.max_critical, impl=active.per_shard(impl), interpret=active.interpret,
+                         **common)
     # as on every other path: a non-finite key reaches exactly the rows that can see it (pallas_kernels.finite)
     return exclude_nonfinite_keys(attend, q, k, v)

@@ -7,9 +7,13 @@ router pick its deterministic top-k):
   random   ceil(alpha * tokens) uniformly random positions per row
   oracle   the task's answer key (the tokens of the chain's statements)
   learned  the model's routers
+  per_query  an NSA / DSA model's own per-query selection (`SRAConfig.attention` "nsa" / "dsa"): no critical set;
+           its selected fraction is the share of the causal (query, key) pairs its NSA / DSA layers attended, and it
+           has no router precision / recall (None)
 
 Accuracy is teacher-forced exact match of the whole target (answer, or CoT chain and answer), which equals greedy
-decoding of it (see sra_jax.train.losses.answer_correct). FLOPs are counted from the masks the call used.
+decoding of it (see sra_jax.train.losses.answer_correct). FLOPs are counted from the masks the call used (for NSA /
+DSA layers: the pairs they attended plus the DSA indexer's scoring, see `sra_jax.nn.ModelAux`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from sra_jax.train.checkpoint import Checkpointer
 from sra_jax.train.config import TrainConfig
 from sra_jax.train.step import Trainer, TrainState, create_trainer
 
-CRITICAL_SOURCES = ("dense", "window", "random", "oracle", "learned")
+CRITICAL_SOURCES = ("dense", "window", "random", "oracle", "learned", "per_query")
 
 
 def with_weights(config: TrainConfig, params) -> tuple[Trainer, TrainState]:
@@ -56,7 +60,8 @@ def start_from(config: TrainConfig, params) -> None:
 
 def critical_sets(source: str, batch: longhop.LonghopBatch, num_layers: int, *, alpha: float,
                   seed: int) -> Bool[np.ndarray, "layers b s"] | None:
-    """The forced critical set [layers, b, s] of `source` (the same set in every layer), or None for "learned"."""
+    """The forced critical set [layers, b, s] of `source` (the same set in every layer), or None for "learned" and
+    "per_query"."""
     if source not in CRITICAL_SOURCES:
         raise ValueError(f"source={source!r} must be one of {CRITICAL_SOURCES}")
     valid = batch.positions >= 0
@@ -66,6 +71,7 @@ def critical_sets(source: str, batch: longhop.LonghopBatch, num_layers: int, *, 
         "random": longhop.random_critical(batch.oracle, batch.positions, alpha, seed),
         "oracle": batch.oracle,
         "learned": None,
+        "per_query": None,
     }[source]
     return None if per_row is None else np.broadcast_to(per_row, (num_layers, *valid.shape))
 
@@ -76,7 +82,14 @@ def _forward(model, tokens, positions, loss_mask, critical):
     dense, sparse = attention_flops(model.config, aux)
     layers = jnp.asarray(aux.sra_layers or (0,), jnp.int32)
     picked = aux.critical[layers]  # [sra layers, b, s]
-    selected = aux.selected_fraction[layers].mean(0) if aux.sra_layers else jnp.ones(tokens.shape[:1])
+    per_query = [i for i, layer in enumerate(model.layers) if layer.per_query]  # NSA / DSA layers
+    if aux.sra_layers:
+        selected = aux.selected_fraction[layers].mean(0)
+    elif per_query:  # the share of causal pairs they attended (their selection work left out)
+        pq = jnp.asarray(per_query, jnp.int32)
+        selected = ((aux.visible_pairs - aux.selection_pairs)[pq] / jnp.maximum(aux.causal_pairs[pq], 1.0)).mean(0)
+    else:
+        selected = jnp.ones(tokens.shape[:1])
     return losses.answer_correct(logits, tokens, loss_mask), dense, sparse, selected, picked
 
 
@@ -96,6 +109,10 @@ def score(model: nnx.Module, batch: longhop.LonghopBatch, source: str, *, alpha:
     """accuracy (with its Wilson 95% CI), attention and total FLOPs vs dense, selected fraction, router precision and
     recall against the oracle (over the prompt; mean over SRA layers), latency per query, generated tokens."""
     num_layers = model.config.num_hidden_layers
+    has_per_query = any(layer.per_query for layer in model.layers)
+    if (source == "per_query") != has_per_query:
+        raise ValueError(f"source={source!r} does not fit this model: 'per_query' scores exactly the models with NSA / "
+                         f"DSA layers (sra.attention nsa / dsa), which have no critical set to force or route")
     forced = critical_sets(source, batch, num_layers, alpha=alpha, seed=seed)
     parts, seconds = [], 0.0
     for start in range(0, batch.tokens.shape[0], chunk):
@@ -122,8 +139,8 @@ def score(model: nnx.Module, batch: longhop.LonghopBatch, source: str, *, alpha:
         "attention_flops_vs_dense": float(sparse.sum() / dense.sum()),
         "total_flops_vs_dense": float((matmul + sparse.sum() + routers) / (matmul + dense.sum())),
         "selected_fraction": float(selected.mean()),
-        "router_precision": float(hits / max(chosen.sum(), 1)),
-        "router_recall": float(hits / max(oracle.sum() * chosen.shape[0], 1)),
+        "router_precision": None if has_per_query else float(hits / max(chosen.sum(), 1)),
+        "router_recall": None if has_per_query else float(hits / max(oracle.sum() * chosen.shape[0], 1)),
         "latency_ms": 1000.0 * seconds / n,
         "generated_tokens": float(batch.loss_mask.sum() / n),
     }

@@ -1,6 +1,6 @@
 """experiments/longhop.py end to end at its tiny scale: every variant and split gets a row with every column, the
-results file states the hypothesis, SRA is retrofitted onto the exported base through init.from (routers only: the
-Llama tensors of the router export equal the base export's), and a second invocation resumes (trains and scores
+results file states the hypothesis, SRA, NSA and DSA are retrofitted onto the exported base through init.from (routers
+/ extras only: the Llama tensors of their exports equal the base export's), and a second invocation resumes (trains and scores
 nothing twice, also on a machine that kept only the record: rows.jsonl + meta.json); a damaged export no longer
 verifies."""
 
@@ -17,6 +17,9 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from sra_jax.convert.source import load_source
+from sra_jax.train import longhop_eval
+from sra_jax.train.data import LonghopStream
 from sra_jax.train.stages import Stage
 
 SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "longhop.py"
@@ -37,7 +40,7 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert "Hypothesis (stated before running)" in json_path.with_suffix(".md").read_text()
     variants = {row["variant"] for row in record["rows"]}
     assert variants == {"dense", "window", "oracle", "random", "learned_rl", "learned_rl_kl", "learned_distill",
-                        "learned_distill_rl"}
+                        "learned_distill_rl", "nsa", "dsa"}
     for row in record["rows"]:
         assert set(longhop_experiment.ROW_KEYS) <= set(row)
         assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
@@ -46,6 +49,16 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert all(row["router_precision"] == row["router_recall"] == 1.0 for row in oracle)
     window = [row for row in record["rows"] if row["variant"] == "window"]
     assert all(row["selected_fraction"] == 0.0 and row["attention_flops_vs_dense"] < 1.0 for row in window)
+    # NSA / DSA rows: no router to score; DSA (top_k 10 of up to 40 keys) attends a share of the causal pairs, and its
+    # FLOPs add the indexer's scoring of every causal pair on top
+    per_query = [row for row in record["rows"] if row["variant"] in ("nsa", "dsa")]
+    assert len(per_query) == 2 * len(longhop_experiment.SPLITS)
+    assert all(row["router_precision"] is None and row["router_recall"] is None for row in per_query)
+    for row in per_query:
+        assert 0.0 < row["selected_fraction"] < 1.0 and row["attention_flops_vs_dense"] > 0.0
+        if row["variant"] == "dsa":
+            assert row["selected_fraction"] < row["attention_flops_vs_dense"] < 1.0
+    assert record["per_query"]["dsa-a0.25"]["top_k"] == 10 and record["per_query"]["nsa-a0.25"]["top_n"] == 2
     capsys.readouterr()
     assert longhop_experiment.main(args) == 0
     assert "training" not in capsys.readouterr().out
@@ -59,9 +72,28 @@ def test_tiny_run_writes_every_row_and_resumes(tmp_path, capsys):
     assert base_tensors.keys() == router_tensors.keys()
     assert all(np.array_equal(base_tensors[k], router_tensors[k]) for k in base_tensors)
     assert (router.export / "sra_router.safetensors").is_file() and not (base.export / "sra_router.safetensors").exists()
+    for kind in ("nsa", "dsa"):  # the per-query retrofits: only their extras train, the Llama stays the base's
+        stage = Stage(work / f"perquery-direct-{kind}-a0.25-seed0")
+        written = yaml.safe_load(stage.config_path.read_text())
+        assert written["init"] == {"from": str(base.export), "trainable": "router"}
+        assert written["sra"]["attention"] == kind
+        tensors = load_file(stage.export / "model.safetensors")
+        assert tensors.keys() == base_tensors.keys()
+        assert all(np.array_equal(base_tensors[k], tensors[k]) for k in base_tensors)
+        assert (stage.export / "sra_router.safetensors").is_file()
     experiment = longhop_experiment.Experiment("tiny", work, tmp_path / "results", None, {})
+    # a source that does not fit the model is refused before anything runs
+    eval_data = experiment.train_config("direct", 0, sra=None, loss=longhop_experiment.LossConfig(kind="sl"),
+                                        steps=1).data
+    batch = LonghopStream(eval_data, 8).eval_batch(8, "test")
+    with pytest.raises(ValueError, match="'per_query' scores exactly the models with NSA / DSA layers"):
+        longhop_eval.score(load_source(stage.export)[2], batch, "learned", alpha=0.25)
+    with pytest.raises(ValueError, match="'per_query' scores exactly"):
+        longhop_eval.score(load_source(router.export)[2], batch, "per_query", alpha=0.25)
     with pytest.raises(ValueError, match="learned_kinds"):
         longhop_experiment.Experiment("tiny", work, tmp_path / "results", None, {"learned_kinds": ("rl", "joint")})
+    with pytest.raises(ValueError, match="per_query_kinds"):
+        longhop_experiment.Experiment("tiny", work, tmp_path / "results", None, {"per_query_kinds": ("sra",)})
     config = experiment.train_config("direct", 0, sra=None, loss=longhop_experiment.LossConfig(kind="sl"),
                                      steps=longhop_experiment.SCALES["tiny"].base_steps)
     assert base.verified(config) and not base.verified(dataclasses.replace(config, steps=config.steps + 1))

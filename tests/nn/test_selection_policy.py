@@ -8,6 +8,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import forward, make_model, random_tokens
 
 from sra_jax.config import SRAConfig
@@ -124,3 +126,30 @@ def test_a_policy_looked_up_by_name_selects_like_the_config_helpers():
     got = select(logits, k_rows, sra, valid=valid, k_max=3)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 12),
+    tied=st.booleans(),
+    name=st.sampled_from(("topk", "gumbel_topk", "sparsemax", "bernoulli")),
+)
+def test_the_threshold_read_off_the_selection_is_the_prefill_threshold(seed, n, tied, name):
+    """`selected_threshold` (one masked min over the selected scores for the deterministic top-k) gives the same
+    bits as `threshold` (its own top-k), with ties, padding, per-row counts (0 included) and all-padding rows;
+    at prefill and for a later call (the stored one)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(4, n)).astype(np.float32)
+    if tied:
+        logits = np.round(logits)
+    valid = rng.random((4, n)) < 0.7
+    valid[0] = False
+    k_rows = jnp.asarray(rng.integers(0, n + 1, size=4), jnp.int32)
+    logits, valid = jnp.asarray(logits), jnp.asarray(valid)
+    policy = get_selection_policy(name)
+    chosen = policy.select(logits, k_rows, valid=valid, k_max=n)
+    stored = jnp.asarray(rng.normal(size=4), jnp.float32)
+    for prefill in (jnp.asarray(True), jnp.asarray(False)):
+        want = policy.threshold(logits, k_rows, valid=valid, k_max=n, prefill=prefill, stored=stored)
+        got = policy.selected_threshold(logits, chosen, k_rows, valid=valid, k_max=n, prefill=prefill, stored=stored)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -209,6 +209,114 @@ def check_decode(results: dict) -> None:
         results[f"decode_{queries}_4_shards"] = biggest(expect, got)
 
 
+# The Pallas kernels need a power-of-two head_dim >= 16; interpret mode is slow, so the Pallas checks use few shapes.
+PALLAS_D = 16
+
+
+def pallas_inputs(seed: int, rows: list[tuple[list[int], int, bool]], critical_rate: float):
+    """`inputs` with head_dim PALLAS_D (q, k, v drawn at that width)."""
+    q, k, v, positions, critical, segments = inputs(seed, rows, critical_rate)
+    keys = jax.random.split(jax.random.key(seed + 100), 3)
+    q, k, v = (jax.random.normal(key, (*x.shape[:-1], PALLAS_D)) for key, x in zip(keys, (q, k, v)))
+    return q, k, v, positions, critical, segments
+
+
+def pallas_sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=None, shards=None,
+                   batch_axis=None, max_critical=None, compact=None):
+    """The per-shard Pallas kernels in interpret mode."""
+    return sp.sra_attention_sequence_parallel(q, k, v, positions, critical, segments, window=window,
+                                              num_global=NUM_GLOBAL, queries=queries, mesh=mesh, shards=shards,
+                                              max_gathered=max_gathered, batch_axis=batch_axis, impl="pallas",
+                                              interpret=True, max_critical=max_critical, compact=compact)
+
+
+def check_pallas(results: dict) -> None:
+    """Per-shard Pallas kernels (interpret mode) under shard_map against the unsharded reference and the jnp path,
+    values and gradients: packed rows and padding crossing shard edges, GQA, a halo spanning two shards (8 shards,
+    chunk 4, window 6), queries critical / all, a (data 2, sequence 4) mesh, a row with no critical key and a shard
+    owning every critical key at the tightest bound, and the dense all-gather layers."""
+    rows = [([5, 13, 21], 3, False), ([9, 17], 4, True)]
+    q, k, v, positions, critical, segments = pallas_inputs(0, rows, 0.25)
+    for shards, queries, window in ((4, "critical", 6), (8, "all", 6)):
+        mesh = sequence_mesh(shards)
+        expect = value_and_grads(
+            lambda q, k, v, qs=queries, w=window: reference(q, k, v, positions, critical, segments, w, qs), q, k, v)
+        got = value_and_grads(lambda q, k, v, qs=queries, w=window, m=mesh: pallas_sharded(
+            q, k, v, positions, critical, segments, w, qs, m), q, k, v)
+        jnp_path = value_and_grads(lambda q, k, v, qs=queries, w=window, m=mesh: sharded(
+            q, k, v, positions, critical, segments, w, qs, m), q, k, v)
+        results[f"pallas_value_and_grads_{shards}_shards"] = biggest(expect, got)
+        results[f"pallas_vs_jnp_{shards}_shards"] = biggest(jnp_path, got)
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"), (jax.sharding.AxisType.Auto,) * 2)
+    expect = value_and_grads(lambda q, k, v: reference(q, k, v, positions, critical, segments, 3, "critical"), q, k, v)
+    got = value_and_grads(lambda q, k, v: pallas_sharded(q, k, v, positions, critical, segments, 3, "critical", mesh,
+                                                         batch_axis="data"), q, k, v)
+    results["pallas_value_and_grads_data_2_sequence_4"] = biggest(expect, got)
+    # with the rows' critical bound, the compact kernels per shard (band, critical queries x critical keys): packed
+    # rows; unpacked rows (one padded sequence each) add the globals part
+    unpacked = pallas_inputs(5, [([], 3, False), ([], 6, True)], 0.25)
+    cases = (("packed", "critical", (q, k, v, positions, critical, segments)),
+             ("unpacked", "all", (*unpacked[:5], None)))
+    for name, queries, (q, k, v, positions, critical, segment_ids) in cases:
+        most = int(jnp.max(jnp.sum(critical, axis=1)))
+        spec = SRAMaskSpec.create(positions, critical, window=3, num_global=NUM_GLOBAL, queries=queries,
+                                  segment_ids=segment_ids)
+        expect = value_and_grads(lambda q, k, v, spec=spec: attention(q, k, v, spec=spec, impl="reference"), q, k, v)
+        got = value_and_grads(lambda q, k, v, p=positions, c=critical, s=segment_ids, qs=queries, m=most:
+                              pallas_sharded(q, k, v, p, c, s, 3, qs, sequence_mesh(4), max_critical=m,
+                                             compact=True), q, k, v)
+        results[f"pallas_compact_{name}_4_shards"] = biggest(expect, got)
+    q, k, v, positions, critical, segments = pallas_inputs(0, rows, 0.25)
+    # one gathered slot short of the tightest bound: the kernels drop the same critical key as the jnp path
+    bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=3, num_global=NUM_GLOBAL)))
+    got = pallas_sharded(q, k, v, positions, critical, segments, 3, "all", mesh4 := sequence_mesh(4),
+                         max_gathered=bound - 1)
+    results["pallas_too_small_vs_jnp"] = biggest(
+        sharded(q, k, v, positions, critical, segments, 3, "all", mesh4, max_gathered=bound - 1), got)
+    results["pallas_too_small_vs_reference"] = biggest(
+        reference(q, k, v, positions, critical, segments, 3, "all"), got)
+    # row 0: every critical key on shard 3 of 8; row 1: none (only its globals are gathered); tightest bound
+    q, k, v, positions, _, segments = pallas_inputs(3, [([5, 13, 21], 0, False), ([9, 17], 4, True)], 0.0)
+    slot = jnp.arange(N)
+    critical = jnp.stack([(slot >= 12) & (slot < 16), jnp.zeros(N, bool)]) & (positions >= 0)
+    bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=3, num_global=NUM_GLOBAL)))
+    expect = value_and_grads(lambda q, k, v: reference(q, k, v, positions, critical, segments, 3, "all"), q, k, v)
+    got = value_and_grads(lambda q, k, v: pallas_sharded(q, k, v, positions, critical, segments, 3, "all",
+                                                         sequence_mesh(8), max_gathered=bound), q, k, v)
+    results["pallas_one_shard_bound"] = bound
+    results["pallas_one_shard_8_shards"] = biggest(expect, got)
+    for name, segment_ids in (("packed", segments), ("unpacked", None)):
+        mask = SRAMaskSpec.create(positions, critical, window=1, num_global=0, segment_ids=segment_ids).dense_mask()
+        expect = value_and_grads(lambda q, k, v, mask=mask: attention(q, k, v, mask=mask, impl="reference"), q, k, v)
+        got = value_and_grads(lambda q, k, v, s=segment_ids: sp.dense_attention_sequence_parallel(
+            q, k, v, positions, s, mesh=sequence_mesh(4), impl="pallas", interpret=True), q, k, v)
+        results[f"pallas_dense_{name}_4_shards"] = biggest(expect, got)
+
+
+def check_pallas_hypothesis(results: dict) -> None:
+    """Random lengths, packings, critical sets, windows, queries and gather bounds (the row or the tightest) at 4
+    shards, the per-shard kernels against the jnp path (values); few examples, interpret mode is slow."""
+    mesh = sequence_mesh(4)
+    worst = []
+    row = st.tuples(st.lists(st.integers(1, N - 1), max_size=3), st.integers(0, N // 2), st.booleans())
+
+    @settings(max_examples=4, deadline=None, derandomize=True, database=None)
+    @given(rows=st.lists(row, min_size=B, max_size=B), rate=st.sampled_from([0.0, 0.3]),
+           window=st.sampled_from([1, 5, 11]), queries=st.sampled_from(["critical", "all"]), tight=st.booleans(),
+           seed=st.integers(0, 2**16))
+    def run(rows, rate, window, queries, tight, seed):
+        q, k, v, positions, critical, segments = pallas_inputs(seed, rows, rate)
+        bound = int(jnp.max(sp.gathered_per_row(positions, critical, window=window, num_global=NUM_GLOBAL)))
+        max_gathered = max(1, bound) if tight else None
+        expect = sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=max_gathered)
+        got = pallas_sharded(q, k, v, positions, critical, segments, window, queries, mesh, max_gathered=max_gathered)
+        worst.append(biggest(expect, got))
+
+    run()
+    results["pallas_hypothesis_4_shards"] = max(worst)
+    results["pallas_hypothesis_examples"] = len(worst)
+
+
 def main(checks: list[str]) -> None:
     if len(jax.devices()) != 8:
         raise SystemExit(f"needs XLA_FLAGS=--xla_force_host_platform_device_count=8, got {jax.devices()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -339,3 +340,29 @@ def test_nonfinite_keys_reach_only_the_rows_that_see_them(impl, use_spec):
     assert np.isnan(np.asarray(got[0, 5:7])).all()  # rows 5 and 6 see key 5 (window 3)
     for g, w in zip(loss(q, bad_k, bad_v), loss(q, k, v)):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # same program on the same finite values
+
+
+@settings(max_examples=10)
+@given(spec_cases(), st.booleans())
+def test_a_spec_mask_over_the_size_limit_is_built_a_block_of_queries_at_a_time(case, prefix_causal_window):
+    """Above `_MASK_CHUNK_ELEMENTS` the xla path builds and attends the spec's mask per block of queries (`lax.map`,
+    also in the prefix-causal conditional's fallback branch): the same forward and gradients as the whole mask."""
+    import sra_jax.ops.attention as attention_module
+
+    seed, spec = case
+    if prefix_causal_window:  # a dense spec: the runtime prefix-causal check, whose fallback is the mask path
+        spec = SRAMaskSpec.create(spec.q_positions, spec.q_critical, window=2**30, num_global=0,
+                                  segment_ids=spec.q_segment_ids)
+    q, k, v = qkv(seed, B, S, S, HQ, HKV)
+
+    def loss(impl, q, k, v):
+        out = attention(q, k, v, spec=spec, impl=impl)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    want = jax.grad(partial(loss, "reference"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_module, "_MASK_CHUNK_ELEMENTS", B * 2 * S)  # blocks of 2 queries
+        assert "scan" in str(jax.make_jaxpr(partial(loss, "xla"))(q, k, v))
+        got = jax.grad(partial(loss, "xla"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, **TOL)

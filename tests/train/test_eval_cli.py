@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from sra_jax.cli import main as sra_jax_main
-from sra_jax.config import LlamaConfig, SRAConfig
+from sra_jax.config import DSAConfig, LlamaConfig, SRAConfig
 
 RECORD_KEYS = {"id", "prompt", "completion", "extracted", "gold", "correct", "generated_tokens", "stopped"}
 
@@ -27,6 +27,8 @@ def _tiny_checkpoint(path, sra: SRAConfig | None):
 @pytest.mark.parametrize(("task", "sra", "extra"), [
     ("gsm8k", None, ["--cot", "--shots", "2"]),
     ("math", SRAConfig(critical_fraction=0.1, window=16, num_global=2), ["--shots", "1"]),
+    ("gsm8k", SRAConfig(attention="dsa", layers=(1,), dsa=DSAConfig(top_k=16, indexer_heads=2, indexer_dim=8,
+                                                                    impl="gather")), ["--shots", "1"]),
 ])
 def test_eval_cli_writes_a_record_per_problem_and_a_summary(task, sra, extra, tmp_path, data_dir, capsys):
     checkpoint = _tiny_checkpoint(tmp_path / "model", sra)
@@ -45,7 +47,7 @@ def test_eval_cli_writes_a_record_per_problem_and_a_summary(task, sra, extra, tm
     assert summary["shots"] == int(extra[-1]) and summary["cot"] == ("--cot" in extra)
     assert summary["generated_tokens"] == sum(r["generated_tokens"] for r in records)
     assert summary["wall_time_s"] > 0 and summary["model"]["vocab_size"] == 128256
-    if sra is None:
+    if sra is None or sra.attention != "sra":  # no router layer (DSA layers decode through their DSACache)
         assert summary["sra_selected_fraction"] is None
     else:  # ceil(10%) of each prompt, at least one token per row: a bit above 0.1
         assert 0.1 <= summary["sra_selected_fraction_prompt"] < 0.2
