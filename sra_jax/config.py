@@ -222,21 +222,25 @@ def _check_positive(owner: str, **values: Any) -> None:
 @dataclasses.dataclass(frozen=True)
 class NSAConfig:
     """Native Sparse Attention layers (`sra_jax.nn.NSAAttention`): compression pool of `block` keys with `stride`,
-    top-`top_n` selected blocks of `block_sel` keys per query block, a sliding `window`; `selected_backend` runs the
-    selected-blocks branch ("reference" or a kernel backend of `ops.nsa.nsa_selected_kernel`)."""
+    top-`top_n` selected blocks of `block_sel` keys per query token (shared by a GQA group), a sliding `window`;
+    `selected_backend` is the `ops.nsa.nsa_selected` implementation of the selected-blocks branch ("auto",
+    "reference", "gather", "pallas"; as `DSAConfig.impl`)."""
 
     block: int = 32
     stride: int = 16
     block_sel: int = 64
     top_n: int = 16
     window: int = 512
-    selected_backend: str = "reference"
+    selected_backend: str = "auto"
 
     def __post_init__(self):
         _check_positive("NSAConfig", block=self.block, stride=self.stride, block_sel=self.block_sel,
                         top_n=self.top_n, window=self.window)  # fmt: skip
         if self.stride > self.block:
             raise ValueError(f"NSAConfig.stride={self.stride} must be <= block={self.block}")
+        if self.selected_backend not in ("auto", "reference", "gather", "pallas"):
+            raise ValueError(f"NSAConfig.selected_backend={self.selected_backend!r} must be one of 'auto', "
+                             f"'reference', 'gather', 'pallas'")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

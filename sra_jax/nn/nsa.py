@@ -25,7 +25,7 @@ class NSAAttention(nnx.Module):
         block_sel: int = 64,
         top_n: int = 16,
         window: int = 512,
-        selected_backend: str = "reference",
+        selected_backend: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -65,16 +65,15 @@ class NSAAttention(nnx.Module):
         b, s, _ = x.shape
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         fn = self.selected_fn(segment_ids)
-        selected_fn = None if fn is None else (lambda q, k, v, bm: fn(q, k, v, bm, positions))
-        out, block_mask = nsa.nsa_attention(
+        out, blocks = nsa.nsa_attention(
             q, k, v, self.gates(x), positions, **self.compression_params(),
             block=self.block, stride=self.stride, block_sel=self.block_sel, top_n=self.top_n, window=self.window,
-            segment_ids=segment_ids, selected_fn=selected_fn,
+            segment_ids=segment_ids, selected_fn=lambda q, k, v, blocks: fn(q, k, v, blocks, positions),
         )  # fmt: skip
         out = self.o_proj(out.reshape(b, s, -1))
         if not with_pairs:
             return out
-        pairs = nsa.nsa_pair_counts(block_mask, positions, segment_ids, block=self.block, stride=self.stride,
+        pairs = nsa.nsa_pair_counts(blocks, positions, segment_ids, block=self.block, stride=self.stride,
                                     block_sel=self.block_sel, window=self.window)  # fmt: skip
         return out, sum(pairs)
 
@@ -89,12 +88,10 @@ class NSAAttention(nnx.Module):
                     cmp_weights_v=self.nsa_cmp_weights_v[...], cmp_pos_v=self.nsa_cmp_pos_v[...])  # fmt: skip
 
     def selected_fn(self, segment_ids: Int[Array, "b s"] | None):
-        """The selected branch `fn(q, k, v, block_mask, positions)` on the kernel backend, None for the reference."""
-        if self.selected_backend == "reference":
-            return None
-        bs, be = self.block_sel, self.selected_backend
+        """The selected branch `fn(q, k, v, blocks, positions)`: `ops.nsa.nsa_selected` with impl=selected_backend."""
+        bs, impl = self.block_sel, self.selected_backend
 
-        def fn(q, k, v, bm, positions):
-            return nsa.nsa_selected_kernel(q, k, v, bm, positions, block_sel=bs, segment_ids=segment_ids, backend=be)
+        def fn(q, k, v, blocks, positions):
+            return nsa.nsa_selected(q, k, v, blocks, positions, block_sel=bs, segment_ids=segment_ids, impl=impl)
 
         return fn

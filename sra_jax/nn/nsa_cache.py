@@ -1,7 +1,8 @@
 """`NSACache`: a `KVCache` plus every NSA layer's compressed keys/values and selection state, for prefill +
 token-by-token decoding of a `Llama` with NSA layers (`SRAConfig.attention == "nsa"`). It reads like a KVCache to
 `Llama` (batch, max_len, index, positions, next_positions, replace); dense layers use its `kv`, NSA layers write
-their keys and values, keep the compressed block each token completes and decode each new token through
+their keys and values, keep the compressed block each token completes (a token's block selection is its own, so no
+other selection state is kept) and decode each new token through
 `ops.nsa.nsa_decode_step` (by position: a `LeftPaddedKVCache` whose rows have different pad lengths decodes each
 row as it decodes alone)."""
 
@@ -26,15 +27,12 @@ class NSACache:
     cmp_k, cmp_v [layers, batch, max_blocks, kv_heads, head_dim]: compressed block c of a row pools its positions
              [c*stride, c*stride + block) (`ops.nsa.compress`); max_blocks = `ops.nsa.num_cache_blocks(max_len)`
     cmp_end  [layers, batch, max_blocks] int32, the last position of each stored block, -1 while incomplete
-    sel_imp  [layers, batch, kv_heads, max_sel] float32, the summed selection importance of the queries so far in
-             each row's current query block (max_sel = ceil(max_len / block_sel))
     Non-NSA layers leave their rows of the NSA fields at their initial values."""
 
     kv: Any
     cmp_k: Any
     cmp_v: Any
     cmp_end: Any
-    sel_imp: Any
 
     @classmethod
     def init(cls, config: LlamaConfig, sra: SRAConfig, batch: int, max_len: int, dtype=jnp.float32) -> NSACache:
@@ -54,13 +52,11 @@ class NSACache:
             raise ValueError(f"NSACache.wrap: kv.k has shape {tuple(kv.k.shape)}, the config needs {expected}")
         layers, b, _, hkv, hd = expected
         nc = nsa.num_cache_blocks(kv.max_len, block=sra.nsa.block, stride=sra.nsa.stride)
-        nsel = nsa.num_sel_blocks(kv.max_len, block_sel=sra.nsa.block_sel)
         return cls(
             kv=kv,
             cmp_k=jnp.zeros((layers, b, nc, hkv, hd), kv.k.dtype),
             cmp_v=jnp.zeros((layers, b, nc, hkv, hd), kv.v.dtype),
             cmp_end=jnp.full((layers, b, nc), -1, jnp.int32),
-            sel_imp=jnp.zeros((layers, b, hkv, nsel), jnp.float32),
         )
 
     # What `Llama` reads of a cache, from `kv`.
@@ -81,7 +77,7 @@ def _check_nsa(sra: SRAConfig) -> None:
                          f"{None if sra is None else sra.attention!r}")  # fmt: skip
 
 
-_OWN = ("kv", "cmp_k", "cmp_v", "cmp_end", "sel_imp")
+_OWN = ("kv", "cmp_k", "cmp_v", "cmp_end")
 
 
 def _replace(self: NSACache, **updates: Any) -> NSACache:
@@ -116,11 +112,9 @@ def nsa_decode_layer(
         raise ValueError(f"layer {layer} (NSAAttention): a call of {s} tokens must start at an empty cache (prefill), "
                          f"the cache holds {int(cache.index)}; decode later tokens one at a time")  # fmt: skip
     nc = nsa.num_cache_blocks(cache.max_len, block=attn.block, stride=attn.stride)
-    nsel = nsa.num_sel_blocks(cache.max_len, block_sel=attn.block_sel)
-    if cache.cmp_k.shape[2] != nc or cache.sel_imp.shape[-1] != nsel:
-        raise ValueError(f"layer {layer} (NSAAttention): the NSACache holds {cache.cmp_k.shape[2]} compressed and "
-                         f"{cache.sel_imp.shape[-1]} selection blocks, this layer's settings need {nc} and {nsel}: "
-                         f"build the cache with the model's SRAConfig")  # fmt: skip
+    if cache.cmp_k.shape[2] != nc:
+        raise ValueError(f"layer {layer} (NSAAttention): the NSACache holds {cache.cmp_k.shape[2]} compressed "
+                         f"blocks, this layer's settings need {nc}: build the cache with the model's SRAConfig")  # fmt: skip
     q, k, v = project_qkv(attn.config, attn.q_proj, attn.k_proj, attn.v_proj, x, positions)
     gates = attn.gates(x)
     kv = cache.kv
@@ -132,20 +126,18 @@ def nsa_decode_layer(
     settings = dict(**attn.compression_params(), block=attn.block, stride=attn.stride, block_sel=attn.block_sel,
                     top_n=attn.top_n, window=attn.window)  # fmt: skip
     if s > 1:
-        out, ck, cv, ce, imp = nsa.nsa_prefill(
+        out, ck, cv, ce = nsa.nsa_prefill(
             q, k, v, gates, positions, max_len=cache.max_len, selected_fn=attn.selected_fn(None), **settings
         )
     else:
-        out, (ck, cv, ce, imp) = nsa.nsa_decode_step(
+        out, (ck, cv, ce) = nsa.nsa_decode_step(
             q, kv.k[layer].astype(q.dtype), kv.v[layer].astype(q.dtype), gates, positions, kv.positions,
-            kv.index.astype(jnp.int32), cache.cmp_k[layer], cache.cmp_v[layer], cache.cmp_end[layer],
-            cache.sel_imp[layer], **settings,
+            kv.index.astype(jnp.int32), cache.cmp_k[layer], cache.cmp_v[layer], cache.cmp_end[layer], **settings,
         )  # fmt: skip
     cache = cache.replace(
         kv=kv,
         cmp_k=cache.cmp_k.at[layer].set(ck.astype(cache.cmp_k.dtype)),
         cmp_v=cache.cmp_v.at[layer].set(cv.astype(cache.cmp_v.dtype)),
         cmp_end=cache.cmp_end.at[layer].set(ce),
-        sel_imp=cache.sel_imp.at[layer].set(imp.astype(jnp.float32)),
     )
     return attn.o_proj(out.reshape(b, s, -1)), cache

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.topk import topk_attention
-from sra_jax.ops.nsa import check_gqa, masked_attention, masked_softmax, token_mask
+from sra_jax.ops.nsa import SELECTED_IMPLS, check_gqa, masked_attention, masked_softmax, resolve_impl, token_mask
 
-DSA_IMPLS = ("auto", "reference", "gather", "pallas")
+DSA_IMPLS = SELECTED_IMPLS
 
 
 def indexer_scores(
@@ -238,14 +238,6 @@ def indexer_kl_loss(
     return jnp.where(rows, kl, 0.0).sum() / jnp.maximum(rows.sum(), 1)
 
 
-def _resolve_impl(impl: str) -> str:
-    if impl not in DSA_IMPLS:
-        raise ValueError(f"impl {impl!r} not in {DSA_IMPLS}")
-    if impl == "auto":  # the Pallas kernel where it compiles (Triton on GPU, Mosaic on TPU), the jnp gather elsewhere
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "gather"
-    return impl
-
-
 def dsa_attention(
     q: Float[Array, "b s hq d"],
     k: Float[Array, "b s hkv d"],
@@ -264,7 +256,7 @@ def dsa_attention(
     "gather" (`dsa_attention_gather`, jnp, O(s * k)), "pallas" (`pallas_kernels.topk_attention`: Triton on GPU, Mosaic
     on TPU; kernel_kwargs such as backend, interpret, block_k go to it), "auto" (pallas on GPU and TPU, else gather).
     Selected lists hold distinct keys (as `top_k_keys` / `indexer_top_k` give them)."""
-    impl = _resolve_impl(impl)
+    impl = resolve_impl(impl)
     if kernel_kwargs and impl != "pallas":
         raise ValueError(f"kernel arguments {sorted(kernel_kwargs)} only apply to impl='pallas', got impl={impl!r}")
     if impl == "reference":
@@ -363,7 +355,7 @@ def dsa_decode(
         raise ValueError(f"lengths {lengths.shape} must be [batch={b}]")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    impl = _resolve_impl(impl)
+    impl = resolve_impl(impl)
     slot = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (b, L))
     k_pos = jnp.where(slot < lengths[:, None], slot if slot_positions is None else slot_positions, -1)
     q_pos = jnp.take_along_axis(k_pos, jnp.clip(lengths - 1, 0, L - 1)[:, None], axis=1)  # [b, 1]

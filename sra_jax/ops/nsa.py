@@ -1,12 +1,15 @@
 """Native Sparse Attention (Yuan et al. 2025) in pure jnp: block compression of keys/values, the compressed
-branch, per-query-block top-n block selection from the compressed scores (shared across a GQA group), the
-selected-blocks branch, a sliding window and the gated mix `sum_c g_c * o_c`.
+branch, per-token top-n block selection from the compressed scores (shared across the query heads of a GQA group),
+the selected-blocks branch, a sliding window and the gated mix `sum_c g_c * o_c`.
 
 Conventions: q [b, s, hq, d], k/v [b, s, hkv, d] (GQA, hq % hkv == 0), positions [b, s] with -1 for padding,
-segment_ids [b, s] for packed sequences (tokens attend only within their segment). Causality is by position.
-The selected-blocks branch also runs on `pallas_kernels.block_sparse_attention` through `nsa_block_layout`
-(a per-batch, per-kv-head `BlockLayout`); `custom_block_layout` turns any FlexAttention-style block mask into one.
-Decode with a cache (`nsa_prefill`, `compress_cache_block`, `nsa_decode`, `nsa_decode_step`) works by position.
+segment_ids [b, s] for packed sequences (tokens attend only within their segment). Causality is by position, and
+the whole forward is causal: a token's selection reads only its own compressed attention.
+A selection is `blocks` [b, s, hkv, n] (the selected block indices of each token and kv head, -1 for an empty
+slot); the selected-blocks branch runs on `pallas_kernels.topk_attention` with each token's keys listed
+(`selected_key_indices`). `custom_block_layout` turns a FlexAttention-style block mask into a `BlockLayout` for
+`pallas_kernels.block_sparse_attention`. Decode with a cache (`nsa_prefill`, `compress_cache_block`, `nsa_decode`,
+`nsa_decode_step`) works by position.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.block_sparse.layout import BlockLayout, layout_from_block_mask
+from pallas_kernels.topk import topk_attention
+
+SELECTED_IMPLS = ("auto", "reference", "gather", "pallas")
 
 
 def check_gqa(q: Array, k: Array, v: Array) -> None:
@@ -151,7 +157,7 @@ def compressed_mask(
     return m
 
 
-def selection_block_mask(
+def select_blocks(
     p_cmp: Float[Array, "b hq s nc"],
     *,
     num_kv_heads: int,
@@ -159,21 +165,22 @@ def selection_block_mask(
     stride: int,
     block_sel: int,
     top_n: int,
-    seq_len: int,
-) -> Bool[Array, "b hkv nq nsel"]:
-    """Top-n selection blocks (size block_sel) per query block (size block_sel) and kv head. The importance of a
-    selection block is the compressed attention mass of the compressed blocks overlapping it, summed over the
-    query heads of the GQA group and the queries of the query block. Causal at block level (selection block j <=
-    query block i); the first block and the query's own block are always selected (when they exist)."""
+    num_sel: int | None = None,
+) -> Int[Array, "b s hkv n"]:
+    """Each token's top-n selection blocks (size block_sel, block j holds sequence indices [j*block_sel,
+    (j+1)*block_sel)) per kv head, n = min(top_n, num_sel): importance is the token's own compressed attention mass
+    on the compressed blocks overlapping a selection block, summed over the query heads of the GQA group
+    (`token_importance`). Causal at block level (block j <= the token's own block s_i // block_sel); the first block
+    and the token's own block are always selected (`top_blocks`); -1 marks an empty slot (fewer causal blocks than
+    n). num_sel defaults to ceil(s / block_sel). A token's selection depends on its own query only."""
     b, hq, s, nc = p_cmp.shape
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    nsel = -(-seq_len // block_sel)
+    nsel = num_sel_blocks(s, block_sel=block_sel) if num_sel is None else num_sel
     imp = token_importance(p_cmp, num_kv_heads=num_kv_heads, block=block, stride=stride, block_sel=block_sel,
                            num_sel=nsel)  # fmt: skip
-    imp = jnp.pad(imp, ((0, 0), (0, 0), (0, nsel * block_sel - s), (0, 0)))
-    imp = imp.reshape(b, num_kv_heads, nsel, block_sel, nsel).sum(3)  # [b, hkv, nq, nsel]
-    return top_blocks(imp, jnp.arange(nsel), top_n)
+    blocks = top_blocks(imp, (jnp.arange(s, dtype=jnp.int32) // block_sel)[None, None, :], top_n)  # [b, hkv, s, n]
+    return jnp.moveaxis(blocks, 1, 2)
 
 
 def token_importance(
@@ -190,23 +197,35 @@ def token_importance(
     return imp.reshape(b, num_kv_heads, hq // num_kv_heads, s, num_sel).sum(2)
 
 
-def top_blocks(imp: Float[Array, "*b nsel"], q_block: Int[Array, "*#b"], top_n: int) -> Bool[Array, "*b nsel"]:
-    """The top-n selection blocks of a query block `q_block` (broadcast against imp's leading axes) by importance
-    `imp`: causal at block level (block j <= q_block), the first block and the query's own block always selected
-    (when they exist); ties go to the lower block (`lax.top_k`)."""
+def top_blocks(imp: Float[Array, "*b nsel"], q_block: Int[Array, "*#b"], top_n: int) -> Int[Array, "*b n"]:
+    """The top-n selection blocks (indices, n = min(top_n, nsel), -1 for an empty slot) of a query in block `q_block`
+    (broadcast against imp's leading axes) by importance `imp`: causal at block level (block j <= q_block), the
+    first block and the query's own block always selected (when they exist); ties go to the lower block
+    (`lax.top_k`). The selection carries no gradient."""
     nsel = imp.shape[-1]
     qi, kj = q_block[..., None], jnp.arange(nsel)
     forced = (kj == 0) | (kj == qi)
-    score = jnp.where(kj <= qi, jnp.where(forced, jnp.inf, imp), -jnp.inf)
+    score = jnp.where(kj <= qi, jnp.where(forced, jnp.inf, jax.lax.stop_gradient(imp)), -jnp.inf)
     vals, idx = jax.lax.top_k(score, min(top_n, nsel))
-    hot = jax.nn.one_hot(idx, nsel, dtype=jnp.bool_) & (vals > -jnp.inf)[..., None]
-    return hot.any(-2)
+    return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
 
 
-def nsa_block_layout(block_mask: Bool[Array, "b hkv nq nk"], *, block_sel: int, seq_len: int) -> BlockLayout:
-    """The selected-blocks branch as a `BlockLayout` (per batch row and kv head: NSA shares a selection across a
-    GQA group), for `pallas_kernels.block_sparse_attention` with causal=True and the token positions."""
-    return layout_from_block_mask(block_mask, block_q=block_sel, block_k=block_sel, seq_q=seq_len, seq_k=seq_len)
+def selected_key_indices(blocks: Int[Array, "b s hkv n"], block_sel: int) -> Int[Array, "b s hkv nk"]:
+    """Each token's key list (nk = n * block_sel, -1 for the keys of an empty slot) of its selected blocks, as
+    `pallas_kernels.topk_attention` takes it; indices past the sequence end (a ragged last block) are out of range,
+    which the kernel treats as empty."""
+    keys = blocks[..., None] * block_sel + jnp.arange(block_sel, dtype=jnp.int32)
+    keys = jnp.where(blocks[..., None] >= 0, keys, -1)
+    return keys.reshape(*blocks.shape[:-1], -1)
+
+
+def selected_token_mask(blocks: Int[Array, "b s hkv n"], block_sel: int, seq_k: int) -> Bool[Array, "b hkv s sk"]:
+    """Token-level view of a selection: key j is selected for token t and kv head h when j's block is in
+    blocks[t, h]. Dense ([s, sk] per row and kv head): for references and tests."""
+    nsel = num_sel_blocks(seq_k, block_sel=block_sel)
+    hot = (jax.nn.one_hot(blocks, nsel, dtype=jnp.bool_)).any(-2)  # [b, s, hkv, nsel]; -1 is all False
+    m = jnp.repeat(hot, block_sel, axis=-1)[..., :seq_k]
+    return jnp.moveaxis(m, 2, 1)
 
 
 def custom_block_layout(
@@ -228,12 +247,6 @@ def custom_block_layout(
     return layout_from_block_mask(block_mask.astype(bool), block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
 
 
-def expand_block_mask(block_mask: Bool[Array, "b h nq nk"], block: int, seq_len: int) -> Bool[Array, "b h s s"]:
-    """Token-level view of a square-block mask."""
-    m = jnp.repeat(jnp.repeat(block_mask, block, axis=-2), block, axis=-1)
-    return m[..., :seq_len, :seq_len]
-
-
 def nsa_attention(
     q: Float[Array, "b s hq d"],
     k: Float[Array, "b s hkv d"],
@@ -252,10 +265,11 @@ def nsa_attention(
     window: int,
     segment_ids: Int[Array, "b s"] | None = None,
     selected_fn=None,
-) -> tuple[Float[Array, "b s hq d"], Bool[Array, "b hkv nq nsel"]]:
+) -> tuple[Float[Array, "b s hq d"], Int[Array, "b s hkv n"]]:
     """The three NSA branches mixed by `gates` (already in [0, 1]: compressed, selected, window). Returns (output,
-    selection block mask). `selected_fn(q, k, v, block_mask)` computes the selected branch (default: the dense
-    masked reference here; `nsa_selected_kernel` runs it on the block-sparse kernel)."""
+    selection: each token's selected blocks per kv head, `select_blocks`). `selected_fn(q, k, v, blocks)` computes
+    the selected branch (default: the dense masked reference `nsa_selected_reference`; `nsa_selected` runs it on
+    the top-k gather kernel). Causal: a token's output reads no later token."""
     out, bm, _ = _nsa_parts(
         q, k, v, gates, positions,
         cmp_weights_k=cmp_weights_k, cmp_pos_k=cmp_pos_k, cmp_weights_v=cmp_weights_v, cmp_pos_v=cmp_pos_v,
@@ -267,7 +281,7 @@ def nsa_attention(
 
 def _nsa_parts(q, k, v, gates, positions, *, cmp_weights_k, cmp_pos_k, cmp_weights_v, cmp_pos_v, block, stride,
                block_sel, top_n, window, segment_ids=None, selected_fn=None):  # fmt: skip
-    """`nsa_attention`, also returning (compressed keys, compressed values, block end positions, p_cmp)."""
+    """`nsa_attention`, also returning (compressed keys, compressed values, block end positions)."""
     check_gqa(q, k, v)
     b, s, hq, d = q.shape
     if window < 1:
@@ -277,15 +291,13 @@ def _nsa_parts(q, k, v, gates, positions, *, cmp_weights_k, cmp_pos_k, cmp_weigh
     )
     vc, _, _ = compress(v, positions, cmp_weights_v, cmp_pos_v, block=block, stride=stride, segment_ids=segment_ids)
     o_cmp, p_cmp = masked_attention(q, kc, vc, compressed_mask(positions, c_end, segment_ids, c_seg))
-    bm = selection_block_mask(
-        p_cmp, num_kv_heads=k.shape[2], block=block, stride=stride, block_sel=block_sel, top_n=top_n, seq_len=s
-    )
+    bm = select_blocks(p_cmp, num_kv_heads=k.shape[2], block=block, stride=stride, block_sel=block_sel, top_n=top_n)
     if selected_fn is None:
         o_slc = nsa_selected_reference(q, k, v, bm, positions, block_sel=block_sel, segment_ids=segment_ids)
     else:
         o_slc = selected_fn(q, k, v, bm)
     o_win, _ = masked_attention(q, k, v, token_mask(positions, positions, segment_ids, window=window))
-    return _mix(gates, o_cmp, o_slc, o_win), bm, (kc, vc, c_end, p_cmp)
+    return _mix(gates, o_cmp, o_slc, o_win), bm, (kc, vc, c_end)
 
 
 def _mix(gates, o_cmp, o_slc, o_win):
@@ -294,10 +306,9 @@ def _mix(gates, o_cmp, o_slc, o_win):
 
 
 # Decode. A row's cache holds its keys in slots with per-slot positions (-1: empty); compressed block c covers the
-# positions [c*stride, c*stride + block) and is kept once its last position is cached; `sel_imp` holds the summed
-# selection importance of the queries of the row's current query block (positions [i*block_sel, t]), which is what
-# the forward's per-query-block selection of a query at t reads from queries up to t. Hence decoding the token at
-# position t equals the forward run on positions 0..t, at t.
+# positions [c*stride, c*stride + block) and is kept once its last position is cached. A token's selection reads
+# only its own compressed attention, so decoding the token at position t equals the forward at t (of any sequence
+# holding positions 0..t: the forward is causal).
 
 
 def num_cache_blocks(max_len: int, *, block: int, stride: int) -> int:
@@ -330,15 +341,14 @@ def nsa_prefill(
     max_len: int,
     selected_fn=None,
 ) -> tuple[
-    Float[Array, "b s hq d"], Float[Array, "b nc hkv d"], Float[Array, "b nc hkv d"], Int[Array, "b nc"],
-    Float[Array, "b hkv nsel"],
+    Float[Array, "b s hq d"], Float[Array, "b nc hkv d"], Float[Array, "b nc hkv d"], Int[Array, "b nc"]
 ]:  # fmt: skip
     """`nsa_attention` of a prompt by position (blocks of positions, not of slots: a left-padded row gives what it
     gives alone) plus the decode state of a cache of `max_len` positions: (output, compressed keys, compressed
-    values, their end positions (-1: not complete), importance of the last query block; see `nsa_decode`).
+    values, their end positions (-1: not complete); see `nsa_decode`).
     Each row's valid positions must be distinct and < max(s, block) (a prompt at positions 0..n-1, in any slots);
     a token at a larger position gets NaN (checked with a ValueError when positions are concrete).
-    `selected_fn(q, k, v, block_mask, positions)` runs the selected branch (default: the reference)."""
+    `selected_fn(q, k, v, blocks, positions)` runs the selected branch (default: the reference)."""
     check_gqa(q, k, v)
     b, s = positions.shape
     n = max(s, block)
@@ -355,7 +365,7 @@ def nsa_prefill(
 
     pos = jnp.where(slot_of < s, jnp.arange(n, dtype=jnp.int32), -1)
     sel = None if selected_fn is None else (lambda q, k, v, bm: selected_fn(q, k, v, bm, pos))
-    out, _, (kc, vc, c_end, p_cmp) = _nsa_parts(
+    out, _, (kc, vc, c_end) = _nsa_parts(
         by_position(q), by_position(k), by_position(v), by_position(gates), pos,
         cmp_weights_k=cmp_weights_k, cmp_pos_k=cmp_pos_k, cmp_weights_v=cmp_weights_v, cmp_pos_v=cmp_pos_v,
         block=block, stride=stride, block_sel=block_sel, top_n=top_n, window=window, selected_fn=sel,
@@ -363,17 +373,12 @@ def nsa_prefill(
     gather = jnp.clip(positions, 0, n - 1)[:, :, None, None]
     out = jnp.take_along_axis(out, gather, axis=1)
     out = jnp.where((positions < 0)[:, :, None, None], 0.0, jnp.where((positions >= n)[:, :, None, None], jnp.nan, out))
-    nc_cache, nsel = num_cache_blocks(max_len, block=block, stride=stride), num_sel_blocks(max_len, block_sel=block_sel)
+    nc_cache = num_cache_blocks(max_len, block=block, stride=stride)
     keep = min(kc.shape[1], nc_cache)
     fill = ((0, 0), (0, nc_cache - keep), (0, 0), (0, 0))
     cmp_k, cmp_v = jnp.pad(kc[:, :keep], fill), jnp.pad(vc[:, :keep], fill)
     cmp_end = jnp.pad(c_end[:, :keep], ((0, 0), (0, nc_cache - keep)), constant_values=-1)
-    imp = token_importance(p_cmp, num_kv_heads=k.shape[2], block=block, stride=stride, block_sel=block_sel,
-                           num_sel=nsel)  # fmt: skip
-    last = pos.max(1)
-    in_block = (pos >= 0) & (pos // block_sel == (last // block_sel)[:, None])
-    sel_imp = (imp * in_block[:, None, :, None]).sum(2)
-    return out.astype(q.dtype), cmp_k, cmp_v, cmp_end, sel_imp
+    return out.astype(q.dtype), cmp_k, cmp_v, cmp_end
 
 
 def compress_cache_block(
@@ -413,38 +418,38 @@ def nsa_decode(
     cmp_k: Float[Array, "b nc hkv d"],
     cmp_v: Float[Array, "b nc hkv d"],
     cmp_end: Int[Array, "b nc"],
-    sel_imp: Float[Array, "b hkv nsel"],
     *,
     block: int,
     stride: int,
     block_sel: int,
     top_n: int,
     window: int,
-) -> tuple[Float[Array, "b 1 hq d"], Float[Array, "b hkv nsel"]]:
-    """One new token per row (sq == 1, at `positions`, already written into the caches, its compressed block too) over the
-    cached keys at `slot_positions`: the compressed branch over the complete blocks ending at or before it, the
-    top-n selection blocks (by position) of its query block from `sel_imp` plus its own importance, the window.
-    Returns (output, updated `sel_imp`: reset when the token starts a query block). Dense masked reads of the cache
-    (the reference path: one query per row reads each cached key once per branch)."""
+) -> Float[Array, "b 1 hq d"]:
+    """One new token per row (sq == 1, at `positions`, already written into the caches, its compressed block too) over
+    the cached keys at `slot_positions` (each < n, as a cache filled one position per slot holds them): the
+    compressed branch over the complete blocks ending at or before it, its own top-n selection blocks (by position,
+    first and own block forced, as `select_blocks`), the window. Dense masked reads of the cache (the reference
+    path: one query per row reads each cached key once per branch)."""
     check_gqa(q, k_cache, v_cache)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if q.shape[1] != 1 or positions.shape != q.shape[:2]:
         raise ValueError(f"nsa_decode takes one token per row: q [b, 1, hq, d], positions [b, 1], got {q.shape}, "
                          f"{positions.shape}")  # fmt: skip
-    hkv, nsel = k_cache.shape[2], sel_imp.shape[-1]
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    hkv, n = k_cache.shape[2], k_cache.shape[1]
+    nsel = num_sel_blocks(n, block_sel=block_sel)
     t = positions[:, 0]
     o_cmp, p_cmp = masked_attention(q, cmp_k, cmp_v, compressed_mask(positions, cmp_end, None, cmp_end))
     imp = token_importance(p_cmp, num_kv_heads=hkv, block=block, stride=stride, block_sel=block_sel, num_sel=nsel)
-    start = (t % block_sel == 0)[:, None, None]
-    acc = jnp.where((t < 0)[:, None, None], sel_imp, jnp.where(start, 0.0, sel_imp) + imp[:, :, 0])
-    bm = top_blocks(acc, jnp.where(t >= 0, t // block_sel, -1)[:, None], top_n)  # [b, hkv, nsel]
-    kb = slot_positions // block_sel
-    picked = jnp.take_along_axis(bm, jnp.clip(kb, 0, nsel - 1)[:, None, :], axis=-1) & (kb < nsel)[:, None, :]
+    blocks = top_blocks(imp[:, :, 0], jnp.where(t >= 0, t // block_sel, -1)[:, None], top_n)  # [b, hkv, n]
+    kb = jnp.where(slot_positions >= 0, slot_positions // block_sel, -1)
+    picked = (blocks[:, :, :, None] == kb[:, None, None, :]).any(2) & (kb >= 0)[:, None, :]  # [b, hkv, n]
     m_slc = picked[:, :, None, :] & token_mask(positions, slot_positions)[:, None]
     o_slc, _ = masked_attention(q, k_cache, v_cache, m_slc)
     o_win, _ = masked_attention(q, k_cache, v_cache, token_mask(positions, slot_positions, window=window))
-    return _mix(gates, o_cmp, o_slc, o_win), acc
+    return _mix(gates, o_cmp, o_slc, o_win)
 
 
 def nsa_decode_step(
@@ -458,7 +463,6 @@ def nsa_decode_step(
     cmp_k: Float[Array, "b nc hkv d"],
     cmp_v: Float[Array, "b nc hkv d"],
     cmp_end: Int[Array, "b nc"],
-    sel_imp: Float[Array, "b hkv nsel"],
     *,
     cmp_weights_k: Float[Array, " l"],
     cmp_pos_k: Float[Array, "l d"],
@@ -469,10 +473,10 @@ def nsa_decode_step(
     block_sel: int,
     top_n: int,
     window: int,
-) -> tuple[Float[Array, "b 1 hq d"], tuple[Array, Array, Array, Array]]:
+) -> tuple[Float[Array, "b 1 hq d"], tuple[Array, Array, Array]]:
     """A decode step whose token's key/value are already in the caches at `slot`: store the compressed block it
     completes (per row: rows complete blocks at different steps), then `nsa_decode`. Returns (output, (cmp_k,
-    cmp_v, cmp_end, sel_imp) updated)."""
+    cmp_v, cmp_end) updated)."""
     kw = dict(block=block, stride=stride)
     ck, c_idx = compress_cache_block(k_cache, slot_positions, slot, positions[:, 0], cmp_weights_k, cmp_pos_k, **kw)
     cv, _ = compress_cache_block(v_cache, slot_positions, slot, positions[:, 0], cmp_weights_v, cmp_pos_v, **kw)
@@ -481,14 +485,14 @@ def nsa_decode_step(
     cmp_k = cmp_k.at[rows, target].set(ck.astype(cmp_k.dtype), mode="drop")
     cmp_v = cmp_v.at[rows, target].set(cv.astype(cmp_v.dtype), mode="drop")
     cmp_end = cmp_end.at[rows, target].set(positions[:, 0], mode="drop")
-    out, sel_imp = nsa_decode(q, k_cache, v_cache, gates, positions, slot_positions, cmp_k.astype(q.dtype),
-                              cmp_v.astype(q.dtype), cmp_end, sel_imp, block=block, stride=stride,
-                              block_sel=block_sel, top_n=top_n, window=window)  # fmt: skip
-    return out, (cmp_k, cmp_v, cmp_end, sel_imp)
+    out = nsa_decode(q, k_cache, v_cache, gates, positions, slot_positions, cmp_k.astype(q.dtype),
+                     cmp_v.astype(q.dtype), cmp_end, block=block, stride=stride, block_sel=block_sel, top_n=top_n,
+                     window=window)  # fmt: skip
+    return out, (cmp_k, cmp_v, cmp_end)
 
 
 def nsa_pair_counts(
-    block_mask: Bool[Array, "b hkv nq nk"],
+    blocks: Int[Array, "b s hkv n"],
     positions: Int[Array, "b s"],
     segment_ids: Int[Array, "b s"] | None = None,
     *,
@@ -498,16 +502,16 @@ def nsa_pair_counts(
     window: int,
 ) -> tuple[Float[Array, " b"], Float[Array, " b"], Float[Array, " b"]]:
     """(compressed, selected, window) (query, key) pairs each NSA branch of `nsa_attention` attends per batch row,
-    for the selection `block_mask` it returned: queries x visible compressed blocks (`compressed_mask`), queries x
-    the visible keys (causal, padding, segment) of their selected blocks, and queries x their window keys. The
+    for the selection `blocks` it returned: queries x visible compressed blocks (`compressed_mask`), each query x
+    the visible keys (causal, padding, segment) of its selected blocks, and queries x their window keys. The
     selected count is the mean over kv heads (each kv head's selection serves its GQA group, so hq * mean is the
-    per-query-head total), hence fractional. Padding queries attend nothing. Counted per (query block, key block)
-    tile, one query block of block_sel at a time: memory O(b * block_sel * s), no [s, s] array."""
+    per-query-head total), hence fractional. Padding queries attend nothing. Counted one chunk of block_sel queries
+    at a time: memory O(b * block_sel * (s + hkv * n * block_sel)), no [s, s] array."""
     b, s = positions.shape
     nq = -(-s // block_sel)
-    if block_mask.ndim != 4 or block_mask.shape[0] != b or block_mask.shape[2:] != (nq, nq):
-        raise ValueError(f"block_mask must be [{b}, hkv, {nq}, {nq}] for s={s}, block_sel={block_sel}, "
-                         f"got {block_mask.shape}")  # fmt: skip
+    if blocks.ndim != 4 or blocks.shape[:2] != (b, s) or not jnp.issubdtype(blocks.dtype, jnp.integer):
+        raise ValueError(f"blocks must be integer [{b}, {s}, hkv, n] (the selection nsa_attention returns), "
+                         f"got {blocks.dtype}{list(blocks.shape)}")  # fmt: skip
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
@@ -515,19 +519,23 @@ def nsa_pair_counts(
     pad = nq * block_sel - s
     k_pos = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
     k_seg = jnp.pad(seg, ((0, 0), (0, pad)))
-    q_blocks = (jnp.moveaxis(x.reshape(b, nq, block_sel), 1, 0) for x in (k_pos, k_seg))
+    keys = selected_key_indices(jnp.pad(blocks, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=-1), block_sel)
+    chunks = tuple(jnp.moveaxis(x.reshape(b, nq, block_sel, *x.shape[2:]), 1, 0) for x in (k_pos, k_seg, keys))
+    take = jax.vmap(lambda a, i: a[i])  # per batch row
 
     def step(args):
-        qp, qs = args  # [b, block_sel]
+        qp, qs, kb = args  # [b, block_sel], [b, block_sel], [b, block_sel, hkv, nk]
         visible = token_mask(qp, k_pos, qs, k_seg)  # [b, block_sel, nq * block_sel]
-        tiles = visible.reshape(b, block_sel, nq, block_sel).sum((1, 3), dtype=jnp.int32)  # [b, nk]
         in_window = visible & (qp[:, :, None] - k_pos[:, None, :] < window)
-        return (tiles, in_window.sum((1, 2), dtype=jnp.int32),
+        safe = jnp.clip(kb, 0, nq * block_sel - 1)
+        kp, ks = take(k_pos, safe), take(k_seg, safe)
+        qp4, qs4 = qp[:, :, None, None], qs[:, :, None, None]
+        sel = (kb >= 0) & (qp4 >= 0) & (kp >= 0) & (kp <= qp4) & (ks == qs4)
+        return (sel.sum((1, 3), dtype=jnp.int32), in_window.sum((1, 2), dtype=jnp.int32),
                 compressed_mask(qp, c_end, qs, c_seg).sum((1, 2), dtype=jnp.int32))  # fmt: skip
 
-    tiles, win, cmp = jax.lax.map(step, tuple(q_blocks))  # [nq, b, nk], [nq, b], [nq, b]
-    tiles = jnp.moveaxis(tiles, 0, 1).astype(jnp.float32)  # [b, nq, nk]
-    selected = jnp.where(block_mask, tiles[:, None], 0.0).sum((2, 3)).mean(1)  # no matmul: exact on TPU too
+    sel, win, cmp = jax.lax.map(step, chunks)  # [nq, b, hkv], [nq, b], [nq, b]
+    selected = sel.astype(jnp.float32).sum(0).mean(-1)
     return cmp.astype(jnp.float32).sum(0), selected, win.astype(jnp.float32).sum(0)
 
 
@@ -535,38 +543,80 @@ def nsa_selected_reference(
     q: Float[Array, "b s hq d"],
     k: Float[Array, "b s hkv d"],
     v: Float[Array, "b s hkv d"],
-    block_mask: Bool[Array, "b hkv nq nk"],
+    blocks: Int[Array, "b s hkv n"],
     positions: Int[Array, "b s"],
     *,
     block_sel: int,
     segment_ids: Int[Array, "b s"] | None = None,
 ) -> Float[Array, "b s hq d"]:
-    """Selected-blocks branch, dense masked reference."""
+    """Selected-blocks branch, dense masked reference (O(s^2) memory): each token attends to the visible keys of its
+    own selected blocks (per kv head, shared by the GQA group)."""
     s = q.shape[1]
-    m = expand_block_mask(block_mask, block_sel, s) & token_mask(positions, positions, segment_ids)[:, None]
+    m = selected_token_mask(blocks, block_sel, s) & token_mask(positions, positions, segment_ids)[:, None]
     return masked_attention(q, k, v, m)[0]
+
+
+def resolve_impl(impl: str) -> str:
+    """An `impl` of `SELECTED_IMPLS` with "auto" resolved: the Pallas kernel where it compiles (Triton on GPU,
+    Mosaic on TPU), the jnp gather elsewhere."""
+    if impl not in SELECTED_IMPLS:
+        raise ValueError(f"impl {impl!r} not in {SELECTED_IMPLS}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "gather"
+    return impl
+
+
+def nsa_selected(
+    q: Float[Array, "b s hq d"],
+    k: Float[Array, "b s hkv d"],
+    v: Float[Array, "b s hkv d"],
+    blocks: Int[Array, "b s hkv n"],
+    positions: Int[Array, "b s"],
+    *,
+    block_sel: int,
+    segment_ids: Int[Array, "b s"] | None = None,
+    impl: str = "auto",
+    **kernel_kwargs,
+) -> Float[Array, "b s hq d"]:
+    """Selected-blocks branch: each token attends to the keys of its selected blocks (`selected_key_indices`, per kv
+    head), masked per token (causal, padding, segment). impl: "reference" (`nsa_selected_reference`, dense, O(s^2)),
+    "gather" (`pallas_kernels.topk_attention`'s jnp backend, memory O(s * hkv * n * block_sel * d)), "pallas"
+    (`nsa_selected_kernel`: the top-k gather kernel, Triton on GPU, Mosaic on TPU; kernel_kwargs such as backend,
+    interpret, block_k go to it), "auto" (pallas on GPU and TPU, else gather). Differentiable in q, k, v."""
+    impl = resolve_impl(impl)
+    if kernel_kwargs and impl != "pallas":
+        raise ValueError(f"kernel arguments {sorted(kernel_kwargs)} only apply to impl='pallas', got impl={impl!r}")
+    if impl == "reference":
+        return nsa_selected_reference(q, k, v, blocks, positions, block_sel=block_sel, segment_ids=segment_ids)
+    if impl == "gather":
+        kernel_kwargs = {"backend": "reference"}
+    return nsa_selected_kernel(q, k, v, blocks, positions, block_sel=block_sel, segment_ids=segment_ids,
+                               **kernel_kwargs)  # fmt: skip
 
 
 def nsa_selected_kernel(
     q: Float[Array, "b s hq d"],
     k: Float[Array, "b s hkv d"],
     v: Float[Array, "b s hkv d"],
-    block_mask: Bool[Array, "b hkv nq nk"],
+    blocks: Int[Array, "b s hkv n"],
     positions: Int[Array, "b s"],
     *,
     block_sel: int,
     segment_ids: Int[Array, "b s"] | None = None,
     **kernel_kwargs,
 ) -> Float[Array, "b s hq d"]:
-    """Selected-blocks branch on `pallas_kernels.block_sparse_attention` (kernel_kwargs: backend, interpret, ...)."""
-    from pallas_kernels import block_sparse_attention
-
-    layout = nsa_block_layout(block_mask, block_sel=block_sel, seq_len=q.shape[1])
-    return block_sparse_attention(
+    """Selected-blocks branch on `pallas_kernels.topk_attention` (one program per token and kv head walks the
+    token's n * block_sel listed keys; kernel_kwargs: backend, interpret, block_k, num_warps, num_stages). The key
+    lists are int32 [b, s, hkv, n * block_sel]: memory O(s * hkv * top_n * block_sel), no [s, s] array."""
+    check_gqa(q, k, v)
+    b, s = q.shape[:2]
+    if blocks.ndim != 4 or blocks.shape[:3] != (b, s, k.shape[2]):
+        raise ValueError(f"blocks must be [{b}, {s}, {k.shape[2]}, n], got {blocks.shape}")
+    return topk_attention(
         q,
         k,
         v,
-        layout,
+        selected_key_indices(blocks, block_sel),
         causal=True,
         q_positions=positions,
         k_positions=positions,
