@@ -60,10 +60,10 @@ def test_cli_generates_from_a_dsa_checkpoint(model, reference, tmp_path, capsys)
 
 
 def test_generate_decodes_an_nsa_model_through_its_cache():
-    """NSA on the last layer (its per-query-block selection makes earlier tokens' outputs depend on later queries of
-    their block, so decoding equals recomputation exactly when no layer reads an NSA layer's output; docs/nn.md)."""
-    nsa = SRAConfig(attention="nsa", layers=(CONFIG.num_hidden_layers - 1,),
-                    nsa=NSAConfig(block=4, stride=2, block_sel=4, top_n=2, window=4))  # fmt: skip
+    """NSA on every layer (its forward is causal: a token's block selection is its own), greedy decoding through
+    the NSACache equals recomputing each row without a cache. top_n=3 of up to 4 selection blocks: tokens from
+    position 12 on choose a block by importance."""
+    nsa = SRAConfig(attention="nsa", layers=None, nsa=NSAConfig(block=4, stride=2, block_sel=4, top_n=3, window=4))
     nsa_model = random_model(sra=nsa)
     cache = generation_cache(CONFIG, nsa, [5, 2, 7], prompt_len=8, max_len=8 + NEW, dtype=jnp.float32)
     assert isinstance(cache, NSACache)

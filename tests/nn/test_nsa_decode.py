@@ -1,6 +1,7 @@
 """NSA decode with a KV cache: `ops.nsa.nsa_prefill` + `nsa_decode_step` against the forward (`nsa_attention` on
-positions 0..t, at t) for every t, left-padded rows against each row alone, and `Llama` with NSA layers (NSACache)
-prefill + token-by-token decode against recomputing the prefix."""
+positions 0..t, at t, and the forward on the whole sequence: it is causal) for every t, left-padded rows against each
+row alone, and `Llama` with NSA layers first and last (NSACache) prefill + token-by-token decode against the forward
+on the whole sequence."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _decode_all(q, k, v, g, prm, cfg, prompt_lengths, max_len):
     qs, ks, vs, gs = (at_slots(x) for x in (q, k, v, g))
     sp = jnp.asarray(slot_pos)
     pre = jax.jit(functools.partial(nsa.nsa_prefill, max_len=max_len, **prm, **cfg))
-    out, ck, cv, ce, imp = pre(qs[:, :p_len], ks[:, :p_len], vs[:, :p_len], gs[:, :p_len], sp[:, :p_len])
+    out, ck, cv, ce = pre(qs[:, :p_len], ks[:, :p_len], vs[:, :p_len], gs[:, :p_len], sp[:, :p_len])
     outs = [out]
     step = jax.jit(functools.partial(nsa.nsa_decode_step, **prm, **cfg))
     visible = jnp.where(jnp.arange(max_len) < p_len, sp, -1)
@@ -64,8 +65,8 @@ def _decode_all(q, k, v, g, prm, cfg, prompt_lengths, max_len):
         slot = p_len + i
         visible = visible.at[:, slot].set(sp[:, slot])
         cut = lambda x: jnp.where((jnp.arange(max_len) <= slot)[None, :, None, None], x, 0.0)  # noqa: B023
-        o, (ck, cv, ce, imp) = step(qs[:, slot : slot + 1], cut(ks), cut(vs), gs[:, slot : slot + 1],
-                                    sp[:, slot : slot + 1], visible, jnp.int32(slot), ck, cv, ce, imp)  # fmt: skip
+        o, (ck, cv, ce) = step(qs[:, slot : slot + 1], cut(ks), cut(vs), gs[:, slot : slot + 1],
+                               sp[:, slot : slot + 1], visible, jnp.int32(slot), ck, cv, ce)  # fmt: skip
         outs.append(o)
     out = np.asarray(jnp.concatenate(outs, 1))  # by slot
     rows = [out[r, shift[r] : shift[r] + lengths[r] + steps] for r in range(b)]
@@ -86,8 +87,11 @@ def test_decode_equals_the_forward_on_every_prefix(hq, hkv, block, stride, block
     q, k, v, g, prm = _data(hq + block, 2, s, hq, hkv, block)
     got = _decode_all(q, k, v, g, prm, cfg, prompt_lengths=[1, 1], max_len=24)  # every position a decode step
     want = _forward_every_prefix(q, k, v, g, prm, cfg)
-    # Same math in a different summation order (gathered importance, cached compressed blocks): float32 rounding.
+    # Same math in a different summation order (cached compressed blocks, cache-wide masks): float32 rounding.
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # the forward is causal: the whole sequence's forward gives the same at every t
+    whole = np.asarray(nsa.nsa_attention(q, k, v, g, jnp.broadcast_to(jnp.arange(s), (2, s)), **prm, **cfg)[0])
+    np.testing.assert_allclose(got, whole, rtol=2e-5, atol=2e-5)
 
 
 def test_left_padded_rows_equal_each_row_alone():
@@ -109,52 +113,47 @@ def test_left_padded_rows_equal_each_row_alone():
         np.testing.assert_allclose(got[r, n:reach], want[r, n:reach], rtol=2e-5, atol=2e-5)
 
 
-# top_n=3 of up to 4 selection blocks: from the 13th token on, a query block's third block is picked by importance.
+# top_n=3 of up to 4 selection blocks: from the 13th token on, a token's third block is picked by importance.
 TINY_NSA = NSAConfig(block=4, stride=2, block_sel=4, top_n=3, window=3)
+NSA_LAYERS = (0, 2)  # NSA first (a dense and an NSA layer read its outputs) and last
 
 
 @pytest.fixture(scope="module")
 def nsa_model():
-    config = LlamaConfig.tiny()
-    # The NSA layer is the last one: the forward's selection of a query block reads all its queries, so an earlier
-    # token's output (hence a later layer's key) in the forward on 0..t depends on queries up to t; the decode
-    # reproduces the forward on 0..t at t, which is what the logits at t read when no layer follows.
-    sra = SRAConfig(attention="nsa", layers=(1,), nsa=TINY_NSA)
+    config = LlamaConfig.tiny(num_hidden_layers=3)
+    sra = SRAConfig(attention="nsa", layers=NSA_LAYERS, nsa=TINY_NSA)
     model = Llama(config, sra, rngs=nnx.Rngs(0))
-    for name in ("nsa_cmp_pos_k", "nsa_cmp_pos_v"):  # non-trivial pool weights (init: mean pool, no embedding)
-        p = getattr(model.layers[1].attn, name)
-        p[...] = 0.3 * jax.random.normal(jax.random.key(5), p[...].shape)
+    for i in NSA_LAYERS:
+        for name in ("nsa_cmp_pos_k", "nsa_cmp_pos_v"):  # non-trivial pool weights (init: mean pool, no embedding)
+            p = getattr(model.layers[i].attn, name)
+            p[...] = 0.3 * jax.random.normal(jax.random.key(5 + i), p[...].shape)
     step = nnx.jit(lambda m, t, c: m(t, cache=c))
-    prefix = nnx.jit(lambda m, t, p: m(t, p)[0])
-    return config, sra, model, step, prefix
+    whole = nnx.jit(lambda m, t: m(t)[0])
+    return config, sra, model, step, whole
 
 
-def _prefix_logits(prefix, model, tokens, t):
-    """Logits at t of the model run on tokens 0..t (later tokens as padding, which no layer reads)."""
-    b, s = tokens.shape
-    pos = jnp.broadcast_to(jnp.where(jnp.arange(s) <= t, jnp.arange(s), -1), (b, s))
-    return np.asarray(prefix(model, tokens, pos))[:, t]
-
-
-def test_nsa_cache_decode_equals_recomputing_the_prefix(nsa_model):
-    config, sra, model, step, prefix = nsa_model
+def test_nsa_cache_decode_equals_the_forward(nsa_model):
+    """Decoding token t equals the forward on the whole sequence at t (the forward is causal, so this is also the
+    recomputation of the prefix 0..t), with NSA layers before other layers."""
+    config, sra, model, step, whole = nsa_model
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, config.vocab_size)
     cache = NSACache.init(config, sra, batch=2, max_len=16)
     logits, aux = step(model, tokens[:, :5], cache)
     full, _ = model(tokens[:, :5])
     np.testing.assert_allclose(np.asarray(logits), np.asarray(full), rtol=1e-5, atol=1e-5)
+    want = np.asarray(whole(model, tokens))
     for t in range(5, 16):
         logits, aux = step(model, tokens[:, t : t + 1], aux.cache)
-        # Same math in another order (cached compressed blocks, accumulated importance): float32 rounding only.
-        np.testing.assert_allclose(np.asarray(logits)[:, 0], _prefix_logits(prefix, model, tokens, t), rtol=1e-5,
-                                   atol=1e-5, err_msg=f"t={t}")  # fmt: skip
+        # Same math in another order (cached compressed blocks, cache-wide masks): float32 rounding only.
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], want[:, t], rtol=1e-5, atol=1e-5, err_msg=f"t={t}")
     assert int(aux.cache.index) == 16
-    assert (np.asarray(aux.cache.cmp_end[1]) == 2 * np.arange(7) + 3).all()  # blocks end at 3, 5, ..., 15
-    assert (np.asarray(aux.cache.cmp_end[0]) == -1).all()  # the dense layer keeps none
+    for i in NSA_LAYERS:
+        assert (np.asarray(aux.cache.cmp_end[i]) == 2 * np.arange(7) + 3).all()  # blocks end at 3, 5, ..., 15
+    assert (np.asarray(aux.cache.cmp_end[1]) == -1).all()  # the dense layer keeps none
 
 
 def test_nsa_cache_left_padded_rows_equal_each_row_alone(nsa_model):
-    config, sra, model, step, prefix = nsa_model
+    config, sra, model, step, whole = nsa_model
     lengths, prompt_len, steps = [3, 7], 7, 7
     tokens = jax.random.randint(jax.random.key(4), (2, 14), 0, config.vocab_size)
     # row r's tokens left-padded: slot j holds token j - (prompt_len - lengths[r])
@@ -168,20 +167,21 @@ def test_nsa_cache_left_padded_rows_equal_each_row_alone(nsa_model):
         logits, aux = step(model, jnp.asarray(padded[:, prompt_len + i : prompt_len + i + 1]), aux.cache)
         outs.append(np.asarray(logits)[:, 0])
     for r, n in enumerate(lengths):
-        want = [_prefix_logits(prefix, model, tokens[r : r + 1], t)[0] for t in range(n - 1, n + steps - 1)]
-        np.testing.assert_allclose(np.stack([o[r] for o in outs]), np.stack(want), rtol=1e-5, atol=1e-5)
+        want = np.asarray(whole(model, tokens[r : r + 1]))[0, n - 1 : n + steps - 1]  # causal: row r alone
+        np.testing.assert_allclose(np.stack([o[r] for o in outs]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_nsa_layers_need_an_nsa_cache_built_for_their_settings(nsa_model):
     config, sra, model, step, _ = nsa_model
     tokens = jnp.zeros((1, 4), jnp.int32)
-    with pytest.raises(ValueError, match="layer 1 .*NSACache"):
+    with pytest.raises(ValueError, match="layer 0 .*NSACache"):
         step(model, tokens, KVCache.init(config, batch=1, max_len=8))
-    other = SRAConfig(attention="nsa", layers=(1,), nsa=NSAConfig(block=8, stride=4, block_sel=4, top_n=3, window=3))
-    with pytest.raises(ValueError, match="layer 1 .*compressed and"):
+    other = SRAConfig(attention="nsa", layers=NSA_LAYERS,
+                      nsa=NSAConfig(block=8, stride=4, block_sel=4, top_n=3, window=3))  # fmt: skip
+    with pytest.raises(ValueError, match="layer 0 .*compressed"):
         step(model, tokens, NSACache.init(config, other, batch=1, max_len=16))
     with pytest.raises(ValueError, match="attention='nsa'"):
-        NSACache.init(config, SRAConfig(attention="dsa", layers=(1,)), batch=1, max_len=8)
+        NSACache.init(config, SRAConfig(attention="dsa", layers=NSA_LAYERS), batch=1, max_len=8)
     with pytest.raises(ValueError, match="must start at an empty cache"):
         model(tokens[:, :2], cache=NSACache.init(config, sra, batch=1, max_len=16).replace(index=jnp.int32(4)))
 
@@ -193,5 +193,5 @@ def test_ops_decode_refuses_bad_input():
         nsa.nsa_prefill(q, k, v, g, jnp.arange(6)[None] + 1, max_len=8, **prm, **cfg)
     pos = jnp.arange(6)[None]
     with pytest.raises(ValueError, match="one token per row"):
-        nsa.nsa_decode(q, k, v, g, pos, pos, k[:, :1], v[:, :1], pos[:, :1], jnp.zeros((1, 2, 2)), **cfg)
+        nsa.nsa_decode(q, k, v, g, pos, pos, k[:, :1], v[:, :1], pos[:, :1], **cfg)
     assert nsa.num_cache_blocks(3, block=4, stride=2) == 1 and nsa.num_cache_blocks(16, block=4, stride=2) == 7

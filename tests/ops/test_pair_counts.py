@@ -35,17 +35,17 @@ def _rows(seed: int) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnames="window")
-def _nsa_counts(bm, pos, seg, window):
-    return nsa.nsa_pair_counts(bm, pos, seg, **NSA, window=window)
+def _nsa_counts(blocks, pos, seg, window):
+    return nsa.nsa_pair_counts(blocks, pos, seg, **NSA, window=window)
 
 
 @functools.partial(jax.jit, static_argnames="window")
-def _nsa_brute(bm, pos, seg, window):
+def _nsa_brute(blocks, pos, seg, window):
     """The dense masks of the reference branches, counted."""
     _, c_end, c_seg = nsa.compress(jnp.zeros((B, S, 1, 1)), pos, jnp.ones(NSA["block"]), jnp.zeros((NSA["block"], 1)),
                                    block=NSA["block"], stride=NSA["stride"], segment_ids=seg)  # fmt: skip
     cmp = nsa.compressed_mask(pos, c_end, seg, c_seg).sum((1, 2))
-    sel = nsa.expand_block_mask(bm, NSA["block_sel"], S) & nsa.token_mask(pos, pos, seg)[:, None]
+    sel = nsa.selected_token_mask(blocks, NSA["block_sel"], S) & nsa.token_mask(pos, pos, seg)[:, None]
     win = nsa.token_mask(pos, pos, seg, window=window).sum((1, 2))
     return cmp.astype(jnp.float32), sel.sum((2, 3)).mean(1, dtype=jnp.float32), win.astype(jnp.float32)
 
@@ -54,14 +54,17 @@ def _nsa_brute(bm, pos, seg, window):
 def test_nsa_pair_counts_equal_the_dense_masks(seed, window, density):
     pos, seg = _rows(seed)
     nq = -(-S // NSA["block_sel"])
-    bm = jax.random.uniform(jax.random.key(seed), (B, HKV, nq, nq)) < density  # any block mask, causal or not
-    got, want = _nsa_counts(bm, pos, seg, window), _nsa_brute(bm, pos, seg, window)
+    # any selection, causal or not: 3 distinct blocks per (token, kv head), each slot empty (-1) with 1 - density
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    order = jnp.argsort(jax.random.uniform(k1, (B, S, HKV, nq)), -1)[..., :3].astype(jnp.int32)
+    blocks = jnp.where(jax.random.uniform(k2, order.shape) < density, order, -1)
+    got, want = _nsa_counts(blocks, pos, seg, window), _nsa_brute(blocks, pos, seg, window)
     for name, g, w in zip(("compressed", "selected", "window"), got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)  # integer counts (halves: mean)
 
 
 def test_nsa_counts_of_the_selection_nsa_attention_used():
-    """The block mask `nsa_attention` returns, on random q/k/v: counts equal the branches' masks, and are sparse."""
+    """The selection `nsa_attention` returns, on random q/k/v: counts equal the branches' masks, and are sparse."""
     pos, seg = _rows(7)
     ks = jax.random.split(jax.random.key(0), 4)
     q, g = jax.random.normal(ks[0], (B, S, HQ, D)), jax.nn.sigmoid(jax.random.normal(ks[3], (B, S, HQ, 3)))
@@ -69,20 +72,18 @@ def test_nsa_counts_of_the_selection_nsa_attention_used():
     pool = dict(cmp_weights_k=jnp.ones(8) / 8, cmp_pos_k=jnp.zeros((8, D)), cmp_weights_v=jnp.ones(8) / 8,
                 cmp_pos_v=jnp.zeros((8, D)))  # fmt: skip
     run = jax.jit(functools.partial(nsa.nsa_attention, **pool, **NSA, top_n=1, window=5))
-    _, bm = run(q, k, v, g, pos, segment_ids=seg)
-    got = _nsa_counts(bm, pos, seg, 5)
-    for g_, w_ in zip(got, _nsa_brute(bm, pos, seg, 5), strict=True):
+    _, blocks = run(q, k, v, g, pos, segment_ids=seg)
+    got = _nsa_counts(blocks, pos, seg, 5)
+    for g_, w_ in zip(got, _nsa_brute(blocks, pos, seg, 5), strict=True):
         np.testing.assert_array_equal(np.asarray(g_), np.asarray(w_))
     causal = np.asarray(nsa.token_mask(pos, pos, seg).sum((1, 2)))
     assert (np.asarray(got[1]) <= causal).all() and (np.asarray(got[2]) <= causal).all()
 
 
-def test_nsa_pair_counts_bad_block_mask():
+def test_nsa_pair_counts_bad_window():
     pos, seg = _rows(0)
-    with pytest.raises(ValueError, match="block_mask must be"):
-        nsa.nsa_pair_counts(jnp.ones((B, HKV, 3, 3), bool), pos, seg, **NSA, window=4)
     with pytest.raises(ValueError, match="window"):
-        nsa.nsa_pair_counts(jnp.ones((B, HKV, 4, 4), bool), pos, seg, **NSA, window=0)
+        nsa.nsa_pair_counts(jnp.zeros((B, S, HKV, 2), jnp.int32), pos, seg, **NSA, window=0)
 
 
 @functools.partial(jax.jit, static_argnames="top_k")
