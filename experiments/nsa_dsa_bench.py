@@ -7,9 +7,12 @@ CPU smoke test (tiny):
         --kv-heads 1 --head-dim 16 --dense-impl xla --kernel-backend reference --dsa-backend reference \
         --dtype float32 --copy-mib 16 --out /tmp/x.json
 
-Rows (benchmarks record format: device, date, versions, rows): the NSA selected-blocks branch on
-`pallas_kernels.block_sparse_attention` with a per-kv-head top-n layout (first block, own block and random causal
-blocks up to top-n, as the selection would produce), the NSA sliding-window branch on the same kernel, DSA
+Rows (benchmarks record format: device, date, versions, rows): the NSA selected-blocks branch
+(`ops.nsa.nsa_selected` impl="pallas": `pallas_kernels.topk_attention` over each token's listed keys) with a
+per-token, per-kv-head top-n selection (first block, own block and random causal blocks up to top-n, as the selection
+would produce), one row per `--topk-configs` entry, each with its output and gradient errors against the jnp gather
+(`ops.dsa.dsa_attention_gather`, when --kv-heads is 1: its lists are shared by all heads), the NSA sliding-window
+branch on `pallas_kernels.block_sparse_attention`, DSA
 attention over random causal top-k keys with the jnp gather and with the Pallas top-k kernel
 (`pallas_kernels.topk_attention`, one row per `--topk-configs` entry, each with its output and gradient errors
 against the gather), and dense causal attention: median milliseconds of the jitted forward and forward+backward. Then the streaming indexer top-k at this length (`ops.dsa.indexer_top_k`, forward only) and DSA
@@ -50,13 +53,17 @@ def _fb(fn):
     return fwd, fwdbwd
 
 
-def nsa_block_mask(key, s: int, block: int, top_n: int, kv_heads: int) -> jax.Array:
+def nsa_selection(key, s: int, block: int, top_n: int, kv_heads: int) -> jax.Array:
+    """A per-token selection [1, s, kv_heads, n] as `ops.nsa.select_blocks` makes one: first and own block, random
+    causal blocks up to top_n (`ops.nsa.top_blocks` of random importance)."""
     nb = -(-s // block)
-    i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
-    score = jax.random.uniform(key, (1, kv_heads, nb, nb))
-    score = jnp.where((j == 0) | (j == i), 2.0, jnp.where(j <= i, score, -1.0))
-    vals, idx = jax.lax.top_k(score, min(top_n, nb))
-    return (jax.nn.one_hot(idx, nb, dtype=jnp.bool_) & (vals >= 0)[..., None]).any(-2)
+    imp = jax.random.uniform(key, (1, kv_heads, s, nb))
+    blocks = nsa.top_blocks(imp, (jnp.arange(s, dtype=jnp.int32) // block)[None, None, :], top_n)
+    return jnp.moveaxis(blocks, 1, 2)
+
+
+def _nsa_kernel(q, k, v, *, blocks, pos, block, backend, **tuning):
+    return nsa.nsa_selected(q, k, v, blocks, pos, block_sel=block, impl="pallas", backend=backend, **tuning)
 
 
 def _dsa_kernel(q, k, v, *, idx, valid, pos, backend, **tuning):
@@ -135,7 +142,9 @@ def main() -> None:
     ap.add_argument("--dsa-block-q", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--dense-impl", default="cudnn", help="jax.nn.dot_product_attention implementation (cudnn, xla)")
-    ap.add_argument("--kernel-backend", default="auto")
+    ap.add_argument(
+        "--kernel-backend", default="auto", help="backend of the NSA rows' kernels (auto, triton, tpu, reference)"
+    )
     ap.add_argument(
         "--dsa-backend", default="auto", help="pallas_kernels.topk_attention backend (auto, triton, reference)"
     )
@@ -180,14 +189,18 @@ def main() -> None:
         impl=a.dense_impl,
         density=1.0,
     )
-    bm = nsa_block_mask(ks[3], s, a.block, a.top_n, hkv)
-    add(
-        "nsa_selected",
-        lambda q, k, v: nsa.nsa_selected_kernel(q, k, v, bm, pos, block_sel=a.block, backend=a.kernel_backend),
-        impl=f"block_sparse:{a.kernel_backend}",
-        block=a.block,
-        top_n=a.top_n,
-    )
+    blocks = nsa_selection(ks[3], s, a.block, a.top_n, hkv)
+    keys = nsa.selected_key_indices(blocks, a.block)[:, :, 0]  # kv head 0's lists, [1, s, n * block]
+    nsa_gather = lambda q, k, v: dsa.dsa_attention_gather(q, k, v, keys, (keys >= 0) & (keys < s), pos,
+                                                          block_q=a.dsa_block_q)  # fmt: skip
+    for config in a.topk_configs.split(","):
+        block_k, num_warps, num_stages = (int(x) for x in config.split(":"))
+        tuning = dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        kernel = functools.partial(_nsa_kernel, blocks=blocks, pos=pos, block=a.block, backend=a.kernel_backend,
+                                   **tuning)  # fmt: skip
+        add("nsa_selected", kernel, impl=f"topk:{a.kernel_backend}", block=a.block, top_n=a.top_n, **tuning)
+        if hkv == 1:  # the gather's lists are shared by all heads: kv head 0's are every head's here
+            rows[-1].update(errors_vs(kernel, nsa_gather, q, k, v))
     nb = -(-s // a.block)
     i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
     band = jnp.asarray((j <= i) & ((i - j) * a.block < a.window + a.block))[None]

@@ -22,10 +22,10 @@ setting removes (see docs/nn.md, "NSA against native-sparse-attention-pytorch"):
   logit 0 with a zero value), shows a compressed block only when it ends strictly before the query (ours: at or
   before), builds the compressed keys before RoPE (ours: from RoPE'd keys, scored by RoPE'd queries), and its windows
   end at (j+1)*stride - 1 with the first ones zero-padded on the left (ours start at token 0, as the paper's eq. 7);
-- selection: theirs picks top-n blocks per query (ours per query block of `block_sel` queries), from the softmax over
-  blocks of the compressed logits averaged over the GQA group and the compressed blocks of a selection block (ours:
-  the compressed attention probabilities summed over the group, the overlapping compressed blocks and the query
-  block), with the own block added on top of the top-n (ours forces the first and the own block inside the top-n).
+- selection: both pick top-n blocks per query, shared by a GQA group; theirs from the softmax over blocks of the
+  compressed logits averaged over the group and the compressed blocks of a selection block (ours: the compressed
+  attention probabilities summed over the group and the overlapping compressed blocks), with the own block added on
+  top of the top-n (ours forces the first and the own block inside the top-n).
 
 So the rows here: `compress_k/v` (our `compress` on the sequence left-padded by block - stride zeros equals their
 compressed keys/values, all windows), `compressed_peer_rules` (their compressed branch against our `masked_attention`
@@ -33,8 +33,8 @@ over those compressed keys with their memory token and strict mask), `window` an
 RoPE: the window branch, and the selected branch with top-n >= the number of blocks, where both select every causal
 block), `combined` (gates on the selected and window branches, compressed gate 0; values and gradients) and
 `selected_given_their_blocks` (their selected branch against our `masked_attention` with their per-query blocks as
-the mask). Measurements, not checks: `selection_agreement` (how often their per-query selection equals ours for the
-query's block), `compressed_design_gap` and `selected_design_gap` (our own compressed / selected branch against
+the mask). Measurements, not checks: `selection_agreement` and `selection_overlap` (how often their per-query
+selection equals ours, and the share of their blocks we select too), `compressed_design_gap` and `selected_design_gap` (our own compressed / selected branch against
 theirs, each side with its own rules) and `window_vs_selected_all`.
 Errors are max |ours - theirs| / max |theirs|.
 """
@@ -288,17 +288,22 @@ def selected_given_blocks(shape: Shape, q, k, v, idx: np.ndarray) -> jax.Array:
     return o.reshape(*o.shape[:2], -1)
 
 
-def selection_agreement(shape: Shape, idx: np.ndarray, block_mask: np.ndarray) -> float:
-    """Fraction of (batch, kv head, query) rows whose peer selection (the blocks before the query's own block, plus
-    the own block) equals ours for the query's block."""
+def selection_agreement(shape: Shape, idx: np.ndarray, blocks: np.ndarray) -> dict[str, float]:
+    """Over (batch, kv head, query) rows, the peer's selection (its blocks before the query's own block, plus the own
+    block) against ours (the query's own selected blocks): `selection_agreement`, the fraction of rows whose sets
+    are equal, and `selection_overlap`, the mean share of the peer's blocks that we select too."""
     s, bs, n = shape.seq, shape.block_sel, shape.num_sel_blocks
     qb = np.arange(s) // bs
     theirs = np.zeros((*idx.shape[:3], n), bool)
     np.put_along_axis(theirs, idx, True, axis=-1)
     theirs &= np.arange(n)[None, None, None, :] < qb[None, None, :, None]
     theirs[..., np.arange(s), qb] = True
-    mine = block_mask[:, :, qb]  # [b, hkv, s, n]
-    return float((theirs == mine).all(-1).mean())
+    ours_blocks = np.moveaxis(blocks, 2, 1)  # [b, hkv, s, top_n]
+    mine = (ours_blocks[..., None] == np.arange(n)).any(-2)  # -1 (empty) matches no block
+    return {
+        "selection_agreement": float((theirs == mine).all(-1).mean()),
+        "selection_overlap": float(((theirs & mine).sum(-1) / theirs.sum(-1)).mean()),
+    }
 
 
 def _np(a) -> np.ndarray:
@@ -315,17 +320,17 @@ def _qkv_rope(mod: NSAAttention, x, positions):
     return project_qkv(mod.config, mod.q_proj, mod.k_proj, mod.v_proj, jnp.asarray(x), jnp.asarray(positions))
 
 
-def our_block_mask(mod: NSAAttention, x, positions) -> jax.Array:
-    """Our selection block mask [b, hkv, nq, nsel] for this layer on x."""
+def our_selection(mod: NSAAttention, x, positions) -> jax.Array:
+    """Our selection [b, s, hkv, top_n] (each query's blocks, -1 empty) for this layer on x."""
     q, k, v = _qkv_rope(mod, x, positions)
     g = jnp.zeros((*q.shape[:3], 3), q.dtype)
-    _, bm = nsa.nsa_attention(
+    _, blocks = nsa.nsa_attention(
         q, k, v, g, jnp.asarray(positions),
         cmp_weights_k=mod.nsa_cmp_weights_k[...], cmp_pos_k=mod.nsa_cmp_pos_k[...],
         cmp_weights_v=mod.nsa_cmp_weights_v[...], cmp_pos_v=mod.nsa_cmp_pos_v[...],
         block=mod.block, stride=mod.stride, block_sel=mod.block_sel, top_n=mod.top_n, window=mod.window,
     )  # fmt: skip
-    return bm
+    return blocks
 
 
 def _cotangent(shape: Shape, width: int, seed: int) -> np.ndarray:
@@ -418,7 +423,7 @@ def compare(
     idx = peer_selection(p, xt)
     qr, kr, vr = _qkv_rope(mod, x, positions)
     rows["selected_given_their_blocks"] = _err(selected_given_blocks(shape, qr, kr, vr, idx), peer_merged(p, xt))
-    rows["selection_agreement"] = selection_agreement(shape, idx, np.asarray(our_block_mask(mod, x, positions)))
+    rows.update(selection_agreement(shape, idx, np.asarray(our_selection(mod, x, positions))))
     rows["selected_design_gap"] = _err(mod(jnp.asarray(x), pos), p(xt))  # each side with its own selection
     return rows
 

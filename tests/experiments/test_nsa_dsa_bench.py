@@ -54,4 +54,5 @@ def test_nsa_dsa_bench_tiny(tmp_path):
     timed = rec["rows"][:5]
     assert all(r["ms_fwd"] > 0 and r["ms_fwdbwd"] > 0 and "speedup_fwdbwd_vs_dense" in r for r in timed[1:])
     assert all(r["ms"] > 0 and r["hbm_floor_ms"] > 0 for r in rec["rows"][6:])
-    assert rec["rows"][4]["rel_err_fwd_vs_gather"] < 1e-5 and rec["rows"][4]["rel_err_dk_vs_gather"] < 1e-5
+    for r in (rec["rows"][1], rec["rows"][4]):  # the NSA selected branch and DSA on the top-k kernel vs the gather
+        assert r["rel_err_fwd_vs_gather"] < 1e-5 and r["rel_err_dk_vs_gather"] < 1e-5, r

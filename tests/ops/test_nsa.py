@@ -119,7 +119,7 @@ def test_nsa_reference_against_oracle(s, top_n, pad, seed):
 _CAUSAL_CFG = dict(block=4, stride=2, block_sel=4, top_n=4, window=3)  # choices from the 4th block on
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _causal_forward(impl):
     sel = lambda q, k, v, bm, pos, seg: nsa.nsa_selected(q, k, v, bm, pos, block_sel=4, segment_ids=seg, impl=impl)
     return jax.jit(
