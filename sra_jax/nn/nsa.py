@@ -60,8 +60,10 @@ class NSAAttention(nnx.Module):
         selection, summed; what `Llama` reports in `ModelAux.visible_pairs`). Decoding with a cache goes through
         `Llama` with an `NSACache` (`sra_jax.nn.nsa_cache.nsa_decode_layer`)."""
         if cache is not None:
-            raise ValueError("NSAAttention: a cache is the model's (Llama(..., cache=NSACache...)); a layer decodes "
-                             "through sra_jax.nn.nsa_cache.nsa_decode_layer(attn, layer, x, positions, cache)")
+            raise ValueError(
+                "NSAAttention: a cache is the model's (Llama(..., cache=NSACache...)); a layer decodes "
+                "through sra_jax.nn.nsa_cache.nsa_decode_layer(attn, layer, x, positions, cache)"
+            )
         b, s, _ = x.shape
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         fn = self.selected_fn(segment_ids)

@@ -124,7 +124,14 @@ def _causal_forward(impl):
     sel = lambda q, k, v, bm, pos, seg: nsa.nsa_selected(q, k, v, bm, pos, block_sel=4, segment_ids=seg, impl=impl)
     return jax.jit(
         lambda q, k, v, g, pos, seg, prm: nsa.nsa_attention(
-            q, k, v, g, pos, **prm, **_CAUSAL_CFG, segment_ids=seg,
+            q,
+            k,
+            v,
+            g,
+            pos,
+            **prm,
+            **_CAUSAL_CFG,
+            segment_ids=seg,
             selected_fn=lambda q, k, v, bm: sel(q, k, v, bm, pos, seg),
         )  # fmt: skip
     )

@@ -61,7 +61,8 @@ def test_rows_tell_branches_apart(record):
     # the window and every-block selected branches differ on these inputs, so the rows above check each of them
     assert record["errors"]["window_vs_selected_all"] > 0.1
     assert record["versions"]["native-sparse-attention-pytorch"] == "0.2.3"
-    assert 0.0 <= record["errors"]["selection_agreement"] <= 1.0
+    # both select per query token; the importances differ (docs/nn.md): measured 0.87 equal sets, 0.96 overlap
+    assert record["errors"]["selection_agreement"] > 0.8 and record["errors"]["selection_overlap"] > 0.9
 
 
 def test_top_n_below_two_is_refused():
