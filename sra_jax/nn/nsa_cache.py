@@ -1,10 +1,9 @@
-"""`NSACache`: a `KVCache` plus every NSA layer's compressed keys/values and selection state, for prefill +
-token-by-token decoding of a `Llama` with NSA layers (`SRAConfig.attention == "nsa"`). It reads like a KVCache to
-`Llama` (batch, max_len, index, positions, next_positions, replace); dense layers use its `kv`, NSA layers write
-their keys and values, keep the compressed block each token completes (a token's block selection is its own, so no
-other selection state is kept) and decode each new token through
-`ops.nsa.nsa_decode_step` (by position: a `LeftPaddedKVCache` whose rows have different pad lengths decodes each
-row as it decodes alone)."""
+"""`NSACache`: a `KVCache` plus every NSA layer's compressed keys/values, for prefill + token-by-token decoding of
+a `Llama` with NSA layers (`SRAConfig.attention == "nsa"`). It reads like a KVCache to `Llama` (batch, max_len,
+index, positions, next_positions, replace); dense layers use its `kv`, NSA layers write their keys and values, keep
+the compressed block each token completes (a token's block selection is its own, so no other selection state is
+kept) and decode each new token through `ops.nsa.nsa_decode_step` (by position: a `LeftPaddedKVCache` whose rows
+have different pad lengths decodes each row as it decodes alone)."""
 
 from __future__ import annotations
 
