@@ -203,8 +203,9 @@ def test_selected_branch_fast_paths_match_reference(kernel_case, impl, kw):
 
 
 def test_full_forward_gradients_gather_equal_reference():
-    """nsa_attention with the gather selected branch against the dense reference: values and gradients of q, k, v,
-    gates and the compression pool (the selection itself carries no gradient)."""
+    """nsa_attention with the gather selected branch against the dense reference: gradients of q, k, v, gates and
+    the compression pool (the selection itself carries no gradient); no gradient flows from earlier outputs into
+    later tokens."""
     q, k, v, pos, seg = inputs(3, 2, 29, 4, 2, D, 2, 12)
     g = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(3), (2, 29, 4, 3)))
     prm = _params(3, 8)
@@ -219,6 +220,15 @@ def test_full_forward_gradients_gather_equal_reference():
     want = jax.grad(functools.partial(loss, "reference"), (0, 1, 2, 3, 4))(q, k, v, g, prm)
     for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=5e-5)  # f32, another summation order
+    # causal gradients too: the outputs up to slot t send nothing into the later tokens' q, k, v
+    t = 13
+
+    def early(q, k, v):
+        fn = lambda q, k, v, bm: nsa.nsa_selected(q, k, v, bm, pos, block_sel=8, segment_ids=seg, impl="gather")
+        return nsa.nsa_attention(q, k, v, g, pos, **prm, **cfg, selected_fn=fn)[0][:, : t + 1].sum()
+
+    for grad in jax.grad(early, (0, 1, 2))(q, k, v):
+        assert not np.asarray(grad)[:, t + 1 :].any()
 
 
 def test_custom_block_layout_roundtrip_and_bad_shape():
