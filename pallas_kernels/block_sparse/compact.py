@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float, Int
 from pallas_kernels.block_sparse import gpu
 from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout, sra_layout
-from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, query_rows, token_mask
 from pallas_kernels.finite import exclude_nonfinite_keys
 
 QUERIES = ("critical", "all")
@@ -231,10 +231,10 @@ def compact_indices(flags: Bool[Array, "b s"], width: int) -> Int[Array, "b w"]:
 
 
 def _gather(x, idx, fill):
-    """x [b, s, ...] at idx [b, w] (s = empty slot -> fill)."""
+    """x [b, s, ...] at idx [b, w] with entries in [0, s] (s = empty slot -> fill)."""
     s = x.shape[1]
-    safe = jnp.minimum(idx, s - 1)
-    got = jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
+    safe = jnp.minimum(idx, s - 1)  # in bounds: the gather needs no fill or clip of its own
+    got = jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1, mode="promise_in_bounds")
     empty = (idx >= s).reshape(idx.shape + (1,) * (x.ndim - 2))
     return jnp.where(empty, jnp.asarray(fill, x.dtype), got)
 
@@ -494,5 +494,12 @@ def sra_compact_attention(
 
     plan = _Plan(layout_a, tokens_a, tokens_g, g_idx, layout_b, tokens_b, q_idx, k_idx)
     st = _Static(part_a, part_g, part_b, queries == "critical")
-    out = exclude_nonfinite_keys(lambda q, k, v: _compact(q, k, v, plan, st), qa, ka, va)[:, :sq]
+    # The union of the parts is the SRA rule on the padded tokens: the rows that see a non-finite key come from it.
+    rule = MaskRule(causal=True, window=window, num_global=num_global, has_segments=has_seg, has_k_critical=True,
+                    has_q_critical=queries == "critical")
+    tokens = TokenInfo(qpos_a, kpos_a, qseg_a, kseg_a, q_flags, k_flags)
+    out = exclude_nonfinite_keys(
+        lambda q, k, v: _compact(q, k, v, plan, st), qa, ka, va,
+        lambda start, size: token_mask(rule, query_rows(tokens, start, size)),
+    )[:, :sq]
     return jnp.where(overflow[:, None, None, None], jnp.nan, out).astype(q.dtype)
