@@ -223,11 +223,11 @@ def part_backward(part: _Part, q, k, v, layout: BlockLayout | None, tokens: Toke
 def compact_indices(flags: Bool[Array, "b s"], width: int) -> Int[Array, "b w"]:
     """Indices of the True entries of each row in order, `width` slots; empty slots hold s (out of range).
     Entries past `width` are dropped (the caller checks the count)."""
-    b, s = flags.shape
+    s = flags.shape[1]
     slot = jnp.where(flags, jnp.cumsum(flags, axis=1) - 1, width)
-    rows = jnp.arange(b)[:, None]
-    src = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    return jnp.full((b, width), s, jnp.int32).at[rows, slot].set(src, mode="drop")
+    src = jnp.arange(s, dtype=jnp.int32)
+    # per row (vmap): a 1-d scatter needs no row-index arithmetic
+    return jax.vmap(lambda row: jnp.full((width,), s, jnp.int32).at[row].set(src, mode="drop"))(slot)
 
 
 def _gather(x, idx, fill):
@@ -239,10 +239,9 @@ def _gather(x, idx, fill):
     return jnp.where(empty, jnp.asarray(fill, x.dtype), got)
 
 
-def _scatter(x_like, idx, vals, *, add):
-    rows = jnp.arange(idx.shape[0])[:, None]
-    at = x_like.at[rows, idx]
-    return at.add(vals, mode="drop") if add else at.set(vals, mode="drop")
+def _scatter(x_like, idx, vals):
+    """x_like with vals [b, w, ...] set at its rows idx [b, w] (entry s: dropped), one batch row at a time."""
+    return jax.vmap(lambda x, i, val: x.at[i].set(val, mode="drop"))(x_like, idx, vals)
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -295,7 +294,7 @@ def _part_b_inputs(st: _Static, plan: _Plan, q, k, v):
 def _add_rows(x, idx, vals):
     """x with vals [b, w, ...] added (in f32) to its rows idx (distinct; empty slots dropped)."""
     rows = _gather(x, idx, 0).astype(jnp.float32) + vals.astype(jnp.float32)
-    return _scatter(x, idx, rows.astype(x.dtype), add=False)
+    return _scatter(x, idx, rows.astype(x.dtype))
 
 
 def _forward(q, k, v, plan: _Plan, st: _Static):
@@ -311,8 +310,8 @@ def _forward(q, k, v, plan: _Plan, st: _Static):
         out_b, lse_b = part_forward(st.part_b, cq, ck, cv, plan.layout_b, plan.tokens_b)
         if st.gather_queries:  # merge only the K gathered rows
             rows_o, rows_l = merge(_gather(out, plan.q_idx, 0), _gather(lse, plan.q_idx, -jnp.inf), out_b, lse_b)
-            out = _scatter(out, plan.q_idx, rows_o.astype(out.dtype), add=False)
-            lse = _scatter(lse, plan.q_idx, rows_l, add=False)
+            out = _scatter(out, plan.q_idx, rows_o.astype(out.dtype))
+            lse = _scatter(lse, plan.q_idx, rows_l)
         else:
             out, lse = merge(out, lse, out_b, lse_b)
             out = out.astype(q.dtype)

@@ -129,6 +129,8 @@ def layout_from_block_mask(
 
 def _pad_blocks(x: Array, block: int, fill) -> Array:
     pad = -x.shape[-1] % block
+    if not pad:
+        return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
 
 
