@@ -6,8 +6,9 @@ cannot see it. `exclude_nonfinite_keys` makes every path exact without touching 
 holds a non-finite value are zeroed before the one attention call, and the rows that *can* see one of them (they
 would be NaN in exact arithmetic) are set to NaN afterwards. Which rows see one comes from the caller's
 visibility rule (the same rule the attention evaluates: its mask a block of query rows at a time, or the caller's
-own search, e.g. over the key slots a gather visits), never from the attention itself: the program holds one attention, and the row search runs only when a bad key exists
-(`lax.cond`). Cost when all keys are finite: one element-wise pass over k and v and the conditional's predicate.
+own search, e.g. over the key slots a gather visits), never from the attention itself: the program holds one
+attention, and the row search runs only when a bad key exists (`lax.cond`). Cost when all keys are finite: one
+element-wise pass over k and v and the conditional's predicate.
 """
 
 from __future__ import annotations
