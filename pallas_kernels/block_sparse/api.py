@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 from pallas_kernels.block_sparse import gpu, mosaic, mosaic_common, reference
 from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout
-from pallas_kernels.block_sparse.token_mask import make_rule_and_tokens
+from pallas_kernels.block_sparse.token_mask import TokenInfo, make_rule_and_tokens, query_rows, token_mask
 from pallas_kernels.finite import exclude_nonfinite_keys
 
 
@@ -149,8 +149,28 @@ def block_sparse_attention(
         pad_seq(q, layout.block_q, 0),
         pad_seq(k, layout.block_k, 0),
         pad_seq(v, layout.block_k, 0),
+        functools.partial(_visible_rows, layout, rule, _padded_tokens(tokens, layout)),
     )
     return out[:, :sq]
+
+
+def _padded_tokens(tokens: TokenInfo, layout: BlockLayout) -> TokenInfo:
+    """The rule's tokens padded to the blocks (padding positions are -1: never visible)."""
+    pad_q = lambda x, fill=0: None if x is None else pad_seq(x, layout.block_q, fill)
+    pad_k = lambda x, fill=0: None if x is None else pad_seq(x, layout.block_k, fill)
+    return TokenInfo(
+        pad_q(tokens.q_positions, -1), pad_k(tokens.k_positions, -1), pad_q(tokens.q_segment_ids),
+        pad_k(tokens.k_segment_ids), pad_q(tokens.q_critical), pad_k(tokens.k_critical),
+    )
+
+
+def _visible_rows(layout: BlockLayout, rule, tokens: TokenInfo, start, size: int):
+    """[b, h, size, sk] what the kernels see for query rows start .. start + size - 1 (padded): the layout's
+    visited blocks and the token rule (`pallas_kernels.finite`'s row search)."""
+    visited, _ = layout.to_block_mask()  # [b, h, nq, nk]
+    blocks = (start + jnp.arange(size)) // layout.block_q
+    rows = jnp.repeat(jnp.take(visited, blocks, axis=2), layout.block_k, axis=3)  # [b, h, size, nk * block_k]
+    return rows & token_mask(rule, query_rows(tokens, start, size))[:, None]
 
 
 def _opt_pad(x, block):

@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float, Int
 from pallas_kernels.block_sparse import gpu
 from pallas_kernels.block_sparse.dispatch import BACKENDS, KernelCall, pack_fields, pad_seq, resolve_backend
 from pallas_kernels.block_sparse.layout import BlockLayout, sra_layout
-from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, token_mask
+from pallas_kernels.block_sparse.token_mask import MaskRule, TokenInfo, query_rows, token_mask
 from pallas_kernels.finite import exclude_nonfinite_keys
 
 QUERIES = ("critical", "all")
@@ -223,26 +223,25 @@ def part_backward(part: _Part, q, k, v, layout: BlockLayout | None, tokens: Toke
 def compact_indices(flags: Bool[Array, "b s"], width: int) -> Int[Array, "b w"]:
     """Indices of the True entries of each row in order, `width` slots; empty slots hold s (out of range).
     Entries past `width` are dropped (the caller checks the count)."""
-    b, s = flags.shape
+    s = flags.shape[1]
     slot = jnp.where(flags, jnp.cumsum(flags, axis=1) - 1, width)
-    rows = jnp.arange(b)[:, None]
-    src = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    return jnp.full((b, width), s, jnp.int32).at[rows, slot].set(src, mode="drop")
+    src = jnp.arange(s, dtype=jnp.int32)
+    # per row (vmap): a 1-d scatter needs no row-index arithmetic
+    return jax.vmap(lambda row: jnp.full((width,), s, jnp.int32).at[row].set(src, mode="drop"))(slot)
 
 
 def _gather(x, idx, fill):
-    """x [b, s, ...] at idx [b, w] (s = empty slot -> fill)."""
+    """x [b, s, ...] at idx [b, w] with entries in [0, s] (s = empty slot -> fill)."""
     s = x.shape[1]
-    safe = jnp.minimum(idx, s - 1)
-    got = jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1)
+    safe = jnp.minimum(idx, s - 1)  # in bounds: the gather needs no fill or clip of its own
+    got = jnp.take_along_axis(x, safe.reshape(safe.shape + (1,) * (x.ndim - 2)), axis=1, mode="promise_in_bounds")
     empty = (idx >= s).reshape(idx.shape + (1,) * (x.ndim - 2))
     return jnp.where(empty, jnp.asarray(fill, x.dtype), got)
 
 
-def _scatter(x_like, idx, vals, *, add):
-    rows = jnp.arange(idx.shape[0])[:, None]
-    at = x_like.at[rows, idx]
-    return at.add(vals, mode="drop") if add else at.set(vals, mode="drop")
+def _scatter(x_like, idx, vals):
+    """x_like with vals [b, w, ...] set at its rows idx [b, w] (entry s: dropped), one batch row at a time."""
+    return jax.vmap(lambda x, i, val: x.at[i].set(val, mode="drop"))(x_like, idx, vals)
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -295,7 +294,7 @@ def _part_b_inputs(st: _Static, plan: _Plan, q, k, v):
 def _add_rows(x, idx, vals):
     """x with vals [b, w, ...] added (in f32) to its rows idx (distinct; empty slots dropped)."""
     rows = _gather(x, idx, 0).astype(jnp.float32) + vals.astype(jnp.float32)
-    return _scatter(x, idx, rows.astype(x.dtype), add=False)
+    return _scatter(x, idx, rows.astype(x.dtype))
 
 
 def _forward(q, k, v, plan: _Plan, st: _Static):
@@ -311,8 +310,8 @@ def _forward(q, k, v, plan: _Plan, st: _Static):
         out_b, lse_b = part_forward(st.part_b, cq, ck, cv, plan.layout_b, plan.tokens_b)
         if st.gather_queries:  # merge only the K gathered rows
             rows_o, rows_l = merge(_gather(out, plan.q_idx, 0), _gather(lse, plan.q_idx, -jnp.inf), out_b, lse_b)
-            out = _scatter(out, plan.q_idx, rows_o.astype(out.dtype), add=False)
-            lse = _scatter(lse, plan.q_idx, rows_l, add=False)
+            out = _scatter(out, plan.q_idx, rows_o.astype(out.dtype))
+            lse = _scatter(lse, plan.q_idx, rows_l)
         else:
             out, lse = merge(out, lse, out_b, lse_b)
             out = out.astype(q.dtype)
@@ -494,5 +493,12 @@ def sra_compact_attention(
 
     plan = _Plan(layout_a, tokens_a, tokens_g, g_idx, layout_b, tokens_b, q_idx, k_idx)
     st = _Static(part_a, part_g, part_b, queries == "critical")
-    out = exclude_nonfinite_keys(lambda q, k, v: _compact(q, k, v, plan, st), qa, ka, va)[:, :sq]
+    # The union of the parts is the SRA rule on the padded tokens: the rows that see a non-finite key come from it.
+    rule = MaskRule(causal=True, window=window, num_global=num_global, has_segments=has_seg, has_k_critical=True,
+                    has_q_critical=queries == "critical")
+    tokens = TokenInfo(qpos_a, kpos_a, qseg_a, kseg_a, q_flags, k_flags)
+    out = exclude_nonfinite_keys(
+        lambda q, k, v: _compact(q, k, v, plan, st), qa, ka, va,
+        lambda start, size: token_mask(rule, query_rows(tokens, start, size)),
+    )[:, :sq]
     return jnp.where(overflow[:, None, None, None], jnp.nan, out).astype(q.dtype)

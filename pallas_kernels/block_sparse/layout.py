@@ -87,7 +87,8 @@ def _csr(visited: Array, full: Array) -> tuple[Array, Array, Array]:
     order = jnp.argsort(rank, axis=-1).astype(jnp.int32)
     counts = visited.sum(-1).astype(jnp.int32)
     n_full = full.sum(-1).astype(jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    # 0 <= counts - 1 < width where clamped: in bounds
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1, mode="promise_in_bounds")
     order = jnp.where(col < jnp.maximum(counts, 1)[..., None], order, last)
     return order, counts, n_full
 
@@ -128,6 +129,8 @@ def layout_from_block_mask(
 
 def _pad_blocks(x: Array, block: int, fill) -> Array:
     pad = -x.shape[-1] % block
+    if not pad:
+        return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
 
 

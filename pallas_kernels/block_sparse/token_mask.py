@@ -85,6 +85,17 @@ def token_mask(rule: MaskRule, tokens: TokenInfo):
     )
 
 
+def query_rows(tokens: TokenInfo, start, size: int) -> TokenInfo:
+    """The tokens of query rows start .. start + size - 1 (start may be traced; size static), every key kept."""
+    rows = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    return dataclasses.replace(
+        tokens,
+        q_positions=rows(tokens.q_positions),
+        q_segment_ids=rows(tokens.q_segment_ids),
+        q_critical=rows(tokens.q_critical),
+    )
+
+
 def make_rule_and_tokens(
     q,
     k,

@@ -7,7 +7,6 @@ non-finite key or value reaches only the rows that can see it (`pallas_kernels.f
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import partial
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from pallas_kernels.finite import exclude_nonfinite_keys
+from pallas_kernels.finite import VisibleRows, exclude_nonfinite_keys
 from sra_jax.ops import sequence_parallel
 from sra_jax.ops.masks import SRAMaskSpec
 
@@ -249,7 +248,28 @@ def attention(
     if impl == "gather":
         _check_gather_bound(spec)
     attend = partial(_dense_or_gather, mask=mask, spec=spec, sm_scale=sm_scale, impl=impl)
-    return exclude_nonfinite_keys(attend, q, k, v)
+    if impl == "gather":
+        return exclude_nonfinite_keys(attend, q, k, v, sees=partial(_gather_sees, spec, hq=q.shape[2]))
+    return exclude_nonfinite_keys(attend, q, k, v, _visible_rows(q.shape[1], k.shape[1], mask=mask, spec=spec))
+
+
+def _gather_sees(spec: SRAMaskSpec, flagged: Bool[Array, "b sk hkv"], *, hq: int) -> Bool[Array, "b sq hq"]:
+    """The rows (and query heads) that see a flagged key under impl="gather": its own key slots, never a [q, k]
+    array."""
+    hkv = flagged.shape[2]
+    slots, visible = _gather_key_slots(spec, flagged.shape[1])
+    at_slots = jax.vmap(lambda row, idx: row[idx])(flagged, slots)  # [b, sq, c, hkv]
+    return jnp.repeat(jnp.any(visible[..., None] & at_slots, axis=2), hq // hkv, axis=-1)
+
+
+def _visible_rows(sq: int, sk: int, *, mask: Array | None = None, spec: SRAMaskSpec | None = None) -> VisibleRows:
+    """The visibility of `attention`'s arguments a block of query rows at a time, for
+    `pallas_kernels.finite.exclude_nonfinite_keys`: the mask's rows, the spec's rows, or causal by index."""
+    if mask is not None:
+        return lambda start, size: jax.lax.dynamic_slice_in_dim(mask, start, size, axis=-2)
+    if spec is not None:
+        return lambda start, size: spec.query_rows(start, size).to_mask()
+    return lambda start, size: ((start + jnp.arange(size) + (sk - sq))[:, None] >= jnp.arange(sk))[None]
 
 
 def _dense_or_gather(q, k, v, *, mask, spec, sm_scale, impl):
@@ -290,18 +310,12 @@ def _spec_mask_attention(q, k, v, spec: SRAMaskSpec, sm_scale: float, impl: str)
         return _dot_product_attention(q, k, v, spec.to_mask(), sm_scale, impl)
     n = sq // chunk
 
-    def split(x):
-        return None if x is None else jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-
     def one(part):
-        q_part, positions, critical, segment_ids = part
-        rows = dataclasses.replace(
-            spec, q_positions=positions, q_critical=critical, q_segment_ids=segment_ids, keys_are_queries=False
-        )
-        return _dot_product_attention(q_part, k, v, rows.to_mask(), sm_scale, impl)
+        q_part, start = part
+        return _dot_product_attention(q_part, k, v, spec.query_rows(start, chunk).to_mask(), sm_scale, impl)
 
-    parts = (split(q), split(spec.q_positions), split(spec.q_critical), split(spec.q_segment_ids))
-    return jnp.moveaxis(jax.lax.map(one, parts), 0, 1).reshape(q.shape)
+    q_parts = jnp.moveaxis(q.reshape(b, n, chunk, *q.shape[2:]), 1, 0)
+    return jnp.moveaxis(jax.lax.map(one, (q_parts, jnp.arange(n) * chunk)), 0, 1).reshape(q.shape)
 
 
 def _query_chunk(b: int, sq: int, sk: int) -> int:

@@ -221,6 +221,14 @@ class SRAMaskSpec:
         """(batch, queries, keys) of the mask this spec describes."""
         return (*self.q_positions.shape, self.k_positions.shape[1])
 
+    def query_rows(self, start: int | Int[Array, ""], size: int) -> SRAMaskSpec:
+        """The spec of query rows start .. start + size - 1 over every key (start may be traced; size static)."""
+        rows = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+        return dataclasses.replace(
+            self, q_positions=rows(self.q_positions), q_critical=rows(self.q_critical),
+            q_segment_ids=rows(self.q_segment_ids), keys_are_queries=False,
+        )
+
     @jax.jit
     def dense_mask(self) -> Bool[Array, "b q k"]:
         """What full causal attention would see: same segment and 0 <= k_pos <= q_pos."""
@@ -306,12 +314,16 @@ def mask_density(
     return visible / jnp.maximum(total, 1.0)
 
 
-def _sort_keys(segments: Int[Array, "b k"], positions: Int[Array, "b k"], keep: Bool[Array, "b k"]):
-    """(segment, position) of the kept keys, sorted lexicographically per row; dropped keys sort last."""
+def _sort_keys(segments: Int[Array, "b k"], positions: Int[Array, "b k"], keep: Bool[Array, "b k"],
+               flags: Bool[Array, "b k"]):
+    """((segment, position) of the kept keys sorted lexicographically per row, dropped keys last; the running
+    count of `flags` along that order, [b, k + 1] from 0: entry i counts the flagged keys among the first i)."""
     top = jnp.iinfo(jnp.int32).max
     seg = jnp.where(keep, segments.astype(jnp.int32), top)
     pos = jnp.where(keep, positions.astype(jnp.int32), top)
-    return jax.lax.sort((seg, pos), dimension=1, num_keys=2)
+    seg, pos, flags = jax.lax.sort((seg, pos, (keep & flags).astype(jnp.int32)), dimension=1, num_keys=2)
+    running = jnp.cumsum(jnp.pad(flags, ((0, 0), (1, 0))), axis=1, dtype=jnp.int32)
+    return (seg, pos), running
 
 
 def _count_below(sorted_keys, segment: Int[Array, "b t"], position: Int[Array, "b t"]) -> Int[Array, "b t"]:
@@ -324,8 +336,8 @@ def _count_below(sorted_keys, segment: Int[Array, "b t"], position: Int[Array, "
         lo, hi = bounds
         mid = (lo + hi) // 2
         at = jnp.minimum(mid, n - 1)
-        s_mid = jnp.take_along_axis(seg_keys, at, axis=1)
-        p_mid = jnp.take_along_axis(pos_keys, at, axis=1)
+        s_mid = jnp.take_along_axis(seg_keys, at, axis=1, mode="promise_in_bounds")  # 0 <= at < n
+        p_mid = jnp.take_along_axis(pos_keys, at, axis=1, mode="promise_in_bounds")
         below = (s_mid < segment) | ((s_mid == segment) & (p_mid < position))
         open_ = lo < hi
         return jnp.where(open_ & below, mid + 1, lo), jnp.where(open_ & ~below, mid, hi)
@@ -349,8 +361,9 @@ def visible_pair_counts(spec: SRAMaskSpec) -> tuple[Float[Array, " b"], Float[Ar
     For a valid query at position p (segment g) the visible keys are the disjoint union of: keys of g at positions
     [a, p] with a = max(0, p - window + 1) (the window), keys of g at [0, min(num_global, a) - 1] (globals not
     already in the window), and, when the query takes critical keys, critical keys of g at [num_global, a - 1].
-    Each term is a range count over the row's keys sorted by (segment, position); positions may be any integers
-    (duplicates and gaps included), exactly as the mask evaluates them.
+    Each term is a range count over the row's keys sorted once by (segment, position) (the critical term reads the
+    running count of critical keys at the ranks the search finds); positions may be any integers (duplicates and
+    gaps included), exactly as the mask evaluates them.
     """
     b, num_q = spec.q_positions.shape
     zeros_q = jnp.zeros((b, num_q), jnp.int32)
@@ -358,16 +371,18 @@ def visible_pair_counts(spec: SRAMaskSpec) -> tuple[Float[Array, " b"], Float[Ar
     q_seg = zeros_q if spec.q_segment_ids is None else spec.q_segment_ids.astype(jnp.int32)
     k_seg = zeros_k if spec.k_segment_ids is None else spec.k_segment_ids.astype(jnp.int32)
     p = spec.q_positions.astype(jnp.int32)
-    k_valid = spec.k_positions >= 0
-    every = _sort_keys(k_seg, spec.k_positions, k_valid)
-    critical = _sort_keys(k_seg, spec.k_positions, k_valid & spec.k_critical)
+    keys, critical_below = _sort_keys(k_seg, spec.k_positions, spec.k_positions >= 0, spec.k_critical)
 
     valid_q = p >= 0
     a = jnp.maximum(p - (spec.window - 1), 0)
     g = jnp.minimum(spec.num_global, a)
-    # Keys of the query's segment at positions [lo, hi] = below(hi + 1) - below(lo); one search per key set.
-    below_0, below_a, below_g, below_end = _range_counts(every, q_seg, [zeros_q, a, g, p + 1])
-    crit_g, crit_a = _range_counts(critical, q_seg, [jnp.full_like(p, spec.num_global), a])
+    # Keys of the query's segment at positions [lo, hi] = below(hi + 1) - below(lo), all bounds in one search; the
+    # critical ones below a bound are the running critical count at the bound's rank (0 <= rank <= k).
+    below_0, below_a, below_g, below_end, below_num_global = _range_counts(
+        keys, q_seg, [zeros_q, a, g, p + 1, jnp.full_like(p, spec.num_global)]
+    )
+    at_rank = lambda rank: jnp.take_along_axis(critical_below, rank, axis=1, mode="promise_in_bounds")
+    crit_g, crit_a = at_rank(below_num_global), at_rank(below_a)
     causal = jnp.where(valid_q, below_end - below_0, 0)
     window = below_end - below_a  # [a, p]
     globals_ = below_g - below_0  # [0, min(num_global, a) - 1]

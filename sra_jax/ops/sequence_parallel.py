@@ -895,4 +895,4 @@ def spec_attention(
                          max_critical=spec.max_critical, impl=active.per_shard(impl), interpret=active.interpret,
                          **common)
     # as on every other path: a non-finite key reaches exactly the rows that can see it (pallas_kernels.finite)
-    return exclude_nonfinite_keys(attend, q, k, v)
+    return exclude_nonfinite_keys(attend, q, k, v, lambda start, size: spec.query_rows(start, size).to_mask())
