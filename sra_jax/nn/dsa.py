@@ -62,7 +62,8 @@ class DSAAttention(nnx.Module):
         (query, key) pairs attended per row (`ops.dsa.dsa_pair_counts` of this call's selection; what `Llama`
         reports in `ModelAux.visible_pairs`, beside the indexer's work)."""
         if cache is not None:
-            raise ValueError("DSAAttention: decode with a KV cache is not supported by this module yet (cache=...)")
+            raise ValueError("DSAAttention: a KV cache belongs to the model (Llama(..., cache=DSACache...)); a layer "
+                             "decodes through sra_jax.nn.dsa_cache.dsa_decode_layer(attn, layer, x, positions, cache)")
         b, s, _ = x.shape
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
         # The indexer reads a detached input (as DeepSeek-V3.2 trains it): its KL loss trains the indexer alone, and

@@ -61,7 +61,7 @@ class NSAAttention(nnx.Module):
         `Llama` with an `NSACache` (`sra_jax.nn.nsa_cache.nsa_decode_layer`)."""
         if cache is not None:
             raise ValueError(
-                "NSAAttention: a cache is the model's (Llama(..., cache=NSACache...)); a layer decodes "
+                "NSAAttention: a KV cache belongs to the model (Llama(..., cache=NSACache...)); a layer decodes "
                 "through sra_jax.nn.nsa_cache.nsa_decode_layer(attn, layer, x, positions, cache)"
             )
         b, s, _ = x.shape
