@@ -2,7 +2,7 @@
 remat -> export -> reload, with peak memory, step time and tokens/s, and the compiled memory of the same step with
 `init.trainable: all` (AdamW over every parameter) for comparison.
 
-    python experiments/retrofit_8b.py --out benchmarks/results/retrofit-8b-DATE.json          # one H200, ~5 min
+    python experiments/retrofit_8b.py --work /dev/shm/retrofit --out benchmarks/results/retrofit-8b-DATE.json  # one H200
     python experiments/retrofit_8b.py --tiny --out /tmp/retrofit-tiny.json                     # CPU check, ~1 min
 
 Steps (each row of the JSON is one): a random bf16 Llama 3 8B (`LlamaConfig()`) is built on the device and written
@@ -12,7 +12,9 @@ synthetic rows of `--seq-len` tokens, remat) and checkpoints the last one; `sra-
 Hugging Face folder; `load_hf` reloads that and the Llama tensors are checked bit-identical to the source. The
 `trainable: all` comparison is `jit(train_step).lower(...).compile().memory_analysis()` on abstract inputs (nothing
 is allocated), next to the same analysis of the router-only step. Everything is written under `--work` (default a
-temporary folder), deleted at the end.
+temporary folder), deleted at the end: three copies of the weights (source, training checkpoint, export), ~48 GB at
+8B, checked against the free space first. Disk writes dominate the 8B run (on one H200 with a disk work folder, 380 s
+reached training step 2), so `/dev/shm` (RAM) is the folder to use there. The JSON is rewritten after each phase.
 """
 
 from __future__ import annotations
@@ -131,11 +133,33 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = "float32" if args.tiny else "bfloat16"
     work = args.work or Path(tempfile.mkdtemp(prefix="retrofit8b-"))
     work.mkdir(parents=True, exist_ok=True)
+    llama = model_config(args.tiny)
     rows: list[dict] = []
+    record = {
+        "device": jax.devices()[0].device_kind,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "model": dataclasses.asdict(llama), "dtype": dtype_name, "tiny": args.tiny, "work": str(work),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+
+    def done(row: dict) -> None:
+        """Record a finished phase: the JSON is rewritten after each one, so a run cut short keeps its phases."""
+        rows.append(row)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"[{time.perf_counter() - began:.0f} s] {json.dumps(row)}", flush=True)
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(nnx.eval_shape(
+        lambda: Llama(llama, None, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)))))
+    free = shutil.disk_usage(work).free
+    if free < 3 * weight_bytes:
+        raise ValueError(f"--work {work}: {free / 2**30:.1f} GiB free, the run writes 3 copies of the weights "
+                         f"({3 * weight_bytes / 2**30:.1f} GiB); pick another folder with --work")
     try:
-        llama = model_config(args.tiny)
         src, ckpt, export = work / "src", work / "ckpt", work / "export"
-        rows.append({"phase": "write_source", "seconds": write_source(llama, src, dtype), "peak_bytes": peak_bytes()})
+        done({"phase": "write_source", "seconds": write_source(llama, src, dtype), "peak_bytes": peak_bytes()})
 
         overrides = {
             "sra": TINY_SRA if args.tiny else SRA,
@@ -146,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "batch_size": 1, "param_dtype": dtype_name, "compute_dtype": dtype_name,
             "remat": args.remat, "attention_impl": args.attention_impl or ("reference" if args.tiny else "xla"),
             "checkpoint": {"dir": str(ckpt), "every": args.steps, "keep": 1, "async_save": False},
-            "log": {"dir": None, "progress": False, "every": args.steps},
+            "log": {"dir": None, "progress": not args.tiny, "every": args.steps},
         }
         config = TrainConfig.from_dict(overrides)
         start = time.perf_counter()
         result = run(config)
         total = time.perf_counter() - start
         timed = result.history[2:] or result.history  # the first steps include compilation
-        rows.append({
+        done({
             "phase": "train_router_only", "seconds": total, "steps": len(result.history), "seq_len": seq_len,
             "remat": args.remat, "step_time_s": float(np.median([h["step_time"] for h in timed])),
             "tokens_per_s": float(np.median([h["tokens_per_s"] for h in timed])),
@@ -164,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         del result
         for trainable in ("router", "all"):
             variant = dataclasses.replace(config, init=InitConfig(from_=None, trainable=trainable))
-            rows.append({"phase": f"compiled_step_{trainable}", **compiled_memory(variant)})
+            done({"phase": f"compiled_step_{trainable}", **compiled_memory(variant)})
 
         start = time.perf_counter()
         export_hf(ckpt, export)
-        rows.append({"phase": "export", "seconds": time.perf_counter() - start, "peak_bytes": peak_bytes()})
+        done({"phase": "export", "seconds": time.perf_counter() - start, "peak_bytes": peak_bytes()})
         start = time.perf_counter()
         _, reloaded = load_hf(export)
         seconds = time.perf_counter() - start
@@ -176,21 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         del reloaded
         source, exported = SafetensorsReader(src), SafetensorsReader(export)
         identical = all(np.array_equal(source.get(name), exported.get(name)) for name in source.keys())
-        rows.append({"phase": "reload", "seconds": seconds, "router_tensors": routers,
+        done({"phase": "reload", "seconds": seconds, "router_tensors": routers,
                      "llama_bit_identical_to_source": bool(identical), "peak_bytes": peak_bytes()})
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    record = {
-        "device": jax.devices()[0].device_kind,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "model": dataclasses.asdict(llama), "dtype": dtype_name, "tiny": args.tiny,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(rows, indent=2))
     return 0 if rows[-1].get("llama_bit_identical_to_source") else 1
 
 
