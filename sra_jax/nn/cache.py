@@ -240,3 +240,16 @@ def critical_slot_lists(critical: Bool[Array, "*lead n"]) -> tuple[Int[Array, "*
     counts = critical.sum(-1, dtype=jnp.int32)
     used = jnp.arange(n) < counts[..., None]
     return jnp.where(used, ordered, -1), counts
+
+
+def forwarding_replace(own: Sequence[str]):
+    """A `replace` for a cache that wraps a KVCache in its field `kv` (NSACache, DSACache): the fields named in `own`
+    replace themselves, any other field (positions, index, ...) is the inner cache's, as `Llama` expects.
+    flax.struct.dataclass installs a plain `replace`; assign this one over it."""
+
+    def replace(self, **updates: Any):
+        mine = {name: updates.pop(name) for name in ("kv", *own) if name in updates}
+        kv = mine.pop("kv", self.kv)
+        return dataclasses.replace(self, kv=kv.replace(**updates) if updates else kv, **mine)
+
+    return replace

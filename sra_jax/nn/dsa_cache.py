@@ -6,7 +6,6 @@ KVCache, e.g. the `LeftPaddedKVCache` of a generation (`sra_jax.nn.generation_ca
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -15,7 +14,7 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from sra_jax.config import LlamaConfig, SRAConfig
-from sra_jax.nn.cache import KVCache
+from sra_jax.nn.cache import KVCache, forwarding_replace
 from sra_jax.ops import dsa
 
 
@@ -60,15 +59,7 @@ class DSACache:
         return self.kv.next_positions(s)
 
 
-def _replace(self: DSACache, **updates: Any) -> DSACache:
-    """`kv` / `index_k` replace those fields; any other field (positions, index, ...) is the KVCache's."""
-    own = {name: updates.pop(name) for name in ("kv", "index_k") if name in updates}
-    kv = own.pop("kv", self.kv)
-    return dataclasses.replace(self, kv=kv.replace(**updates) if updates else kv, **own)
-
-
-# flax.struct.dataclass installs a plain `replace`; this one also forwards the KVCache's fields, as `Llama` expects.
-DSACache.replace = _replace
+DSACache.replace = forwarding_replace(("index_k",))
 
 
 def dsa_decode_layer(

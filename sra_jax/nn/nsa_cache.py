@@ -7,7 +7,6 @@ have different pad lengths decodes each row as it decodes alone)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from sra_jax.config import LlamaConfig, SRAConfig
-from sra_jax.nn.cache import KVCache
+from sra_jax.nn.cache import KVCache, forwarding_replace
 from sra_jax.ops import nsa
 
 
@@ -76,18 +75,7 @@ def _check_nsa(sra: SRAConfig) -> None:
                          f"{None if sra is None else sra.attention!r}")  # fmt: skip
 
 
-_OWN = ("kv", "cmp_k", "cmp_v", "cmp_end")
-
-
-def _replace(self: NSACache, **updates: Any) -> NSACache:
-    """NSACache's own fields replace themselves; any other field (positions, index, ...) is the inner cache's."""
-    own = {name: updates.pop(name) for name in _OWN if name in updates}
-    kv = own.pop("kv", self.kv)
-    return dataclasses.replace(self, kv=kv.replace(**updates) if updates else kv, **own)
-
-
-# flax.struct.dataclass installs a plain `replace`; this one also forwards the KVCache's fields, as `Llama` expects.
-NSACache.replace = _replace
+NSACache.replace = forwarding_replace(("cmp_k", "cmp_v", "cmp_end"))
 
 
 def nsa_decode_layer(
