@@ -33,3 +33,22 @@ def data_dir() -> Path:
     if not (path / "gsm8k" / "test.jsonl").exists():
         raise FileNotFoundError(f"real data not found at {path}; set SRA_JAX_DATA to the shared/data folder")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verify_triton_modules():
+    """Verify every Triton module that Pallas lowers (tests lower the GPU kernels for `cuda` on CPU). Pallas does
+    not verify them itself; an invalid op (say a masked atomic whose mask shape differs from its value's) then
+    only fails inside XLA's Triton compiler on a GPU. This catches it on the CPU."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises MLIRError naming the op and the source line
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = lower_and_verify
+    yield
+    registration.lowering.lower_jaxpr_to_triton_module = lower

@@ -100,7 +100,8 @@ def _scatter_add(ref, safe, ok, x, *, sk, interpret):
         x = jnp.where(ok[:, None], x, 0.0)
         plgpu.atomic_add(ref, (rows[:, None], jnp.arange(x.shape[1])[None, :]), x)
     else:
-        plgpu.atomic_add(ref, (safe[:, None], jnp.arange(x.shape[1])[None, :]), x, mask=ok[:, None])
+        plgpu.atomic_add(ref, (safe[:, None], jnp.arange(x.shape[1])[None, :]), x,
+                         mask=jnp.broadcast_to(ok[:, None], x.shape))  # Triton wants the mask in the value's shape
 
 
 def _specs(sk, hi, rows, kp, d):
