@@ -1,4 +1,5 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CPU machine, and the real-data location."""
+"""Shared test settings: hypothesis profiles sized for a 2-core CPU machine, the real-data location, and a check
+that every Triton module lowered in a test verifies."""
 
 from __future__ import annotations
 
