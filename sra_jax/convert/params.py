@@ -110,14 +110,35 @@ def sharding_for(
 def place(source: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
     """Copy a host array (a memory map, possibly a transposed view) to devices in `dtype`.
 
-    With a sharding, each process reads only the slices its devices hold.
+    With a sharding, each process reads only the slices its devices hold. A transposed view (a linear layer's
+    weight read from a Hugging Face file) is copied in its stored layout and transposed on the devices: a strided
+    host copy of an 8B model's matrices takes minutes, the device transpose milliseconds.
     """
     dtype = np.dtype(dtype)
+    if source.ndim == 2 and not source.flags.c_contiguous and source.T.flags.c_contiguous:
+        stored_sharding = _transposed(sharding)
+        if sharding is None or stored_sharding is not None:
+            stored = place(source.T, dtype, stored_sharding)
+            return _device_transpose(stored, sharding)
     if sharding is None:
         return jnp.asarray(np.ascontiguousarray(source).astype(dtype, copy=False))
     return jax.make_array_from_callback(
         source.shape, sharding, lambda index: np.ascontiguousarray(source[index]).astype(dtype, copy=False)
     )
+
+
+def _transposed(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    """The sharding of a matrix's transpose, for a NamedSharding (None for any other kind)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[::-1]))
+
+
+def _device_transpose(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    out = jax.jit(jnp.transpose, out_shardings=sharding)(x)
+    x.delete()
+    return out
 
 
 def merge(

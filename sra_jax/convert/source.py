@@ -19,6 +19,7 @@ into its sharding when `mesh` or `shardings` is given.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,7 @@ from sra_jax.convert import params as P
 HUB_PREFIX = "hf://"
 TRAIN_STATE_ITEM = "state"
 TRAIN_META_ITEM = "meta"
+FROZEN_META_KEY = "frozen"  # sra_jax.train.frozen.META_KEY: a router-only step's reference to its frozen weights
 _META_FILE = "metadata"
 _KEEP = object()  # load_source(sra=...) default: the source's own SRA settings
 
@@ -109,6 +111,33 @@ def resolve_path(path: str | os.PathLike) -> Path:
             f">= 1.0; `huggingface-cli download {repo_id}{flag}` before)") from None
 
 
+_SAMPLE_BYTES = 1 << 16
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a model folder's weights (a hub name is resolved first), so a router-only checkpoint that
+    references its frozen weights can tell whether they are still the ones it was trained on: sha256 over each
+    file's relative path and size, the whole of every file up to 1 MiB (configs, indexes, orbax metadata, manifests)
+    and the first and last 64 KiB of larger ones (a safetensors header and the first and last tensor bytes). Files
+    rewritten in place with equal sizes and equal sampled bytes are not told apart; a copied or moved folder is the
+    same."""
+    root = resolve_path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model source {str(root)!r} is not a folder")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        with file.open("rb") as f:
+            if size <= 16 * _SAMPLE_BYTES:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(_SAMPLE_BYTES))
+                f.seek(size - _SAMPLE_BYTES)
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def resolve_source(path: str | os.PathLike, *, step: int | None = None) -> ModelSource:
     """What kind of model folder `path` is and its model settings (no weights are read).
 
@@ -148,9 +177,26 @@ def resolve_source(path: str | os.PathLike, *, step: int | None = None) -> Model
                             f"checkpoint folder)")
 
 
+def _frozen_base(source: ModelSource, reference: dict[str, Any], **load) -> dict:
+    """The frozen parameter values of a router-only checkpoint step, loaded from the source its meta names (see
+    `sra_jax.train.frozen`); FileNotFoundError / ValueError naming the step and the source when it is gone or
+    holds other weights."""
+    base_path = reference.get("source")
+    step = f"{source.path} (a router-only checkpoint: its Llama weights are read from {base_path})"
+    try:
+        found = fingerprint(base_path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{step}: {error}") from None
+    if found != reference.get("fingerprint"):
+        raise ValueError(f"{step}: {base_path} holds other weights than the run trained on (fingerprint {found}, "
+                         f"checkpoint {reference.get('fingerprint')})")
+    _, _, model = load_source(base_path, sra=None, **load)
+    return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def _load_train(source: ModelSource, *, dtype, compute_dtype, mesh, shardings, attention_impl):
     """The Llama of a training checkpoint step: only `params` of the saved TrainState are restored, each onto
-    its sharding."""
+    its sharding (a router-only step's frozen parameters come from the source it references)."""
     import orbax.checkpoint as ocp
 
     run = source.train_config or {}
@@ -158,19 +204,25 @@ def _load_train(source: ModelSource, *, dtype, compute_dtype, mesh, shardings, a
     compute = compute_dtype or (np.dtype(run.get("compute_dtype", "float32")) if dtype is None else param_dtype)
     graphdef, flat = P.abstract_model(source.config, source.sra, dtype=compute, param_dtype=param_dtype,
                                       attention_impl=attention_impl)
+    reference = _train_meta(source.path).get(FROZEN_META_KEY)
+    values = {} if reference is None else _frozen_base(
+        source, reference, dtype=param_dtype, compute_dtype=compute, mesh=mesh, shardings=shardings,
+        attention_impl=attention_impl)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     targets = {}
     for p, variable in flat:
+        if p in values and not P.is_router(p):
+            continue
         shape = tuple(variable.get_value().shape)
         sharding = P.sharding_for(p, variable, shape, mesh=mesh, shardings=shardings) or default
         targets[p] = jax.ShapeDtypeStruct(shape, param_dtype, sharding=sharding)
-    abstract = nnx.from_flat_state([(p, v.replace(targets[p])) for p, v in flat])
+    abstract = nnx.from_flat_state([(p, v.replace(targets[p])) for p, v in flat if p in targets])
     item = {"params": abstract}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     restored = ocp.PyTreeCheckpointer().restore((source.path / TRAIN_STATE_ITEM).absolute(), args=args)
-    values = {p: v.get_value() if isinstance(v, nnx.Variable) else v
-              for p, v in nnx.to_flat_state(restored["params"])}
+    values.update({p: v.get_value() if isinstance(v, nnx.Variable) else v
+                   for p, v in nnx.to_flat_state(restored["params"])})
     return P.merge(graphdef, flat, values)
 
 
@@ -237,5 +289,5 @@ def describe(source: ModelSource) -> str:
     return f"{kind} {source.path}{step}"
 
 
-__all__ = ["HUB_PREFIX", "ModelSource", "describe", "load_source", "parse_hub_name", "resolve_path", "resolve_source",
+__all__ = ["HUB_PREFIX", "ModelSource", "describe", "fingerprint", "load_source", "parse_hub_name", "resolve_path", "resolve_source",
            "train_steps"]

@@ -16,6 +16,7 @@ config differs from the checkpoint's in the keys of `RESUME_KEYS` is refused nam
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sra_jax.train import frozen as frozen_lib
 from sra_jax.train import manifest
 from sra_jax.train.config import CheckpointConfig
 
@@ -84,11 +86,13 @@ class Checkpointer:
     into each step's `meta` item (which `sra_jax.convert.source` reads to rebuild the model). `owner=True` is
     for the one run that writes the folder: only it saves, removes temporary folders of killed saves and moves damaged
     steps aside. A reader (an evaluation next to a live run) skips damaged steps and touches nothing, so it never
-    removes a save in progress. Usable as a context manager.
+    removes a save in progress. `frozen` (`sra_jax.train.frozen.frozen_weights(config)`): save only the routers'
+    parameters and reference the frozen ones; restores complete them from the target. Usable as a context manager.
     """
 
     def __init__(self, directory: str | os.PathLike, config: CheckpointConfig, *,
-                 run_config: Mapping[str, Any] | None = None, owner: bool = False):
+                 run_config: Mapping[str, Any] | None = None, owner: bool = False,
+                 frozen: frozen_lib.FrozenWeights | None = None):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # rotation is ours: only after a newer step is verified
             save_interval_steps=config.every,
@@ -101,6 +105,7 @@ class Checkpointer:
         self.allow_config_change = config.allow_config_change
         self.run_config = dict(run_config) if run_config is not None else None
         self.owner = owner
+        self.frozen = frozen
         self._pending: int | None = None
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -122,6 +127,8 @@ class Checkpointer:
         meta = {"step": step, "data_position": step}
         if self.run_config is not None:
             meta["config"] = self.run_config
+        if self.frozen is not None:
+            state, meta[frozen_lib.META_KEY] = self.frozen.slim(state), self.frozen.meta
         meta.update(extra or {})
         try:
             started = self.manager.save(
@@ -194,9 +201,11 @@ class Checkpointer:
                 damaged.append((step, str(why)))
                 continue
             self._check_config(step, body.get("config") or {})
+            self._check_frozen(step)
             if self.owner:
                 self._set_aside(damaged)
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+            slim = target if self.frozen is None else self.frozen.slim(target)
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, slim)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             except Exception as error:
@@ -206,7 +215,7 @@ class Checkpointer:
             if damaged:
                 log.warning("restoring step %d, the newest good checkpoint in %s%s", step, self.directory,
                             f" (damaged steps moved to {Path(self.directory) / DAMAGED})" if self.owner else "")
-            return restored.state
+            return restored.state if self.frozen is None else self.frozen.merge(restored.state, target)
         if damaged:
             listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
             raise CheckpointError(f"no usable checkpoint in {self.directory} ({listed}); move the folder away to "
@@ -221,6 +230,13 @@ class Checkpointer:
             raise CheckpointError(f"resuming {self.directory} step {step} refused: the config differs from the "
                                   f"checkpoint's in {', '.join(differences)}; use the checkpoint's values, another "
                                   f"checkpoint.dir, or set checkpoint.allow_config_change=true to resume anyway")
+
+    def _check_frozen(self, step: int) -> None:
+        meta_file = self._step_dir(step) / "meta" / "metadata"
+        saved = json.loads(meta_file.read_text()).get(frozen_lib.META_KEY) if meta_file.is_file() else None
+        why = frozen_lib.mismatch(saved, self.frozen)
+        if why is not None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be resumed: {why}")
 
     def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
         """Move damaged steps to `<dir>/damaged/` (kept for inspection; a fresh save of the same step can follow)."""

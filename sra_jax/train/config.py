@@ -304,6 +304,9 @@ class CheckpointConfig:
 
     allow_config_change: resume from a checkpoint whose model / sra / schedule keys differ from this config's
         (refused by default, naming the keys; see sra_jax.train.checkpoint.RESUME_KEYS).
+    frozen: with init.from and init.trainable router, "reference" stores only the routers' parameters and names the
+        source and its fingerprint (a resume, export, generate and eval reload the frozen weights from it); "copy"
+        stores every parameter (see sra_jax.train.frozen).
     """
 
     dir: str | None = None
@@ -311,8 +314,11 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     allow_config_change: bool = False  # resume even if model / sra / schedule keys differ from the checkpoint's
+    frozen: str = "reference"  # router-only runs from init.from: "reference" the frozen weights, or "copy" them
 
     def __post_init__(self):
+        if self.frozen not in ("reference", "copy"):
+            raise ValueError(f"checkpoint.frozen={self.frozen!r} must be 'reference' or 'copy'")
         if self.dir is not None and not self.dir.strip():
             raise ValueError(f"checkpoint.dir={self.dir!r} is empty; give a folder, or null for no checkpoints")
         if self.every < 1:

@@ -83,6 +83,7 @@ def _load_model(args, parser: argparse.ArgumentParser):
         source = resolve_source(args.checkpoint)
         return load_source(source, attention_impl=args.attention_impl)[2], describe(source)
     from sra_jax.train import checkpoint, sharding
+    from sra_jax.train.frozen import frozen_weights
     from sra_jax.train.config import TrainConfig
     from sra_jax.train.step import create_trainer
 
@@ -91,7 +92,7 @@ def _load_model(args, parser: argparse.ArgumentParser):
     directory = args.checkpoint or config.checkpoint.dir
     if not directory:
         parser.error("give --checkpoint or checkpoint.dir in the config")
-    with checkpoint.Checkpointer(directory, config.checkpoint) as manager:
+    with checkpoint.Checkpointer(directory, config.checkpoint, frozen=frozen_weights(config)) as manager:
         restored = manager.restore_latest(state)
     if restored is None:
         raise FileNotFoundError(f"no training checkpoint in {directory}")
@@ -268,6 +269,7 @@ def _config_task(path: str, overrides: list[str]) -> str:
 
 def evaluate_synthetic_checkpoint(args) -> int:
     from sra_jax.train import checkpoint, sharding
+    from sra_jax.train.frozen import frozen_weights
     from sra_jax.train.config import TrainConfig
     from sra_jax.train.data import SyntheticStream
     from sra_jax.train.step import create_trainer
@@ -283,7 +285,7 @@ def evaluate_synthetic_checkpoint(args) -> int:
     trainer, state = create_trainer(config, mesh)
     directory = args.checkpoint or config.checkpoint.dir
     if directory:
-        with checkpoint.Checkpointer(directory, config.checkpoint) as manager:
+        with checkpoint.Checkpointer(directory, config.checkpoint, frozen=frozen_weights(config)) as manager:
             restored = manager.restore_latest(state)
         if restored is None:
             print(f"sra-jax eval: no checkpoint in {directory}", file=sys.stderr)

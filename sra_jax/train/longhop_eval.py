@@ -32,6 +32,7 @@ from sra_jax.nn import attention_flops, router_flops
 from sra_jax.train import losses, router_distill, sharding
 from sra_jax.train.checkpoint import Checkpointer
 from sra_jax.train.config import TrainConfig
+from sra_jax.train.frozen import frozen_weights
 from sra_jax.train.step import Trainer, TrainState, create_trainer
 
 CRITICAL_SOURCES = ("dense", "window", "random", "oracle", "learned", "per_query")
@@ -52,7 +53,8 @@ def start_from(config: TrainConfig, params) -> None:
     if not config.checkpoint.dir:
         raise ValueError("config.checkpoint.dir must be set: the start is written there as step 0")
     run_config = config.to_dict()
-    with Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=run_config, owner=True) as manager:
+    with Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=run_config, owner=True,
+                      frozen=frozen_weights(config)) as manager:
         if manager.latest_step() is None:
             manager.save(with_weights(config, params)[1], step=0, force=True)
             manager.wait()

@@ -25,6 +25,7 @@ from sra_jax.train import sharding
 from sra_jax.train.checkpoint import Checkpointer, host_int
 from sra_jax.train.config import TrainConfig
 from sra_jax.train.data import make_stream
+from sra_jax.train.frozen import frozen_weights
 from sra_jax.train.optimizer import learning_rate_schedule
 from sra_jax.train.metrics import MetricsLogger, count_params, peak_flops_per_device, train_flops
 from sra_jax.train.step import Trainer, TrainState, create_trainer
@@ -52,6 +53,9 @@ class RunResult:
     exit_code: int
     history: list[dict[str, Any]]  # one record per step run in this process ("step" counts from 1)
     reason: str  # "finished", "preempted", "bad_steps"
+    # Wall-clock seconds outside the steps: "setup" (mesh, initial or init.from weights, optimizer state, data),
+    # "restore" (reading the newest checkpoint), "checkpoint" (saves and their verification, the final one included).
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class StopFlag:
@@ -155,14 +159,19 @@ def run(
 ) -> RunResult:
     """Train `config.steps` steps (resuming from `checkpoint.dir` when it holds a checkpoint)."""
     console = console or log.console()  # the progress bar draws on the log handler's console
+    seconds = {"setup": 0.0, "restore": 0.0, "checkpoint": 0.0}
+    began = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh.resolve(jax.device_count()))
     trainer, state = create_trainer(config, mesh)
     stream = make_stream(config)
     _logger.info("%s", stream.describe())
-    checkpointer = (Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=config.to_dict(),
-                                 owner=True) if config.checkpoint.dir else None)
+    checkpointer = (Checkpointer(config.checkpoint.dir, config.checkpoint, run_config=config.to_dict(), owner=True,
+                                 frozen=frozen_weights(config)) if config.checkpoint.dir else None)
+    seconds["setup"] = time.perf_counter() - began
     if checkpointer is not None:
+        began = time.perf_counter()
         restored = checkpointer.restore_latest(state)
+        seconds["restore"] = time.perf_counter() - began
         if restored is not None:
             state = restored
             _logger.info("resumed from %s at step %d", checkpointer.directory, host_int(state.step))
@@ -214,16 +223,20 @@ def run(
                 reason, exit_code = "bad_steps", EXIT_BAD_STEPS
                 break
             if save_now:
+                began = time.perf_counter()
                 checkpointer.save(state, step=step + 1, force=stopping or last)
+                seconds["checkpoint"] += time.perf_counter() - began
             if stopping:
                 _logger.warning("signal %s: checkpoint at step %d saved; exiting", stop.signal, step + 1)
                 reason = "preempted"
                 break
     if checkpointer is not None:
-        checkpointer.wait()
+        began = time.perf_counter()
         checkpointer.close()
+        seconds["checkpoint"] += time.perf_counter() - began
     recorder.close()
-    return RunResult(trainer=trainer, state=state, exit_code=exit_code, history=recorder.history, reason=reason)
+    return RunResult(trainer=trainer, state=state, exit_code=exit_code, history=recorder.history, reason=reason,
+                     seconds=seconds)
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,10 +22,10 @@ SCRIPT = textwrap.dedent(
     requested = []
     place = params.place
     def recording_place(source, dtype, sharding):
-        if sharding is not None:
+        if sharding is not None and source.flags.c_contiguous:  # a transposed view is placed through its .T
             full = source
             source = type("Spy", (), {
-                "shape": full.shape,
+                "shape": full.shape, "ndim": full.ndim, "flags": full.flags,
                 "__getitem__": lambda self, index: requested.append((full.ndim, full[index].size / full.size)) or full[index],
             })()
         return place(source, dtype, sharding)

@@ -4,6 +4,8 @@ and `load_hf` read the export back; plus `trainable: all` and a disagreeing `mod
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -16,7 +18,7 @@ from flax import nnx
 
 from sra_jax.cli import main as cli
 from sra_jax.convert import load_hf
-from sra_jax.convert.source import load_source, resolve_source
+from sra_jax.convert.source import fingerprint, load_source, resolve_source
 from sra_jax.train import sharding
 from sra_jax.train.config import TrainConfig
 from sra_jax.train.step import create_trainer, is_router_param
@@ -72,6 +74,55 @@ def test_router_only_keeps_the_llama_bit_identical_and_trains_the_routers(runs):
     assert routers and any(not np.array_equal(first[p], second[p]) for p in routers)
     assert resolve_source(root / "router_rl").step == 2
     assert resolve_source(root / "router", step=1).step == 1
+
+
+def _stored_params(step_dir: Path) -> set:
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().metadata((step_dir / "state").absolute()).item_metadata.tree
+    return {p for p, _ in nnx.to_flat_state(nnx.State(tree["params"]))}
+
+
+def test_router_only_checkpoints_store_the_routers_and_reference_the_source(runs):
+    root, _ = runs
+    step = root / "router" / "2"
+    meta = json.loads((step / "meta" / "metadata").read_text())
+    assert meta["frozen"] == {"source": str((root / "src").absolute()), "fingerprint": fingerprint(root / "src"),
+                              "stored": "router"}
+    stored = _stored_params(step)
+    assert stored and all(is_router_param(p) for p in stored)
+    # A continued run references the step folder it started from (itself router-only), not the run folder.
+    chained = json.loads((root / "router_rl" / "2" / "meta" / "metadata").read_text())["frozen"]
+    assert chained["source"] == str(step.absolute())
+
+
+def test_a_router_only_run_resumes_and_refuses_a_changed_source(runs, tmp_path, capsys):
+    root, _ = runs
+    src = tmp_path / "src"
+    shutil.copytree(root / "src", src)
+    overrides = (f"init.from={src}", "init.trainable=router", "checkpoint.every=1")
+    _train(tmp_path / "ckpt", *overrides)
+    shutil.rmtree(tmp_path / "ckpt" / "2")  # as if killed before its last save
+    _train(tmp_path / "ckpt", *overrides)  # resumes step 1: routers from the checkpoint, the Llama from src
+    assert resolve_source(tmp_path / "ckpt").step == 2
+    trained = _flat(load_source(tmp_path / "ckpt")[2])
+    for p, value in _flat(load_source(src)[2]).items():
+        np.testing.assert_array_equal(trained[p], value, err_msg=str(p))
+    # The same weights in another folder are the same source; other weights are refused, naming both.
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)
+    assert fingerprint(moved) == fingerprint(src)
+    weights = next(src.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="holds other weights than the run trained on"):
+        load_source(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt" / "2")
+    argv = ["-q", "train", "--config", "synthetic_sra", *_sets(*FAST, f"checkpoint.dir={tmp_path / 'ckpt'}",
+                                                               *overrides)]
+    assert cli(argv) == 2
+    assert "step 1 in" in (err := capsys.readouterr().err) and "not the same weights" in err
 
 
 def test_router_only_optimizer_state_covers_the_routers_only(runs):
