@@ -171,3 +171,23 @@ def test_the_recorder_logs_every_n_steps_and_the_last_and_counts_consecutive_ski
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4, 5] and all("time" in row and "lr" in row for row in rows)
     assert rows[-1]["loss"] == 5.0 and TrainConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == config
+
+
+def test_bfloat16_params_keep_one_state_type_so_the_step_compiles_once():
+    """AdamW moments are float32 from the start: moments in the parameters' bfloat16 turned float32 after the first
+    update (float32 gradients), so step 2 compiled the train step again (100 s at 8B) and a resumed state differed."""
+    from sra_jax.train import sharding
+    from sra_jax.train.data import make_stream
+    from sra_jax.train.step import create_trainer
+
+    config = TrainConfig.load("synthetic_sra", ["batch_size=2", "param_dtype=bfloat16", "compute_dtype=bfloat16",
+                                                "log.dir=null"])
+    trainer, state = create_trainer(config, sharding.make_mesh((1, 1, 1)))
+    stream = make_stream(config)
+    types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), tree)  # noqa: E731
+    first = types(state)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert moments and all(x.dtype == np.float32 for x in moments)
+    for step in range(2):
+        state, _ = trainer.step_fn(state, trainer.put_batch(stream.batch(step)))
+        assert types(state) == first, f"step {step + 1} changed the state's types"
