@@ -210,7 +210,7 @@ def stage_times(config, model, phase, context, batch, *, decode_steps, lower_for
     return row, (compiled, args)
 
 
-_CONSTANT = re.compile(r"= \w+\[([\d,]*)\][^=]*? constant\(")
+_CONSTANT = re.compile(r"= (\w+\[[\d,]*\])[^=]*? constant\(")
 
 
 def compiled_stats(text: str, context: int) -> dict:
@@ -218,13 +218,15 @@ def compiled_stats(text: str, context: int) -> dict:
     mask or layout that XLA evaluated while compiling (constant folding, because the prefill's positions are
     compile-time constants) leaves its result as such a constant, one per layer; the cache's positions, which the
     program returns, are one."""
-    large = 0
-    for dims in _CONSTANT.findall(text):
+    large = collections.Counter()
+    for array in _CONSTANT.findall(text):
         n = 1
-        for d in filter(None, dims.split(",")):
+        for d in filter(None, array[array.index("[") + 1:-1].split(",")):
             n *= int(d)
-        large += n >= context
-    return {"compiled_sort": len(re.findall(r"\bsort\(", text)), "compiled_large_constants": large}
+        if n >= context:
+            large[array] += 1
+    return {"compiled_sort": len(re.findall(r"\bsort\(", text)), "compiled_large_constants": sum(large.values()),
+            "compiled_large_constant_types": dict(large)}
 
 
 def materialise(args, seed: int):
