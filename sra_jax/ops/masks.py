@@ -336,11 +336,16 @@ def at_run_time(tree):
 def _sort_keys(segments: Int[Array, "b k"], positions: Int[Array, "b k"], keep: Bool[Array, "b k"],
                flags: Bool[Array, "b k"]):
     """((segment, position) of the kept keys sorted lexicographically per row, dropped keys last; the running
-    count of `flags` along that order, [b, k + 1] from 0: entry i counts the flagged keys among the first i)."""
+    count of `flags` along that order, [b, k + 1] from 0: entry i counts the flagged keys among the first i).
+
+    The sort holds positions and segments only (the flags follow by its permutation), so the layers of a model,
+    whose keys share positions but not flags, share one sort once XLA eliminates the common subexpressions."""
     top = jnp.iinfo(jnp.int32).max
     seg = jnp.where(keep, segments.astype(jnp.int32), top)
     pos = jnp.where(keep, positions.astype(jnp.int32), top)
-    seg, pos, flags = jax.lax.sort((seg, pos, (keep & flags).astype(jnp.int32)), dimension=1, num_keys=2)
+    order = jax.lax.broadcasted_iota(jnp.int32, seg.shape, 1)
+    seg, pos, order = jax.lax.sort((seg, pos, order), dimension=1, num_keys=2)  # stable: ties keep slot order
+    flags = jnp.take_along_axis((keep & flags).astype(jnp.int32), order, axis=1, mode="promise_in_bounds")
     running = jnp.cumsum(jnp.pad(flags, ((0, 0), (1, 0))), axis=1, dtype=jnp.int32)
     return (seg, pos), running
 
