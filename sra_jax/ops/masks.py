@@ -15,7 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 QUERIES = ("critical", "all")
 
@@ -324,7 +324,7 @@ def mask_density(
     return visible / jnp.maximum(total, 1.0)
 
 
-def at_run_time(tree):
+def at_run_time(tree: PyTree[Array | None]) -> PyTree[Array | None]:
     """`tree`'s arrays unchanged, behind an optimization barrier: XLA cannot constant-fold through it, so what is
     derived from them is computed when the program runs. Positions are compile-time constants in a prefill whose
     positions come from its shape (`arange`, a fresh cache's slots); without the barrier XLA evaluates every
