@@ -13,6 +13,9 @@ context) one fresh worker process (so no jit or lowering cache carries over betw
   inlining, distinct kernel configurations (each is one kernel compilation), and sort / while / case ops;
 - the largest array type in the module (weights, KV cache and every intermediate value): a 128k prefill that
   built [b, s, vocab] logits or a [q, k] mask would show it here, before any device runs it;
+- after compiling: sort ops and constants of at least `context` elements left in the optimised program
+  (`compiled_stats`: a position-derived statistic or layout that XLA constant-folded leaves one per layer), and, from
+  a worker's stderr, how many single constant folds XLA's slow-operation alarm reported (over 1 s each);
 - per-layer trace and lower seconds: the same model traced and lowered (in its own worker) at `--layers-small`
   layers too, the difference divided by the difference in layers (at the first length).
 
@@ -25,6 +28,8 @@ resolves to Triton on an H200 too). Compile and execute need the real platform.
     python experiments/compile_time.py --preset tiny --out /tmp/ct.json                  # CPU: every stage, tiny
     python experiments/compile_time.py --preset llama8b --lower-for cuda --out /tmp/x.json   # CPU host: 8B, lowering
     python experiments/compile_time.py --preset llama8b --out benchmarks/results/compile-time-h200-DATE.json   # GPU
+    python experiments/compile_time.py --preset llama8b --layers 4 --lengths 32768 --phases prefill --no-execute \
+        --out /tmp/c.json                         # CPU host: compile seconds of a 4-layer 8B-width prefill
 """
 
 from __future__ import annotations
@@ -177,7 +182,7 @@ def build(config: LlamaConfig, model: str, dense_impl: str, sra_impl: str, dtype
 
 
 def stage_times(config, model, phase, context, batch, *, decode_steps, lower_for, dense_impl, sra_impl, dtype,
-                execute):
+                compile):
     """(row of stage seconds and module stats, compiled program and its abstract arguments or None)."""
     abstract = build(config, model, dense_impl, sra_impl, dtype)
     max_len = context + decode_steps * 2
@@ -196,12 +201,32 @@ def stage_times(config, model, phase, context, batch, *, decode_steps, lower_for
     lowered = traced.lower(lowering_platforms=(lower_for,))
     row["lower_s"] = time.perf_counter() - start
     row.update(module_stats(lowered.as_text()))
-    if not execute:
+    if not compile:
         return row, None
     start = time.perf_counter()
     compiled = lowered.compile()
     row["compile_s"] = time.perf_counter() - start
+    row.update(compiled_stats(compiled.as_text(), context))
     return row, (compiled, args)
+
+
+_CONSTANT = re.compile(r"= (\w+\[[\d,]*\])[^=]*? constant\(")
+
+
+def compiled_stats(text: str, context: int) -> dict:
+    """What XLA left in the optimised program: sort ops, and constants of at least `context` elements. A statistic,
+    mask or layout that XLA evaluated while compiling (constant folding, because the prefill's positions are
+    compile-time constants) leaves its result as such a constant, one per layer; the cache's positions, which the
+    program returns, are one."""
+    large = collections.Counter()
+    for array in _CONSTANT.findall(text):
+        n = 1
+        for d in filter(None, array[array.index("[") + 1:-1].split(",")):
+            n *= int(d)
+        if n >= context:
+            large[array] += 1
+    return {"compiled_sort": len(re.findall(r"\bsort\(", text)), "compiled_large_constants": sum(large.values()),
+            "compiled_large_constant_types": dict(large)}
 
 
 def materialise(args, seed: int):
@@ -225,16 +250,17 @@ def materialise(args, seed: int):
 
 def worker(job: dict) -> dict:
     config = preset_config(job["preset"], job.get("layers"))
-    execute = job["lower_for"] == job["platform"] and not job.get("lower_only")
+    compile = job["lower_for"] == job["platform"] and not job.get("lower_only")
+    execute = compile and not job.get("no_execute")
     where = pretend_cuda() if job["lower_for"] == "cuda" and job["platform"] != "cuda" else contextlib.nullcontext()
     with where:
         row, program = stage_times(
             config, job["model"], job["phase"], job["context"], job["batch"], decode_steps=job["decode_steps"],
             lower_for=job["lower_for"], dense_impl=job["dense_impl"], sra_impl=job["sra_impl"],
-            dtype=jnp.dtype(job["dtype"]), execute=execute,
+            dtype=jnp.dtype(job["dtype"]), compile=compile,
         )
     row["layers"] = config.num_hidden_layers
-    if program is not None:
+    if program is not None and execute:
         compiled, args = program
         concrete = materialise(args, seed=0)
         jax.block_until_ready(concrete)
@@ -262,7 +288,9 @@ def run_job(job: dict, in_process: bool) -> dict:
                           env=env, check=False)
     if done.returncode:
         return {"error": (done.stderr or done.stdout)[-3000:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # XLA's slow-operation alarm: one constant-folded instruction took over a second of compile time
+    slow = done.stderr.count("Constant folding an instruction is taking")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "slow_constant_folds": slow}
 
 
 def markdown(record: dict) -> str:
@@ -272,8 +300,8 @@ def markdown(record: dict) -> str:
         f"device `{record['device']}` ({record['platform']}), {record['date']}, {record['versions']}",
         "",
         "| model | phase | context | trace s | lower s | compile s | execute s | first call s | trace s/layer | "
-        "StableHLO MB | inlined ops | kernels run / distinct |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "StableHLO MB | inlined ops | kernels run / distinct | large constants / slow folds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda r, k, spec=".2f": format(r[k], spec) if k in r else "-"
     for r in record["rows"]:
@@ -284,7 +312,8 @@ def markdown(record: dict) -> str:
             f"| {r['model']} | {r['phase']} | {r['context']} | {fmt(r, 'trace_s')} | {fmt(r, 'lower_s')} | "
             f"{fmt(r, 'compile_s')} | {fmt(r, 'execute_s')} | {fmt(r, 'first_call_s')} | "
             f"{fmt(r, 'trace_s_per_layer', '.3f')} | {r['stablehlo_chars'] / 1e6:.2f} | {r['inlined_ops']} | "
-            f"{r['kernel_calls_executed']} / {r['distinct_kernels']} |"
+            f"{r['kernel_calls_executed']} / {r['distinct_kernels']} | "
+            f"{r.get('compiled_large_constants', '-')} / {r.get('slow_constant_folds', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -307,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sra-impl", default="pallas")
     parser.add_argument("--dense-impl", default=None, help="default: cudnn when lowering for cuda, else xla")
     parser.add_argument("--in-process", action="store_true", help="no worker processes (caches then carry over)")
+    parser.add_argument("--no-execute", action="store_true", help="trace, lower and compile only (no weights are "
+                        "materialised: compile seconds of a model too large for this device's memory)")
     parser.add_argument("--out", type=Path, required=False, help="JSON record (a .md table is written next to it)")
     args = parser.parse_args(argv)
     if args.worker:
@@ -323,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     layers_small = args.layers_small if 0 < args.layers_small < layers else None
     base = dict(preset=args.preset, layers=args.layers, batch=args.batch,
                 decode_steps=args.decode_steps, dtype=args.dtype, lower_for=lower_for, platform=here,
-                sra_impl=args.sra_impl, dense_impl=args.dense_impl or ("cudnn" if lower_for == "cuda" else "xla"))
+                no_execute=args.no_execute, sra_impl=args.sra_impl, dense_impl=args.dense_impl or ("cudnn" if lower_for == "cuda" else "xla"))
     record = {
         "what": "first-call cost (trace / lower / compile / execute) of the Llama prefill and decode step, dense vs "
                 "SRA (the functions experiments/llama8b_latency.py times)",
@@ -331,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": jax.devices()[0].device_kind,
         "platform": here,
         "lowered_for": lower_for,
-        "stages": "trace, lower, compile, execute" if lower_for == here else "trace, lower (no device to compile for)",
+        "stages": ("trace, lower (no device to compile for)" if lower_for != here
+                   else "trace, lower, compile" if args.no_execute else "trace, lower, compile, execute"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "model": preset_config(args.preset, args.layers).to_hf(),

@@ -108,7 +108,9 @@ class SparseReasoningAttention(nnx.Module):
         `sra_jax.nn.selector.critical_bound`)."""
         b, s, _ = x.shape
         q, k, v = project_qkv(self.config, self.q_proj, self.k_proj, self.v_proj, x, positions)
-        valid = positions >= 0
+        # At run time (`masks.at_run_time`): the counts of valid tokens (selection, statistics) would otherwise be
+        # constant-folded in every layer of a prefill whose positions are compile-time constants.
+        valid = masks.at_run_time(positions) >= 0
         chosen = self.selector.select(
             self.router, x, valid, layer=self.layer, key=key, critical=critical, shared=shared, cache=cache, tau=tau,
             segment_ids=segment_ids, max_segments=max_segments,

@@ -80,6 +80,8 @@ def pallas_attention(
     # layers of a model then share one traced and lowered program (kernels included) instead of one per layer.
     # Eager calls keep the plain function, whose concrete counts raise ValueErrors on an overflowing bound.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(spec))
+    if traced:  # layouts, bands and counts from positions at run time, not constant-folded per call (per layer)
+        spec = spec.at_run_time()
     shared = functools.partial(_shared_spec_attention, platform=jax.default_backend())
     run = functools.partial(
         shared if traced else _spec_attention, q, k, v, spec, scale=scale, block_q=block_q, bq=bq, bk=bk, backend=backend,

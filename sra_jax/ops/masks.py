@@ -15,7 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 QUERIES = ("critical", "all")
 
@@ -229,6 +229,16 @@ class SRAMaskSpec:
             q_segment_ids=rows(self.q_segment_ids), keys_are_queries=False,
         )
 
+    def at_run_time(self) -> SRAMaskSpec:
+        """This spec with its positions and segment ids behind an optimization barrier (`at_run_time`), so masks,
+        layouts and statistics derived from them are computed when the program runs, never constant-folded by
+        XLA (the critical flags are run-time values already). Values are unchanged."""
+        q_positions, k_positions, q_segment_ids, k_segment_ids = at_run_time(
+            (self.q_positions, self.k_positions, self.q_segment_ids, self.k_segment_ids)
+        )
+        return dataclasses.replace(self, q_positions=q_positions, k_positions=k_positions,
+                                   q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
+
     @jax.jit
     def dense_mask(self) -> Bool[Array, "b q k"]:
         """What full causal attention would see: same segment and 0 <= k_pos <= q_pos."""
@@ -314,14 +324,28 @@ def mask_density(
     return visible / jnp.maximum(total, 1.0)
 
 
+def at_run_time(tree: PyTree[Array | None]) -> PyTree[Array | None]:
+    """`tree`'s arrays unchanged, behind an optimization barrier: XLA cannot constant-fold through it, so what is
+    derived from them is computed when the program runs. Positions are compile-time constants in a prefill whose
+    positions come from its shape (`arange`, a fresh cache's slots); without the barrier XLA evaluates every
+    position-derived statistic or layout (sorts, binary searches, cumulative sums over 32k+ slots) in its
+    slow constant-folding interpreter, once per layer, which costs seconds of compile time each."""
+    return jax.lax.optimization_barrier(tree)
+
+
 def _sort_keys(segments: Int[Array, "b k"], positions: Int[Array, "b k"], keep: Bool[Array, "b k"],
                flags: Bool[Array, "b k"]):
     """((segment, position) of the kept keys sorted lexicographically per row, dropped keys last; the running
-    count of `flags` along that order, [b, k + 1] from 0: entry i counts the flagged keys among the first i)."""
+    count of `flags` along that order, [b, k + 1] from 0: entry i counts the flagged keys among the first i).
+
+    The sort holds positions and segments only (the flags follow by its permutation), so the layers of a model,
+    whose keys share positions but not flags, share one sort once XLA eliminates the common subexpressions."""
     top = jnp.iinfo(jnp.int32).max
     seg = jnp.where(keep, segments.astype(jnp.int32), top)
     pos = jnp.where(keep, positions.astype(jnp.int32), top)
-    seg, pos, flags = jax.lax.sort((seg, pos, (keep & flags).astype(jnp.int32)), dimension=1, num_keys=2)
+    order = jax.lax.broadcasted_iota(jnp.int32, seg.shape, 1)
+    seg, pos, order = jax.lax.sort((seg, pos, order), dimension=1, num_keys=2)  # stable: ties keep slot order
+    flags = jnp.take_along_axis((keep & flags).astype(jnp.int32), order, axis=1, mode="promise_in_bounds")
     running = jnp.cumsum(jnp.pad(flags, ((0, 0), (1, 0))), axis=1, dtype=jnp.int32)
     return (seg, pos), running
 
@@ -365,6 +389,9 @@ def visible_pair_counts(spec: SRAMaskSpec) -> tuple[Float[Array, " b"], Float[Ar
     running count of critical keys at the ranks the search finds); positions may be any integers (duplicates and
     gaps included), exactly as the mask evaluates them.
     """
+    # Positions at run time: constants in a prefill, they would make XLA evaluate the sort and searches of every
+    # layer while compiling (seconds each at 32k).
+    spec = spec.at_run_time()
     b, num_q = spec.q_positions.shape
     zeros_q = jnp.zeros((b, num_q), jnp.int32)
     zeros_k = jnp.zeros(spec.k_positions.shape, jnp.int32)

@@ -74,3 +74,20 @@ func.func private @f(%arg0: tensor<4x8xf32>) -> tensor<4x8xf32> {
     assert stats["functions"] == 2 and stats["kernel_calls_in_text"] == 1 and stats["kernel_calls_executed"] == 2
     assert stats["distinct_kernels"] == 1 and stats["inlined_custom_call"] == 2 and stats["inlined_ops"] == 4  # f's 2 ops, twice
     assert stats["largest_tensor"] == "tensor<16x8xbf16>" and stats["largest_tensor_gib"] == 256 / 2**30
+
+
+@pytest.mark.parametrize("model", ["dense", "sra"])
+def test_the_prefill_constant_folds_no_statistic_or_layout(module, model):
+    """The benchmark's prefill takes its positions from its shape, so they are compile-time constants. What XLA
+    constant-folds from them (the statistics' sort and searches, the compact path's bands, valid-token counts) would
+    cost compile seconds per layer at 32k and stay in the program as constants; the only large ones left are the
+    cache's positions, which the program returns, and the selection's count table (one per program)."""
+    s, decode_steps = 256, 2
+    job = dict(preset="tiny", layers=2, batch=1, decode_steps=decode_steps, dtype="float32", lower_for="cpu",
+               platform="cpu", sra_impl="pallas", dense_impl="xla", no_execute=True, model=model, phase="prefill",
+               context=s)
+    row = module.worker(job)
+    assert row["compile_s"] > 0 and "execute_s" not in row
+    allowed = {f"s32[1,{s + 2 * decode_steps}]": 1, **({f"s32[{s + 1}]": 1} if model == "sra" else {})}
+    assert all(allowed.get(t, 0) >= n for t, n in row["compiled_large_constant_types"].items()), row
+    assert row["compiled_sort"] >= 1  # the statistics' sort runs with the program

@@ -232,3 +232,25 @@ def test_visible_pair_counts_equal_the_mask_sums(seed, num_q, num_k, packed, cac
     causal, visible = visible_pair_counts(self_spec)
     np.testing.assert_array_equal(causal, self_spec.dense_mask().sum((1, 2)))
     np.testing.assert_array_equal(visible, self_spec.to_mask().sum((1, 2)))
+
+
+def test_visible_pair_counts_run_when_the_program_runs_even_for_constant_positions():
+    """Positions from a shape (arange, a fresh cache's slots) are compile-time constants: the statistics keep their
+    sort in the compiled program (XLA would otherwise evaluate it while compiling, in every layer of a prefill), and
+    their values are unchanged. Constant key flags too (a dense layer's), so only the barrier keeps the sort."""
+    n = 96
+    slots = np.arange(n + 8, dtype=np.int32)[None]
+
+    @jax.jit
+    def counts(critical):
+        spec = SRAMaskSpec.create(jnp.asarray(slots[:, :n]), critical, window=8, num_global=2,
+                                  k_positions=jnp.asarray(np.where(slots < n, slots, -1)),
+                                  k_critical=jnp.asarray(slots % 5 == 0))
+        return visible_pair_counts(spec), spec.dense_mask().sum((1, 2)), spec.to_mask().sum((1, 2))
+
+    critical = jnp.arange(n)[None] % 3 == 0
+    compiled = counts.lower(critical).compile()
+    assert " sort(" in compiled.as_text()
+    (causal, visible), causal_sum, visible_sum = compiled(critical)
+    np.testing.assert_array_equal(causal, causal_sum)
+    np.testing.assert_array_equal(visible, visible_sum)
