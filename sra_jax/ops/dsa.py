@@ -4,10 +4,11 @@ attention over each query's selected keys (`dsa_attention`: a dense masked refer
 O(s * k), and the Pallas top-k gather kernel `pallas_kernels.topk_attention`), the indexer's losses (the warm-up
 KL from the dense attention distribution, summed over heads and L1-normalised, to the indexer's softmax, and the
 sparse-stage KL over each query's selected keys; the main model's q and k get no gradient from either), the
-streaming indexer top-k that never builds the [s, s] score array, and one-token decode over a cache.
+indexer top-k that never builds the [s, s] score array (sort-free threshold select per query chunk, or a streaming
+sort-merge over key blocks), and one-token decode over a cache.
 
-Ties in every top-k here go to the lower key index (`jax.lax.top_k`'s rule), so the streaming and one-shot
-selections are equal.
+Ties in every top-k here go to the lower key index (`jax.lax.top_k`'s rule), so every selection here picks the same
+keys as the one-shot `top_k_keys`.
 
 Conventions as `sra_jax.ops.nsa`: q [b, s, hq, d], k/v [b, s, hkv, d], positions -1 for padding, segment_ids for
 packed sequences, causality by position.
