@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from pallas_kernels.topk import topk_attention
 from sra_jax.ops.nsa import SELECTED_IMPLS, check_gqa, masked_attention, masked_softmax, resolve_impl, token_mask
@@ -132,14 +132,14 @@ def indexer_top_k(
     return jax.lax.stop_gradient(idx), vals > -jnp.inf
 
 
-def order_key(x: Float[Array, "*shape"]) -> Array:
+def order_key(x: Float[Array, "*shape"]) -> UInt32[Array, "*shape"]:
     """The order-preserving uint32 image of float32 values: x < y iff order_key(x) < order_key(y) in the total order
     `jax.lax.top_k` uses (-inf lowest, -0.0 just below +0.0)."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def kth_largest_key(u: Array, kk: int, radix_bits: int = 2) -> Array:
+def kth_largest_key(u: UInt32[Array, "*rows n"], kk: int, radix_bits: int = 2) -> UInt32[Array, "*rows"]:
     """The kk-th largest value of u [..., n] (uint32, kk <= n) per row, exactly: 32 / radix_bits passes, each
     fixing the next radix_bits bits of the answer from 2**radix_bits - 1 compare-and-count sums over the row (no
     sort, no histogram scatter)."""
@@ -157,7 +157,7 @@ def kth_largest_key(u: Array, kk: int, radix_bits: int = 2) -> Array:
     return t
 
 
-def compact_top_k(u: Array, kk: int, t: Array) -> Array:
+def compact_top_k(u: UInt32[Array, "*rows n"], kk: int, t: UInt32[Array, "*rows"]) -> Int[Array, "*rows k"]:
     """Indices [..., kk] of the kk largest values of u [..., n] given the kk-th largest t [...]: every value above t
     and the lowest-index values equal to it, up to kk, in ascending index, by cumulative sums and one scatter."""
     n = u.shape[-1]
