@@ -1,7 +1,9 @@
 """NSA selected-blocks and DSA top-k attention, forward+backward, against dense attention (cuDNN on GPU).
 
-GPU (H200, about 3 minutes):
+GPU (H200, about 4 minutes):
     python experiments/nsa_dsa_bench.py --out benchmarks/results/nsa-dsa-<date>.json
+GPU, the indexer top-k rows only (H200, about 1 minute):
+    python experiments/nsa_dsa_bench.py --only-indexer-topk --out benchmarks/results/dsa-topk-<date>.json
 CPU smoke test (tiny):
     python experiments/nsa_dsa_bench.py --seq 256 --block 16 --top-n 4 --window 32 --top-k 32 --heads 4 \
         --kv-heads 1 --head-dim 16 --dense-impl xla --kernel-backend reference --dsa-backend reference \
@@ -15,10 +17,14 @@ would produce), one row per `--topk-configs` entry, each with its output and gra
 branch on `pallas_kernels.block_sparse_attention`, DSA
 attention over random causal top-k keys with the jnp gather and with the Pallas top-k kernel
 (`pallas_kernels.topk_attention`, one row per `--topk-configs` entry, each with its output and gradient errors
-against the gather), and dense causal attention: median milliseconds of the jitted forward and forward+backward. Then the streaming indexer top-k at this length (`ops.dsa.indexer_top_k`, forward only) and DSA
-decode of one token over a cache of `--seq` slots (`ops.dsa.dsa_decode`: indexer, top-k, attention over k gathered
-keys) with the kernel and the jnp gather, beside dense decode over the whole cache; the decode rows carry
-`hbm_floor_ms`, the bytes decode must read (the indexer keys, and K and V of the k selected keys) over the copy
+against the gather), the whole DSA attention (`dsa_select_attend`: the indexer top-k of each `--indexer-topk` entry,
+then the kernel with the first `--topk-configs` tuning), and dense causal attention: median milliseconds of the
+jitted forward and forward+backward. Then the indexer top-k at this length (`ops.dsa.indexer_top_k`, forward only,
+one `dsa_indexer_topk` row per `--indexer-topk` entry: "sort" streams over key blocks, "threshold:<bits>" is the
+sort-free radix select; each row after the first carries the fraction of queries whose selected keys differ from the
+first's) and DSA decode of one token over a cache of `--seq` slots (`ops.dsa.dsa_decode`: indexer, top-k, attention
+over k gathered keys) with the kernel and the jnp gather, beside dense decode over the whole cache; the decode rows
+carry `hbm_floor_ms`, the bytes decode must read (the indexer keys, and K and V of the k selected keys) over the copy
 bandwidth measured in the same run.
 """
 
@@ -66,7 +72,7 @@ def _nsa_kernel(q, k, v, *, blocks, pos, block, backend, **tuning):
     return nsa.nsa_selected(q, k, v, blocks, pos, block_sel=block, impl="pallas", backend=backend, **tuning)
 
 
-def _dsa_kernel(q, k, v, *, idx, valid, pos, backend, **tuning):
+def _dsa_kernel(q, k, v, idx, valid, *, pos, backend, **tuning):
     return dsa.dsa_attention(q, k, v, idx, valid, pos, impl="pallas", backend=backend, **tuning)
 
 
@@ -90,20 +96,59 @@ def copy_bandwidth_gbs(mib: int, reps: int) -> float:
     return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
-def indexer_and_decode_rows(a, keys, q, k, v, base) -> list[dict]:
-    """The streaming indexer top-k over the whole sequence, and one-token DSA decode over a full cache."""
-    s, hkv, d, hi, di = a.seq, a.kv_heads, a.head_dim, a.indexer_heads, a.indexer_dim
-    dt = q.dtype
-    kk = min(a.top_k, s)
+def _indexer_inputs(a, keys, dt):
+    s, hi, di = a.seq, a.indexer_heads, a.indexer_dim
     qi = jax.random.normal(keys[0], (1, s, hi, di), dt)
     ki = jax.random.normal(keys[1], (1, s, di), dt)
     wi = jax.random.normal(keys[2], (1, s, hi), dt)
+    return qi, ki, wi
+
+
+def _topk_kwargs(entry: str, a) -> dict:
+    """`ops.dsa.indexer_top_k` arguments of one `--indexer-topk` entry."""
+    name, _, bits = entry.partition(":")
+    if name == "threshold":
+        return {"impl": name, "radix_bits": int(bits or 2), "query_chunk": a.indexer_query_chunk}
+    if name != "sort" or bits:
+        raise ValueError(f"--indexer-topk entry {entry!r} must be 'sort' or 'threshold:<radix_bits>'")
+    return {"impl": name}
+
+
+def indexer_topk_rows(a, keys, base, dt) -> list[dict]:
+    """The indexer top-k over the whole sequence (`ops.dsa.indexer_top_k`, forward only), one row per
+    `--indexer-topk` entry ("sort" or "threshold:<radix_bits>"), each row but the first with the fraction of queries
+    whose selected set (valid keys) differs from the first entry's: the GPU check that the impls agree (scores
+    rounded differently by a different tiling can swap near-tied keys, so a tiny fraction may differ)."""
+    s = a.seq
+    kk = min(a.top_k, s)
+    qi, ki, wi = _indexer_inputs(a, keys, dt)
     pos = jnp.arange(s, dtype=jnp.int32)[None]
-    rows = []
-    select = jax.jit(lambda qi, ki, wi: dsa.indexer_top_k(qi, ki, wi, pos, top_k=kk))
-    rows.append({"op": "dsa_indexer_topk", **base, "top_k": kk, "indexer_heads": hi, "indexer_dim": di,
-                 "ms_fwd": _time(select, qi, ki, wi, reps=a.reps)})  # fmt: skip
-    print(json.dumps(rows[-1]), flush=True)
+    rows, first = [], None
+    sets = jax.jit(lambda idx, valid: jnp.sort(jnp.where(valid, idx, -1), -1))
+    for entry in a.indexer_topk.split(","):
+        kw = _topk_kwargs(entry, a)
+        select = jax.jit(lambda qi, ki, wi, kw=kw: dsa.indexer_top_k(qi, ki, wi, pos, top_k=kk, **kw))
+        row = {"op": "dsa_indexer_topk", "impl": entry, **base, "top_k": kk, "indexer_heads": a.indexer_heads,
+               "indexer_dim": a.indexer_dim, "ms_fwd": _time(select, qi, ki, wi, reps=a.reps)}  # fmt: skip
+        if kw["impl"] == "threshold":
+            row["query_chunk"] = a.indexer_query_chunk or dsa.default_query_chunk(1, s)
+        got = sets(*select(qi, ki, wi))
+        if first is None:
+            first = (entry, got)
+        else:
+            row[f"mismatch_queries_vs_{first[0]}"] = float((got != first[1]).any(-1).mean())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def indexer_and_decode_rows(a, keys, q, k, v, base) -> list[dict]:
+    """The indexer top-k over the whole sequence (`indexer_topk_rows`), and one-token DSA decode over a full cache."""
+    s, hkv, d, di = a.seq, a.kv_heads, a.head_dim, a.indexer_dim
+    dt = q.dtype
+    kk = min(a.top_k, s)
+    rows = indexer_topk_rows(a, keys, base, dt)
+    qi, ki, wi = _indexer_inputs(a, keys, dt)
     lengths = jnp.array([s], jnp.int32)
     last = slice(s - 1, s)
     gbs = copy_bandwidth_gbs(a.copy_mib, a.reps)
@@ -153,6 +198,12 @@ def main() -> None:
     )
     ap.add_argument("--indexer-heads", type=int, default=4)
     ap.add_argument("--indexer-dim", type=int, default=64)
+    ap.add_argument("--indexer-topk", default="sort,threshold:1,threshold:2,threshold:4",
+                    help="indexer top-k rows: 'sort' or 'threshold:<radix_bits>', comma-separated (the first is the "
+                         "reference of the mismatch check)")  # fmt: skip
+    ap.add_argument("--indexer-query-chunk", type=int, default=None, help="query_chunk of the threshold rows "
+                    "(default: ops.dsa's automatic chunk)")  # fmt: skip
+    ap.add_argument("--only-indexer-topk", action="store_true", help="time only the indexer top-k rows")
     ap.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", required=True)
@@ -167,6 +218,9 @@ def main() -> None:
     v = jax.random.normal(ks[2], (1, s, hkv, d), dt)
     pos = jnp.arange(s, dtype=jnp.int32)[None]
     base = dict(seq_len=s, batch=1, heads=hq, kv_heads=hkv, head_dim=d, dtype=a.dtype)
+    if a.only_indexer_topk:
+        _write(a.out, indexer_topk_rows(a, ks[5:], base, dt))
+        return
     rows = []
 
     def add(name, fn, **extra):
@@ -230,21 +284,36 @@ def main() -> None:
     for config in a.topk_configs.split(","):
         block_k, num_warps, num_stages = (int(x) for x in config.split(":"))
         tuning = dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-        kernel = functools.partial(_dsa_kernel, idx=idx, valid=valid, pos=pos, backend=a.dsa_backend, **tuning)
+        kernel = lambda q, k, v, tuning=tuning: _dsa_kernel(q, k, v, idx, valid, pos=pos, backend=a.dsa_backend,
+                                                             **tuning)  # fmt: skip
         add("dsa_topk_kernel", kernel, impl=f"topk:{a.dsa_backend}", top_k=kk, **tuning)
         rows[-1].update(errors_vs(kernel, gather, q, k, v))
+    # the whole DSA attention: the indexer's top-k (no gradient) and the kernel over the selected keys
+    qi, ki, wi = _indexer_inputs(a, ks[5:], dt)
+    first_tuning = dict(zip(("block_k", "num_warps", "num_stages"), map(int, a.topk_configs.split(",")[0].split(":"))))
+    for entry in a.indexer_topk.split(","):
+        select_kw = _topk_kwargs(entry, a)
+        add("dsa_select_attend",
+            lambda q, k, v, kw=select_kw: _dsa_kernel(
+                q, k, v, *dsa.indexer_top_k(qi, ki, wi, pos, top_k=kk, **kw), pos=pos, backend=a.dsa_backend,
+                **first_tuning),
+            impl=f"{entry}+topk:{a.dsa_backend}", top_k=kk, **first_tuning)  # fmt: skip
     dense = rows[0]
     for r in rows[1:]:
         r["speedup_fwd_vs_dense"] = dense["ms_fwd"] / r["ms_fwd"]
         r["speedup_fwdbwd_vs_dense"] = dense["ms_fwdbwd"] / r["ms_fwdbwd"]
     rows.extend(indexer_and_decode_rows(a, ks[5:], q, k, v, base))
+    _write(a.out, rows)
+
+
+def _write(path: str, rows: list[dict]) -> None:
     rec = {
         "device": jax.devices()[0].device_kind,
         "date": datetime.date.today().isoformat(),
         "versions": {"jax": jax.__version__},
         "rows": rows,
     }
-    with open(a.out, "w") as f:
+    with open(path, "w") as f:
         json.dump(rec, f, indent=1)
 
 

@@ -247,7 +247,9 @@ class NSAConfig:
 class DSAConfig:
     """DeepSeek Sparse Attention layers (`sra_jax.nn.DSAAttention`): a lightning indexer of `indexer_heads` x
     `indexer_dim` picks each query's `top_k` keys; `impl` is the `ops.dsa.dsa_attention` implementation and
-    `indexer_loss` ("selected" or "dense") the indexer's KL loss."""
+    `indexer_loss` ("selected" or "dense") the indexer's KL loss. `indexer_topk` is the `ops.dsa.indexer_top_k`
+    implementation ("threshold" over query chunks of `indexer_query_chunk`, None: sized by the sequence; "sort"
+    streaming over key blocks of `indexer_block_k`)."""
 
     top_k: int = 2048
     indexer_heads: int = 4
@@ -256,8 +258,12 @@ class DSAConfig:
     indexer_block_k: int = 1024
     indexer_loss: str = "selected"
     impl: str = "auto"
+    indexer_topk: str = "threshold"
+    indexer_query_chunk: int | None = None
 
     def __post_init__(self):
+        if self.indexer_query_chunk is not None:
+            _check_positive("DSAConfig", indexer_query_chunk=self.indexer_query_chunk)
         _check_positive("DSAConfig", top_k=self.top_k, indexer_heads=self.indexer_heads,
                         indexer_dim=self.indexer_dim, block_q=self.block_q, indexer_block_k=self.indexer_block_k)  # fmt: skip
         if self.indexer_loss not in ("selected", "dense"):

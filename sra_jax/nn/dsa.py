@@ -1,7 +1,7 @@
 """`DSAAttention`: a Llama attention layer with DeepSeek Sparse Attention (see `sra_jax.ops.dsa`). q/k/v/o as
 `SparseReasoningAttention`; the lightning indexer's weights are `indexer_q` (hidden -> heads_i * dim_i),
-`indexer_k` (hidden -> dim_i) and `indexer_w` (hidden -> heads_i). The selection streams over key blocks
-(`ops.dsa.indexer_top_k`) and the default indexer loss reads only the selected keys, so no [s, s] array is built
+`indexer_k` (hidden -> dim_i) and `indexer_w` (hidden -> heads_i). The selection runs over query chunks (or key
+blocks: `ops.dsa.indexer_top_k`, `indexer_topk`) and the default indexer loss reads only the selected keys, so no [s, s] array is built
 and 32k contexts fit; indexer_loss="dense" gives the warm-up KL over every visible key (O(s^2) memory)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from sra_jax.config import DSAConfig, LlamaConfig
 from sra_jax.nn.layers import attention_projections, linear, project_qkv
@@ -28,18 +28,24 @@ class DSAAttention(nnx.Module):
         indexer_block_k: int = 1024,
         indexer_loss: str = "selected",
         impl: str = "auto",
+        indexer_topk: str = "threshold",
+        indexer_query_chunk: int | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         # the settings' checks are DSAConfig's (the values a Llama layer is built from)
         DSAConfig(top_k=top_k, indexer_heads=indexer_heads, indexer_dim=indexer_dim, block_q=block_q,
-                  indexer_block_k=indexer_block_k, indexer_loss=indexer_loss, impl=impl)  # fmt: skip
+                  indexer_block_k=indexer_block_k, indexer_loss=indexer_loss, impl=impl,
+                  indexer_topk=indexer_topk, indexer_query_chunk=indexer_query_chunk)  # fmt: skip
         if impl not in dsa.DSA_IMPLS:
             raise ValueError(f"impl {impl!r} not in {dsa.DSA_IMPLS}")
+        if indexer_topk not in dsa.INDEXER_TOPK_IMPLS:
+            raise ValueError(f"indexer_topk {indexer_topk!r} not in {dsa.INDEXER_TOPK_IMPLS}")
         self.config = config
         self.top_k, self.indexer_heads, self.indexer_dim, self.block_q = top_k, indexer_heads, indexer_dim, block_q
         self.indexer_block_k, self.indexer_loss, self.impl = indexer_block_k, indexer_loss, impl
+        self.indexer_topk, self.indexer_query_chunk = indexer_topk, indexer_query_chunk
         hidden = config.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention_projections(config, **kw)
@@ -71,9 +77,7 @@ class DSAAttention(nnx.Module):
         xi = jax.lax.stop_gradient(x)
         qi = self.indexer_q(xi).reshape(b, s, self.indexer_heads, self.indexer_dim)
         ki, wi = self.indexer_k(xi), self.indexer_w(xi)
-        idx, valid = dsa.indexer_top_k(
-            qi, ki, wi, positions, segment_ids, top_k=self.top_k, block_k=self.indexer_block_k
-        )
+        idx, valid = self.select(qi, ki, wi, positions, segment_ids)
         out = dsa.dsa_attention(q, k, v, idx, valid, positions, segment_ids, impl=self.impl, block_q=self.block_q)
         if self.indexer_loss == "dense":
             loss = dsa.indexer_kl_loss(q, k, dsa.indexer_scores(qi, ki, wi, positions, segment_ids), positions,
@@ -86,3 +90,17 @@ class DSAAttention(nnx.Module):
         if not with_pairs:
             return out, loss
         return out, loss, dsa.dsa_pair_counts(idx, valid, positions, segment_ids)
+
+    def select(
+        self,
+        qi: Float[Array, "b s hi di"],
+        ki: Float[Array, "b s di"],
+        wi: Float[Array, "b s hi"],
+        positions: Int[Array, "b s"],
+        segment_ids: Int[Array, "b s"] | None = None,
+    ) -> tuple[Int[Array, "b s k"], Bool[Array, "b s k"]]:
+        """Each query's top_k keys by the indexer (`ops.dsa.indexer_top_k` with this layer's settings)."""
+        return dsa.indexer_top_k(
+            qi, ki, wi, positions, segment_ids, top_k=self.top_k, block_k=self.indexer_block_k,
+            impl=self.indexer_topk, query_chunk=self.indexer_query_chunk,
+        )  # fmt: skip

@@ -96,7 +96,7 @@ def dsa_decode_layer(
     index_k = jax.lax.dynamic_update_slice(cache.index_k, ki[None].astype(cache.index_k.dtype), (*start, 0))
     cache = cache.replace(kv=kv, index_k=index_k)
     if s > 1:
-        idx, valid = dsa.indexer_top_k(qi, ki, wi, positions, None, top_k=attn.top_k, block_k=attn.indexer_block_k)
+        idx, valid = attn.select(qi, ki, wi, positions)
         out = dsa.dsa_attention(q, k, v, idx, valid, positions, None, impl=attn.impl, block_q=attn.block_q)
     else:
         lengths = jnp.broadcast_to(kv.index.astype(jnp.int32) + 1, (b,))

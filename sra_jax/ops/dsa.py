@@ -4,10 +4,11 @@ attention over each query's selected keys (`dsa_attention`: a dense masked refer
 O(s * k), and the Pallas top-k gather kernel `pallas_kernels.topk_attention`), the indexer's losses (the warm-up
 KL from the dense attention distribution, summed over heads and L1-normalised, to the indexer's softmax, and the
 sparse-stage KL over each query's selected keys; the main model's q and k get no gradient from either), the
-streaming indexer top-k that never builds the [s, s] score array, and one-token decode over a cache.
+indexer top-k that never builds the [s, s] score array (sort-free threshold select per query chunk, or a streaming
+sort-merge over key blocks), and one-token decode over a cache.
 
-Ties in every top-k here go to the lower key index (`jax.lax.top_k`'s rule), so the streaming and one-shot
-selections are equal.
+Ties in every top-k here go to the lower key index (`jax.lax.top_k`'s rule), so every selection here picks the same
+keys as the one-shot `top_k_keys`.
 
 Conventions as `sra_jax.ops.nsa`: q [b, s, hq, d], k/v [b, s, hkv, d], positions -1 for padding, segment_ids for
 packed sequences, causality by position.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from pallas_kernels.topk import topk_attention
 from sra_jax.ops.nsa import SELECTED_IMPLS, check_gqa, masked_attention, masked_softmax, resolve_impl, token_mask
@@ -62,6 +63,17 @@ def top_k_keys(scores: Float[Array, "b t s"], top_k: int) -> tuple[Int[Array, "b
     return idx.astype(jnp.int32), vals > -jnp.inf
 
 
+INDEXER_TOPK_IMPLS = ("threshold", "sort")
+RADIX_BITS = (1, 2, 4)  # bits per bisection pass: 2**bits - 1 compare-and-count sums each, 32 / bits passes
+QUERY_CHUNK_ELEMENTS = 2**23  # default bound of b * query_chunk * s: the [b, chunk, s] scores of one step (32 MiB)
+
+
+def default_query_chunk(batch: int, seq: int) -> int:
+    """`indexer_top_k_threshold`'s query chunk when none is given: the largest with batch * chunk * seq <=
+    QUERY_CHUNK_ELEMENTS (at least 1, at most seq), so one step's scores stay about the size of a GPU's L2 cache."""
+    return max(1, min(seq, QUERY_CHUNK_ELEMENTS // (batch * seq)))
+
+
 def indexer_top_k(
     q_idx: Float[Array, "b s hi di"],
     k_idx: Float[Array, "b s di"],
@@ -71,12 +83,29 @@ def indexer_top_k(
     *,
     top_k: int,
     block_k: int = 1024,
+    impl: str = "threshold",
+    query_chunk: int | None = None,
+    radix_bits: int = 2,
 ) -> tuple[Int[Array, "b s k"], Bool[Array, "b s k"]]:
-    """`top_k_keys(indexer_scores(...), top_k)` without the [s, s] array: the keys stream past in blocks of block_k
-    and each query keeps its running best top_k, merged with each block by one sort on (score descending, key index
-    ascending), so memory is O(s * (top_k + block_k)) and ties go to the lower key index exactly as in the one-shot
-    top-k. Seeds of the running lists carry indices past every key, so they lose every tie with a real key."""
+    """The keys of `top_k_keys(indexer_scores(...), top_k)` without the [s, s] array: the same set of keys per query
+    (ties to the lower key index, invalid slots holding the lowest-index keys scored -inf) and the same valid mask.
+    impl:
+    - "threshold" (`indexer_top_k_threshold`): query chunks of query_chunk, each query's k-th largest score found
+      exactly by radix bisection and the keys extracted by a cumulative-sum compaction (sort-free); the slots hold
+      the keys in ascending key index (not by score).
+    - "sort": the keys stream past in blocks of block_k and each query keeps its running best top_k, merged with
+      each block by one sort on (score descending, key index ascending), so memory is O(s * (top_k + block_k)); the
+      slots hold the keys by descending score, as `top_k_keys` does. Seeds of the running lists carry indices past
+      every key, so they lose every tie with a real key.
+    block_k applies to "sort" only, query_chunk and radix_bits to "threshold". Every consumer of a selection
+    (`dsa_attention`, `indexer_kl_loss_selected`, `dsa_pair_counts`) is invariant to the order of the slots."""
     _check_indexer(q_idx, k_idx, w_idx)
+    if impl not in INDEXER_TOPK_IMPLS:
+        raise ValueError(f"impl {impl!r} not in {INDEXER_TOPK_IMPLS}")
+    if impl == "threshold":
+        return indexer_top_k_threshold(
+            q_idx, k_idx, w_idx, positions, segment_ids, top_k=top_k, query_chunk=query_chunk, radix_bits=radix_bits
+        )
     if top_k < 1 or block_k < 1:
         raise ValueError(f"top_k and block_k must be >= 1, got {top_k}, {block_k}")
     b, s = positions.shape
@@ -101,6 +130,88 @@ def indexer_top_k(
     init = (jnp.full((b, s, kk), -jnp.inf, jnp.float32), seed_ids)
     (vals, idx), _ = jax.lax.scan(merge, init, (jnp.arange(nb), k_blocks, pos_blocks, seg_blocks))
     return jax.lax.stop_gradient(idx), vals > -jnp.inf
+
+
+def order_key(x: Float[Array, "*shape"]) -> UInt32[Array, "*shape"]:
+    """The order-preserving uint32 image of float32 values: x < y iff order_key(x) < order_key(y) in the total order
+    `jax.lax.top_k` uses (-inf lowest, -0.0 just below +0.0)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def kth_largest_key(u: UInt32[Array, "*rows n"], kk: int, radix_bits: int = 2) -> UInt32[Array, "*rows"]:
+    """The kk-th largest value of u [..., n] (uint32, kk <= n) per row, exactly: 32 / radix_bits passes, each
+    fixing the next radix_bits bits of the answer from 2**radix_bits - 1 compare-and-count sums over the row (no
+    sort, no histogram scatter)."""
+    if radix_bits not in RADIX_BITS:
+        raise ValueError(f"radix_bits must be one of {RADIX_BITS}, got {radix_bits}")
+    if not 1 <= kk <= u.shape[-1]:
+        raise ValueError(f"kk must be in [1, {u.shape[-1]}], got {kk}")
+    t = jnp.zeros(u.shape[:-1], jnp.uint32)  # invariant: at least kk values >= t
+    for p in range(32 // radix_bits):  # unrolled: a while loop on GPU syncs with the host every step
+        shift = 32 - radix_bits * (p + 1)
+        cand = t[..., None] | (jnp.arange(1, 2**radix_bits, dtype=jnp.uint32) << jnp.uint32(shift))  # [..., m]
+        counts = (u[..., None, :] >= cand[..., None]).sum(-1, dtype=jnp.int32)  # one fused read of u per pass
+        digit = (counts >= kk).sum(-1, dtype=jnp.uint32)  # counts fall with the candidate: the largest one kept
+        t = t | (digit << jnp.uint32(shift))
+    return t
+
+
+def compact_top_k(u: UInt32[Array, "*rows n"], kk: int, t: UInt32[Array, "*rows"]) -> Int[Array, "*rows k"]:
+    """Indices [..., kk] of the kk largest values of u [..., n] given the kk-th largest t [...]: every value above t
+    and the lowest-index values equal to it, up to kk, in ascending index, by cumulative sums and one scatter."""
+    n = u.shape[-1]
+    gt, eq = u > t[..., None], u == t[..., None]
+    need = kk - gt.sum(-1, dtype=jnp.int32)[..., None]  # >= 1: fewer than kk values lie above the kk-th largest
+    c_gt, c_eq = jnp.cumsum(gt, -1, dtype=jnp.int32), jnp.cumsum(eq, -1, dtype=jnp.int32)
+    sel = gt | (eq & (c_eq <= need))
+    slot = jnp.where(sel, c_gt + jnp.minimum(c_eq, need) - 1, kk)  # kk: out of range, dropped
+    rows = slot.reshape(-1, n)
+    keys = jnp.arange(n, dtype=jnp.int32)
+    out = jax.vmap(lambda r: jnp.zeros(kk, jnp.int32).at[r].set(keys, mode="drop", unique_indices=True))(rows)
+    return out.reshape(*u.shape[:-1], kk)
+
+
+def indexer_top_k_threshold(
+    q_idx: Float[Array, "b s hi di"],
+    k_idx: Float[Array, "b s di"],
+    w_idx: Float[Array, "b s hi"],
+    positions: Int[Array, "b s"],
+    segment_ids: Int[Array, "b s"] | None = None,
+    *,
+    top_k: int,
+    query_chunk: int | None = None,
+    radix_bits: int = 2,
+) -> tuple[Int[Array, "b s k"], Bool[Array, "b s k"]]:
+    """`indexer_top_k` impl="threshold": chunks of query_chunk queries run one after another (lax.map); each
+    computes its [b, chunk, s] indexer scores over all keys (-inf where not visible), finds each query's k-th
+    largest score exactly (`kth_largest_key` over the scores' `order_key`) and extracts the keys above it plus
+    the lowest-index keys equal to it (`compact_top_k`). Sort-free; memory O(b * query_chunk * s) per step and
+    O(b * s * top_k) for the output. query_chunk None: `default_query_chunk(b, s)`. The slots
+    hold the selected keys in ascending key index; the set equals `top_k_keys(indexer_scores(...), top_k)`'s."""
+    _check_indexer(q_idx, k_idx, w_idx)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if query_chunk is not None and query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1 or None, got {query_chunk}")
+    b, s = positions.shape
+    kk = min(top_k, s)
+    chunk = default_query_chunk(b, s) if query_chunk is None else min(query_chunk, s)
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    neg_inf = order_key(jnp.float32(-jnp.inf))
+    q_idx, k_idx, w_idx = jax.lax.stop_gradient((q_idx, k_idx, w_idx))  # the selection carries no gradient
+    xs = tuple(_query_blocks(x, chunk, f) for x, f in ((q_idx, 0), (w_idx, 0), (positions, -1), (seg, 0)))
+
+    def step(args):
+        qc, wc, pc, sc = args
+        scores = jnp.where(token_mask(pc, positions, sc, seg), _indexer_logits(qc, k_idx, wc), -jnp.inf)
+        u = order_key(scores)  # [b, chunk, s]
+        idx = compact_top_k(u, kk, kth_largest_key(u, kk, radix_bits))
+        return idx, jnp.take_along_axis(u, idx, -1) > neg_inf
+
+    idx, valid = jax.lax.map(step, xs)  # [n_chunks, b, chunk, kk]
+    idx, valid = (jnp.moveaxis(x, 0, 1).reshape(b, -1, kk)[:, :s] for x in (idx, valid))
+    return idx, valid
 
 
 def selection_mask(idx: Int[Array, "b s k"], valid: Bool[Array, "b s k"], num_keys: int) -> Bool[Array, "b s sk"]:

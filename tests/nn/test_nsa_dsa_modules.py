@@ -94,3 +94,23 @@ def test_cache_is_refused():
     for m in (NSAAttention(CFG, block=8, stride=4, block_sel=8, rngs=nnx.Rngs(0)), DSAAttention(CFG, rngs=nnx.Rngs(0))):
         with pytest.raises(ValueError, match="KV cache"):
             m(x, pos, cache=object())
+
+
+def test_dsa_topk_impls_give_the_same_layer():
+    # the threshold select orders its slots by key index, the sort select by score: every consumer (attention,
+    # selected-keys loss, pair counts) is order-invariant, so outputs, losses, counts and indexer gradients agree
+    x, pos, seg = _x()
+    layer = lambda topk: DSAAttention(CFG, top_k=5, indexer_heads=2, indexer_dim=8, block_q=8, indexer_block_k=6,
+                                      indexer_topk=topk, indexer_query_chunk=7, rngs=nnx.Rngs(3))  # fmt: skip
+    runs = {}
+    for topk in ("sort", "threshold"):
+        m = layer(topk)
+        out, loss, pairs = m(x, pos, segment_ids=seg, with_pairs=True)
+        grads = nnx.grad(lambda m: m(x, pos, segment_ids=seg)[1])(m)
+        runs[topk] = (out, loss, pairs, grads["indexer_q"]["kernel"][...])
+    for a, b_ in zip(runs["threshold"], runs["sort"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=3e-6)  # f32 slot summation order
+    with pytest.raises(ValueError, match="indexer_topk"):
+        DSAAttention(CFG, indexer_topk="radix", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="indexer_query_chunk"):
+        DSAAttention(CFG, indexer_query_chunk=0, rngs=nnx.Rngs(0))
