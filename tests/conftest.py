@@ -1,5 +1,5 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CPU machine, the real-data location, and a check
-that every Triton module lowered in a test verifies."""
+"""Shared test settings: hypothesis profiles sized for a 2-core CPU machine, the real-data location, a check that
+every Triton module lowered in a test verifies, and JAX's in-memory caches released after each test file."""
 
 from __future__ import annotations
 
@@ -53,3 +53,18 @@ def verify_triton_modules():
     registration.lowering.lower_jaxpr_to_triton_module = lower_and_verify
     yield
     registration.lowering.lower_jaxpr_to_triton_module = lower
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drop JAX's in-memory caches (traces, lowerings, compiled executables) after each test file. A pytest-xdist
+    worker runs many files in one process; left to accumulate, thousands of CPU executables have ended in
+    segmentation faults inside XLA's compiler late in a run (never in a fresh process). Files share few programs,
+    so little is compiled twice."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
