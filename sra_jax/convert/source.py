@@ -35,7 +35,7 @@ from sra_jax.convert import params as P
 HUB_PREFIX = "hf://"
 TRAIN_STATE_ITEM = "state"
 TRAIN_META_ITEM = "meta"
-FROZEN_META_KEY = "frozen"  # sra_jax.train.frozen.META_KEY: a router-only step's reference to its frozen weights
+FROZEN_META_KEY = "frozen"  # a router-only step's reference to its frozen weights (sra_jax.train.frozen)
 _META_FILE = "metadata"
 _KEEP = object()  # load_source(sra=...) default: the source's own SRA settings
 
@@ -65,7 +65,9 @@ def train_steps(path: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and _is_train_step(p))
 
 
-def _train_meta(step_dir: Path) -> dict[str, Any]:
+def train_meta(step_dir: Path) -> dict[str, Any]:
+    """The `meta` item of a training checkpoint step (its step, run config and, when router-only, the reference to
+    its frozen weights)."""
     file = step_dir / TRAIN_META_ITEM / _META_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: not a complete sra-jax training checkpoint")
@@ -157,7 +159,7 @@ def resolve_source(path: str | os.PathLike, *, step: int | None = None) -> Model
         if steps:
             path = path / str(steps[-1])
     if _is_train_step(path):
-        meta = _train_meta(path)
+        meta = train_meta(path)
         run = meta.get("config")
         if not isinstance(run, dict):
             raise ValueError(f"{path / TRAIN_META_ITEM} holds no run config (checkpoints written by sra-jax train "
@@ -204,7 +206,7 @@ def _load_train(source: ModelSource, *, dtype, compute_dtype, mesh, shardings, a
     compute = compute_dtype or (np.dtype(run.get("compute_dtype", "float32")) if dtype is None else param_dtype)
     graphdef, flat = P.abstract_model(source.config, source.sra, dtype=compute, param_dtype=param_dtype,
                                       attention_impl=attention_impl)
-    reference = _train_meta(source.path).get(FROZEN_META_KEY)
+    reference = train_meta(source.path).get(FROZEN_META_KEY)
     values = {} if reference is None else _frozen_base(
         source, reference, dtype=param_dtype, compute_dtype=compute, mesh=mesh, shardings=shardings,
         attention_impl=attention_impl)
@@ -290,4 +292,4 @@ def describe(source: ModelSource) -> str:
 
 
 __all__ = ["HUB_PREFIX", "ModelSource", "describe", "fingerprint", "load_source", "parse_hub_name", "resolve_path", "resolve_source",
-           "train_steps"]
+           "train_meta", "train_steps"]

@@ -16,7 +16,6 @@ config differs from the checkpoint's in the keys of `RESUME_KEYS` is refused nam
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sra_jax.convert.source import FROZEN_META_KEY, train_meta
 from sra_jax.train import frozen as frozen_lib
 from sra_jax.train import manifest
 from sra_jax.train.config import CheckpointConfig
@@ -128,7 +128,7 @@ class Checkpointer:
         if self.run_config is not None:
             meta["config"] = self.run_config
         if self.frozen is not None:
-            state, meta[frozen_lib.META_KEY] = self.frozen.slim(state), self.frozen.meta
+            state, meta[FROZEN_META_KEY] = self.frozen.slim(state), self.frozen.meta
         meta.update(extra or {})
         try:
             started = self.manager.save(
@@ -232,9 +232,7 @@ class Checkpointer:
                                   f"checkpoint.dir, or set checkpoint.allow_config_change=true to resume anyway")
 
     def _check_frozen(self, step: int) -> None:
-        meta_file = self._step_dir(step) / "meta" / "metadata"
-        saved = json.loads(meta_file.read_text()).get(frozen_lib.META_KEY) if meta_file.is_file() else None
-        why = frozen_lib.mismatch(saved, self.frozen)
+        why = frozen_lib.mismatch(train_meta(self._step_dir(step)).get(FROZEN_META_KEY), self.frozen)
         if why is not None:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be resumed: {why}")
 

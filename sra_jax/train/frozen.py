@@ -4,8 +4,8 @@ A run with `init.from` and `init.trainable: router` never changes the Llama's we
 source), so with `checkpoint.frozen: reference` (the default) each checkpoint stores only the routers' parameters,
 their optimizer state, the step and the RNG, and its `meta` item names the source (absolute path or hub name) and
 its `fingerprint`. A resume reloads the frozen weights from `init.from` (refused when its fingerprint differs), and
-`sra_jax.convert.source` does the same for `export`, `generate` and `eval`. For Llama 3 8B that is a 16 GB write and
-checksum per checkpoint saved. `checkpoint.frozen: copy` stores every parameter instead (a self-contained folder).
+`sra_jax.convert.source` does the same for `export`, `generate` and `eval`. For Llama 3 8B each checkpoint then
+skips a 16 GB write and checksum. `checkpoint.frozen: copy` stores every parameter instead (a self-contained folder).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from typing import Any
 
 from flax import nnx
 
-from sra_jax.convert.source import FROZEN_META_KEY, HUB_PREFIX, fingerprint, resolve_source
+from sra_jax.convert.source import HUB_PREFIX, fingerprint, resolve_source
 from sra_jax.train.update import is_router_param
-
-META_KEY = FROZEN_META_KEY  # the entry of a checkpoint step's meta item that holds `FrozenWeights.meta`
 
 
 @dataclasses.dataclass(frozen=True)
